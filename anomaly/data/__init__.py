@@ -1,0 +1,7 @@
+"""Datasets, folds, augmentation and the shared data modules."""
+
+from anomaly.data.datamodule import AnomalyDataModule
+from anomaly.data.datasets import ImageDataset, Sample
+from anomaly.data.mvtec import MVTEC_CATEGORIES, MVTecDataModule
+
+__all__ = ["AnomalyDataModule", "ImageDataset", "MVTEC_CATEGORIES", "MVTecDataModule", "Sample"]

@@ -1,0 +1,65 @@
+"""Datasets of labelled image files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from anomaly.data.augment import augmentation_seed
+from anomaly.data.images import load_mask, load_rgb
+from anomaly.data.transforms import ImagePipeline, resize_mask
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image file: label 0 is normal, 1 anomalous; ``mask`` is optional."""
+
+    path: str
+    label: int
+    defect: str = "good"
+    mask: str | None = None
+
+
+class ImageDataset(Dataset):
+    """Yields ``{"image": uint8 (3, S, S), "label", "index", "path"}`` (+ ``"mask"``).
+
+    The key may encode an epoch as ``epoch * len(self) + index`` (see
+    :class:`~anomaly.data.samplers.EpochShardSampler`); with augmentation, the
+    image is augmented with a seed derived from (seed, epoch, index).
+    With ``with_masks`` every item carries a (1, S, S) uint8 mask, all zeros
+    where no ground truth exists, and ``"has_mask"``.
+    """
+
+    def __init__(
+        self, samples: list[Sample], pipeline: ImagePipeline, with_masks: bool = False, seed: int = 0
+    ) -> None:
+        self.samples = samples
+        self.pipeline = pipeline
+        self.with_masks = with_masks
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int) -> dict:
+        epoch, index = divmod(key, len(self.samples))
+        sample = self.samples[index]
+        if self.pipeline.augment is not None:
+            self.pipeline.augment.set_random_seed(augmentation_seed(self.seed, epoch, index))
+        item = {
+            "image": self.pipeline(load_rgb(sample.path)),
+            "label": sample.label,
+            "index": index,
+            "path": sample.path,
+        }
+        if self.with_masks:
+            size = self.pipeline.image_size
+            if sample.mask is not None:
+                mask = torch.from_numpy(resize_mask(load_mask(sample.mask), size))
+            else:
+                mask = torch.zeros(size, size, dtype=torch.bool)
+            item["mask"] = mask[None].to(torch.uint8)
+            item["has_mask"] = sample.mask is not None
+        return item

@@ -1,0 +1,9 @@
+"""The one exception type for bad user input.
+
+Command-line entry points catch :class:`UserError` and print its message as a
+single line (no traceback) before exiting with a non-zero status.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user: the message says what is wrong and what to do."""

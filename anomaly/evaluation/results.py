@@ -1,0 +1,73 @@
+"""The files every run writes: ``results.json`` and ``scores.csv``.
+
+Both are written atomically (temporary file, then rename), and the CLI removes
+a stale ``results.json`` before a run starts, so a failed run never leaves a
+complete-looking result behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+RESULTS_FILE = "results.json"
+SCORES_FILE = "scores.csv"
+
+
+def _clean(value):
+    """JSON-safe values: NaN becomes null, tensors and numpy scalars become floats."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", newline="") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(run_dir: Path, results: Mapping) -> Path:
+    path = Path(run_dir) / RESULTS_FILE
+    write_atomic(path, json.dumps(_clean(results), indent=2) + "\n")
+    return path
+
+
+def write_scores_csv(run_dir: Path, columns: Mapping[str, Sequence]) -> Path:
+    """One row per test image; ``columns`` maps a header to its values."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    names = list(columns)
+    writer.writerow(names)
+    for row in zip(*(columns[name] for name in names), strict=True):
+        writer.writerow([f"{v:.10g}" if isinstance(v, float) else v for v in row])
+    path = Path(run_dir) / SCORES_FILE
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
+def remove_stale_results(run_dir: Path) -> None:
+    (Path(run_dir) / RESULTS_FILE).unlink(missing_ok=True)
+
+
+def read_results(path: Path) -> dict:
+    with open(path) as file:
+        return json.load(file)

@@ -1,0 +1,34 @@
+"""Anomaly scores of feature vectors under a fitted Gaussian.
+
+All three come from the same features in one pass:
+
+* Mahalanobis, eq. (2): ``M(x) = sqrt((x - mu)^T Sigma^-1 (x - mu))``.
+* L2 (fixed-variance univariate Gaussian): ``||x - mu||``.
+* SED, eq. (9): ``sqrt(sum_d (x_d - mu_d)^2 / s_d^2)`` with the unbiased std.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SCORE_TYPES = ("mahalanobis", "l2", "sed")
+
+
+def mahalanobis(x: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
+    """Eq. (2) for each row of ``x`` (n, D); the squared form is clamped at 0."""
+    diff = x.to(precision.dtype) - mean
+    squared = ((diff @ precision) * diff).sum(dim=1)
+    return torch.sqrt(torch.clamp(squared, min=0.0))
+
+
+def l2_distance(x: Tensor, mean: Tensor) -> Tensor:
+    """Euclidean distance of each row of ``x`` to ``mean``."""
+    return torch.linalg.vector_norm(x.to(mean.dtype) - mean, dim=1)
+
+
+def standardised_euclidean(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Eq. (9). Features with zero training variance (dead ReLUs) are left out."""
+    alive = std > 0
+    diff = (x.to(mean.dtype) - mean)[:, alive] / std[alive]
+    return torch.linalg.vector_norm(diff, dim=1)

@@ -1,0 +1,109 @@
+"""A multivariate Gaussian with Ledoit-Wolf shrinkage, fitted from streamed moments.
+
+The shrunk covariance is eq. (6) of the paper,
+``Sigma_shrunk = (1 - rho) S + rho * tr(S) / D * I``, with the empirical
+covariance ``S = Xc^T Xc / n`` (1/n, as in sklearn) and ``rho`` from the closed
+form of Ledoit & Wolf as implemented by ``sklearn.covariance.ledoit_wolf_shrinkage``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from anomaly.stats.moments import Moments
+
+
+@dataclass(frozen=True)
+class GaussianFit:
+    """One level's fitted Gaussian (all tensors float64)."""
+
+    mean: Tensor  # (D,)
+    covariance: Tensor  # (D, D), shrunk
+    precision: Tensor  # (D, D), inverse of ``covariance``
+    shrinkage: float
+    std: Tensor  # (D,), unbiased per-feature standard deviation (for SED, eq. 9)
+    n: int
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+
+def ledoit_wolf_shrinkage(emp_cov: Tensor, centred_quartic: Tensor, n: int) -> float:
+    """The Ledoit-Wolf shrinkage intensity rho from moments.
+
+    Equals sklearn's ``ledoit_wolf_shrinkage(X)``: with centred ``X``,
+    ``beta = (sum_i ||x_i||^4 / n - ||X^T X||_F^2 / n^2) / (D n)`` and
+    ``delta = ||S - mu I||_F^2 / D`` with ``mu = tr(S) / D``;
+    ``rho = min(beta, delta) / delta``.
+    """
+    dim = emp_cov.shape[0]
+    if dim == 1:
+        return 0.0
+    trace_mean = torch.diagonal(emp_cov).sum() / dim
+    frob = (emp_cov * emp_cov).sum()  # ||X^T X||_F^2 / n^2
+    beta = (centred_quartic / n - frob) / (dim * n)
+    delta = (frob - 2.0 * trace_mean * torch.diagonal(emp_cov).sum() + dim * trace_mean**2) / dim
+    beta = torch.minimum(beta, delta)
+    if beta.item() == 0.0:
+        return 0.0
+    return float((beta / delta).item())
+
+
+def shrink_covariance(emp_cov: Tensor, shrinkage: float) -> Tensor:
+    """Eq. (6): ``(1 - rho) S + rho tr(S)/D I``."""
+    dim = emp_cov.shape[0]
+    target = torch.diagonal(emp_cov).sum() / dim
+    shrunk = (1.0 - shrinkage) * emp_cov
+    shrunk.diagonal().add_(shrinkage * target)
+    return shrunk
+
+
+def invert_spd(matrix: Tensor) -> Tensor:
+    """Inverse of a symmetric positive (semi-)definite matrix, in float64.
+
+    Cholesky first. When it fails (the matrix is singular, e.g. zero shrinkage
+    with fewer images than dimensions, or features that are constant), falls
+    back to the eigen-decomposition pseudo-inverse, as ``scipy.linalg.pinvh``
+    does, and warns.
+    """
+    matrix = matrix.to(torch.float64)
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info.item()) == 0:
+        inverse = torch.cholesky_inverse(factor)
+        return 0.5 * (inverse + inverse.T)
+    warnings.warn(
+        "covariance is not positive definite; using the pseudo-inverse instead "
+        "(constant or duplicated features, or too few training images)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    eigval, eigvec = torch.linalg.eigh(matrix)
+    cutoff = eigval.abs().max() * matrix.shape[0] * torch.finfo(torch.float64).eps
+    inv_val = torch.where(eigval.abs() > cutoff, 1.0 / eigval, torch.zeros_like(eigval))
+    return (eigvec * inv_val) @ eigvec.T
+
+
+def fit_gaussian(moments: Moments) -> GaussianFit:
+    """Mean, Ledoit-Wolf covariance and precision from streamed moments."""
+    n = moments.n
+    if n < 2:
+        raise ValueError(f"a Gaussian needs at least 2 feature vectors, got {n}")
+    scatter = moments.scatter()
+    scatter = 0.5 * (scatter + scatter.T)
+    emp_cov = scatter / n
+    shrinkage = ledoit_wolf_shrinkage(emp_cov, moments.centred_quartic(), n)
+    covariance = shrink_covariance(emp_cov, shrinkage)
+    std = torch.sqrt(torch.clamp(torch.diagonal(scatter) / (n - 1), min=0.0))
+    return GaussianFit(
+        mean=moments.mean,
+        covariance=covariance,
+        precision=invert_spd(covariance),
+        shrinkage=shrinkage,
+        std=std,
+        n=n,
+    )

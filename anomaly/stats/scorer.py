@@ -1,0 +1,55 @@
+"""A fitted level as an ``nn.Module``: buffers that save, load, move and export."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from anomaly.stats.distances import l2_distance, mahalanobis, standardised_euclidean
+from anomaly.stats.gaussian import GaussianFit
+
+
+class GaussianScorer(nn.Module):
+    """Scores feature vectors of one level by Mahalanobis (eq. 2), L2 and SED (eq. 9).
+
+    ``projection`` (D, k) maps features to a reduced space first (identity when
+    no reduction is used); the Gaussian's statistics live in that space.
+    """
+
+    def __init__(self, in_dim: int, dim: int | None = None) -> None:
+        super().__init__()
+        dim = in_dim if dim is None else dim
+        f64 = {"dtype": torch.float64}
+        self.register_buffer("projection", torch.eye(in_dim, dim, **f64))
+        self.register_buffer("mean", torch.zeros(dim, **f64))
+        self.register_buffer("precision", torch.eye(dim, **f64))
+        self.register_buffer("std", torch.ones(dim, **f64))
+        self.register_buffer("shrinkage", torch.zeros((), **f64))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    def set_fit(self, fit: GaussianFit, projection: Tensor | None = None) -> None:
+        """Store a fit (resizing the buffers if the reduced dimensionality changed)."""
+        in_dim = self.projection.shape[0]
+        device = self.mean.device
+        self.projection = (torch.eye(in_dim, dtype=torch.float64) if projection is None else projection).to(device)
+        self.mean = fit.mean.to(device)
+        self.precision = fit.precision.to(device)
+        self.std = fit.std.to(device)
+        self.shrinkage = torch.tensor(fit.shrinkage, dtype=torch.float64, device=device)
+        self.fitted = torch.ones((), dtype=torch.bool, device=device)
+
+    def project(self, x: Tensor) -> Tensor:
+        return x.to(torch.float64) @ self.projection
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """``{"mahalanobis", "l2", "sed"}`` distances of the rows of ``x`` (n, D)."""
+        z = self.project(x)
+        return {
+            "mahalanobis": mahalanobis(z, self.mean, self.precision),
+            "l2": l2_distance(z, self.mean),
+            "sed": standardised_euclidean(z, self.mean, self.std),
+        }
