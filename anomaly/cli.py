@@ -42,7 +42,9 @@ class AnomalyCLI(LightningCLI):
         root = config.get("default_root_dir") or "runs"
         name, version = run_dir_parts(self.model, self.datamodule)
         if config.get("logger", True) is not False:
-            kwargs["logger"] = TensorBoardLogger(save_dir=root, name=name, version=version, default_hp_metric=False)
+            kwargs["logger"] = TensorBoardLogger(
+                save_dir=root, name=name, version=version, default_hp_metric=False
+            )
         kwargs["default_root_dir"] = root
         return super().instantiate_trainer(**kwargs)
 
@@ -92,11 +94,33 @@ def fit_and_test(args: list[str] | None = None) -> dict:
     return results
 
 
+def user_message(error: UserError) -> str:
+    """The one-line message, also when a loader worker re-raised it with its traceback."""
+    text = str(error).strip()
+    if "Traceback" in text:
+        text = text.splitlines()[-1].split("UserError: ", 1)[-1]
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def find_user_error(error: BaseException) -> UserError | None:
+    """The UserError behind ``error`` (argument parsing and loaders wrap it)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> int:
     try:
         results = fit_and_test(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None:
+            raise
+        print(f"error: {user_message(user_error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no results were written", file=sys.stderr)

@@ -4,4 +4,4 @@ from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.mvtec import MVTEC_CATEGORIES, MVTecDataModule
 
-__all__ = ["AnomalyDataModule", "ImageDataset", "MVTEC_CATEGORIES", "MVTecDataModule", "Sample"]
+__all__ = ["MVTEC_CATEGORIES", "AnomalyDataModule", "ImageDataset", "MVTecDataModule", "Sample"]

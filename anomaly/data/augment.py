@@ -84,8 +84,10 @@ def build_augmentation(category: str, noise: bool = True, seed: int | None = Non
     if s.noise:
         transforms.append(
             A.OneOf(
-                [A.GaussNoise(std_range=(0.01, 0.03), per_channel=True),
-                 A.GaussNoise(std_range=(0.01, 0.03), per_channel=False)],
+                [
+                    A.GaussNoise(std_range=(0.01, 0.03), per_channel=True),
+                    A.GaussNoise(std_range=(0.01, 0.03), per_channel=False),
+                ],
                 p=0.2,
             )
         )

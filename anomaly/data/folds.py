@@ -20,7 +20,9 @@ def check_fold(fold: int | None) -> None:
     if fold is None:
         return
     if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < N_FOLDS:
-        raise UserError(f"fold must be an integer in 0..{N_FOLDS - 1} or null (fit on all images), got {fold!r}")
+        raise UserError(
+            f"fold must be an integer in 0..{N_FOLDS - 1} or null (fit on all images), got {fold!r}"
+        )
 
 
 def kfold_split(n_items: int, fold: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,9 @@ MVTEC_CATEGORIES = (
 def scan_mvtec(root: Path, category: str) -> tuple[list[Sample], list[Sample]]:
     """(sorted normal training samples, test samples) of one MVTec-layout category."""
     if not root.is_dir():
-        raise UserError(f"data root '{root}' does not exist: set --data.root to the folder holding the categories")
+        raise UserError(
+            f"data root '{root}' does not exist: set --data.root to the folder holding the categories"
+        )
     folder = root / category
     if not folder.is_dir():
         found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
@@ -43,7 +45,9 @@ def scan_mvtec(root: Path, category: str) -> tuple[list[Sample], list[Sample]]:
         defect = defect_dir.name
         for path in list_images(defect_dir):
             mask = folder / "ground_truth" / defect / f"{path.stem}_mask.png"
-            test.append(Sample(str(path), int(defect != "good"), defect, str(mask) if mask.is_file() else None))
+            test.append(
+                Sample(str(path), int(defect != "good"), defect, str(mask) if mask.is_file() else None)
+            )
     if not test:
         raise UserError(f"no test images under '{test_dir}'")
     return train, test
@@ -73,7 +77,9 @@ class MVTecDataModule(AnomalyDataModule):
     ) -> None:
         super().__init__(fold, batch_size, num_workers, image_size, augment, seed)
         if root is None and category != DEMO_CATEGORY:
-            raise UserError(f"category '{category}' needs --data.root: the folder holding your MVTec AD download")
+            raise UserError(
+                f"category '{category}' needs --data.root: the folder holding your MVTec AD download"
+            )
         self.root = root
         self._category = category
 

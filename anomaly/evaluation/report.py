@@ -22,7 +22,9 @@ def format_run_table(results: dict) -> str:
         "-" * len(header),
     ]
     for level in levels:
-        lines.append(level.ljust(7) + "".join(_fmt(scores[t]["per_level"].get(level)).rjust(width) for t in types))
+        lines.append(
+            level.ljust(7) + "".join(_fmt(scores[t]["per_level"].get(level)).rjust(width) for t in types)
+        )
     lines.append("sum".ljust(7) + "".join(_fmt(scores[t]["sum"]).rjust(width) for t in types))
     if "run_dir" in results:
         lines.append(f"results: {results['run_dir']}/results.json (scores.csv, TensorBoard events beside it)")

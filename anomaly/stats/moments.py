@@ -88,14 +88,7 @@ def shift_moments(m: Moments, new_shift: Tensor) -> Moments:
     trace_s2 = torch.diagonal(m.outer).sum()  # sum ||y||^2
     sum_ = m.sum + n * d
     outer = m.outer + torch.outer(d, m.sum) + torch.outer(m.sum, d) + n * torch.outer(d, d)
-    sqnorm_vec = (
-        m.sqnorm_vec
-        + 2.0 * s2_d
-        + dd * m.sum
-        + d * trace_s2
-        + 2.0 * d * s1_d
-        + n * dd * d
-    )
+    sqnorm_vec = m.sqnorm_vec + 2.0 * s2_d + dd * m.sum + d * trace_s2 + 2.0 * d * s1_d + n * dd * d
     quartic = (
         m.quartic
         + 4.0 * (m.sqnorm_vec @ d)

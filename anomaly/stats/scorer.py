@@ -35,7 +35,9 @@ class GaussianScorer(nn.Module):
         """Store a fit (resizing the buffers if the reduced dimensionality changed)."""
         in_dim = self.projection.shape[0]
         device = self.mean.device
-        self.projection = (torch.eye(in_dim, dtype=torch.float64) if projection is None else projection).to(device)
+        self.projection = (torch.eye(in_dim, dtype=torch.float64) if projection is None else projection).to(
+            device
+        )
         self.mean = fit.mean.to(device)
         self.precision = fit.precision.to(device)
         self.std = fit.std.to(device)

@@ -15,7 +15,9 @@ def test_auroc_equals_sklearn_for_distances_of_any_scale(scale):
     scores = (rng.normal(size=200) + labels * 0.8) * scale + 10 * scale  # large positive distances
     scores[:10] = scores[10]  # ties
     expected = roc_auc_score(labels, scores)
-    assert image_auroc(torch.from_numpy(scores), torch.from_numpy(labels)) == pytest.approx(expected, abs=1e-6)
+    assert image_auroc(torch.from_numpy(scores), torch.from_numpy(labels)) == pytest.approx(
+        expected, abs=1e-6
+    )
 
 
 def test_auroc_is_nan_for_a_single_class():

@@ -48,7 +48,7 @@ def test_batches_and_epochs_equal_one_batch():
     x = correlated_features(90, 20, 3.0, seed=1)
     one = stream(x, len(x)).moments()
     many = RunningMoments(20)
-    for epoch in range(3):  # three identical epochs == the data repeated three times
+    for _epoch in range(3):  # three identical epochs == the data repeated three times
         for start in range(0, 90, 11):
             many.update(torch.from_numpy(x[start : start + 11]).float())
     repeated = stream(np.concatenate([x, x, x]), 270).moments()
@@ -61,7 +61,9 @@ def test_batches_and_epochs_equal_one_batch():
     torch.testing.assert_close(fit_repeated.mean, fit_many.mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(fit_repeated.covariance, fit_many.covariance, rtol=1e-9, atol=1e-12)
     one_epoch = stream(x, 11).moments()
-    torch.testing.assert_close(fit_gaussian(one).precision, fit_gaussian(one_epoch).precision, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        fit_gaussian(one).precision, fit_gaussian(one_epoch).precision, rtol=1e-9, atol=1e-9
+    )
 
 
 def test_shift_and_merge_are_exact():
@@ -74,7 +76,9 @@ def test_shift_and_merge_are_exact():
         torch.testing.assert_close(getattr(merged, name), getattr(direct, name), rtol=1e-10, atol=1e-8)
     centred = merged.centred()
     assert centred.sum.abs().max() < 1e-8
-    torch.testing.assert_close(centred.quartic, ((x - x.mean(0)) ** 2).sum(1).pow(2).sum(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        centred.quartic, ((x - x.mean(0)) ** 2).sum(1).pow(2).sum(), rtol=1e-10, atol=0
+    )
 
 
 def test_distances_equal_scipy():

@@ -90,6 +90,12 @@ class GaussianAD(AnomalyMethod):
     def input_size(self) -> int:
         return self.extractor.image_size
 
+    def run_name(self) -> str:
+        name = self.backbone_name()
+        if self.levels != list(range(1, self.extractor.num_levels + 1)):
+            name += "_levels-" + "-".join(map(str, self.levels))
+        return name
+
     def configure_optimizers(self) -> None:
         return None
 
@@ -142,7 +148,9 @@ class GaussianAD(AnomalyMethod):
         return {
             "levels": self.levels,
             "level_dims": {str(lv): s.dim for lv, s in zip(self.levels, self.scorers, strict=True)},
-            "shrinkage": {str(lv): float(s.shrinkage) for lv, s in zip(self.levels, self.scorers, strict=True)},
+            "shrinkage": {
+                str(lv): float(s.shrinkage) for lv, s in zip(self.levels, self.scorers, strict=True)
+            },
             "n_fit_vectors": self.moments[0].n,
             "epochs": self.fit_epochs,
         }

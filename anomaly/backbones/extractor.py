@@ -1,0 +1,138 @@
+"""The frozen, self-normalising multi-level feature extractor shared by all backbones.
+
+A :class:`FeatureExtractor` wraps an ImageNet classifier, splits it into numbered
+levels (1-based, as in the paper) and returns one globally average-pooled vector
+per requested level. Subclasses only say how to walk the network level by level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from anomaly.errors import UserError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Static facts about one backbone, known without building it."""
+
+    name: str
+    image_size: int  # native input resolution (square)
+    mean: tuple[float, float, float]  # per-channel normalisation of [0, 1] RGB input
+    std: tuple[float, float, float]
+    num_levels: int
+    level_dims: tuple[int, ...]  # channels of level l at index l - 1
+    family: str  # "efficientnet", "efficientnet-lite" or "resnet"
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen ImageNet network that maps images to pooled features per level.
+
+    ``forward(images, levels)`` takes ``(B, 3, S, S)`` RGB images, either uint8 in
+    0..255 or float in [0, 1], normalises them with the spec's mean/std and returns
+    a list of ``(B, C_l)`` float32 tensors for the requested levels, in ascending
+    level order. Only as much of the network runs as the deepest level needs.
+
+    The network is permanently in eval mode (``train()`` is a no-op) and none of
+    its parameters require gradients.
+    """
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        net: nn.Module,
+        weights_source: str | None = None,
+        classifier_loaded: bool = False,
+    ) -> None:
+        super().__init__()
+        self._spec = spec
+        self.net = net
+        #: The weights file that was loaded, or None for random initialisation.
+        self.weights_source = weights_source
+        #: Whether the final classification layer holds trained weights.
+        self.classifier_loaded = classifier_loaded
+        mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        self.requires_grad_(False)
+        super().train(False)
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return self._spec
+
+    @property
+    def image_size(self) -> int:
+        return self._spec.image_size
+
+    @property
+    def level_dims(self) -> tuple[int, ...]:
+        return self._spec.level_dims
+
+    @property
+    def num_levels(self) -> int:
+        return self._spec.num_levels
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Stay in eval mode whatever is asked: batch-norm statistics must never change."""
+        return super().train(False)
+
+    def _level_maps(self, x: Tensor) -> Iterator[Tensor]:
+        """Yield the feature map of level 1, 2, ... in order; the caller stops when done."""
+        raise NotImplementedError
+
+    def _check_dims(self, dims: Sequence[int]) -> None:
+        """Fail loudly if the built network disagrees with the spec's channel counts."""
+        spec = self._spec
+        if tuple(dims) != spec.level_dims:
+            raise RuntimeError(f"{spec.name}: level widths {tuple(dims)} != spec {spec.level_dims}")
+
+    def normalise(self, images: Tensor) -> Tensor:
+        """uint8 0..255 or float 0..1 images -> normalised network input on this module's device."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        images = images.to(self.mean.device)
+        if images.dtype == torch.uint8:
+            x = images.float().div_(255.0)
+        elif images.is_floating_point():
+            x = images.float()
+        else:
+            raise ValueError(f"expected uint8 or floating-point images, got {images.dtype}")
+        return ((x - self.mean) / self.std).to(self.mean.dtype)  # float32 unless the module was cast
+
+    def check_levels(self, levels: Sequence[int] | None) -> list[int]:
+        """The requested levels as a sorted list without duplicates; all levels for None."""
+        if levels is None:
+            return list(range(1, self.num_levels + 1))
+        wanted = sorted({int(level) for level in levels})
+        if not wanted or wanted[0] < 1 or wanted[-1] > self.num_levels:
+            raise UserError(
+                f"levels {list(levels)} invalid for {self._spec.name}: choose from 1..{self.num_levels}"
+            )
+        return wanted
+
+    def forward(self, images: Tensor, levels: Sequence[int] | None = None) -> list[Tensor]:
+        """Pooled features ``(B, C_l)`` for each requested level (ascending; None = all)."""
+        wanted = self.check_levels(levels)
+        x = self.normalise(images)
+        features: list[Tensor] = []
+        with torch.no_grad():
+            for level, fmap in enumerate(self._level_maps(x), start=1):
+                if level in wanted:
+                    features.append(fmap.mean(dim=(2, 3), dtype=torch.float32))
+                if level == wanted[-1]:
+                    break
+        return features
+
+    def classifier(self, images: Tensor) -> Tensor:
+        """ImageNet logits ``(B, 1000)`` of the full network (for sanity checks, not features)."""
+        if not self.classifier_loaded:
+            raise RuntimeError(f"no trained classification layer was loaded for {self._spec.name}")
+        x = self.normalise(images)
+        with torch.no_grad():
+            return self.net(x).float()

@@ -1,0 +1,56 @@
+"""Shared fixtures: small generated datasets in MVTec layout, and the real data location."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BOTTLE = SHARED_DATA / "mvtec_ad" / "bottle"
+MAGNETIC_TILE = SHARED_DATA / "magnetic_tile"
+
+
+def make_mvtec_category(
+    root: Path, category: str = "widget", n_train: int = 12, n_good: int = 4, n_bad: int = 4,
+    size: int = 48, grey: bool = False, masks: bool = True, seed: int = 0,
+) -> Path:  # fmt: skip
+    """A tiny MVTec-layout category: smooth random normals, bright square defects."""
+    rng = np.random.default_rng(seed)
+    base = root / category
+
+    def normal() -> np.ndarray:
+        image = rng.normal(120, 10, size=(size, size, 1 if grey else 3))
+        return np.clip(image, 0, 255).astype(np.uint8)
+
+    def save(array: np.ndarray, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array.squeeze()).save(path)
+
+    for i in range(n_train):
+        save(normal(), base / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_good):
+        save(normal(), base / "test" / "good" / f"{i:03d}.png")
+    for i in range(n_bad):
+        image = normal()
+        y, x = rng.integers(0, size // 2, size=2)
+        image[y : y + size // 3, x : x + size // 3] = 250
+        save(image, base / "test" / "square" / f"{i:03d}.png")
+        if masks:
+            mask = np.zeros((size, size), np.uint8)
+            mask[y : y + size // 3, x : x + size // 3] = 255
+            save(mask, base / "ground_truth" / "square" / f"{i:03d}_mask.png")
+    return root
+
+
+@pytest.fixture
+def tiny_mvtec(tmp_path: Path) -> Path:
+    return make_mvtec_category(tmp_path / "mvtec")
+
+
+def require(path: Path) -> Path:
+    if not path.is_dir():
+        pytest.skip(f"real data not available at {path}")
+    return path

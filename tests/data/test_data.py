@@ -1,0 +1,107 @@
+"""Folds, image loading and the MVTec data module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomaly.data import MVTecDataModule
+from anomaly.data.augment import CATEGORY_SWITCHES, build_augmentation
+from anomaly.data.folds import kfold_split
+from anomaly.data.images import load_rgb
+from anomaly.errors import UserError
+from tests.conftest import make_mvtec_category
+
+
+def test_folds_are_deterministic_disjoint_and_cover_the_train_set():
+    n = 23
+    held_out = []
+    for fold in range(5):
+        fit, holdout = kfold_split(n, fold)
+        again_fit, again_holdout = kfold_split(n, fold)
+        assert np.array_equal(fit, again_fit) and np.array_equal(holdout, again_holdout)
+        assert not set(fit) & set(holdout)
+        assert sorted([*fit, *holdout]) == list(range(n))
+        held_out.extend(holdout)
+    assert sorted(held_out) == list(range(n))  # each image is held out exactly once
+    fit_all, holdout_none = kfold_split(n, None)
+    assert len(fit_all) == n and len(holdout_none) == 0
+
+
+@pytest.mark.parametrize("fold", [-1, 5, 2.0, True])
+def test_bad_folds_are_rejected(fold):
+    with pytest.raises(UserError, match="fold"):
+        kfold_split(10, fold)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16", "RGB"])
+def test_images_of_any_mode_load_as_rgb(tmp_path: Path, mode: str):
+    rgb = np.random.default_rng(0).integers(0, 255, size=(9, 7, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb)
+    if mode == "I;16":
+        image = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    path = tmp_path / "x.png"
+    image.save(path)
+    loaded = load_rgb(path)
+    assert loaded.shape == (9, 7, 3) and loaded.dtype == np.uint8
+    if mode in ("L", "I;16"):
+        assert np.array_equal(loaded[..., 0], loaded[..., 1]) and np.array_equal(
+            loaded[..., 1], loaded[..., 2]
+        )
+    if mode == "I;16":
+        assert np.abs(loaded[..., 0].astype(int) - rgb[..., 0]).max() <= 1
+
+
+def test_greyscale_category_loads_as_three_channels(tmp_path: Path):
+    root = make_mvtec_category(tmp_path, grey=True)
+    dm = MVTecDataModule(str(root), "widget", fold=0, batch_size=4, num_workers=0, image_size=32)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.uint8
+    assert torch.equal(batch["image"][:, 0], batch["image"][:, 2])
+
+
+def test_datamodule_splits_labels_and_masks(tiny_mvtec: Path):
+    dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=2, batch_size=100, num_workers=0, image_size=24)
+    dm.setup("fit")
+    assert len(dm.fit_samples) + len(dm.holdout_samples) == 12
+    assert not {s.path for s in dm.fit_samples} & {s.path for s in dm.holdout_samples}
+    test = next(iter(dm.test_dataloader()))
+    assert test["label"].tolist() == [0] * 4 + [1] * 4
+    assert test["mask"].shape == (8, 1, 24, 24)
+    assert test["mask"][:4].sum() == 0 and (test["mask"][4:].flatten(1).sum(1) > 0).all()
+    assert test["has_mask"].tolist() == [False] * 4 + [True] * 4
+
+
+def test_masks_are_optional(tmp_path: Path):
+    root = make_mvtec_category(tmp_path, masks=False)
+    dm = MVTecDataModule(str(root), "widget", num_workers=0, image_size=16)
+    dm.setup("test")
+    assert "mask" not in next(iter(dm.test_dataloader()))
+
+
+def test_augmented_epochs_are_seeded_and_differ(tiny_mvtec: Path):
+    def epoch_images(seed: int, epoch: int, workers: int) -> torch.Tensor:
+        dm = MVTecDataModule(str(tiny_mvtec), "widget", batch_size=3, num_workers=workers, image_size=32,
+                             augment=True, seed=seed)  # fmt: skip
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return torch.cat([b["image"] for b in loader])
+
+    first = epoch_images(0, 0, 0)
+    assert torch.equal(first, epoch_images(0, 0, 2))  # same seed, any number of workers
+    assert not torch.equal(first, epoch_images(0, 1, 0))  # another epoch
+    assert not torch.equal(first, epoch_images(1, 0, 0))  # another seed
+
+
+def test_every_category_has_switches_and_builds():
+    for category in CATEGORY_SWITCHES:
+        build_augmentation(category)
+    assert len(CATEGORY_SWITCHES) == 15

@@ -1,0 +1,73 @@
+"""The command line: one fit+test run, and one clear line for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from anomaly.cli import main
+
+FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main([*FAST, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_fit_and_test_writes_results(tiny_mvtec: Path, tmp_path: Path, capsys):
+    root = tmp_path / "runs"
+    code, out, err = run(
+        ["--data.root", str(tiny_mvtec), "--data.category", "widget", "--data.fold", "1",
+         "--model.levels", "[3, 5, 9]", "--trainer.default_root_dir", str(root)], capsys)  # fmt: skip
+    assert code == 0, err
+    run_dir = root / "gaussian" / "efficientnet-lite0_levels-3-5-9" / "widget" / "fold_1"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["method"] == "gaussian" and results["category"] == "widget" and results["fold"] == 1
+    assert results["n_train"] == 9 and results["n_test"] == 8
+    assert set(results["per_level"]) == {"3", "5", "9"}
+    assert set(results["scores"]) == {"mahalanobis", "l2", "sed"}
+    assert 0.0 <= results["image_auroc"] <= 1.0
+    assert results["image_auroc"] == results["scores"]["mahalanobis"]["sum"]
+    lines = (run_dir / "scores.csv").read_text().splitlines()
+    assert len(lines) == 1 + 8
+    assert lines[0].startswith("path,label,defect,mahalanobis_3,")
+    assert list(run_dir.glob("events.out.tfevents.*")), "TensorBoard events are missing"
+    assert "sum" in out and str(run_dir) in out
+
+
+def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
+    empty = tmp_path / "empty_root" / "widget" / "train" / "good"
+    empty.mkdir(parents=True)
+    (empty.parent.parent / "test" / "good").mkdir(parents=True)
+    broken = tiny_mvtec / "widget" / "train" / "good" / "999.png"
+    broken.write_bytes(b"not a png")
+    return {
+        "missing root": (["--data.root", str(tmp_path / "nowhere"), "--data.category", "x"], "not exist"),
+        "unknown category": (["--data.root", str(tiny_mvtec), "--data.category", "nut"], "category 'nut'"),
+        "empty train": (["--data.root", str(tmp_path / "empty_root"), "--data.category", "widget"],
+                        "no training images"),
+        "unreadable": (["--data.root", str(tiny_mvtec), "--data.category", "widget", "--data.fold", "null"],
+                       "999.png"),
+        "fold": (["--data.root", str(tiny_mvtec), "--data.category", "widget", "--data.fold", "7"], "fold"),
+        "levels": (["--data.root", str(tiny_mvtec), "--data.category", "widget", "--model.levels", "[0, 12]"],
+                   "levels"),
+        "weights": (["--data.root", str(tiny_mvtec), "--data.category", "widget",
+                     "--model.weights", str(tmp_path / "missing.pth")], "missing.pth"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["missing root", "unknown category", "empty train", "unreadable", "fold",
+                                  "levels", "weights"])  # fmt: skip
+def test_bad_input_gives_one_line_and_no_results(case, tmp_path: Path, tiny_mvtec: Path, capsys):
+    args, expected = bad(tmp_path, tiny_mvtec)[case]
+    root = tmp_path / "runs"
+    code, _, err = run([*args, "--trainer.default_root_dir", str(root)], capsys)
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
+    assert not list(root.rglob("results.json"))
