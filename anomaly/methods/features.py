@@ -1,23 +1,73 @@
-"""Choosing backbone levels (paper numbering, 1-based)."""
+"""What the feature-based methods share: a frozen backbone and a choice of levels."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from torch import Tensor
+
+from anomaly.backbones import build_backbone
 from anomaly.errors import UserError
+from anomaly.methods.base import AnomalyMethod
 
 
 def resolve_levels(levels: Sequence[int] | int | None, num_levels: int, backbone: str) -> list[int]:
-    """Sorted unique levels; ``None`` means all of ``1..num_levels``."""
+    """Sorted unique levels (paper numbering, 1-based); ``None`` means all of ``1..num_levels``."""
     if levels is None:
         return list(range(1, num_levels + 1))
     if isinstance(levels, int):
         levels = [levels]
     chosen = sorted(set(levels))
-    bad = [level for level in chosen if isinstance(level, bool) or not isinstance(level, int)
-           or not 1 <= level <= num_levels]  # fmt: skip
+    bad = [
+        level
+        for level in chosen
+        if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= num_levels
+    ]
     if bad or not chosen:
         raise UserError(
             f"levels {list(levels)} are not valid for {backbone}, which has levels 1..{num_levels}"
         )
     return chosen
+
+
+class FeatureMethod(AnomalyMethod):
+    """A method on the pooled per-level features of a frozen ImageNet backbone.
+
+    Subclasses call ``super().__init__(backbone, levels, weights, pretrained)``
+    and get ``self.extractor``, ``self.levels`` and :meth:`batch_features`.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        levels: Sequence[int] | None,
+        weights: str | None,
+        pretrained: bool,
+    ) -> None:
+        super().__init__()
+        self.extractor = build_backbone(backbone, weights=weights, pretrained=pretrained)
+        self.levels = resolve_levels(levels, self.extractor.num_levels, backbone)
+
+    @property
+    def input_size(self) -> int:
+        return self.extractor.image_size
+
+    @property
+    def level_dims(self) -> list[int]:
+        return [self.extractor.level_dims[level - 1] for level in self.levels]
+
+    def run_name(self) -> str:
+        name = self.backbone_name()
+        if self.levels != list(range(1, self.extractor.num_levels + 1)):
+            name += "_levels-" + "-".join(map(str, self.levels))
+        return name
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        """Pooled features of the chosen levels, one (B, C_l) tensor per level."""
+        return self.extractor(images, self.levels)
+
+    def batch_features(self, batch: dict) -> list[Tensor]:
+        """The batch's features: precomputed ones when the loader supplies them, else a forward pass."""
+        if "features" in batch:
+            return [batch["features"][level] for level in self.levels]
+        return self.features(batch["image"])

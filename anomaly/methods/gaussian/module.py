@@ -17,10 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from anomaly.backbones import build_backbone
 from anomaly.errors import UserError
-from anomaly.methods.base import SUM, AnomalyMethod
-from anomaly.methods.features import resolve_levels
+from anomaly.methods.base import SUM
+from anomaly.methods.features import FeatureMethod
 from anomaly.stats.distances import SCORE_TYPES
 from anomaly.stats.gaussian import fit_gaussian
 from anomaly.stats.moments import Moments, RunningMoments, merge_moments
@@ -56,7 +55,7 @@ def merge_all(parts: list[Moments]) -> Moments:
     return merged
 
 
-class GaussianAD(AnomalyMethod):
+class GaussianAD(FeatureMethod):
     """Multivariate Gaussian per level of a frozen ImageNet classifier.
 
     Args:
@@ -76,34 +75,17 @@ class GaussianAD(AnomalyMethod):
         weights: str | None = None,
         pretrained: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(backbone, levels, weights, pretrained)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.extractor = build_backbone(backbone, weights=weights, pretrained=pretrained)
-        self.levels = resolve_levels(levels, self.extractor.num_levels, backbone)
-        dims = [self.extractor.level_dims[level - 1] for level in self.levels]
-        self.moments = nn.ModuleList(RunningMoments(d) for d in dims)
-        self.scorers = nn.ModuleList(GaussianScorer(d) for d in dims)
+        self.moments = nn.ModuleList(RunningMoments(d) for d in self.level_dims)
+        self.scorers = nn.ModuleList(GaussianScorer(d) for d in self.level_dims)
         self.fit_epochs = 0
-
-    @property
-    def input_size(self) -> int:
-        return self.extractor.image_size
-
-    def run_name(self) -> str:
-        name = self.backbone_name()
-        if self.levels != list(range(1, self.extractor.num_levels + 1)):
-            name += "_levels-" + "-".join(map(str, self.levels))
-        return name
 
     def configure_optimizers(self) -> None:
         return None
 
     # -------------------------------------------------------------------- fit
-    def features(self, images: Tensor) -> list[Tensor]:
-        """Pooled features of the chosen levels, one (B, C_l) tensor per level."""
-        return self.extractor(images, self.levels)
-
     def on_train_start(self) -> None:
         for accumulator in self.moments:
             accumulator.reset()
@@ -111,7 +93,7 @@ class GaussianAD(AnomalyMethod):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         with torch.no_grad():
-            for accumulator, feats in zip(self.moments, self.features(batch["image"]), strict=True):
+            for accumulator, feats in zip(self.moments, self.batch_features(batch), strict=True):
                 accumulator.update(feats)
 
     def on_train_epoch_end(self) -> None:
@@ -129,15 +111,20 @@ class GaussianAD(AnomalyMethod):
 
     # ------------------------------------------------------------------ score
     def score_batch(self, batch: dict) -> dict[str, Tensor]:
-        return self.score_images(batch["image"])
+        return self.score_features(self.batch_features(batch))
 
     @torch.no_grad()
     def score_images(self, images: Tensor) -> dict[str, Tensor]:
+        """Score columns for a batch of images (see :meth:`score_features`)."""
+        return self.score_features(self.features(images))
+
+    @torch.no_grad()
+    def score_features(self, features: list[Tensor]) -> dict[str, Tensor]:
         """``{"<type>/<level>": (B,)}`` for every score type and level, plus ``"<type>/sum"``."""
         if not all(bool(s.fitted) for s in self.scorers):
             raise UserError("the detector is not fitted yet: run fit before test")
         columns: dict[str, Tensor] = {}
-        for level, scorer, feats in zip(self.levels, self.scorers, self.features(images), strict=True):
+        for level, scorer, feats in zip(self.levels, self.scorers, features, strict=True):
             for score_type, values in scorer(feats).items():
                 columns[f"{score_type}/{level}"] = values
         for score_type in SCORE_TYPES:
