@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +10,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from sklearn.covariance import LedoitWolf
+from sklearn.decomposition import PCA
 from sklearn.metrics import roc_auc_score
 
 from anomaly.data import MVTecDataModule
+from anomaly.errors import UserError
 from anomaly.methods.gaussian import GaussianAD
-from tests.conftest import BOTTLE, require
+from tests.conftest import BOTTLE, make_mvtec_category, require
 
 
 def fit_and_test(model: GaussianAD, dm: MVTecDataModule, tmp_path: Path, epochs: int = 1) -> pl.Trainer:
@@ -51,15 +54,104 @@ def test_streamed_fit_over_batches_equals_sklearn_on_real_features(tiny_mvtec: P
         )
 
 
+def alive_tensor_bytes() -> int:
+    gc.collect()
+    return sum(o.numel() * o.element_size() for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
 def test_memory_does_not_grow_with_epochs(tiny_mvtec: Path, tmp_path: Path):
-    model = GaussianAD("efficientnet-lite0", levels=[4])
-    dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=None, batch_size=4, num_workers=0, augment=True)
-    state_before = {k: v.numel() for k, v in model.state_dict().items()}
-    fit_and_test(model, dm, tmp_path, epochs=3)
-    assert model.moments[0].n == 3 * 12  # every image once per epoch
-    assert {k: v.numel() for k, v in model.state_dict().items()} == state_before
-    retained = [v for v in vars(model).values() if isinstance(v, (list, torch.Tensor)) and len(v) >= 12]
-    assert not retained, "training features are being kept"
+    """A fit retains the same tensors after 1 and after 4 augmented epochs."""
+    after = {}
+    for epochs in (1, 4):
+        model = GaussianAD("efficientnet-lite0", levels=[4, 6])
+        dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=None, batch_size=4, num_workers=0, augment=True)
+        before = alive_tensor_bytes()
+        fit_and_test(model, dm, tmp_path, epochs=epochs)
+        assert model.moments[0].n == epochs * 12  # every image once per epoch
+        after[epochs] = alive_tensor_bytes() - before
+        del model, dm
+    assert after[4] <= after[1] + 64 * 1024, after
+
+
+def test_augmented_fits_are_reproducible(tiny_mvtec: Path, tmp_path: Path):
+    def fitted(seed: int) -> list:
+        model = GaussianAD("efficientnet-lite0", levels=[3, 7])
+        dm = MVTecDataModule(
+            str(tiny_mvtec), "widget", fold=0, batch_size=4, num_workers=0, augment=True, seed=seed
+        )
+        fit_and_test(model, dm, tmp_path, epochs=2)
+        return [m.moments() for m in model.moments] + [s.precision for s in model.scorers]
+
+    first, again, other = fitted(0), fitted(0), fitted(1)
+    for a, b in zip(first[:2], again[:2], strict=True):
+        assert torch.equal(a.outer, b.outer) and torch.equal(a.quartic, b.quartic)
+    assert torch.equal(first[2], again[2])
+    assert not torch.equal(first[0].outer, other[0].outer)
+
+
+def sklearn_reduced_mahalanobis(train: np.ndarray, test: np.ndarray, reduction: str, t: float):
+    """PCA(n_components=None) -> the paper's component selection -> LedoitWolf -> Mahalanobis."""
+    pca = PCA(n_components=None).fit(train)
+    k = int(np.argmax(np.cumsum(pca.explained_variance_ratio_) > t))
+    keep = slice(0, k + 1) if reduction == "pca" else slice(k - 1, None)
+    reference = LedoitWolf().fit(pca.transform(train)[:, keep])
+    return np.sqrt(reference.mahalanobis(pca.transform(test)[:, keep])), keep.indices(len(pca.components_))
+
+
+@pytest.mark.parametrize(("reduction", "t"), [("pca", 0.99), ("npca", 0.99), ("npca", 0.999)])
+def test_reduction_equals_sklearn_pca_then_ledoit_wolf(tmp_path: Path, reduction: str, t: float):
+    root = make_mvtec_category(tmp_path / "data", n_train=60, n_good=6, n_bad=6, size=64)
+    model = GaussianAD("efficientnet-lite0", levels=[2, 3, 9], reduction=reduction, variance_threshold=t)
+    dm = MVTecDataModule(str(root), "widget", fold=0, batch_size=16, num_workers=0)
+    fit_and_test(model, dm, tmp_path)
+    train = stacked_features(model, dm.train_dataloader())
+    test = stacked_features(model, dm.test_dataloader())
+    labels = torch.tensor([s.label for s in dm.test_samples])
+    ours = model.score_features([torch.from_numpy(x) for x in test])
+    for i, level in enumerate(model.levels):
+        expected, (start, stop, _) = sklearn_reduced_mahalanobis(train[i], test[i], reduction, t)
+        assert model.scorers[i].dim == stop - start == model.test_summary["level_dims"][str(level)]
+        if train[i].shape[0] > train[i].shape[1]:  # n > D: the reduced space is fully determined
+            np.testing.assert_allclose(ours[f"mahalanobis/{level}"].numpy(), expected, rtol=1e-6)
+            expected_auroc = roc_auc_score(labels.numpy(), expected)
+            assert model.test_summary["per_level"][str(level)] == pytest.approx(expected_auroc, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"reduction": "pca", "variance_threshold": 1.5}, "between 0 and 1"),
+        ({"reduction": "pca,npca"}, "not both"),
+        ({"target_fpr": 0.0}, "target_fpr"),
+        ({"decision_score": "mahalanobis/12"}, "decision_score"),
+        ({"threshold_method": "chi2"}, "single level"),
+    ],
+)
+def test_bad_options_are_user_errors(options, message):
+    with pytest.raises(UserError, match=message):
+        GaussianAD("efficientnet-lite0", pretrained=False, **options)
+
+
+def test_working_point_and_decisions(tiny_mvtec: Path, tmp_path: Path):
+    model = GaussianAD("efficientnet-lite0", levels=[5, 7], target_fpr=0.2)
+    dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=8, num_workers=0)
+    fit_and_test(model, dm, tmp_path)
+    report = model.test_summary["working_point"]
+    rows = report["levels"]["7"]["rows"]
+    assert [r["n_sigma"] for r in rows] == [1, 2, 3, 4, 5, None]
+    assert rows[-1]["target_fpr"] == 0.2
+    thresholds = [r["chi2_threshold"] for r in rows[:5]]
+    assert thresholds == sorted(thresholds)  # stricter rows, higher thresholds
+    assert "empirical_threshold" in report["sum"]["rows"][0]
+    assert report["decision"]["score"] == "mahalanobis/sum" and report["decision"]["threshold"] is not None
+    import pandas as pd
+
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    threshold = report["decision"]["threshold"]
+    assert (scores["decision"] == (scores["mahalanobis_sum"] > threshold).astype(int)).all()
+    normal = scores[scores["label"] == 0]
+    fpr = float((normal["mahalanobis_sum"] > threshold).mean())
+    assert report["empirical"]["mahalanobis/sum"]["empirical_fpr"] == pytest.approx(fpr)
 
 
 @pytest.mark.real_data

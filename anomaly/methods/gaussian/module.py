@@ -4,26 +4,37 @@
   moments on the batch's device; no feature is stored, so memory is flat in the
   number of images and epochs.
 * ``on_train_end`` merges the moments of all processes, then fits the
-  Ledoit-Wolf Gaussian per level (mean, shrunk covariance, precision).
+  Ledoit-Wolf Gaussian per level (mean, shrunk covariance, precision). With a
+  PCA/NPCA reduction (Table III) the projection comes from the first pass and
+  the Gaussian is fitted again in the reduced space from a second pass over the
+  same training stream. Finally the fold's held-out normal images calibrate
+  empirical thresholds.
 * ``test_step`` scores each image per level by Mahalanobis (eq. 2), L2 and SED
   (eq. 9) from one forward pass; ``<type>/sum`` is the paper's sum mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import warnings
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from anomaly.errors import UserError
-from anomaly.methods.base import SUM
+from anomaly.methods.base import SUM, gather_rows
 from anomaly.methods.features import FeatureMethod
+from anomaly.methods.gaussian.working_point import working_point_report
 from anomaly.stats.distances import SCORE_TYPES
 from anomaly.stats.gaussian import fit_gaussian
 from anomaly.stats.moments import Moments, RunningMoments, merge_moments
+from anomaly.stats.pca import check_reduction, reduction_projection
 from anomaly.stats.scorer import GaussianScorer
+from anomaly.stats.threshold import check_fpr, chi2_threshold, empirical_threshold
+
+THRESHOLD_METHODS = ("empirical", "chi2")
 
 
 def all_gather_moments(moments: Moments) -> list[Moments]:
@@ -55,6 +66,12 @@ def merge_all(parts: list[Moments]) -> Moments:
     return merged
 
 
+def synchronise(accumulators: Sequence[RunningMoments]) -> None:
+    """Replace each accumulator's moments by the merge over all processes."""
+    for accumulator in accumulators:
+        accumulator.load_moments(merge_all(all_gather_moments(accumulator.moments())))
+
+
 class GaussianAD(FeatureMethod):
     """Multivariate Gaussian per level of a frozen ImageNet classifier.
 
@@ -63,6 +80,16 @@ class GaussianAD(FeatureMethod):
         levels: 1-based levels to fit and sum (default: all).
         weights: a local weights file instead of the backbone's usual download.
         pretrained: ``False`` gives random weights (for tests only).
+        reduction: ``none``, ``pca`` or ``npca`` (Table III).
+        variance_threshold: the cumulative explained-variance threshold t of the
+            reduction (default 0.99): ``pca`` 0.99 is "PCA 99%", ``npca`` 0.99 /
+            0.999 / 0.9999 are "NPCA 1% / 0.1% / 0.01%".
+        target_fpr: the false-positive rate the working point aims at.
+        decision_score: the score column decisions are made on, e.g.
+            ``mahalanobis/sum`` or ``mahalanobis/7``.
+        threshold_method: ``empirical`` (held-out normal fifth; any score) or
+            ``chi2`` (eq. 8; a single level's Mahalanobis score only).
+        threshold: a fixed decision threshold instead of a calibrated one.
     """
 
     method_name = "gaussian"
@@ -74,13 +101,56 @@ class GaussianAD(FeatureMethod):
         levels: Sequence[int] | None = None,
         weights: str | None = None,
         pretrained: bool = True,
+        reduction: str = "none",
+        variance_threshold: float | None = None,
+        target_fpr: float = 0.01,
+        decision_score: str = f"mahalanobis/{SUM}",
+        threshold_method: str = "empirical",
+        threshold: float | None = None,
     ) -> None:
         super().__init__(backbone, levels, weights, pretrained)
+        self.reduction, self.variance_threshold = check_reduction(reduction, variance_threshold)
+        self.target_fpr = check_fpr(target_fpr)
+        self.decision_score = self._check_decision(decision_score, threshold_method)
+        self.threshold_method = threshold_method
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.moments = nn.ModuleList(RunningMoments(d) for d in self.level_dims)
         self.scorers = nn.ModuleList(GaussianScorer(d) for d in self.level_dims)
+        self.register_buffer(
+            "decision_threshold",
+            torch.tensor(math.nan if threshold is None else threshold, dtype=torch.float64),
+        )
         self.fit_epochs = 0
+        self.holdout_scores: dict[str, Tensor] | None = None
+
+    def _check_decision(self, column: str, method: str) -> str:
+        score_type, _, level = column.partition("/")
+        valid_levels = {SUM, *map(str, self.levels)}
+        if score_type not in SCORE_TYPES or level not in valid_levels:
+            raise UserError(
+                f"decision_score '{column}' is not a score column: use <type>/<level or sum> with type in "
+                f"{', '.join(SCORE_TYPES)} and level in {', '.join(sorted(valid_levels))}"
+            )
+        if method not in THRESHOLD_METHODS:
+            raise UserError(f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, got '{method}'")
+        if method == "chi2" and (score_type != "mahalanobis" or level == SUM):
+            raise UserError(
+                "threshold_method chi2 needs a single level's Mahalanobis score, e.g. mahalanobis/7"
+            )
+        return column
+
+    @property
+    def threshold(self) -> float | None:
+        """The decision threshold on ``decision_score`` (None when none could be set)."""
+        value = float(self.decision_threshold)
+        return None if math.isnan(value) else value
+
+    def run_name(self) -> str:
+        name = super().run_name()
+        if self.reduction != "none":
+            name += f"_{self.reduction}-{self.variance_threshold:g}"
+        return name
 
     def configure_optimizers(self) -> None:
         return None
@@ -100,14 +170,76 @@ class GaussianAD(FeatureMethod):
         self.fit_epochs += 1
 
     def on_train_end(self) -> None:
-        """Merge the moments of all processes, then fit each level's Gaussian."""
-        for accumulator in self.moments:
-            accumulator.load_moments(merge_all(all_gather_moments(accumulator.moments())))
-        self.finalise()
+        """Merge the moments of all processes, fit each level's Gaussian, calibrate thresholds."""
+        synchronise(self.moments)
+        if self.reduction == "none":
+            self.finalise()
+        else:
+            self.finalise_reduced()
+        self.calibrate()
 
     def finalise(self) -> None:
+        """Fit every level's Gaussian from the streamed moments."""
         for accumulator, scorer in zip(self.moments, self.scorers, strict=True):
             scorer.set_fit(fit_gaussian(accumulator.moments()))
+
+    def finalise_reduced(self) -> None:
+        """PCA/NPCA: project, then fit in the reduced space from a second pass.
+
+        Ledoit-Wolf needs the fourth moment of the projected features, which the
+        first pass cannot provide, so the training stream is replayed once (the
+        same images and, with augmentation, the same seeded augmentations).
+        """
+        projections = []
+        for accumulator in self.moments:
+            m = accumulator.moments()
+            emp_cov = m.scatter() / m.count
+            projection = reduction_projection(emp_cov, m.n, self.reduction, self.variance_threshold)
+            projections.append(projection.to(self.device))
+        reduced = [RunningMoments(p.shape[1]).to(self.device) for p in projections]
+        for features in self._replay_training_stream():
+            for accumulator, projection, feats in zip(reduced, projections, features, strict=True):
+                accumulator.update(feats.to(torch.float64) @ projection)
+        synchronise(reduced)
+        for accumulator, projection, scorer in zip(reduced, projections, self.scorers, strict=True):
+            scorer.set_fit(fit_gaussian(accumulator.moments()), projection)
+
+    def _replay_training_stream(self) -> Iterator[list[Tensor]]:
+        loader = self.datamodule.train_dataloader()
+        for epoch in range(max(self.fit_epochs, 1)):
+            loader.sampler.set_epoch(epoch)
+            yield from self._stream(loader)
+
+    def _stream(self, loader) -> Iterator[list[Tensor]]:
+        with torch.no_grad():
+            for batch in loader:
+                yield self.batch_features(self.transfer_batch_to_device(batch, self.device, 0))
+
+    def calibrate(self) -> None:
+        """Score the held-out normal fifth and set the decision threshold."""
+        dm = self.datamodule
+        self.holdout_scores = None
+        if dm is not None and dm.holdout_samples:
+            columns: dict[str, list[Tensor]] = {}
+            for features in self._stream(dm.holdout_dataloader()):
+                for name, values in self.score_features(features).items():
+                    columns.setdefault(name, []).append(values.cpu())
+            self.holdout_scores = gather_rows({k: torch.cat(v) for k, v in columns.items()})
+        if self.hparams.threshold is not None:
+            return
+        value = math.nan
+        if self.threshold_method == "chi2":
+            level = int(self.decision_score.partition("/")[2])
+            value = chi2_threshold(self.scorers[self.levels.index(level)].dim, self.target_fpr)
+        elif self.holdout_scores is not None:
+            value = empirical_threshold(self.holdout_scores[self.decision_score], self.target_fpr)
+        else:
+            warnings.warn(
+                "no held-out images (fold: null): no empirical decision threshold; "
+                "set threshold or threshold_method chi2",
+                stacklevel=2,
+            )
+        self.decision_threshold.fill_(value)
 
     # ------------------------------------------------------------------ score
     def score_batch(self, batch: dict) -> dict[str, Tensor]:
@@ -131,13 +263,32 @@ class GaussianAD(FeatureMethod):
             columns[f"{score_type}/{SUM}"] = sum(columns[f"{score_type}/{level}"] for level in self.levels)
         return columns
 
+    # ---------------------------------------------------------------- results
     def extra_results(self) -> dict:
+        per_level = list(zip(self.levels, self.scorers, strict=True))
         return {
             "levels": self.levels,
-            "level_dims": {str(lv): s.dim for lv, s in zip(self.levels, self.scorers, strict=True)},
-            "shrinkage": {
-                str(lv): float(s.shrinkage) for lv, s in zip(self.levels, self.scorers, strict=True)
-            },
+            "reduction": self.reduction,
+            "variance_threshold": self.variance_threshold,
+            "level_dims": {str(lv): s.dim for lv, s in per_level},
+            "input_dims": {str(lv): d for lv, d in zip(self.levels, self.level_dims, strict=True)},
+            "shrinkage": {str(lv): float(s.shrinkage) for lv, s in per_level},
             "n_fit_vectors": self.moments[0].n,
             "epochs": self.fit_epochs,
         }
+
+    def test_results(self, rows: dict[str, Tensor], labels: Tensor) -> dict:
+        report = working_point_report(
+            self.levels, [s.dim for s in self.scorers], rows, labels, self.holdout_scores, self.target_fpr
+        )
+        report["decision"] = {
+            "score": self.decision_score,
+            "method": self.threshold_method if self.hparams.threshold is None else "fixed",
+            "threshold": self.threshold,
+        }
+        return {"working_point": report}
+
+    def decision_columns(self, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.threshold is None:
+            return {}
+        return {"decision": (rows[self.decision_score] > self.threshold).to(torch.int64)}
