@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from anomaly.cli import main
 
@@ -71,3 +72,20 @@ def test_bad_input_gives_one_line_and_no_results(case, tmp_path: Path, tiny_mvte
     assert len(lines) == 1 and expected in lines[0], err
     assert "Traceback" not in err
     assert not list(root.rglob("results.json"))
+
+
+def test_downloadable_weights_missing_offline_name_the_file(
+    tiny_mvtec: Path, tmp_path: Path, monkeypatch, capsys
+):
+    def offline(url: str, *args, **kwargs) -> None:
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    code, _, err = run(
+        ["--data.root", str(tiny_mvtec), "--data.category", "widget", "--model.backbone", "efficientnet-b0",
+         "--trainer.default_root_dir", str(tmp_path / "runs")], capsys)  # fmt: skip
+    assert code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "efficientnet-b0" in line and str(tmp_path / "torch") in line and "--model.weights" in line
