@@ -9,7 +9,6 @@ Runs are written to ``<trainer.default_root_dir>/<method>/<name>/<category>/fold
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,11 +16,13 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from anomaly.console import run_command
 from anomaly.data.datamodule import AnomalyDataModule
-from anomaly.errors import UserError
+from anomaly.detector.run import remove_stale_detector, save_run_detector
 from anomaly.evaluation.report import format_run_table
 from anomaly.evaluation.results import remove_stale_results
 from anomaly.methods.base import AnomalyMethod
+from anomaly.methods.distributed import resolve_strategy
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -46,6 +47,7 @@ class AnomalyCLI(LightningCLI):
                 save_dir=root, name=name, version=version, default_hp_metric=False
             )
         kwargs["default_root_dir"] = root
+        kwargs["strategy"] = resolve_strategy(config.get("strategy", "auto"), self.model)
         return super().instantiate_trainer(**kwargs)
 
 
@@ -55,11 +57,14 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (
         ".*does not have many workers.*",
-        ".*`configure_optimizers` returned `None`.*",
+        ".*configure_optimizers` returned `None`.*",
         ".*Checkpoint directory.*exists and is not empty.*",
         ".*smaller than the logging interval.*",
         ".*GPU available but not used.*",
         ".*is an invalid version and will not be supported.*",
+        ".*You passed in a `val_dataloader` but have no `validation_step`.*",
+        ".*module\\(s\\) in eval mode at the start of training.*",
+        ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -87,43 +92,19 @@ def fit_and_test(args: list[str] | None = None) -> dict:
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
     if trainer.is_global_zero:
         remove_stale_results(run_dir)
+        remove_stale_detector(run_dir)
     trainer.fit(model, datamodule=data)
+    if trainer.is_global_zero:
+        save_run_detector(model, data.image_size, run_dir)  # detector.safetensors + detector.json
     trainer.test(model, datamodule=data, verbose=False)
     results = dict(model.test_summary or {})
     results["run_dir"] = str(run_dir)
     return results
 
 
-def user_message(error: UserError) -> str:
-    """The one-line message, also when a loader worker re-raised it with its traceback."""
-    text = str(error).strip()
-    if "Traceback" in text:
-        text = text.splitlines()[-1].split("UserError: ", 1)[-1]
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def find_user_error(error: BaseException) -> UserError | None:
-    """The UserError behind ``error`` (argument parsing and loaders wrap it)."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, UserError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def main(args: list[str] | None = None) -> int:
-    try:
-        results = fit_and_test(args)
-    except Exception as error:
-        user_error = find_user_error(error)
-        if user_error is None:
-            raise
-        print(f"error: {user_message(user_error)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no results were written", file=sys.stderr)
-        return 130
-    print(format_run_table(results))
-    return 0
+    def command() -> int:
+        print(format_run_table(fit_and_test(args)))
+        return 0
+
+    return run_command(command, on_interrupt="no results were written")

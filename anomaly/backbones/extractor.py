@@ -116,18 +116,33 @@ class FeatureExtractor(nn.Module):
             )
         return wanted
 
-    def forward(self, images: Tensor, levels: Sequence[int] | None = None) -> list[Tensor]:
-        """Pooled features ``(B, C_l)`` for each requested level (ascending; None = all)."""
+    def forward(
+        self, images: Tensor, levels: Sequence[int] | None = None, grid: int | None = None
+    ) -> list[Tensor]:
+        """Pooled features ``(B, C_l)`` for each requested level (ascending; None = all).
+
+        ``grid=k`` pools each level's map adaptively to ``k x k`` cells instead of
+        globally and returns ``(B, C_l, k, k)`` tensors.
+        """
+        if grid is not None and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
+            raise UserError(f"grid must be a positive whole number of cells per side, got {grid!r}")
+        maps = self.feature_maps(images, levels)
+        if grid is None:
+            return [fmap.mean(dim=(2, 3), dtype=torch.float32) for fmap in maps]
+        return [nn.functional.adaptive_avg_pool2d(fmap.float(), grid) for fmap in maps]
+
+    def feature_maps(self, images: Tensor, levels: Sequence[int] | None = None) -> list[Tensor]:
+        """Unpooled feature maps ``(B, C_l, H_l, W_l)`` of the requested levels (ascending; None = all)."""
         wanted = self.check_levels(levels)
         x = self.normalise(images)
-        features: list[Tensor] = []
+        maps: list[Tensor] = []
         with torch.no_grad():
             for level, fmap in enumerate(self._level_maps(x), start=1):
                 if level in wanted:
-                    features.append(fmap.mean(dim=(2, 3), dtype=torch.float32))
+                    maps.append(fmap)
                 if level == wanted[-1]:
                     break
-        return features
+        return maps
 
     def classifier(self, images: Tensor) -> Tensor:
         """ImageNet logits ``(B, 1000)`` of the full network (for sanity checks, not features)."""

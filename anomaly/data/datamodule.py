@@ -13,7 +13,7 @@ from abc import abstractmethod
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from anomaly.data.augment import build_augmentation
 from anomaly.data.datasets import ImageDataset, Sample
@@ -39,6 +39,10 @@ class AnomalyDataModule(pl.LightningDataModule):
             native resolution.
         augment: apply the category's augmentation to the fitting images.
         seed: seed of the augmentation stream (reproducible statistics).
+        feature_cache: a folder for the on-disk cache of pooled features
+            (:mod:`anomaly.features`); the un-augmented loaders then yield cached
+            ``"features"`` instead of images, extracted once for every fold. Needs
+            a feature-based method, which attaches its extractor in ``setup``.
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         image_size: int | None = None,
         augment: bool = False,
         seed: int = 0,
+        feature_cache: str | None = None,
     ) -> None:
         super().__init__()
         check_fold(fold)
@@ -61,7 +66,11 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.augment = augment
         self.seed = seed
         self.shuffle_train = False  # methods trained by gradient descent switch this on
+        self.augment_noise = True  # the autoencoder switches this off (Appendix Fig. 2)
         self._scanned: tuple[list[Sample], list[Sample]] | None = None
+        self.feature_cache = feature_cache
+        self.feature_source = None  # a FeatureCache, attached by a feature-based method
+        self._features_loaded = False
 
     # ----------------------------------------------------------------- files
     @property
@@ -110,35 +119,75 @@ class AnomalyDataModule(pl.LightningDataModule):
     def _pipeline(self, augment: bool) -> ImagePipeline:
         if self.image_size is None:
             raise RuntimeError("image_size is unknown: set it, or let the model call set_image_size()")
-        augmentation = build_augmentation(self.category) if augment else None
+        augmentation = build_augmentation(self.category, noise=self.augment_noise) if augment else None
         return ImagePipeline(self.image_size, augmentation)
 
     def setup(self, stage: str | None = None) -> None:
         self.samples()  # fail early on bad input
         self.split()
+        self._check_sampler_not_replaced()
 
-    def _loader(self, dataset: ImageDataset, shuffle: bool = False) -> DataLoader:
+    def _check_sampler_not_replaced(self) -> None:
+        """Lightning's distributed sampler would shard our already-sharded loaders a second time."""
+        trainer = getattr(self, "trainer", None)
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if (
+            trainer is not None
+            and trainer.world_size > 1
+            and getattr(connector, "use_distributed_sampler", False)
+        ):
+            raise UserError(
+                "trainer.use_distributed_sampler must be false with more than one device: the data "
+                "module already gives each process its own share of the images (set "
+                "--trainer.use_distributed_sampler false)"
+            )
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False, num_workers: int | None = None) -> DataLoader:
         """Every image exactly once per epoch and process (see :class:`EpochShardSampler`)."""
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochShardSampler(len(dataset), shuffle=shuffle, seed=self.seed),
-            num_workers=self.num_workers,
+            num_workers=self.num_workers if num_workers is None else num_workers,
             pin_memory=torch.cuda.is_available(),
         )
 
+    # ---------------------------------------------------------- feature cache
+    def attach_feature_cache(self, cache) -> None:
+        """Called by a feature-based method with a :class:`~anomaly.features.FeatureCache`."""
+        self.feature_source = cache
+        self._features_loaded = False
+
+    def _feature_loader(self, samples: list[Sample], shuffle: bool = False) -> DataLoader:
+        """Cached features of ``samples``; the first call fills the cache for all train and test images."""
+        if self.feature_source is None:
+            raise UserError("data.feature_cache needs a method on backbone features (e.g. gaussian, ocsvm)")
+        if not self._features_loaded:
+            train, test = self.samples()
+            paths = [s.path for s in train + test]
+            self.feature_source.load(paths, batch_size=self.batch_size, num_workers=self.num_workers)
+            self._features_loaded = True
+        return self._loader(self.feature_source.dataset(samples), shuffle=shuffle, num_workers=0)
+
+    # ---------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
+        if self.feature_cache is not None and not self.augment:
+            return self._feature_loader(self.fit_samples, shuffle=self.shuffle_train)
         dataset = ImageDataset(self.fit_samples, self._pipeline(self.augment), seed=self.seed)
         return self._loader(dataset, shuffle=self.shuffle_train)
 
     def holdout_dataloader(self) -> DataLoader:
         """The fold's held-out normal fifth, never augmented."""
+        if self.feature_cache is not None:
+            return self._feature_loader(self.holdout_samples)
         return self._loader(ImageDataset(self.holdout_samples, self._pipeline(False)), shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         return self.holdout_dataloader()
 
     def test_dataloader(self) -> DataLoader:
+        if self.feature_cache is not None:
+            return self._feature_loader(self.test_samples)
         has_masks = any(s.mask is not None for s in self.test_samples)
         dataset = ImageDataset(self.test_samples, self._pipeline(False), with_masks=has_masks)
         return self._loader(dataset, shuffle=False)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from anomaly.evaluation.metrics import image_auroc
 from anomaly.evaluation.results import write_results, write_scores_csv
+from anomaly.evaluation.tensorboard import report_run
 
 SUM = "sum"
 
@@ -74,6 +75,14 @@ class AnomalyMethod(pl.LightningModule):
         """Method-specific entries of ``results.json``."""
         return {}
 
+    def test_results(self, rows: dict[str, Tensor], labels: Tensor) -> dict:
+        """Entries of ``results.json`` computed from the test scores (e.g. working points)."""
+        return {}
+
+    def decision_columns(self, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Extra per-image columns of ``scores.csv`` (e.g. 0/1 decisions at a threshold)."""
+        return {}
+
     def run_name(self) -> str:
         """Folder name that tells this run's settings apart (``<backbone>[_<setting>...]``)."""
         return self.backbone_name()
@@ -123,8 +132,10 @@ class AnomalyMethod(pl.LightningModule):
                 if value is not None:
                     self.log(f"test/auroc/{score_type}/{level}", value, rank_zero_only=True)
         self.test_summary = self._results(summary, indices, labels, rows)
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP
         if self.trainer.is_global_zero:
-            self._write(indices, labels, rows)
+            self._write(run_dir, indices, labels, rows)
+            report_run(self, run_dir, labels, rows, indices)
 
     def _results(self, summary: dict, indices: Tensor, labels: Tensor, rows: dict[str, Tensor]) -> dict:
         dm = self.datamodule
@@ -145,17 +156,17 @@ class AnomalyMethod(pl.LightningModule):
             "settings": self.settings(),
             "fit_seconds": None if self._fit_started is None else time.perf_counter() - self._fit_started,
             **self.extra_results(),
+            **self.test_results(rows, labels),
         }
 
-    def _write(self, indices: Tensor, labels: Tensor, rows: dict[str, Tensor]) -> None:
-        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+    def _write(self, run_dir: Path, indices: Tensor, labels: Tensor, rows: dict[str, Tensor]) -> None:
         samples = self.datamodule.test_samples
         columns: dict[str, list] = {
             "path": [samples[i].path for i in indices.tolist()],
             "label": labels.tolist(),
             "defect": [samples[i].defect for i in indices.tolist()],
         }
-        for name, values in rows.items():
+        for name, values in {**rows, **self.decision_columns(rows)}.items():
             columns[name.replace("/", "_")] = values.tolist()
         write_scores_csv(run_dir, columns)
         write_results(run_dir, self.test_summary)

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from anomaly.backbones import build_backbone
 from anomaly.errors import UserError
+from anomaly.features import FeatureCache
 from anomaly.methods.base import AnomalyMethod
 
 
@@ -65,6 +66,25 @@ class FeatureMethod(AnomalyMethod):
     def features(self, images: Tensor) -> list[Tensor]:
         """Pooled features of the chosen levels, one (B, C_l) tensor per level."""
         return self.extractor(images, self.levels)
+
+    def setup(self, stage: str) -> None:
+        """Besides the base's set-up, hand the extractor to the data module's feature cache, if any."""
+        super().setup(stage)
+        dm = self.datamodule
+        if dm is None or getattr(dm, "feature_cache", None) is None:
+            return
+        current = dm.feature_source
+        if current is None or current.extractor is not self.extractor:
+            trainer = self.trainer
+            dm.attach_feature_cache(
+                FeatureCache(
+                    dm.feature_cache,
+                    self.extractor,
+                    dm.image_size,
+                    compute=f"{trainer.strategy.root_device.type}/{trainer.precision}",
+                    forward_context=trainer.precision_plugin.forward_context,
+                )
+            )
 
     def batch_features(self, batch: dict) -> list[Tensor]:
         """The batch's features: precomputed ones when the loader supplies them, else a forward pass."""

@@ -74,7 +74,8 @@ def invert_spd(matrix: Tensor) -> Tensor:
     matrix = matrix.to(torch.float64)
     factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info.item()) == 0:
-        inverse = torch.cholesky_inverse(factor)
+        identity = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        inverse = torch.cholesky_solve(identity, factor)  # several times faster than cholesky_inverse on CPU
         return 0.5 * (inverse + inverse.T)
     warnings.warn(
         "covariance is not positive definite; using the pseudo-inverse instead "

@@ -1,0 +1,23 @@
+"""Saving the detector of a training run into its run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from anomaly.detector.api import GaussianDetector
+from anomaly.detector.file import DETECTOR_FILE, METADATA_FILE
+
+
+def save_run_detector(model, image_size: int, run_dir: str | Path) -> Path | None:
+    """Save a fitted Gaussian run's ``detector.safetensors`` + ``detector.json`` (``None``: other methods)."""
+    from anomaly.methods.gaussian.module import GaussianAD
+
+    if not isinstance(model, GaussianAD):
+        return None
+    return GaussianDetector.from_method(model, image_size).save(Path(run_dir) / DETECTOR_FILE)
+
+
+def remove_stale_detector(run_dir: str | Path) -> None:
+    """Remove an earlier run's detector files, so that a failed run never leaves one behind."""
+    for name in (DETECTOR_FILE, METADATA_FILE):
+        (Path(run_dir) / name).unlink(missing_ok=True)

@@ -1,0 +1,141 @@
+"""``python evaluate.py RUNS_DIR``: tables of mean ± SEM from every ``results.json`` below a folder.
+
+Runs are grouped by (method, backbone, settings, run name). For each group a
+level table (levels × score types, Table I layout); across groups a per-category
+table of each group's primary score (Table VIII layout); and, where runs hold
+working points, a Table IV-style table per level. Missing folds and categories
+are warned about; unreadable or incomplete ``results.json`` files are skipped
+with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from anomaly.console import run_command
+from anomaly.errors import UserError
+from anomaly.evaluation.aggregate import (
+    GroupKey,
+    RunRecord,
+    collect_runs,
+    completeness_warnings,
+    deduplicate,
+    group_runs,
+    level_sort_key,
+)
+from anomaly.evaluation.tables import (
+    FORMATS,
+    LevelColumn,
+    Table,
+    category_table,
+    format_tables,
+    level_table,
+    working_point_rows,
+    working_point_table,
+)
+
+
+def group_labels(keys: Sequence[GroupKey]) -> dict[GroupKey, str]:
+    """``method/run name``; numbered ``[1]``, ``[2]`` … where groups of other settings look alike."""
+    plain = [k.label for k in keys]
+    labels, counters = {}, {}
+    for key in keys:
+        if plain.count(key.label) == 1:
+            labels[key] = key.label
+        else:
+            counters[key.label] = counters.get(key.label, 0) + 1
+            labels[key] = f"{key.label} [{counters[key.label]}]"
+    return labels
+
+
+def build_tables(
+    groups: dict[GroupKey, list[RunRecord]], working_points: bool = False
+) -> tuple[list[Table], list[str]]:
+    """The tables of :mod:`anomaly.evaluation.evaluate` and the warnings behind them.
+
+    ``working_points``: add a working-point table for each level of the runs that hold them.
+    """
+    all_records = [r for records in groups.values() for r in records]
+    categories = sorted({r.category for r in all_records})
+    folds = sorted({r.fold for r in all_records}, key=str)
+    tables, warnings = [], []
+    primary_columns = []
+    labels = group_labels(list(groups))
+    for key, records in groups.items():
+        label = labels[key]
+        group_warnings = completeness_warnings(label, records, categories, folds)
+        warnings += group_warnings
+        score_types = list(records[0].results.get("scores") or {})
+        columns = [LevelColumn(t, records, t) for t in score_types]
+        table = level_table(f"{label}: image AUROC (± SEM, %) per level", columns)
+        if label != key.label:
+            table.notes.append(f"settings of {label}: {key.settings}")
+        table.notes += group_warnings
+        tables.append(table)
+        primary_columns.append(LevelColumn(label, records, None))
+        levels = sorted(
+            {lv for r in records for lv in (r.results.get("working_point") or {}).get("levels", {})},
+            key=level_sort_key,
+        )
+        if levels and not working_points:
+            table.notes.append("the runs hold working points: --working-points shows them")
+        for level in levels if working_points else []:
+            if any(working_point_rows(r.results, level) for r in records):
+                column = LevelColumn(label, records, "mahalanobis")
+                title = f"{label}: working points at level {level} (achieved test FPR / TPR, %)"
+                tables.append(working_point_table(title, [column], level=level))
+    if len(categories) > 1 or len(primary_columns) > 1:
+        tables.append(category_table("Primary score per category (mean over folds, %)", primary_columns))
+    return tables, warnings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python evaluate.py",
+        description="Aggregate every results.json below RUNS_DIR into tables of mean ± SEM "
+        "(per category: mean over folds; overall: mean ± SEM over the per-category means).",
+    )
+    parser.add_argument("runs_dir", help="folder searched recursively for results.json files")
+    parser.add_argument("--format", choices=FORMATS, default="md", help="table format (default: md)")
+    parser.add_argument("--out", help="also write the tables to this file")
+    parser.add_argument(
+        "--working-points",
+        action="store_true",
+        help="add the working-point tables (Table IV layout) per level",
+    )
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    root = Path(options.runs_dir)
+    if not root.is_dir():
+        raise UserError(f"runs folder '{root}' does not exist: give the folder your runs were written to")
+    records, problems = collect_runs(root)
+    for line in problems:
+        print(f"warning: {line}", file=sys.stderr)
+    if not records:
+        raise UserError(
+            f"no complete results.json below '{root}': run train.py (or python -m anomaly.experiments) first"
+        )
+    groups = {}
+    for key, group in group_runs(records).items():
+        kept, duplicates = deduplicate(group)
+        for line in duplicates:
+            print(f"warning: {key.label}: {line}", file=sys.stderr)
+        groups[key] = kept
+    tables, warnings = build_tables(groups, options.working_points)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    text = format_tables(tables, options.format)
+    print(text)
+    if options.out:
+        Path(options.out).write_text(text + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(lambda: run(argv))

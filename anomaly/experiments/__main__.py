@@ -1,0 +1,5 @@
+import sys
+
+from anomaly.experiments.cli import main
+
+sys.exit(main())

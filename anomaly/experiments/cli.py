@@ -1,0 +1,147 @@
+"""``python -m anomaly.experiments TABLE --data.root ROOT``: run a paper table's grid, then print it.
+
+Examples::
+
+    python -m anomaly.experiments table1 --data.root /data/mvtec_ad
+    python -m anomaly.experiments table1 --data.root /data/mvtec_ad --categories bottle \\
+        --backbone efficientnet-lite0                      # a quick look on one category
+    python -m anomaly.experiments table3 --data.root /data/mvtec_ad --dry-run
+    python -m anomaly.experiments table2 --data.root /data/mvtec_ad -- --data.num_workers 4
+
+Arguments after ``--`` go to every training run unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from anomaly.console import run_command
+from anomaly.data import MVTEC_CATEGORIES
+from anomaly.errors import UserError
+from anomaly.evaluation.tables import FORMATS, format_table
+from anomaly.experiments.grids import TABLES
+from anomaly.experiments.runner import RunIndex, grid_cells, measured_table, run_grid
+
+PAPER_FOLDS = (0, 1, 2, 3, 4)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m anomaly.experiments",
+        description="Run the grid (categories × folds × settings) of one of the paper's tables, resumably, "
+        "then print the table with the paper's values beside the measured ones.",
+        epilog="Arguments after '--' are passed to every training run (e.g. -- --data.num_workers 4).",
+    )
+    parser.add_argument("table", choices=sorted(TABLES), help="the paper's table")
+    parser.add_argument(
+        "--data.root", dest="data_root", required=True, help="folder holding the MVTec AD categories"
+    )
+    parser.add_argument(
+        "--categories", nargs="+", help="categories to run (default: the MVTec AD ones under the root)"
+    )
+    parser.add_argument(
+        "--folds", nargs="+", type=int, default=list(PAPER_FOLDS), help="folds (default: 0 1 2 3 4)"
+    )
+    parser.add_argument(
+        "--backbone",
+        nargs="+",
+        help="Tables I, III: use this backbone instead; others: only these backbones' columns",
+    )
+    parser.add_argument("--runs-dir", default="runs", help="where runs are written and found (default: runs)")
+    parser.add_argument(
+        "--feature-cache",
+        help="feature cache folder shared by the feature-based runs (default: <runs-dir>/feature_cache)",
+    )
+    parser.add_argument(
+        "--no-feature-cache", action="store_true", help="extract features in every run instead"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list the runs (done or to do) and run nothing"
+    )
+    parser.add_argument("--format", choices=FORMATS, default="md", help="table format (default: md)")
+    parser.add_argument("--out", help="also write the table to this file")
+    return parser
+
+
+def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    argv = list(argv)
+    if "--" in argv:
+        at = argv.index("--")
+        return argv[:at], argv[at + 1 :]
+    return argv, []
+
+
+def resolve_categories(root: Path, requested: Sequence[str] | None) -> list[str]:
+    """The requested categories, checked; by default the MVTec AD categories found under ``root``."""
+    if not root.is_dir():
+        raise UserError(
+            f"data root '{root}' does not exist: set --data.root to the folder holding the categories"
+        )
+    present = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+    if requested:
+        unknown = [c for c in requested if c not in present]
+        if unknown:
+            raise UserError(
+                f"categories {', '.join(unknown)} are not under '{root}' "
+                f"(found: {', '.join(present) or 'none'})"
+            )
+        return list(requested)
+    mvtec = [c for c in MVTEC_CATEGORIES if c in present]
+    chosen = mvtec or present
+    if not chosen:
+        raise UserError(f"no category folders (with a train/ folder) under '{root}'")
+    missing = [c for c in MVTEC_CATEGORIES if c not in present]
+    if mvtec and missing:
+        print(
+            f"warning: {len(missing)} of the 15 MVTec AD categories are not under '{root}' "
+            f"({', '.join(missing)}); the table covers {', '.join(chosen)} only",
+            file=sys.stderr,
+        )
+    return chosen
+
+
+def dry_run_lines(
+    table: str, cells, index: RunIndex, root: Path, runs_dir: Path, extra: Sequence[str], cache: Path | None
+) -> list[str]:
+    done = [index.record(c) is not None for c in cells]
+    lines = [f"{table}: {len(cells)} runs, {sum(done)} done, {len(cells) - sum(done)} to run"]
+    for cell, finished in zip(cells, done, strict=True):
+        command = shlex.join(["python", "train.py", *cell.command(root, runs_dir, extra, cache)])
+        lines.append(f"[{'done' if finished else 'todo'}] {command}")
+    return lines
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    own, extra = split_extra(sys.argv[1:] if argv is None else argv)
+    options = build_parser().parse_args(own)
+    folds = sorted(set(options.folds))
+    if any(not 0 <= f < len(PAPER_FOLDS) for f in folds):
+        raise UserError(
+            f"folds must be in 0..{len(PAPER_FOLDS) - 1}, got {' '.join(map(str, options.folds))}"
+        )
+    root, runs_dir = Path(options.data_root), Path(options.runs_dir)
+    spec = TABLES[options.table].with_backbones(options.backbone)
+    categories = resolve_categories(root, options.categories)
+    cells = grid_cells(spec, categories, folds)
+    cache = None if options.no_feature_cache else Path(options.feature_cache or runs_dir / "feature_cache")
+    if options.dry_run:
+        print("\n".join(dry_run_lines(spec.name, cells, RunIndex(runs_dir), root, runs_dir, extra, cache)))
+        return 0
+    ran, skipped = run_grid(cells, root, runs_dir, extra, feature_cache=cache)
+    print(f"{spec.name}: {ran} runs done now, {skipped} finished before", file=sys.stderr)
+    table, warnings = measured_table(spec, categories, folds, runs_dir)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    text = format_table(table, options.format)
+    print(text)
+    if options.out:
+        Path(options.out).write_text(text + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(lambda: run(argv), on_interrupt="finished runs are kept and will be skipped next time")

@@ -1,0 +1,177 @@
+"""Run a table's grid (resumable, with a progress bar) and print it beside the paper's numbers.
+
+Every (setting arguments, category, fold) is one run of the training entry point
+(:func:`anomaly.cli.fit_and_test`, in-process). When it finishes, a small
+record under ``<runs>/.experiments/`` links the run to its run directory; a run
+whose record points at a complete ``results.json`` is skipped next time, in
+this table and in every other table that needs the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from anomaly.errors import UserError
+from anomaly.evaluation.aggregate import IncompleteResults, RunRecord, completeness_warnings, load_run
+from anomaly.evaluation.results import RESULTS_FILE, write_atomic
+from anomaly.evaluation.tables import LevelColumn, Table
+from anomaly.experiments.grids import Setting, TableSpec
+from anomaly.experiments.layouts import build_table
+
+INDEX_DIR = ".experiments"
+QUIET = ("--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    args: tuple[str, ...]  # the setting's training arguments
+    category: str
+    fold: int
+    cacheable: bool = field(default=False, compare=False)  # a feature-based method (reads cached features)
+
+    def command(
+        self, data_root: Path, runs_dir: Path, extra: Sequence[str] = (), feature_cache: Path | None = None
+    ) -> list[str]:
+        """The training arguments; the feature cache is shared by every feature-based run."""
+        cache = ["--data.feature_cache", str(feature_cache)] if feature_cache and self.cacheable else []
+        return [
+            *self.args,
+            "--data.root", str(data_root), "--data.category", self.category, "--data.fold", str(self.fold),
+            "--trainer.default_root_dir", str(runs_dir), *cache, *QUIET, *extra,
+        ]  # fmt: skip
+
+    @property
+    def key(self) -> str:
+        text = json.dumps([list(self.args), self.category, self.fold])
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        return f"{' '.join(self.args)} | {self.category} fold {self.fold}"
+
+
+def grid_cells(spec: TableSpec, categories: Sequence[str], folds: Sequence[int]) -> list[Cell]:
+    """The table's runs, each once, grouped so that runs of the same setting follow each other."""
+    seen: dict[Cell, None] = {}
+    for setting in spec.settings:
+        for category in categories:
+            for fold in folds:
+                seen[Cell(setting.args, category, fold, setting.uses_feature_cache)] = None
+    return list(seen)
+
+
+class RunIndex:
+    """Which run directory each finished cell wrote (``<runs>/.experiments/<key>.json``)."""
+
+    def __init__(self, runs_dir: Path) -> None:
+        self.folder = Path(runs_dir) / INDEX_DIR
+
+    def path(self, cell: Cell) -> Path:
+        return self.folder / f"{cell.key}.json"
+
+    def record(self, cell: Cell) -> RunRecord | None:
+        """The cell's finished run, or None when it has not run or its results are incomplete."""
+        try:
+            entry = json.loads(self.path(cell).read_text())
+            return load_run(Path(entry["run_dir"]) / RESULTS_FILE)
+        except (OSError, ValueError, KeyError, TypeError, IncompleteResults):
+            return None
+
+    def store(self, cell: Cell, run_dir: str) -> None:
+        entry = {"args": list(cell.args), "category": cell.category, "fold": cell.fold, "run_dir": run_dir}
+        write_atomic(self.path(cell), json.dumps(entry, indent=1) + "\n")
+
+
+RUN_NOISE = (
+    ".*val_dataloader.*but have no.*validation_step.*",
+    ".*module\\(s\\) in eval mode.*",
+    ".*isinstance\\(treespec, LeafSpec\\).*",
+)
+
+
+@contextmanager
+def quiet_run() -> Iterator[None]:
+    """Hide the warnings every run repeats, and the grid's own arguments from LightningCLI."""
+    argv = sys.argv
+    with warnings.catch_warnings():
+        for pattern in RUN_NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
+        sys.argv = argv[:1]
+        try:
+            yield
+        finally:
+            sys.argv = argv
+
+
+def run_cell(cell: Cell, command: list[str], fit_and_test: Callable[[list[str]], dict]) -> dict:
+    """One training run; an argument the training command rejects becomes one clear error line."""
+    try:
+        with quiet_run():
+            return fit_and_test(command)
+    except SystemExit as error:
+        if error.code in (0, None):
+            raise
+        raise UserError(
+            f"the training command rejected the arguments of run '{cell.describe()}' "
+            "(see the message above); this version may not offer one of its options"
+        ) from None
+
+
+def run_grid(
+    cells: Sequence[Cell],
+    data_root: Path,
+    runs_dir: Path,
+    extra: Sequence[str] = (),
+    fit_and_test: Callable[[list[str]], dict] | None = None,
+    feature_cache: Path | None = None,
+) -> tuple[int, int]:
+    """Run every cell without a complete result; returns (runs done now, runs skipped).
+
+    With ``feature_cache``, feature-based runs extract each image's features once
+    and share them across folds, score types, reductions and tables.
+    """
+    if fit_and_test is None:
+        from anomaly.cli import fit_and_test
+    index = RunIndex(runs_dir)
+    todo = [c for c in cells if index.record(c) is None]
+    with tqdm(total=len(todo), desc="runs", unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
+        for cell in todo:
+            bar.set_postfix_str(cell.describe()[-60:])
+            results = run_cell(cell, cell.command(data_root, runs_dir, extra, feature_cache), fit_and_test)
+            index.store(cell, results["run_dir"])
+            bar.update()
+    return len(todo), len(cells) - len(todo)
+
+
+def setting_records(setting: Setting, cells: Sequence[Cell], index: RunIndex) -> list[RunRecord]:
+    records = [index.record(c) for c in cells if c.args == setting.args]
+    return [r for r in records if r is not None]
+
+
+def measured_table(
+    spec: TableSpec, categories: Sequence[str], folds: Sequence[int], runs_dir: Path
+) -> tuple[Table, list[str]]:
+    """The table from the finished runs, and warnings for the runs it lacks."""
+    index = RunIndex(runs_dir)
+    cells = grid_cells(spec, categories, folds)
+    columns, warnings = [], []
+    for setting in spec.settings:
+        records = setting_records(setting, cells, index)
+        missing = sum(c.args == setting.args for c in cells) - len(records)
+        if missing:
+            warnings.append(f"{setting.label}: {missing} of the grid's runs have no complete results")
+        warnings += completeness_warnings(setting.label, records, categories, folds)
+        columns.append(LevelColumn(setting.label, records, setting.score_type, setting.paper_column))
+    table = build_table(spec, columns)
+    table.notes += warnings
+    return table, warnings

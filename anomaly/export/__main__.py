@@ -1,0 +1,40 @@
+"""python -m anomaly.export --detector detector.safetensors --format onnx --out detector.onnx"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from anomaly.console import run_command
+from anomaly.detector.api import GaussianDetector
+from anomaly.export.onnx import export_onnx
+from anomaly.export.torchscript import export_torchscript
+
+EXPORTERS = {"onnx": export_onnx, "torchscript": export_torchscript}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a saved detector to ONNX or TorchScript.")
+    parser.add_argument("--detector", required=True, help="detector.safetensors (or its run folder)")
+    parser.add_argument("--format", choices=sorted(EXPORTERS), default="onnx")
+    parser.add_argument("--out", required=True, help="file to write, e.g. detector.onnx or detector.pt")
+    parser.add_argument("--input-dtype", choices=["uint8", "float"], default="uint8",
+                        help="images as uint8 0..255 (default) or float 0..1")  # fmt: skip
+    parser.add_argument("--weights", help="backbone weights file, if it moved since the detector was saved")
+    args = parser.parse_args(argv)
+
+    def command() -> int:
+        detector = GaussianDetector.load(args.detector, weights=args.weights)
+        path = EXPORTERS[args.format](detector, args.out, args.input_dtype)
+        size = detector.image_size_
+        print(
+            f"wrote {path}: input (B, 3, {size}, {size}) {args.input_dtype} images;"
+            " outputs score, level_scores"
+        )
+        return 0
+
+    return run_command(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""TorchScript export of the whole detector (traced at the detector's fixed input size).
+
+Recent PyTorch releases deprecate TorchScript in favour of ``torch.export``; the
+file still loads with ``torch.jit.load`` without this package. ONNX is the
+longer-lived format.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from anomaly.detector.api import GaussianDetector
+from anomaly.export.module import ExportedDetector, example_input
+
+
+def export_torchscript(detector: GaussianDetector, path: str | Path, input_dtype: str = "uint8") -> Path:
+    """Write a traced module: ``(images) -> (score, level_scores)``, as :class:`ExportedDetector`.
+
+    The detector's metadata is stored as the extra file ``detector.json``.
+    """
+    module = ExportedDetector(detector).eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = example_input(module.image_size, input_dtype).to(detector.device)
+    with torch.no_grad(), warnings.catch_warnings():
+        # the backbone's SAME padding is fixed for this input size on purpose (see module.py)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
+        traced = torch.jit.trace(module, (example,), check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={"detector.json": json.dumps(detector.metadata())})
+    return path

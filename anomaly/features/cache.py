@@ -1,0 +1,162 @@
+"""The opt-in on-disk cache of pooled, un-augmented per-level features.
+
+Extraction dominates the cost of the Gaussian method, while the fit itself
+needs only the pooled vectors. With a cache, one extraction pass over a
+category's training folder and test set serves every fold, score type and
+reduction: each later run reads vectors instead of decoding images.
+
+``<root>/<identity key>/identity.json`` records what the features depend on
+(:mod:`anomaly.features.keys`); ``<root>/<identity key>/<ab>/<sha256>.feat``
+holds one image's features for all levels (:mod:`anomaly.features.store`).
+Entries are verified on every read; a missing, stale or corrupted entry is
+recomputed and rewritten, never used.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from anomaly.backbones.extractor import FeatureExtractor
+from anomaly.data.datasets import ImageDataset, Sample
+from anomaly.data.samplers import process_rank_and_world
+from anomaly.data.transforms import ImagePipeline
+from anomaly.errors import UserError
+from anomaly.features.dataset import FeatureDataset
+from anomaly.features.keys import extractor_identity, file_digest, identity_key
+from anomaly.features.store import read_entry, write_entry
+
+
+@dataclass
+class CacheStats:
+    """Entries served from disk, extracted because absent, and extracted because rejected."""
+
+    hits: int = 0
+    misses: int = 0
+    rejected: int = 0
+
+
+class FeatureCache:
+    """Pooled features of every level of ``extractor`` for image files, cached under ``root``.
+
+    Args:
+        root: the cache folder (created if needed).
+        extractor: the frozen backbone; its device at extraction time is used.
+        image_size: the square input resolution.
+        compute: device type and precision of the extraction (part of the identity),
+            e.g. ``"cpu/32-true"`` or ``"cuda/bf16-mixed"``.
+        forward_context: the autocast context the features are computed in (the
+            trainer's precision context, so that cached and uncached features agree).
+    """
+
+    SUFFIX = ".feat"
+
+    def __init__(
+        self,
+        root: str | Path,
+        extractor: FeatureExtractor,
+        image_size: int,
+        compute: str = "cpu/32-true",
+        forward_context: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> None:
+        self.root = Path(root).expanduser()
+        self.extractor = extractor
+        self.image_size = image_size
+        self.forward_context = forward_context
+        self.identity = extractor_identity(extractor, image_size, compute)
+        self.key = identity_key(self.identity)
+        self.folder = self.root / self.key
+        self.dims = list(extractor.level_dims)
+        self.stats = CacheStats()
+        self._rows: dict[str, list[Tensor]] = {}  # image key -> features per level
+        self._image_keys: dict[str, str] = {}  # path -> image key
+        self._prepare_folder()
+
+    def _prepare_folder(self) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            identity_file = self.folder / "identity.json"
+            if not identity_file.is_file():
+                identity_file.write_text(json.dumps(self.identity, indent=2, sort_keys=True) + "\n")
+        except OSError as error:
+            raise UserError(f"cannot use feature cache folder '{self.root}': {error}") from error
+
+    def entry_path(self, image_key: str) -> Path:
+        return self.folder / image_key[:2] / f"{image_key}{self.SUFFIX}"
+
+    # ------------------------------------------------------------------ load
+    def load(self, paths: list[str], batch_size: int = 32, num_workers: int = 0) -> None:
+        """Make the features of ``paths`` available, extracting what is absent in one pass.
+
+        Under DDP each process extracts its share of the absent entries, then
+        reads the others' (or, without a shared folder, extracts them too).
+        """
+        keys = {path: file_digest(path) for path in paths}
+        self._image_keys.update(keys)
+        wanted = {key: path for path, key in keys.items() if key not in self._rows}
+        absent = self._read(wanted)
+        rank, world = process_rank_and_world()
+        if not absent and world == 1:
+            return
+        items = list(absent.items())  # the same list on every process when the folder is shared
+        self._extract(dict(items[rank::world]), batch_size, num_workers)
+        if world > 1:
+            dist.barrier()
+            others = {key: path for key, path in items if key not in self._rows}
+            self._extract(self._read(others, count=False), batch_size, num_workers)
+
+    def _read(self, wanted: dict[str, str], count: bool = True) -> dict[str, str]:
+        """Read the verified entries of ``wanted`` (image key -> path); return those absent."""
+        absent = {}
+        for key, path in wanted.items():
+            entry_file = self.entry_path(key)
+            features = read_entry(entry_file, key, self.key, self.dims)
+            if features is not None:
+                self._rows[key] = features
+            else:
+                absent[key] = path
+            if count and features is not None:
+                self.stats.hits += 1
+            elif count and entry_file.exists():
+                self.stats.rejected += 1
+            elif count:
+                self.stats.misses += 1
+        return absent
+
+    @torch.no_grad()
+    def _extract(self, todo: dict[str, str], batch_size: int, num_workers: int) -> None:
+        """One extraction pass (un-augmented pipeline) over ``todo``; writes and keeps every entry."""
+        if not todo:
+            return
+        keys = list(todo)
+        dataset = ImageDataset([Sample(todo[k], 0) for k in keys], ImagePipeline(self.image_size))
+        device = self.extractor.mean.device
+        loader = DataLoader(
+            dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+        )
+        for batch in loader:
+            with self.forward_context():
+                features = self.extractor(batch["image"].to(device, non_blocking=True))
+            features = [f.float().cpu() for f in features]
+            for row, index in enumerate(batch["index"].tolist()):
+                key = keys[index]
+                self._rows[key] = [f[row].clone() for f in features]
+                write_entry(self.entry_path(key), key, self.key, self._rows[key])
+
+    # ------------------------------------------------------------------- use
+    def features(self, samples: list[Sample]) -> list[Tensor]:
+        """``(N, C_l)`` per level (1..L) for ``samples``, which must have been loaded."""
+        rows = [self._rows[self._image_keys[s.path]] for s in samples]
+        return [torch.stack([r[level] for r in rows]) for level in range(len(self.dims))]
+
+    def dataset(self, samples: list[Sample]) -> FeatureDataset:
+        """A dataset that yields the cached features of ``samples`` instead of images."""
+        return FeatureDataset(samples, self.features(samples))

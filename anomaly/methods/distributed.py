@@ -1,0 +1,39 @@
+"""Lightning's DDP for methods fitted by statistics rather than by gradients.
+
+``DistributedDataParallel`` refuses a module without trainable parameters, yet a
+statistics-only method (the Gaussian: frozen backbone, streamed moments) still
+needs DDP's processes and collectives to shard the images and merge the moments.
+:class:`StatisticsDDPStrategy` is Lightning's ``DDPStrategy`` (same launcher, same
+process group) that skips the gradient wrapper when there is nothing to train and
+synchronises the module's state instead, as Lightning does outside fitting.
+"""
+
+from __future__ import annotations
+
+from pytorch_lightning.strategies import DDPStrategy, Strategy
+from pytorch_lightning.strategies.ddp import _sync_module_states
+from torch import nn
+
+# Lightning's registered DDP names and the process start method each one uses.
+DDP_START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
+
+
+def has_trainable_parameters(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+class StatisticsDDPStrategy(DDPStrategy):
+    """``DDPStrategy`` that leaves a module without trainable parameters unwrapped."""
+
+    def configure_ddp(self) -> None:
+        if has_trainable_parameters(self.model):
+            super().configure_ddp()
+        else:
+            _sync_module_states(self.model)
+
+
+def resolve_strategy(strategy: str | Strategy, model: nn.Module) -> str | Strategy:
+    """A DDP strategy name becomes :class:`StatisticsDDPStrategy` for a model with nothing to train."""
+    if isinstance(strategy, str) and strategy in DDP_START_METHODS and not has_trainable_parameters(model):
+        return StatisticsDDPStrategy(start_method=DDP_START_METHODS[strategy])
+    return strategy

@@ -1,0 +1,96 @@
+"""What the methods trained by gradient descent share (autoencoder, supervised classifier).
+
+* trainable copies of the registry's ImageNet networks: the same builders and
+  weight loading as the frozen feature extractors (:mod:`anomaly.backbones`),
+  but the plain network is taken out of its frozen wrapper and unfrozen, so the
+  shared extractor class keeps its behaviour;
+* Adam at the paper's learning rate 1e-4 (Section IV-E), shuffled training batches;
+* model selection: after fitting, the best checkpoint of the trainer's
+  ``ModelCheckpoint`` (if any) is loaded back, so that ``test`` scores the
+  selected model and not the last epoch's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor, nn
+
+from anomaly.backbones import BackboneSpec, build_backbone
+from anomaly.errors import UserError
+from anomaly.methods.base import AnomalyMethod
+
+
+def trainable_network(name: str, weights: str | None, pretrained: bool) -> tuple[nn.Module, BackboneSpec]:
+    """The registry's network ``name`` with its ImageNet weights (or random ones), unfrozen, and its spec."""
+    extractor = build_backbone(name, weights=weights, pretrained=pretrained)
+    net = extractor.net
+    net.requires_grad_(True)
+    net.train()
+    return net, extractor.spec
+
+
+class Normalise(nn.Module):
+    """uint8 0..255 or float 0..1 images -> float images normalised with a backbone's mean and std."""
+
+    def __init__(self, spec: BackboneSpec) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return (to_unit(images) - self.mean) / self.std
+
+
+def to_unit(images: Tensor) -> Tensor:
+    """Images as float in [0, 1]."""
+    return images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+
+
+class TrainedMethod(AnomalyMethod):
+    """An :class:`AnomalyMethod` whose network is trained with Adam and selected by a checkpoint."""
+
+    def __init__(self, lr: float = 1e-4) -> None:
+        super().__init__()
+        self.lr = lr
+        self.selected_checkpoint: str | None = None
+        self.selected_score: float | None = None
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # the data module's sampler gives processes unequal shares (no padding), which
+            # would leave gradient synchronisation waiting; one device avoids that
+            raise UserError(f"{self.method_name} trains on one device: set --trainer.devices 1")
+        if self.datamodule is not None:
+            self.datamodule.shuffle_train = True
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+    def on_fit_end(self) -> None:
+        """Load the best checkpoint of the trainer's ModelCheckpoint back into this module."""
+        callback = self.trainer.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") if callback is not None else ""
+        if not best or not Path(best).is_file():
+            return
+        checkpoint = torch.load(best, map_location=self.device, weights_only=False)
+        self.load_state_dict(checkpoint["state_dict"])
+        self.selected_checkpoint = best
+        score = callback.best_model_score
+        self.selected_score = None if score is None else float(score)
+
+    def extra_results(self) -> dict:
+        return {
+            "epochs": self.current_epoch,
+            "selected_checkpoint": self.selected_checkpoint,
+            "selected_score": self.selected_score,
+            "selection_metric": getattr(self.trainer.checkpoint_callback, "monitor", None),
+        }
+
+    def tensorboard(self):
+        """The TensorBoard ``SummaryWriter`` when a TensorBoardLogger is attached, else None."""
+        logger = self.logger
+        return logger.experiment if isinstance(logger, TensorBoardLogger) else None

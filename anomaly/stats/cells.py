@@ -1,0 +1,168 @@
+"""A grid of Gaussians, one per spatial cell, streamed and scored in one batched pass.
+
+The ``cells`` pooling of :mod:`anomaly.methods.spatial` pools each level's
+feature map to ``k x k`` cells and models every cell's ``C``-dim feature with
+its own Ledoit-Wolf Gaussian (eqs. 2 and 6 of the paper, applied per cell).
+Nothing here is new maths: the single-Gaussian pieces of
+:mod:`anomaly.stats.moments`, :mod:`anomaly.stats.gaussian` and
+:mod:`anomaly.stats.distances` are mapped over the cell axis with
+:func:`torch.vmap`, so one batch of ``(n, K, C)`` features updates all
+``K = k^2`` accumulators at once. Memory is ``K * C^2`` float64 per level.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from anomaly.stats.distances import l2_distance, mahalanobis
+from anomaly.stats.gaussian import GaussianFit, fit_gaussian
+from anomaly.stats.moments import Moments, RunningMoments, batch_moments, merge_moments
+
+FLOAT64_BYTES = 8
+
+
+def _fields(m: Moments) -> tuple[Tensor, ...]:
+    return tuple(getattr(m, name) for name in RunningMoments.FIELDS)
+
+
+def _batch_fields(x: Tensor, shift: Tensor) -> tuple[Tensor, ...]:
+    return _fields(batch_moments(x, shift))
+
+
+def _merge_fields(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return _fields(merge_moments(Moments(*a), Moments(*b)))
+
+
+#: Moments of a batch ``(n, K, D)`` about per-cell shifts ``(K, D)``: every field gains a leading K.
+cell_batch_moments = torch.vmap(_batch_fields, in_dims=(1, 0))
+#: Merge of two per-cell :class:`Moments` (all fields with a leading K axis).
+_cell_merge = torch.vmap(_merge_fields)
+
+
+def merge_cell_moments(a: Moments, b: Moments) -> Moments:
+    """:func:`~anomaly.stats.moments.merge_moments` for every cell at once."""
+    return Moments(*_cell_merge(_fields(a), _fields(b)))
+
+
+def cell_moments(m: Moments, cell: int) -> Moments:
+    """One cell's :class:`Moments` out of per-cell moments."""
+    return Moments(*(field[cell] for field in _fields(m)))
+
+
+def cells_memory_bytes(cells: int, dim: int) -> int:
+    """Bytes of one level's per-cell state: the streamed second moments and the precisions."""
+    return 2 * cells * dim * dim * FLOAT64_BYTES
+
+
+class CellMoments(RunningMoments):
+    """:class:`RunningMoments` of ``K`` cells at once; every buffer has a leading K axis."""
+
+    def __init__(self, cells: int, dim: int) -> None:
+        super().__init__(dim)
+        self.cells = cells
+        for name in self.FIELDS:
+            buffer = getattr(self, name)
+            self.register_buffer(name, buffer.new_zeros((cells, *buffer.shape)))
+
+    @property
+    def n(self) -> int:
+        return int(self.count[0].item())
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """Add a batch ``x`` (n, K, D): cell k's vectors are ``x[:, k]``."""
+        if x.ndim != 3 or x.shape[1:] != (self.cells, self.dim):
+            raise ValueError(
+                f"expected features of shape (n, {self.cells}, {self.dim}), got {tuple(x.shape)}"
+            )
+        if x.shape[0] == 0:
+            return
+        if self.n == 0:
+            self.shift.copy_(x.to(torch.float64).mean(dim=0))
+        batch = Moments(*cell_batch_moments(x, self.shift))
+        self.load_moments(merge_cell_moments(self.moments(), batch))
+
+    @torch.no_grad()
+    def merge_(self, other: Moments) -> None:
+        """Add another accumulator's per-cell moments (e.g. from another process)."""
+        if other.count[0].item() == 0:
+            return
+        self.load_moments(other if self.n == 0 else merge_cell_moments(self.moments(), other))
+
+
+def synchronise_cells(accumulators: list[CellMoments]) -> None:
+    """Replace each accumulator's moments by their merge over all processes (no-op without DDP)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for accumulator in accumulators:
+        fields = _fields(accumulator.moments())
+        flat = torch.cat([f.reshape(-1) for f in fields])
+        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, flat)
+        merged = CellMoments(accumulator.cells, accumulator.dim).to(flat.device)
+        for buffer in gathered:
+            parts, offset = [], 0
+            for f in fields:
+                parts.append(buffer[offset : offset + f.numel()].reshape(f.shape))
+                offset += f.numel()
+            merged.merge_(Moments(*parts))
+        accumulator.load_moments(merged.moments())
+
+
+def fit_cells(moments: Moments) -> list[GaussianFit]:
+    """One Ledoit-Wolf :class:`GaussianFit` per cell (:func:`fit_gaussian` on each cell's moments)."""
+    return [fit_gaussian(cell_moments(moments, k)) for k in range(moments.count.shape[0])]
+
+
+_cell_mahalanobis = torch.vmap(mahalanobis, in_dims=(1, 0, 0), out_dims=1)
+_cell_l2 = torch.vmap(l2_distance, in_dims=(1, 0), out_dims=1)
+
+
+class CellGaussianScorer(nn.Module):
+    """Scores ``(n, K, D)`` features per cell: Mahalanobis (eq. 2), L2 and SED (eq. 9), each ``(n, K)``."""
+
+    def __init__(self, cells: int, dim: int) -> None:
+        super().__init__()
+        f64 = {"dtype": torch.float64}
+        self.register_buffer("mean", torch.zeros(cells, dim, **f64))
+        self.register_buffer("precision", torch.eye(dim, **f64).repeat(cells, 1, 1))
+        self.register_buffer("std", torch.ones(cells, dim, **f64))
+        self.register_buffer("shrinkage", torch.zeros(cells, **f64))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def cells(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[1])
+
+    def set_fit(self, fits: list[GaussianFit]) -> None:
+        """Store the per-cell fits of :func:`fit_cells`."""
+        device = self.mean.device
+        self.mean = torch.stack([f.mean for f in fits]).to(device)
+        self.precision = torch.stack([f.precision for f in fits]).to(device)
+        self.std = torch.stack([f.std for f in fits]).to(device)
+        self.shrinkage = torch.tensor([f.shrinkage for f in fits], dtype=torch.float64, device=device)
+        self.fitted = torch.ones((), dtype=torch.bool, device=device)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """``{"mahalanobis", "l2", "sed"}``: ``(n, K)`` distances of each cell's feature to its Gaussian.
+
+        SED is the L2 distance after dividing by the per-feature std; features with
+        zero training variance are left out, as in
+        :func:`~anomaly.stats.distances.standardised_euclidean`.
+        """
+        x = x.to(torch.float64)
+        alive = self.std > 0
+        safe_std = torch.where(alive, self.std, torch.ones_like(self.std))
+        scaled_x = torch.where(alive, x / safe_std, torch.zeros_like(x))
+        scaled_mean = torch.where(alive, self.mean / safe_std, torch.zeros_like(self.mean))
+        return {
+            "mahalanobis": _cell_mahalanobis(x, self.mean, self.precision),
+            "l2": _cell_l2(x, self.mean),
+            "sed": _cell_l2(scaled_x, scaled_mean),
+        }

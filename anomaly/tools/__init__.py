@@ -1,0 +1,1 @@
+"""Small command-line helpers that prepare inputs for the methods."""

@@ -1,0 +1,461 @@
+"""Our detectors next to anomalib's DFM and PaDiM, on the same images and efficientnet-lite0 weights.
+
+One process, two datasets, every method on the same fitting / held-out / test images:
+
+* MVTec AD ``bottle``: the paper's 5-fold protocol (four fifths of ``train/good`` fit, the
+  fifth is held out, the whole test set is scored); this category ships without masks here.
+* Magnetic-Tile-Defect: a seeded 20% of ``MT_Free`` plus every defect image is the test set
+  (``FolderDataModule``, ``test_normal_fraction 0.2``, ``split_seed 0``), the other 80% is
+  split into the same 5 folds; masks lie beside the images, so pixel AUROC is reported.
+
+Methods:
+
+* ``ours: paper default``: :class:`GaussianAD`, global pooling, all nine levels, sum mode.
+* ``ours: ...``: :class:`SpatialGaussianAD` configurations (pooling, level weighting).
+* ``anomalib DFM`` / ``anomalib PaDiM`` (``pip install -e .[bench]``), their torch models
+  with their default settings, except that their timm feature extractor is replaced by our
+  efficientnet-lite0 extractor (the same ImageNet weights as ours; timm's lite0 checkpoint
+  would need a hub download). The timm layer names map onto our levels: ``blocks.1`` = 3,
+  ``blocks.2`` = 4, ``blocks.4`` = 6 (strides 4, 8, 16, as resnet's layer1-3 in their defaults).
+  PaDiM keeps 100 random channels of the 176 (its resnet18 default is 100 of 448); DFM pools
+  ``blocks.4`` by 4 (its default ``layer3``-like stride-16 layer) and scores by feature
+  reconstruction error at 97% PCA variance.
+
+Every image passes the backbone once; the pooled features (global and k x k) and the three
+unpooled maps the peers need are cached in memory (and on disk with ``--cache``), and every
+method fits and scores from the same cached features. Throughput (images/s) is measured
+separately end to end, from uint8 images through the backbone to the image scores (and the
+maps for the methods that make them), on one batch of test images, each method in turn,
+best of ``--repeats``. AUROC is the 5-fold mean +- standard error of the mean.
+
+    /work/venv-bench/bin/python benchmarks/compare_peers.py \\
+        --mvtec ../shared/data/mvtec_ad --magnetic-tile ../shared/data/magnetic_tile \\
+        --cache runs/compare_peers_cache --out runs/compare_peers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from anomaly.backbones import build_backbone
+from anomaly.backbones.extractor import FeatureExtractor
+from anomaly.data import MVTecDataModule
+from anomaly.data.datamodule import AnomalyDataModule
+from anomaly.data.datasets import ImageDataset, Sample
+from anomaly.data.folder import FolderDataModule
+from anomaly.data.transforms import ImagePipeline
+from anomaly.evaluation.metrics import image_auroc
+from anomaly.methods.gaussian import GaussianAD
+from anomaly.methods.spatial import SpatialGaussianAD
+from anomaly.methods.spatial.module import pixel_auroc
+
+BACKBONE = "efficientnet-lite0"
+TIMM_NAME = "efficientnet_lite0"
+#: timm feature names of efficientnet_lite0 -> our 1-based levels (same channel widths and strides).
+TIMM_LEVELS = {"blocks.1": 3, "blocks.2": 4, "blocks.4": 6}
+PADIM_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
+PADIM_FEATURES = 100
+DFM_LAYER = "blocks.4"
+GRID_SIZES = (2, 4)
+FOLDS = 5
+SCORE = "mahalanobis/sum"
+
+#: Our configurations: (label, SpatialGaussianAD keyword arguments).
+OURS = [
+    ("global, holdout weighting", {"pooling": "global", "level_weighting": "holdout"}),
+    ("grid 2x2", {"pooling": "grid", "grid_size": 2}),
+    ("cells 4x4", {"pooling": "cells", "grid_size": 4}),
+    ("cells 4x4, holdout weighting", {"pooling": "cells", "grid_size": 4, "level_weighting": "holdout"}),
+]
+#: The configuration the README recommends (fixed before looking at test results per dataset).
+BEST = "cells 4x4"
+
+
+# ------------------------------------------------------------------------------------ features
+@dataclass
+class Features:
+    """Cached per-image features of one dataset, rows in ``paths`` order."""
+
+    paths: list[str]
+    pooled: list[Tensor]  # per level (N, C)
+    grids: dict[int, list[Tensor]]  # k -> per level (N, C, k, k)
+    maps: dict[str, Tensor]  # timm layer name -> (N, C, H, W) float16
+    masks: Tensor | None = None  # (N, 1, S, S) uint8, test images only
+    row: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.row = {p: i for i, p in enumerate(self.paths)}
+
+    def rows(self, samples: list[Sample]) -> Tensor:
+        return torch.tensor([self.row[s.path] for s in samples])
+
+
+def image_loader(samples: list[Sample], size: int, masks: bool, batch_size: int) -> DataLoader:
+    dataset = ImageDataset(samples, ImagePipeline(size), with_masks=masks)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=1)
+
+
+def extract(extractor: FeatureExtractor, samples: list[Sample], masks: bool, batch_size: int) -> Features:
+    """One backbone pass per image: global and grid pooling of all levels, the peers' unpooled maps."""
+    pooled, grids, maps, mask_rows = [], {k: [] for k in GRID_SIZES}, [], []
+    peer_levels = sorted(TIMM_LEVELS.values())
+    started = time.perf_counter()
+    for i, batch in enumerate(image_loader(samples, extractor.image_size, masks, batch_size)):
+        levels = extractor.feature_maps(batch["image"])
+        pooled.append([m.mean(dim=(2, 3)) for m in levels])
+        for k in GRID_SIZES:
+            grids[k].append([F.adaptive_avg_pool2d(m, k) for m in levels])
+        maps.append([levels[lv - 1].half() for lv in peer_levels])
+        if masks:
+            mask_rows.append(batch["mask"])
+        done = min((i + 1) * batch_size, len(samples))
+        print(f"  features {done}/{len(samples)} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+
+    def stack(parts: list[list[Tensor]]) -> list[Tensor]:
+        return [torch.cat(level) for level in zip(*parts, strict=True)]
+
+    by_level = dict(zip(peer_levels, stack(maps), strict=True))
+    return Features(
+        paths=[s.path for s in samples],
+        pooled=stack(pooled),
+        grids={k: stack(v) for k, v in grids.items()},
+        maps={name: by_level[lv] for name, lv in TIMM_LEVELS.items()},
+        masks=torch.cat(mask_rows) if masks else None,
+    )
+
+
+def cached_extract(
+    cache: Path | None, name: str, extractor: FeatureExtractor, samples: list[Sample], masks: bool, bs: int
+) -> Features:
+    path = None if cache is None else cache / f"{name}_{len(samples)}.pt"
+    if path is not None and path.is_file():
+        stored = torch.load(path)
+        if stored["paths"] == [s.path for s in samples]:
+            return Features(**stored)
+    features = extract(extractor, samples, masks, bs)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {k: getattr(features, k) for k in ("paths", "pooled", "grids", "maps", "masks")}
+        torch.save(data, path)
+    return features
+
+
+# ------------------------------------------------------------------------------------- methods
+class Method:
+    """Fit on cached features of the fitting (and held-out) images, score cached test features."""
+
+    name: str
+    makes_maps: bool = False
+
+    def fit(self, feats: Features, fit_rows: Tensor, holdout_rows: Tensor) -> None:
+        raise NotImplementedError
+
+    def score(self, feats: Features, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(image scores (N,), anomaly maps (N, h, w) or None)."""
+        raise NotImplementedError
+
+    def infer(self, images: Tensor) -> Tensor:
+        """End to end from uint8 images (for throughput)."""
+        raise NotImplementedError
+
+
+class Ours(Method):
+    """GaussianAD (the paper's default) or a SpatialGaussianAD configuration."""
+
+    def __init__(self, name: str, make: Callable[[], GaussianAD], extractor: FeatureExtractor) -> None:
+        self.name, self.make, self.extractor = name, make, extractor
+        self.model: GaussianAD | None = None
+
+    def _inputs(self, feats: Features, rows: Tensor) -> list[Tensor]:
+        model = self.model
+        if getattr(model, "pooling", "global") == "global":
+            return [feats.pooled[lv - 1][rows] for lv in model.levels]
+        return [model.arrange(feats.grids[model.grid_size][lv - 1][rows]) for lv in model.levels]
+
+    def fit(self, feats: Features, fit_rows: Tensor, holdout_rows: Tensor) -> None:
+        self.model = self.make()
+        self.model.extractor = self.extractor  # one shared backbone
+        self.makes_maps = getattr(self.model, "pooling", "global") == "cells"
+        for accumulator, x in zip(self.model.moments, self._inputs(feats, fit_rows), strict=True):
+            accumulator.update(x)
+        self.model.finalise()
+        if getattr(self.model, "level_weighting", "none") == "holdout":
+            self.model.set_level_weights(self.model.score_features(self._inputs(feats, holdout_rows)))
+
+    def score(self, feats: Features, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        scores = self.model.score_features(self._inputs(feats, rows))[SCORE]
+        return scores, self.model._last_maps if self.makes_maps else None
+
+    def infer(self, images: Tensor) -> Tensor:
+        return self.model.score_images(images)[SCORE]
+
+
+class TimmLevels(nn.Module):
+    """Stands in for anomalib's ``TimmFeatureExtractor``: ``{timm layer name: our level's map}``."""
+
+    def __init__(self, extractor: FeatureExtractor, layers: list[str]) -> None:
+        super().__init__()
+        self.extractor, self.layers = extractor, layers
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        levels = [TIMM_LEVELS[name] for name in self.layers]
+        maps = self.extractor.feature_maps(images, levels)
+        return {name: maps[sorted(levels).index(TIMM_LEVELS[name])] for name in self.layers}
+
+
+class CachedLayer(nn.Module):
+    """Hands a cached map to DFM's ``get_features`` as if its extractor had produced it."""
+
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, fmap: Tensor) -> dict[str, Tensor]:
+        return {self.layer: fmap}
+
+
+class AnomalibDFM(Method):
+    name, makes_maps = "anomalib DFM", True
+
+    def __init__(self, extractor: FeatureExtractor) -> None:
+        self.extractor = extractor
+
+    def fit(self, feats: Features, fit_rows: Tensor, holdout_rows: Tensor) -> None:
+        from anomalib.models.image.dfm.torch_model import DFMModel
+
+        # pre_trained=False builds timm's lite0 without a hub download; its extractor is replaced.
+        self.model = DFMModel(backbone=TIMM_NAME, layer=DFM_LAYER, pre_trained=False).eval()
+        self.model.feature_extractor = CachedLayer(DFM_LAYER)
+        self.model.memory_bank = [self.model.get_features(feats.maps[DFM_LAYER][fit_rows].float())[0]]
+        self.model.fit()
+
+    def score(self, feats: Features, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        self.model.feature_extractor = CachedLayer(DFM_LAYER)
+        features, shapes = self.model.get_features(feats.maps[DFM_LAYER][rows].float())
+        scores, maps = self.model.score(features, shapes)
+        return scores, maps[:, 0]
+
+    def infer(self, images: Tensor) -> Tensor:
+        self.model.feature_extractor = TimmLevels(self.extractor, [DFM_LAYER])
+        return self.model(images).pred_score
+
+
+class AnomalibPaDiM(Method):
+    name, makes_maps = "anomalib PaDiM", True
+
+    def __init__(self, extractor: FeatureExtractor) -> None:
+        self.extractor = extractor
+
+    def fit(self, feats: Features, fit_rows: Tensor, holdout_rows: Tensor) -> None:
+        from anomalib.models.image.padim.torch_model import PadimModel
+
+        torch.manual_seed(0)  # PaDiM's random channel choice
+        self.model = PadimModel(
+            backbone=TIMM_NAME, layers=PADIM_LAYERS, pre_trained=False, n_features=PADIM_FEATURES
+        ).eval()
+        self.model.feature_extractor = TimmLevels(self.extractor, PADIM_LAYERS)
+        self.model.memory_bank = [
+            self._embedding(feats, fit_rows[i : i + 64]) for i in range(0, len(fit_rows), 64)
+        ]
+        self.model.fit()
+
+    def _embedding(self, feats: Features, rows: Tensor) -> Tensor:
+        return self.model.generate_embedding({name: feats.maps[name][rows].float() for name in PADIM_LAYERS})
+
+    def score(self, feats: Features, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        size = self.extractor.image_size
+        maps = torch.cat(
+            [
+                self.model.anomaly_map_generator(
+                    embedding=self._embedding(feats, rows[i : i + 32]),
+                    mean=self.model.gaussian.mean,
+                    inv_covariance=self.model.gaussian.inv_covariance,
+                    image_size=(size, size),
+                )
+                for i in range(0, len(rows), 32)
+            ]
+        )[:, 0]
+        return torch.amax(maps, dim=(-2, -1)), maps
+
+    def infer(self, images: Tensor) -> Tensor:
+        return self.model(images).pred_score
+
+
+# ------------------------------------------------------------------------------------ protocol
+def datamodules(name: str, args: argparse.Namespace) -> list[AnomalyDataModule]:
+    if name == "bottle":
+        return [
+            MVTecDataModule(root=args.mvtec, category="bottle", fold=k, num_workers=0) for k in args.folds
+        ]
+    return [
+        FolderDataModule(
+            normal_dir="MT_Free/Imgs",
+            test_dirs=["MT_*/Imgs"],
+            root=args.magnetic_tile,
+            name="magnetic_tile",
+            masks="beside",
+            test_normal_fraction=0.2,
+            split_seed=0,
+            fold=k,
+            num_workers=0,
+        )  # fmt: skip
+        for k in args.folds
+    ]
+
+
+def mean_sem(values: list[float]) -> tuple[float, float]:
+    clean = [v for v in values if not math.isnan(v)]
+    if not clean:
+        return math.nan, math.nan
+    sem = float(np.std(clean, ddof=1) / math.sqrt(len(clean))) if len(clean) > 1 else math.nan
+    return float(np.mean(clean)), sem
+
+
+def throughput(methods: list[Method], images: Tensor, repeats: int) -> dict[str, float]:
+    """Images/s end to end, best of ``repeats``, methods interleaved so they share the machine's load."""
+    best = {m.name: math.inf for m in methods}
+    with torch.no_grad():
+        for m in methods:
+            m.infer(images[:2])  # warm-up
+        for _ in range(repeats):
+            for m in methods:
+                started = time.perf_counter()
+                m.infer(images)
+                best[m.name] = min(best[m.name], time.perf_counter() - started)
+    return {name: len(images) / seconds for name, seconds in best.items()}
+
+
+def run_dataset(
+    name: str, args: argparse.Namespace, methods: list[Method], extractor: FeatureExtractor
+) -> dict:
+    dms = datamodules(name, args)
+    for dm in dms:
+        dm.set_image_size(extractor.image_size)
+    train, test = dms[0].samples()
+    has_masks = any(s.mask is not None for s in test)
+    print(f"{name}: {len(train)} normal training images, {len(test)} test images", file=sys.stderr)
+    train_feats = cached_extract(args.cache, f"{name}_train", extractor, train, False, args.batch_size)
+    test_feats = cached_extract(args.cache, f"{name}_test", extractor, test, has_masks, args.batch_size)
+    labels = torch.tensor([s.label for s in test])
+    test_rows = test_feats.rows(test)
+    image, pixel = {m.name: [] for m in methods}, {m.name: [] for m in methods}
+    for dm in dms:
+        fit_rows, holdout_rows = train_feats.rows(dm.fit_samples), train_feats.rows(dm.holdout_samples)
+        for m in methods:
+            started = time.perf_counter()
+            m.fit(train_feats, fit_rows, holdout_rows)
+            scores, maps = m.score(test_feats, test_rows)
+            image[m.name].append(image_auroc(scores, labels))
+            if maps is not None and test_feats.masks is not None:
+                pixel[m.name].append(pixel_auroc(maps.float(), test_feats.masks))
+            print(
+                f"  fold {dm.fold} {m.name}: image AUROC {image[m.name][-1]:.4f}"
+                + (f", pixel AUROC {pixel[m.name][-1]:.4f}" if pixel[m.name] else "")
+                + f" ({time.perf_counter() - started:.1f} s)",
+                file=sys.stderr,
+            )
+    batch = next(
+        iter(
+            image_loader(
+                test[:: max(1, len(test) // args.speed_images)],
+                extractor.image_size,
+                False,
+                args.speed_images,
+            )
+        )
+    )
+    speed = throughput(methods, batch["image"], args.repeats)
+    return {
+        "dataset": name,
+        "n_train": len(train),
+        "n_test": len(test),
+        "n_test_anomalous": int(labels.sum()),
+        "folds": list(args.folds),
+        "methods": {
+            m.name: {
+                "image_auroc": mean_sem(image[m.name]),
+                "image_auroc_folds": image[m.name],
+                "pixel_auroc": mean_sem(pixel[m.name]) if pixel[m.name] else None,
+                "images_per_second": speed[m.name],
+            }
+            for m in methods
+        },
+    }
+
+
+def fmt(value: tuple[float, float] | None) -> str:
+    if value is None or math.isnan(value[0]):
+        return "-"
+    mean, sem = value
+    return f"{mean:.3f}" if math.isnan(sem) else f"{mean:.3f} ± {sem:.3f}"
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| dataset | method | image AUROC | pixel AUROC | images/s |",
+        "|---|---|---|---|---|",
+    ]
+    for result in results:
+        for method, entry in result["methods"].items():
+            lines.append(
+                f"| {result['dataset']} | {method} | {fmt(entry['image_auroc'])} | {fmt(entry['pixel_auroc'])} "
+                f"| {entry['images_per_second']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mvtec", default="../shared/data/mvtec_ad", help="MVTec AD root (bottle is used)")
+    parser.add_argument("--magnetic-tile", default="../shared/data/magnetic_tile")
+    parser.add_argument("--datasets", nargs="+", default=["bottle", "magnetic_tile"])
+    parser.add_argument("--folds", nargs="+", type=int, default=list(range(FOLDS)))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--speed-images", type=int, default=32, help="test images in the throughput batch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", type=Path, default=None, help="folder for the extracted features")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        import anomalib  # noqa: F401
+    except ImportError:
+        print("error: anomalib is not installed: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    extractor = build_backbone(BACKBONE)
+    methods: list[Method] = [
+        Ours("ours: paper default", lambda: GaussianAD(BACKBONE, pretrained=False), extractor)
+    ]
+    methods += [
+        Ours(f"ours: {label}", lambda kw=kw: SpatialGaussianAD(BACKBONE, pretrained=False, **kw), extractor)
+        for label, kw in OURS
+    ]
+    methods += [AnomalibDFM(extractor), AnomalibPaDiM(extractor)]
+    results = [run_dataset(name, args, methods, extractor) for name in args.datasets]
+    table = markdown(results)
+    print(table)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps({"results": results, "best": f"ours: {BEST}", "table": table}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

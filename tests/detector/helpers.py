@@ -1,0 +1,36 @@
+"""Small fitted detectors on the embedded demo images (real photographs, offline)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from anomaly.data.demo import ensure_demo_dataset
+from anomaly.data.images import list_images
+from anomaly.detector import GaussianDetector
+
+LEVELS = (2, 4)  # shallow levels: only the first stages of the backbone run
+
+
+def demo_images() -> tuple[list[Path], list[Path], list[Path]]:
+    """(12 normal training images, 4 normal test images, 4 anomalous test images)."""
+    root = ensure_demo_dataset() / "demo"
+    train = list_images(root / "train" / "good")[:12]
+    good = list_images(root / "test" / "good")[:4]
+    bad = list_images(root / "test" / "scratch")[:2] + list_images(root / "test" / "stain")[:2]
+    return train, good, bad
+
+
+def fit_demo_detector(**kwargs) -> GaussianDetector:
+    """A detector fitted on the 12 demo training images (the default one is fitted once per session:
+    do not modify it, copy it)."""
+    if not kwargs:
+        return _default_detector()
+    train, _, _ = demo_images()
+    return GaussianDetector(backbone="efficientnet-lite0", levels=LEVELS, batch_size=8, **kwargs).fit(train)
+
+
+@functools.cache
+def _default_detector() -> GaussianDetector:
+    train, _, _ = demo_images()
+    return GaussianDetector(backbone="efficientnet-lite0", levels=LEVELS, batch_size=8).fit(train)

@@ -1,0 +1,95 @@
+"""The scikit-learn-like GaussianDetector on features (checked against sklearn/scipy) and on images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import chi2
+from sklearn.covariance import LedoitWolf
+
+from anomaly.data.images import load_rgb
+from anomaly.detector import GaussianDetector
+from anomaly.errors import UserError
+from tests.detector.helpers import LEVELS, demo_images, fit_demo_detector
+
+
+@pytest.fixture(scope="module")
+def features() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(6, 6))
+    return rng.normal(size=(300, 6)) @ mixing, rng.normal(size=(40, 6)) @ mixing * 1.5 + 0.5
+
+
+def test_feature_scores_are_ledoit_wolf_mahalanobis(features):
+    train, new = features
+    detector = GaussianDetector(backbone=None, batch_size=64).fit(train)
+    expected = np.sqrt(LedoitWolf().fit(train).mahalanobis(new))
+    np.testing.assert_allclose(detector.score_samples(new), expected, rtol=1e-9)
+    # one level, Mahalanobis: eq. (8)'s closed form at the default fpr 0.05
+    assert detector.threshold_ == pytest.approx(np.sqrt(chi2.ppf(0.95, 6)), rel=1e-12)
+    scores = detector.score_samples(new)
+    np.testing.assert_array_equal(detector.predict(new), (scores > detector.threshold_).astype(int))
+    assert detector.score_samples(train).mean() < scores.mean()  # higher = more anomalous
+
+
+def test_levels_are_summed_and_empirical_threshold_holds_fpr(features):
+    train, new = features
+    both = GaussianDetector(backbone=None, fpr=0.1).fit([train[:, :3], train[:, 3:]])
+    first = GaussianDetector(backbone=None).fit(train[:, :3])
+    second = GaussianDetector(backbone=None).fit(train[:, 3:])
+    np.testing.assert_allclose(
+        both.score_samples([new[:, :3], new[:, 3:]]),
+        first.score_samples(new[:, :3]) + second.score_samples(new[:, 3:]),
+        rtol=1e-12,
+    )
+    # sum mode has no closed form: the threshold is the empirical 90% point of the training scores
+    train_scores = both.score_samples([train[:, :3], train[:, 3:]])
+    assert np.mean(train_scores > both.threshold_) <= 0.1
+    assert np.mean(train_scores >= both.threshold_) > 0.1
+
+
+def test_feature_detector_save_load(features, tmp_path: Path):
+    train, new = features
+    detector = GaussianDetector(backbone=None, score="l2", fpr=0.2).fit(train)
+    path = detector.save(tmp_path / "features.safetensors")
+    loaded = GaussianDetector.load(path)
+    assert loaded.score == "l2/sum" and loaded.threshold_ == detector.threshold_
+    np.testing.assert_array_equal(loaded.score_samples(new), detector.score_samples(new))
+    np.testing.assert_array_equal(loaded.predict(new), detector.predict(new))
+
+
+def test_bad_use_raises_user_errors(features):
+    train, _ = features
+    with pytest.raises(UserError, match="not fitted"):
+        GaussianDetector(backbone=None).score_samples(train)
+    detector = GaussianDetector(backbone=None, fpr=None).fit(train)
+    assert detector.threshold_ is None
+    with pytest.raises(UserError, match="no threshold"):
+        detector.predict(train)
+    detector.threshold_ = 3.0
+    assert set(detector.predict(train)) <= {0, 1}
+    with pytest.raises(UserError, match=r"shape \(n, 6\)"):
+        detector.score_samples(train[:, :4])
+    with pytest.raises(UserError, match="unknown score"):
+        GaussianDetector(score="cosine")
+    with pytest.raises(UserError, match="at least 2"):
+        GaussianDetector(backbone=None).fit(train[:1])
+
+
+def test_images_as_paths_arrays_and_grey(tmp_path: Path):
+    detector = fit_demo_detector()
+    _, good, bad = demo_images()
+    assert detector.levels_ == list(LEVELS) and detector.image_size_ == 224
+    from_paths = detector.score_samples(good + bad)
+    arrays = [load_rgb(p) for p in good + bad]
+    np.testing.assert_allclose(detector.score_samples(arrays), from_paths, rtol=1e-6)
+    grey = [a[:, :, 0] for a in arrays]  # (H, W) arrays are taken as grey images
+    assert detector.score_samples(grey).shape == (8,)
+    # the demo's scratches and stains score above its normal images
+    assert from_paths[4:].mean() > from_paths[:4].mean()
+    assert detector.predict(good + bad).dtype.kind == "i"
+    loaded = GaussianDetector.load(detector.save(tmp_path / "images.safetensors"))
+    np.testing.assert_allclose(loaded.score_samples(good + bad), from_paths, rtol=1e-9)
+    assert loaded.threshold_ == detector.threshold_

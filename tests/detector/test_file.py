@@ -1,0 +1,111 @@
+"""The detector file: a run saves it, loading it reproduces the run's scores, it holds no pickles."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from anomaly.cli import main
+from anomaly.detector import GaussianDetector, read_detector
+from anomaly.errors import UserError
+from anomaly.stats.gaussian import fit_gaussian
+from anomaly.stats.moments import RunningMoments
+from tests.detector.helpers import demo_images, fit_demo_detector
+
+FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
+
+
+def test_run_saves_detector_that_reproduces_scores_csv(tiny_mvtec: Path, tmp_path: Path):
+    root = tmp_path / "runs"
+    args = ["--data.root", str(tiny_mvtec), "--data.category", "widget", "--model.levels", "[3, 5, 9]",
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    assert main([*FAST, *args]) == 0
+    run_dir = root / "gaussian" / "efficientnet-lite0_levels-3-5-9" / "widget" / "fold_0"
+    meta = json.loads((run_dir / "detector.json").read_text())
+    assert meta["backbone"] == "efficientnet-lite0" and meta["levels"] == [3, 5, 9]
+    assert meta["weights"]["kind"] == "packaged" and len(meta["weights"]["sha256"]) == 64
+    assert meta["preprocessing"]["image_size"] == 224 and meta["decision_score"] == "mahalanobis/sum"
+    assert isinstance(meta["threshold"], float)  # the module's working point on its decision score
+    tensors, _ = read_detector(run_dir / "detector.safetensors")
+    assert not [key for key in tensors if key.startswith("backbone.")]  # weights are referenced, not stored
+    precisions = sum(d * d * 8 for d in (24, 80, 1280))
+    assert (run_dir / "detector.safetensors").stat().st_size < 1.05 * precisions  # little beside them
+
+    shutil.rmtree(tiny_mvtec / "widget" / "train")  # loading needs no training image
+    detector = GaussianDetector.load(run_dir / "detector.safetensors")
+    assert detector.threshold_ == meta["threshold"]
+    with open(run_dir / "scores.csv") as file:
+        rows = list(csv.DictReader(file))
+    detector.batch_size = 8  # the run's batch size: identical arithmetic, identical digits
+    columns = detector.score_columns([row["path"] for row in rows])
+    assert len(columns) == 3 * 4
+    for name, values in columns.items():
+        assert [row[name.replace("/", "_")] for row in rows] == [f"{v:.10g}" for v in values], name
+
+
+def test_reduced_projection_round_trip(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    train = torch.as_tensor(rng.normal(size=(50, 8)))
+    detector = GaussianDetector(backbone=None, fpr=None).fit(train.numpy())
+    projection = torch.linalg.qr(torch.as_tensor(rng.normal(size=(8, 3))))[0]  # (D, k) as after PCA
+    moments = RunningMoments(3)
+    moments.update(train @ projection)
+    detector.model_.scorers[0].set_fit(fit_gaussian(moments.moments()), projection)
+    new = rng.normal(size=(5, 8))
+    loaded = GaussianDetector.load(detector.save(tmp_path / "pca.safetensors"))
+    scorer = loaded.model_.scorers[0]
+    assert (
+        scorer.projection.shape == (8, 3) and scorer.mean.shape == (3,) and scorer.precision.shape == (3, 3)
+    )
+    np.testing.assert_allclose(loaded.score_samples(new), detector.score_samples(new), rtol=1e-12)
+
+
+def test_file_is_safetensors_with_json_header_and_rejects_pickles(tmp_path: Path):
+    detector = GaussianDetector(backbone=None).fit(np.random.default_rng(0).normal(size=(20, 4)))
+    path = detector.save(tmp_path / "d.safetensors")
+    with safe_open(str(path), framework="pt") as file:
+        assert json.loads(file.metadata()["detector"])["format"] == "gaussian-anomaly-detector"
+        # an unreduced level's identity projection is left out
+        assert sorted(file.keys()) == sorted(
+            f"level.0.{n}" for n in ("mean", "precision", "std", "shrinkage")
+        )
+    tensors, meta = read_detector(tmp_path / "d.json")  # the readable copy points at the same detector
+    assert meta["backbone"] is None and tensors["level.0.mean"].shape == (4,)
+    pickled = tmp_path / "evil.safetensors"
+    torch.save({"level.0.mean": torch.zeros(4)}, pickled)
+    with pytest.raises(UserError, match="not a readable detector file"):
+        GaussianDetector.load(pickled)
+    with pytest.raises(UserError, match="not found"):
+        GaussianDetector.load(tmp_path / "missing.safetensors")
+
+
+def test_weights_are_referenced_checked_or_embedded(tmp_path: Path):
+    _, good, _ = demo_images()
+    weights = tmp_path / "my_backbone.pth"
+    reference = fit_demo_detector()
+    torch.save(reference.model_.extractor.net.state_dict(), weights)
+    detector = fit_demo_detector(weights=str(weights))
+    scores = detector.score_samples(good)
+    np.testing.assert_allclose(scores, reference.score_samples(good), rtol=1e-12)
+
+    path = detector.save(tmp_path / "file_ref.safetensors")
+    assert read_detector(path)[1]["weights"]["kind"] == "file"
+    np.testing.assert_allclose(GaussianDetector.load(path).score_samples(good), scores, rtol=1e-9)
+
+    embedded = detector.save(tmp_path / "embedded.safetensors", embed_weights=True)
+    assert embedded.stat().st_size > 10 * path.stat().st_size
+    weights.unlink()  # embedded weights need no file
+    np.testing.assert_allclose(GaussianDetector.load(embedded).score_samples(good), scores, rtol=1e-9)
+
+    state = reference.model_.extractor.net.state_dict()
+    state["_conv_stem.weight"] = state["_conv_stem.weight"] * 1.01
+    torch.save(state, weights)  # same path, different weights
+    with pytest.raises(UserError, match="differ from those the detector was fitted with"):
+        GaussianDetector.load(path)

@@ -1,0 +1,165 @@
+"""Spatial pooling, per-cell Gaussians, anomaly maps and label-free level weighting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import roc_auc_score
+
+from anomaly.backbones import build_backbone
+from anomaly.data import MVTecDataModule
+from anomaly.errors import UserError
+from anomaly.methods.gaussian import GaussianAD
+from anomaly.methods.spatial import SpatialGaussianAD
+from anomaly.methods.spatial.module import pixel_auroc, upsample_maps
+
+SIZE = 64  # small inputs keep the backbone cheap; level 6 is then a 4x4 map
+
+
+def fit_and_test(model: GaussianAD, root: Path, tmp_path: Path, fold: int | None = 0) -> pl.Trainer:
+    dm = MVTecDataModule(str(root), "widget", fold=fold, batch_size=4, num_workers=0, image_size=SIZE)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        use_distributed_sampler=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    return trainer
+
+
+def spatial(**kwargs) -> SpatialGaussianAD:
+    torch.manual_seed(0)
+    return SpatialGaussianAD("efficientnet-lite0", levels=[3, 6], pretrained=False, **kwargs)
+
+
+def test_extractor_grid_pooling_shapes_and_global_mean():
+    extractor = build_backbone("efficientnet-lite0", pretrained=False)
+    images = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8)
+    pooled = extractor(images, [3, 9])
+    grids = extractor(images, [3, 9], grid=2)
+    assert [tuple(g.shape) for g in grids] == [(2, 24, 2, 2), (2, 1280, 2, 2)]
+    for g, p in zip(grids, pooled, strict=True):  # equal cells: the mean of the cells is the global mean
+        torch.testing.assert_close(g.mean(dim=(2, 3)), p, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="grid"):
+        extractor(images, [3], grid=0)
+
+
+def test_options_are_checked():
+    with pytest.raises(UserError, match="pooling must be one of"):
+        spatial(pooling="pixels")
+    with pytest.raises(UserError, match="level_weighting"):
+        spatial(level_weighting="labels")
+    with pytest.raises(UserError, match="grid_size"):
+        spatial(pooling="cells", grid_size=0)
+    with pytest.raises(UserError, match="reduction"):
+        spatial(pooling="cells", reduction="npca")
+
+
+def test_memory_budget_error_names_the_need_and_the_fix():
+    # cells: 49 cells x (24^2 + 1280^2) x 8 bytes x 2 = 1.2 GiB > 0.5 GiB
+    with pytest.raises(UserError, match=r"1\.2\d GiB .*memory_budget_gb 0\.5.*lower grid_size"):
+        spatial(pooling="cells", grid_size=7, memory_budget_gb=0.5)
+    # grid: one Gaussian of 49 x 1280 = 62720 dims, far beyond the default budget
+    with pytest.raises(UserError, match="memory_budget_gb 4"):
+        spatial(pooling="grid", grid_size=7)
+    assert spatial(pooling="cells", grid_size=7, memory_budget_gb=2.0).moments[1].outer.shape == (
+        49,
+        1280,
+        1280,
+    )
+
+
+def test_global_default_reproduces_the_paper_method(tiny_mvtec: Path, tmp_path: Path):
+    ours = spatial()
+    torch.manual_seed(0)
+    paper = GaussianAD("efficientnet-lite0", levels=[3, 6], pretrained=False)
+    fit_and_test(ours, tiny_mvtec, tmp_path / "a")
+    fit_and_test(paper, tiny_mvtec, tmp_path / "b")
+    images = torch.randint(0, 256, (3, 3, SIZE, SIZE), dtype=torch.uint8)
+    expected, got = paper.score_images(images), ours.score_images(images)
+    assert set(got) == set(expected)
+    for name, values in expected.items():
+        torch.testing.assert_close(got[name], values, rtol=0, atol=0)
+
+
+def test_grid_pooling_models_k2c_vector(tiny_mvtec: Path, tmp_path: Path):
+    model = spatial(pooling="grid", grid_size=2)
+    assert model.level_dims == [4 * 24, 4 * 112]
+    fit_and_test(model, tiny_mvtec, tmp_path)
+    assert [s.dim for s in model.scorers] == [96, 448]
+    assert 0.0 <= model.test_summary["image_auroc"] <= 1.0
+    assert model.test_summary["pooling"] == "grid"
+
+
+def test_cells_streamed_fit_equals_sklearn_on_stored_features(tiny_mvtec: Path, tmp_path: Path):
+    model = spatial(pooling="cells", grid_size=2, overlays=3)
+    trainer = fit_and_test(model, tiny_mvtec, tmp_path)
+    stored: list[list[torch.Tensor]] = [[], []]
+    for batch in model.datamodule.train_dataloader():
+        for store, feats in zip(stored, model.features(batch["image"]), strict=True):
+            store.append(feats)
+    for scorer, parts in zip(model.scorers, stored, strict=True):
+        x = torch.cat(parts).double().numpy()  # (n, 4 cells, C)
+        assert x.shape[1] == 4
+        for k in range(4):
+            reference = LedoitWolf().fit(x[:, k])
+            np.testing.assert_allclose(scorer.mean[k].numpy(), reference.location_, rtol=1e-6, atol=1e-9)
+            assert float(scorer.shrinkage[k]) == pytest.approx(reference.shrinkage_, rel=1e-6)
+            scale = np.abs(reference.precision_).max()
+            np.testing.assert_allclose(
+                scorer.precision[k].numpy(), reference.precision_, rtol=1e-6, atol=1e-7 * scale
+            )
+    # maps: per-cell distances summed over levels; a level's image score is its largest cell
+    images = next(iter(model.datamodule.test_dataloader()))["image"]
+    maps = model.maps(images)
+    assert maps.shape == (len(images), 2, 2)
+    columns = model.score_images(images)
+    cell_scores = [s(f)["mahalanobis"] for s, f in zip(model.scorers, model.features(images), strict=True)]
+    torch.testing.assert_close(columns["mahalanobis/3"], cell_scores[0].amax(dim=1))
+    torch.testing.assert_close(maps.reshape(len(images), 4), cell_scores[0] + cell_scores[1])
+    # the tiny category has masks: pixel AUROC and overlays of the top-scoring images
+    assert 0.0 <= model.test_summary["pixel_auroc"] <= 1.0
+    overlays = sorted((Path(trainer.default_root_dir) / "anomaly_maps").glob("*.png"))
+    assert len(overlays) == 3 and overlays[0].name.startswith("00_")
+
+
+def test_holdout_weighting_standardises_levels_on_held_out_normals(tiny_mvtec: Path, tmp_path: Path):
+    model = spatial(level_weighting="holdout")
+    fit_and_test(model, tiny_mvtec, tmp_path)
+    holdout = model.holdout_scores
+    expected = sum(
+        (holdout[f"mahalanobis/{lv}"] - holdout[f"mahalanobis/{lv}"].mean())
+        / holdout[f"mahalanobis/{lv}"].std()
+        for lv in (3, 6)
+    )
+    torch.testing.assert_close(holdout["mahalanobis/sum"], expected)
+    assert holdout["mahalanobis/sum"].mean().abs() < 1e-9
+    assert model.test_summary["level_weighting"] == "holdout"
+    with pytest.raises(UserError, match="held-out normal images"):
+        fit_and_test(spatial(level_weighting="holdout"), tiny_mvtec, tmp_path / "nofold", fold=None)
+
+
+def test_non_global_pooling_refuses_the_global_feature_cache():
+    with pytest.raises(UserError, match="feature_cache"):
+        spatial(pooling="cells", grid_size=2).batch_features({"features": {3: torch.zeros(1, 24)}})
+
+
+def test_pixel_auroc_of_known_maps_matches_sklearn():
+    masks = torch.zeros(3, 1, 8, 8, dtype=torch.uint8)
+    masks[0, 0, :4, :4] = 1  # exactly the top-left cell of a 2x2 grid
+    masks[2, 0, 4:, 4:] = 1
+    perfect = torch.zeros(3, 2, 2)
+    perfect[0, 0, 0] = perfect[2, 1, 1] = 5.0
+    # bilinear upsampling bleeds into neighbouring pixels, but every anomalous pixel still ranks first
+    assert pixel_auroc(perfect, masks) == pytest.approx(1.0)
+    assert pixel_auroc(-perfect, masks) == pytest.approx(0.0, abs=0.05)
+    random_maps = torch.rand(3, 2, 2, generator=torch.Generator().manual_seed(0))
+    expected = roc_auc_score(masks.reshape(-1).numpy(), upsample_maps(random_maps, 8).reshape(-1).numpy())
+    assert pixel_auroc(random_maps, masks) == pytest.approx(expected, rel=1e-6)
+    assert np.isnan(pixel_auroc(random_maps, torch.zeros_like(masks)))

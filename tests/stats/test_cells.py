@@ -1,0 +1,80 @@
+"""Per-cell Gaussians: streamed moments over batches and processes equal sklearn on stored features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.covariance import LedoitWolf
+
+from anomaly.stats.cells import CellGaussianScorer, CellMoments, cells_memory_bytes, fit_cells
+from anomaly.stats.distances import standardised_euclidean
+
+
+def cell_data(n: int = 45, cells: int = 4, dim: int = 6, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(cells, dim, dim, generator=generator)
+    x = torch.einsum("nkd,kde->nke", torch.randn(n, cells, dim, generator=generator), mixing)
+    return x * torch.rand(1, cells, dim, generator=generator) * 5 + 100.0  # far from 0: shifts must hold
+
+
+def test_shapes_of_state_fit_and_scores():
+    accumulator = CellMoments(cells=9, dim=5)
+    assert accumulator.outer.shape == (9, 5, 5) and accumulator.sum.shape == (9, 5)
+    assert accumulator.count.shape == (9,) and accumulator.quartic.shape == (9,)
+    accumulator.update(cell_data(20, 9, 5))
+    scorer = CellGaussianScorer(9, 5)
+    scorer.set_fit(fit_cells(accumulator.moments()))
+    assert (scorer.cells, scorer.dim) == (9, 5) and scorer.precision.shape == (9, 5, 5)
+    scores = scorer(cell_data(7, 9, 5, seed=1))
+    assert set(scores) == {"mahalanobis", "l2", "sed"}
+    assert all(v.shape == (7, 9) for v in scores.values())
+    with pytest.raises(ValueError, match=r"\(n, 9, 5\)"):
+        accumulator.update(torch.zeros(3, 8, 5))
+
+
+def test_streamed_cells_equal_sklearn_ledoit_wolf_per_cell():
+    x = cell_data()
+    accumulator = CellMoments(4, 6)
+    for batch in x.split(7):  # uneven batches
+        accumulator.update(batch)
+    assert accumulator.n == 45
+    fits = fit_cells(accumulator.moments())
+    scorer = CellGaussianScorer(4, 6)
+    scorer.set_fit(fits)
+    query = cell_data(10, seed=3)
+    scores = scorer(query)
+    for k, fit in enumerate(fits):
+        stored = x[:, k].double().numpy()
+        reference = LedoitWolf().fit(stored)
+        np.testing.assert_allclose(fit.mean.numpy(), reference.location_, rtol=1e-10)
+        assert fit.shrinkage == pytest.approx(reference.shrinkage_, rel=1e-8)
+        np.testing.assert_allclose(fit.covariance.numpy(), reference.covariance_, rtol=1e-8)
+        np.testing.assert_allclose(
+            scores["mahalanobis"][:, k].numpy() ** 2,
+            reference.mahalanobis(query[:, k].double().numpy()),
+            rtol=1e-6,
+        )
+        np.testing.assert_allclose(
+            scores["l2"][:, k].numpy(), np.linalg.norm(query[:, k].double().numpy() - stored.mean(0), axis=1)
+        )
+        expected_sed = standardised_euclidean(query[:, k], fit.mean, fit.std)
+        np.testing.assert_allclose(scores["sed"][:, k].numpy(), expected_sed.numpy(), rtol=1e-10)
+
+
+def test_merge_of_two_shards_equals_one_stream():
+    x = cell_data(30)
+    whole, first, second = CellMoments(4, 6), CellMoments(4, 6), CellMoments(4, 6)
+    whole.update(x)
+    first.update(x[:11])
+    second.update(x[11:])
+    first.merge_(second.moments())
+    assert first.n == 30
+    merged, single = fit_cells(first.moments()), fit_cells(whole.moments())
+    for m, s in zip(merged, single, strict=True):
+        np.testing.assert_allclose(m.precision.numpy(), s.precision.numpy(), rtol=1e-8)
+        assert m.shrinkage == pytest.approx(s.shrinkage, rel=1e-10)
+
+
+def test_memory_estimate_is_k2_c2_float64_twice():
+    assert cells_memory_bytes(16, 100) == 2 * 16 * 100 * 100 * 8

@@ -1,0 +1,70 @@
+"""evaluate.py: tables of mean ± SEM from a folder of runs, warnings for gaps and bad files."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from anomaly.evaluation.evaluate import main
+from tests.evaluation.fake_runs import fake_results, working_point_section, write_fake_run
+
+AUROCS = {("bottle", 0): 0.90, ("bottle", 1): 0.94, ("cable", 0): 0.70, ("cable", 1): 0.80}
+
+
+def make_runs(root: Path) -> None:
+    for (category, fold), auroc in AUROCS.items():
+        write_fake_run(root, fake_results(category, fold, auroc))
+
+
+def test_markdown_tables(tmp_path: Path, capsys):
+    make_runs(tmp_path)
+    assert main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "**gaussian/efficientnet-lite0: image AUROC (± SEM, %) per level**" in out
+    assert "| level | mahalanobis | l2 | sed |" in out
+    assert "| sum | 83.5 ± 8.5 | 73.5 ± 8.5 | 63.5 ± 8.5 |" in out  # per-category means 92.0 and 75.0
+    assert "| bottle | 92.0 |" in out and "| cable | 75.0 |" in out
+    assert err == ""
+
+
+def test_warnings_for_gaps_and_bad_files(tmp_path: Path, capsys):
+    make_runs(tmp_path)
+    write_fake_run(tmp_path, fake_results("grid", 0, 0.5))
+    broken = tmp_path / "gaussian" / "efficientnet-lite0" / "screw" / "fold_0" / "results.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("{not json")
+    assert main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert f"warning: skipped {broken}: unreadable" in err
+    assert "warning: gaussian/efficientnet-lite0: grid lacks folds 1 (its mean is over folds 0 only)" in err
+    assert "grid lacks folds 1" in out  # also under the table
+
+
+def test_groups_by_settings_and_formats(tmp_path: Path, capsys):
+    make_runs(tmp_path)
+    wp = working_point_section(0.2, 0.9)
+    for (category, fold), auroc in AUROCS.items():
+        results = fake_results(category, fold, auroc - 0.1, settings={"reduction": "npca"}, working_point=wp)
+        write_fake_run(tmp_path, results, "efficientnet-lite0_npca-0.99")
+    out_file = tmp_path / "tables.csv"
+    assert main([str(tmp_path), "--format", "csv", "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert out_file.read_text() == out
+    blocks = out.split("\n\n")
+    assert blocks[1].startswith("# gaussian/efficientnet-lite0_npca-0.99: image AUROC")
+    rows = list(csv.reader(io.StringIO(blocks[1].split("\n", 1)[1])))
+    assert rows[0][:3] == ["level", "mahalanobis mean", "mahalanobis sem"]
+    assert rows[-1][0] == "sum" and float(rows[-1][1]) == 73.5
+    assert main([str(tmp_path), "--format", "latex", "--working-points"]) == 0
+    latex = capsys.readouterr().out
+    assert latex.count(r"\begin{tabular}") == 4  # two level tables, one working-point table, one per category
+    assert "working points at level 7" in latex
+
+
+def test_no_results_is_one_line(tmp_path: Path, capsys):
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no complete results.json below") and len(err.splitlines()) == 1
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

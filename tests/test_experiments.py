@@ -1,0 +1,136 @@
+"""python -m anomaly.experiments: the tables' grids, resumable runs, and the printout beside the paper."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import anomaly.cli
+from anomaly.errors import UserError
+from anomaly.evaluation.paper_values import paper_level_value, paper_table
+from anomaly.experiments.cli import main
+from anomaly.experiments.grids import TABLES
+from anomaly.experiments.runner import grid_cells, measured_table
+from tests.evaluation.fake_runs import fake_results
+
+LITE = ["--backbone", "efficientnet-lite0"]
+
+
+def test_every_column_has_the_papers_value():
+    for name, spec in TABLES.items():
+        for setting in spec.settings:
+            if spec.layout == "levels":
+                assert paper_level_value(name, setting.paper_column, "sum") is not None, (name, setting.label)
+            elif spec.layout == "working_point":
+                assert setting.paper_column in paper_table("table4")["columns"], setting.label
+            else:
+                assert setting.paper_column in paper_table("table8")["columns"], (name, setting.label)
+
+
+def test_grids_share_runs_and_backbone_option():
+    table1 = grid_cells(TABLES["table1"], ["bottle", "cable"], [0, 1])
+    assert len(table1) == 4  # L2, SED and Mahalanobis read the same runs
+    table2 = grid_cells(TABLES["table2"], ["bottle", "cable"], [0, 1])
+    table3 = grid_cells(TABLES["table3"], ["bottle", "cable"], [0, 1])
+    assert len(table2) == 8 * 4 and len(table3) == 6 * 4
+    assert set(table1) <= set(table2) and set(table1) <= set(table3)  # EN-B4 / no compression: same runs
+    lite = TABLES["table3"].with_backbones(["efficientnet-lite0"])
+    assert all(s.args[:2] == ("--model.backbone", "efficientnet-lite0") for s in lite.settings)
+    assert "efficientnet-lite0" in lite.title
+    assert [s.label for s in TABLES["table2"].with_backbones(["efficientnet-b0"]).settings] == [
+        "EfficientNet-B0"
+    ]
+    with pytest.raises(UserError, match="no column for resnet18"):
+        TABLES["table2"].with_backbones(["resnet18"])
+    with pytest.raises(UserError, match="give --backbone once"):
+        TABLES["table1"].with_backbones(["resnet18", "resnet34"])
+
+
+def fake_fit(calls: list):
+    """Stands in for anomaly.cli.fit_and_test: writes a run directory the way the CLI does."""
+
+    def fit_and_test(args: list[str]) -> dict:
+        option = dict(zip(args[::2], args[1::2], strict=False))
+        calls.append(args)
+        run_dir = Path(option["--trainer.default_root_dir"]) / "gaussian" / option["--model.backbone"]
+        run_dir = run_dir / option["--data.category"] / f"fold_{option['--data.fold']}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        auroc = 0.9 + 0.01 * int(option["--data.fold"])
+        results = fake_results(option["--data.category"], int(option["--data.fold"]), auroc)
+        (run_dir / "results.json").write_text(json.dumps(results))
+        return {**results, "run_dir": str(run_dir)}
+
+    return fit_and_test
+
+
+def test_runs_resume_and_print_beside_paper(tiny_mvtec: Path, tmp_path: Path, capsys, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(anomaly.cli, "fit_and_test", fake_fit(calls))
+    args = ["table1", "--data.root", str(tiny_mvtec), "--folds", "0", "1", "--runs-dir", str(tmp_path), *LITE]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("table1: 2 runs, 0 done, 2 to run")
+    assert "[todo] python train.py --model.backbone efficientnet-lite0 --data.root" in out and not calls
+    assert f"--data.feature_cache {tmp_path / 'feature_cache'}" in out
+
+    assert main([*args, "--", "--data.num_workers", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert len(calls) == 2 and calls[0][-2:] == ["--data.num_workers", "0"]
+    assert "| level | L2 | L2 (paper) | SED | SED (paper) | Mahalanobis | Mahalanobis (paper) |" in out
+    assert "| sum | 80.5 ± 0.5† | 75.3 ± 4.5 | 70.5 ± 0.5† | 79.5 ± 6.6 | 90.5 ± 0.5† | 94.8 ± 1.6 |" in out
+    assert "table1: 2 runs done now, 0 finished before" in err
+
+    assert main(args) == 0  # resumed: nothing left to run
+    assert len(calls) == 2 and "0 runs done now, 2 finished before" in capsys.readouterr().err
+    next(tmp_path.rglob("fold_1/results.json")).write_text("{}")  # an incomplete result is run again
+    assert main([*args, "--dry-run"]) == 0
+    assert "2 runs, 1 done, 1 to run" in capsys.readouterr().out
+    assert main(args) == 0 and len(calls) == 3
+
+
+def test_missing_folds_are_warned(tiny_mvtec: Path, tmp_path: Path, capsys, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(anomaly.cli, "fit_and_test", fake_fit(calls))
+    base = ["table1", "--data.root", str(tiny_mvtec), "--runs-dir", str(tmp_path), *LITE]
+    assert main([*base, "--folds", "0"]) == 0
+    capsys.readouterr()
+    spec = TABLES["table1"].with_backbones(["efficientnet-lite0"])
+    table, warnings = measured_table(spec, ["widget"], [0, 1], tmp_path)
+    assert "L2: 1 of the grid's runs have no complete results" in warnings
+    assert "L2: widget lacks folds 1 (its mean is over folds 0 only)" in warnings
+    assert set(warnings) <= set(table.notes)
+    sum_row = table.rows[-1]
+    assert sum_row[1].mean == pytest.approx(80.0) and sum_row[1].sem is None  # fold 0 only: no SEM
+
+
+def test_rejected_option_is_one_line(tiny_mvtec: Path, tmp_path: Path, capsys, monkeypatch):
+    def rejecting(args: list[str]) -> dict:
+        raise SystemExit(2)
+
+    monkeypatch.setattr(anomaly.cli, "fit_and_test", rejecting)
+    code = main(
+        ["table3", "--data.root", str(tiny_mvtec), "--folds", "0", "--runs-dir", str(tmp_path), *LITE]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: the training command rejected the arguments of run")
+    assert main(["table1", "--data.root", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["table1", "--data.root", str(tiny_mvtec), "--categories", "nut"]) == 2
+    assert "nut" in capsys.readouterr().err
+    assert main(["table1", "--data.root", str(tiny_mvtec), "--folds", "7"]) == 2
+
+
+def test_real_run_in_process(tiny_mvtec: Path, tmp_path: Path, capsys):
+    args = ["table1", "--data.root", str(tiny_mvtec), "--folds", "0", "--runs-dir", str(tmp_path), *LITE,
+            "--format", "csv", "--", "--data.num_workers", "0", "--data.batch_size", "8"]  # fmt: skip
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "table1: 1 runs done now" in err
+    lines = out.splitlines()
+    assert lines[0].startswith("level,L2 mean,L2 sem,L2 (paper) mean,L2 (paper) sem,SED mean")
+    assert lines[-1].startswith("sum,") and lines[-1].endswith(",94.8000,1.6000")
+    run_dir = tmp_path / "gaussian" / "efficientnet-lite0" / "widget" / "fold_0"
+    assert (run_dir / "results.json").is_file() and (run_dir / "roc.png").is_file()
+    assert any((tmp_path / "feature_cache").rglob("*.feat")), "the run did not fill the shared feature cache"
