@@ -31,6 +31,7 @@ from anomaly.evaluation.tables import (
     LevelColumn,
     Table,
     category_table,
+    emit,
     format_tables,
     level_table,
     working_point_rows,
@@ -128,12 +129,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"warning: {key.label}: {line}", file=sys.stderr)
         groups[key] = kept
     tables, warnings = build_tables(groups, options.working_points)
-    for line in warnings:
-        print(f"warning: {line}", file=sys.stderr)
-    text = format_tables(tables, options.format)
-    print(text)
-    if options.out:
-        Path(options.out).write_text(text + "\n")
+    emit(format_tables(tables, options.format), warnings, options.out)
     return 0
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from anomaly.evaluation.aggregate import (
     SUM,
@@ -353,3 +355,12 @@ def methods_table(title: str, columns: Sequence[LevelColumn], notes: Sequence[st
         rows.append([f"{row['approach']} ({row['architecture']})", None, Stat(row["mean"], row["sem"])])
     basis = basis_note([r for c in columns for r in c.records])
     return Table(title, header, rows, [f"AUROC in percent over {basis}", *notes])
+
+
+def emit(text: str, warnings: Sequence[str], out: str | None = None) -> None:
+    """Warnings to stderr, the table to stdout and, when asked, to the file ``out``."""
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")

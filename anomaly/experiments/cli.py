@@ -22,7 +22,7 @@ from pathlib import Path
 from anomaly.console import run_command
 from anomaly.data import MVTEC_CATEGORIES
 from anomaly.errors import UserError
-from anomaly.evaluation.tables import FORMATS, format_table
+from anomaly.evaluation.tables import FORMATS, emit, format_table
 from anomaly.experiments.grids import TABLES
 from anomaly.experiments.runner import RunIndex, grid_cells, measured_table, run_grid
 
@@ -134,12 +134,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     ran, skipped = run_grid(cells, root, runs_dir, extra, feature_cache=cache)
     print(f"{spec.name}: {ran} runs done now, {skipped} finished before", file=sys.stderr)
     table, warnings = measured_table(spec, categories, folds, runs_dir)
-    for line in warnings:
-        print(f"warning: {line}", file=sys.stderr)
-    text = format_table(table, options.format)
-    print(text)
-    if options.out:
-        Path(options.out).write_text(text + "\n")
+    emit(format_table(table, options.format), warnings, options.out)
     return 0
 
 

@@ -7,6 +7,8 @@ files take ``(B, 3, S, S)`` images with any batch size ``B`` and exactly that ``
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -66,3 +68,13 @@ def example_input(image_size: int, input_dtype: str, batch: int = 2) -> Tensor:
     if input_dtype == "float":
         return images.float() / 255.0
     raise UserError(f"input_dtype must be uint8 or float, got {input_dtype!r}")
+
+
+def prepare_export(
+    detector: GaussianDetector, path: str | Path, input_dtype: str
+) -> tuple[ExportedDetector, Path, Tensor]:
+    """The module to export in eval mode, the output path (its folder created) and an example input."""
+    module = ExportedDetector(detector).eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return module, path, example_input(module.image_size, input_dtype).to(detector.device)

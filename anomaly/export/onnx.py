@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from anomaly.detector.api import GaussianDetector
-from anomaly.export.module import ExportedDetector, example_input
+from anomaly.export.module import prepare_export
 
 OPSET = 17
 
@@ -25,10 +25,7 @@ def export_onnx(detector: GaussianDetector, path: str | Path, input_dtype: str =
         from anomaly.errors import UserError
 
         raise UserError("ONNX export needs the onnx package: pip install 'gaussian-anomaly[export]'") from exc
-    module = ExportedDetector(detector).eval()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    example = example_input(module.image_size, input_dtype).to(detector.device)
+    module, path, example = prepare_export(detector, path, input_dtype)
     with torch.no_grad(), warnings.catch_warnings():
         # the backbone's SAME padding is fixed for this input size on purpose (see module.py)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from anomaly.detector.api import GaussianDetector
-from anomaly.export.module import ExportedDetector, example_input
+from anomaly.export.module import prepare_export
 
 
 def export_torchscript(detector: GaussianDetector, path: str | Path, input_dtype: str = "uint8") -> Path:
@@ -22,10 +22,7 @@ def export_torchscript(detector: GaussianDetector, path: str | Path, input_dtype
 
     The detector's metadata is stored as the extra file ``detector.json``.
     """
-    module = ExportedDetector(detector).eval()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    example = example_input(module.image_size, input_dtype).to(detector.device)
+    module, path, example = prepare_export(detector, path, input_dtype)
     with torch.no_grad(), warnings.catch_warnings():
         # the backbone's SAME padding is fixed for this input size on purpose (see module.py)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
