@@ -62,17 +62,17 @@ def test_options_are_checked():
 
 
 def test_memory_budget_error_names_the_need_and_the_fix():
-    # cells: 49 cells x (24^2 + 1280^2) x 8 bytes x 2 = 1.2 GiB > 0.5 GiB
-    with pytest.raises(UserError, match=r"1\.2\d GiB .*memory_budget_gb 0\.5.*lower grid_size"):
-        spatial(pooling="cells", grid_size=7, memory_budget_gb=0.5)
-    # grid: one Gaussian of 49 x 1280 = 62720 dims, far beyond the default budget
-    with pytest.raises(UserError, match="memory_budget_gb 4"):
-        spatial(pooling="grid", grid_size=7)
-    assert spatial(pooling="cells", grid_size=7, memory_budget_gb=2.0).moments[1].outer.shape == (
+    need = 49 * (24**2 + 112**2) * 8 * 2 / 1024**3  # cells: k^2 C^2 float64, moments and precisions
+    with pytest.raises(UserError, match=rf"{need:.3g} GiB .*memory_budget_gb 0.005.*lower grid_size"):
+        spatial(pooling="cells", grid_size=7, memory_budget_gb=0.005)
+    assert spatial(pooling="cells", grid_size=7, memory_budget_gb=0.01).moments[1].outer.shape == (
         49,
-        1280,
-        1280,
+        112,
+        112,
     )
+    # grid: one Gaussian of 64 x 1280 = 81920 dims (100 GiB), far beyond the default budget
+    with pytest.raises(UserError, match="memory_budget_gb 4"):
+        SpatialGaussianAD("efficientnet-lite0", levels=[9], pretrained=False, pooling="grid", grid_size=8)
 
 
 def test_global_default_reproduces_the_paper_method(tiny_mvtec: Path, tmp_path: Path):
