@@ -312,7 +312,7 @@ def datamodules(name: str, args: argparse.Namespace) -> list[AnomalyDataModule]:
             split_seed=0,
             fold=k,
             num_workers=0,
-        )  # fmt: skip
+        )
         for k in args.folds
     ]
 
@@ -411,10 +411,8 @@ def markdown(results: list[dict]) -> str:
     ]
     for result in results:
         for method, entry in result["methods"].items():
-            lines.append(
-                f"| {result['dataset']} | {method} | {fmt(entry['image_auroc'])} | {fmt(entry['pixel_auroc'])} "
-                f"| {entry['images_per_second']:.1f} |"
-            )
+            cells = [result["dataset"], method, fmt(entry["image_auroc"]), fmt(entry["pixel_auroc"])]
+            lines.append("| " + " | ".join(cells) + f" | {entry['images_per_second']:.1f} |")
     return "\n".join(lines)
 
 

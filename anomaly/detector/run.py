@@ -12,7 +12,7 @@ def save_run_detector(model, image_size: int, run_dir: str | Path) -> Path | Non
     """Save a fitted Gaussian run's ``detector.safetensors`` + ``detector.json`` (``None``: other methods)."""
     from anomaly.methods.gaussian.module import GaussianAD
 
-    if not isinstance(model, GaussianAD):
+    if not isinstance(model, GaussianAD) or not getattr(model, "exportable", True):
         return None
     return GaussianDetector.from_method(model, image_size).save(Path(run_dir) / DETECTOR_FILE)
 

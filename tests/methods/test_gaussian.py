@@ -18,6 +18,8 @@ from anomaly.errors import UserError
 from anomaly.methods.gaussian import GaussianAD
 from tests.conftest import BOTTLE, make_mvtec_category, require
 
+SMALL = 96  # below the native 224 px: real features at a fraction of the cost
+
 
 def fit_and_test(model: GaussianAD, dm: MVTecDataModule, tmp_path: Path, epochs: int = 1) -> pl.Trainer:
     trainer = pl.Trainer(
@@ -41,7 +43,7 @@ def stacked_features(model: GaussianAD, loader) -> list[np.ndarray]:
 
 def test_streamed_fit_over_batches_equals_sklearn_on_real_features(tiny_mvtec: Path, tmp_path: Path):
     model = GaussianAD("efficientnet-lite0", levels=[2, 6, 9])
-    dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=3, num_workers=0)
+    dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=3, num_workers=0, image_size=SMALL)
     fit_and_test(model, dm, tmp_path)
     features = stacked_features(model, dm.train_dataloader())
     for scorer, x in zip(model.scorers, features, strict=True):
@@ -64,7 +66,9 @@ def test_memory_does_not_grow_with_epochs(tiny_mvtec: Path, tmp_path: Path):
     after = {}
     for epochs in (1, 4):
         model = GaussianAD("efficientnet-lite0", levels=[4, 6])
-        dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=None, batch_size=4, num_workers=0, augment=True)
+        dm = MVTecDataModule(
+            str(tiny_mvtec), "widget", fold=None, batch_size=4, num_workers=0, augment=True, image_size=SMALL
+        )
         before = alive_tensor_bytes()
         fit_and_test(model, dm, tmp_path, epochs=epochs)
         assert model.moments[0].n == epochs * 12  # every image once per epoch
@@ -77,7 +81,14 @@ def test_augmented_fits_are_reproducible(tiny_mvtec: Path, tmp_path: Path):
     def fitted(seed: int) -> list:
         model = GaussianAD("efficientnet-lite0", levels=[3, 7])
         dm = MVTecDataModule(
-            str(tiny_mvtec), "widget", fold=0, batch_size=4, num_workers=0, augment=True, seed=seed
+            str(tiny_mvtec),
+            "widget",
+            fold=0,
+            batch_size=4,
+            num_workers=0,
+            augment=True,
+            seed=seed,
+            image_size=SMALL,
         )
         fit_and_test(model, dm, tmp_path, epochs=2)
         return [m.moments() for m in model.moments] + [s.precision for s in model.scorers]
@@ -102,7 +113,7 @@ def sklearn_reduced_mahalanobis(train: np.ndarray, test: np.ndarray, reduction: 
 def test_reduction_equals_sklearn_pca_then_ledoit_wolf(tmp_path: Path, reduction: str, t: float):
     root = make_mvtec_category(tmp_path / "data", n_train=60, n_good=6, n_bad=6, size=64)
     model = GaussianAD("efficientnet-lite0", levels=[2, 3, 9], reduction=reduction, variance_threshold=t)
-    dm = MVTecDataModule(str(root), "widget", fold=0, batch_size=16, num_workers=0)
+    dm = MVTecDataModule(str(root), "widget", fold=0, batch_size=16, num_workers=0, image_size=SMALL)
     fit_and_test(model, dm, tmp_path)
     train = stacked_features(model, dm.train_dataloader())
     test = stacked_features(model, dm.test_dataloader())
@@ -134,7 +145,7 @@ def test_bad_options_are_user_errors(options, message):
 
 def test_working_point_and_decisions(tiny_mvtec: Path, tmp_path: Path):
     model = GaussianAD("efficientnet-lite0", levels=[5, 7], target_fpr=0.2)
-    dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=8, num_workers=0)
+    dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=8, num_workers=0, image_size=SMALL)
     fit_and_test(model, dm, tmp_path)
     report = model.test_summary["working_point"]
     rows = report["levels"]["7"]["rows"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -211,7 +212,9 @@ class GaussianAD(FeatureMethod):
             yield from self._stream(loader)
 
     def _stream(self, loader) -> Iterator[list[Tensor]]:
-        with torch.no_grad():
+        """Features of every batch of ``loader``, computed as in training (device and precision)."""
+        precision = self.trainer.precision_plugin.forward_context() if self._trainer else nullcontext()
+        with torch.no_grad(), precision:
             for batch in loader:
                 yield self.batch_features(self.transfer_batch_to_device(batch, self.device, 0))
 

@@ -148,6 +148,11 @@ class SpatialGaussianAD(GaussianAD):
         dims = super().level_dims
         return [d * self.grid_size**2 for d in dims] if self.pooling == "grid" else dims
 
+    @property
+    def exportable(self) -> bool:
+        """Whether the saved detector (global pooling, equal-weight sum) scores as this module does."""
+        return self.pooling == "global" and self.level_weighting == "none"
+
     def run_name(self) -> str:
         name = super().run_name()
         if self.pooling != "global":
