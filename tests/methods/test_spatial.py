@@ -88,11 +88,14 @@ def test_global_default_reproduces_the_paper_method(tiny_mvtec: Path, tmp_path: 
         torch.testing.assert_close(got[name], values, rtol=0, atol=0)
 
 
-def test_grid_pooling_models_k2c_vector(tiny_mvtec: Path, tmp_path: Path):
-    model = spatial(pooling="grid", grid_size=2)
+def test_grid_pooling_models_k2c_vector_with_npca(tiny_mvtec: Path, tmp_path: Path):
+    model = spatial(pooling="grid", grid_size=2, reduction="npca")
     assert model.level_dims == [4 * 24, 4 * 112]
     fit_and_test(model, tiny_mvtec, tmp_path)
-    assert [s.dim for s in model.scorers] == [96, 448]
+    assert [s.projection.shape[0] for s in model.scorers] == [96, 448]  # NPCA of the k^2 C vector
+    assert all(0 < s.dim < s.projection.shape[0] for s in model.scorers)
+    images = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8)
+    assert [tuple(f.shape) for f in model.features(images)] == [(2, 96), (2, 448)]
     assert 0.0 <= model.test_summary["image_auroc"] <= 1.0
     assert model.test_summary["pooling"] == "grid"
 
