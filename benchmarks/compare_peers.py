@@ -28,7 +28,7 @@ separately end to end, from uint8 images through the backbone to the image score
 maps for the methods that make them), on one batch of test images, each method in turn,
 best of ``--repeats``. AUROC is the 5-fold mean +- standard error of the mean.
 
-    /work/venv-bench/bin/python benchmarks/compare_peers.py \\
+    /opt/venv-bench/bin/python benchmarks/compare_peers.py \\
         --mvtec ../shared/data/mvtec_ad --magnetic-tile ../shared/data/magnetic_tile \\
         --cache runs/compare_peers_cache --out runs/compare_peers.json
 """
@@ -402,7 +402,7 @@ def fmt(value: tuple[float, float] | None) -> str:
     if value is None or math.isnan(value[0]):
         return "-"
     mean, sem = value
-    return f"{mean:.3f}" if math.isnan(sem) else f"{mean:.3f} ± {sem:.3f}"
+    return f"{mean:.4f}" if math.isnan(sem) else f"{mean:.4f} ± {sem:.4f}"
 
 
 def markdown(results: list[dict]) -> str:
