@@ -13,12 +13,11 @@ Nothing here is new maths: the single-Gaussian pieces of
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from anomaly.stats.distances import l2_distance, mahalanobis
 from anomaly.stats.gaussian import GaussianFit, fit_gaussian
-from anomaly.stats.moments import Moments, RunningMoments, batch_moments, merge_moments
+from anomaly.stats.moments import Moments, RunningMoments, all_gather_moments, batch_moments, merge_moments
 
 FLOAT64_BYTES = 8
 
@@ -94,20 +93,13 @@ class CellMoments(RunningMoments):
 
 def synchronise_cells(accumulators: list[CellMoments]) -> None:
     """Replace each accumulator's moments by their merge over all processes (no-op without DDP)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
     for accumulator in accumulators:
-        fields = _fields(accumulator.moments())
-        flat = torch.cat([f.reshape(-1) for f in fields])
-        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, flat)
-        merged = CellMoments(accumulator.cells, accumulator.dim).to(flat.device)
-        for buffer in gathered:
-            parts, offset = [], 0
-            for f in fields:
-                parts.append(buffer[offset : offset + f.numel()].reshape(f.shape))
-                offset += f.numel()
-            merged.merge_(Moments(*parts))
+        parts = all_gather_moments(accumulator.moments())
+        if len(parts) == 1:
+            return
+        merged = CellMoments(accumulator.cells, accumulator.dim).to(accumulator.count.device)
+        for part in parts:
+            merged.merge_(part)
         accumulator.load_moments(merged.moments())
 
 

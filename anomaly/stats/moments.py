@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 
@@ -169,3 +170,24 @@ class RunningMoments(nn.Module):
             self.load_moments(other)
         else:
             self.load_moments(merge_moments(self.moments(), other))
+
+
+def all_gather_moments(moments: Moments) -> list[Moments]:
+    """Every process's moments, in rank order (a list of one without DDP).
+
+    Works for moments of any shape (e.g. batched over grid cells).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [moments]
+    fields = [getattr(moments, name) for name in RunningMoments.FIELDS]
+    flat = torch.cat([f.reshape(-1) for f in fields])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    out = []
+    for buffer in gathered:
+        parts, offset = [], 0
+        for f in fields:
+            parts.append(buffer[offset : offset + f.numel()].reshape(f.shape))
+            offset += f.numel()
+        out.append(Moments(*parts))
+    return out

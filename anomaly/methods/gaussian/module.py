@@ -21,7 +21,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from anomaly.errors import UserError
@@ -30,30 +29,12 @@ from anomaly.methods.features import FeatureMethod
 from anomaly.methods.gaussian.working_point import working_point_report
 from anomaly.stats.distances import SCORE_TYPES
 from anomaly.stats.gaussian import fit_gaussian
-from anomaly.stats.moments import Moments, RunningMoments, merge_moments
+from anomaly.stats.moments import Moments, RunningMoments, all_gather_moments, merge_moments
 from anomaly.stats.pca import check_reduction, reduction_projection
 from anomaly.stats.scorer import GaussianScorer
 from anomaly.stats.threshold import check_fpr, chi2_threshold, empirical_threshold
 
 THRESHOLD_METHODS = ("empirical", "chi2")
-
-
-def all_gather_moments(moments: Moments) -> list[Moments]:
-    """Every process's moments, in rank order (a list of one without DDP)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [moments]
-    fields = [moments.count, moments.shift, moments.sum, moments.outer, moments.sqnorm_vec, moments.quartic]
-    flat = torch.cat([f.reshape(-1) for f in fields])
-    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, flat)
-    out = []
-    for buffer in gathered:
-        parts, offset = [], 0
-        for f in fields:
-            parts.append(buffer[offset : offset + f.numel()].reshape(f.shape))
-            offset += f.numel()
-        out.append(Moments(*parts))
-    return out
 
 
 def merge_all(parts: list[Moments]) -> Moments:
