@@ -21,9 +21,9 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
 
 def test_fit_and_test_writes_results(tiny_mvtec: Path, tmp_path: Path, capsys):
     root = tmp_path / "runs"
-    code, out, err = run(
-        ["--data.root", str(tiny_mvtec), "--data.category", "widget", "--data.fold", "1",
-         "--model.levels", "[3, 5, 9]", "--trainer.default_root_dir", str(root)], capsys)  # fmt: skip
+    args = ["--data.root", str(tiny_mvtec), "--data.category", "widget", "--data.fold", "1",
+            "--model.levels", "[3, 5, 9]", "--trainer.default_root_dir", str(root)]  # fmt: skip
+    code, out, err = run(args, capsys)
     assert code == 0, err
     run_dir = root / "gaussian" / "efficientnet-lite0_levels-3-5-9" / "widget" / "fold_1"
     results = json.loads((run_dir / "results.json").read_text())
@@ -37,6 +37,10 @@ def test_fit_and_test_writes_results(tiny_mvtec: Path, tmp_path: Path, capsys):
     assert len(lines) == 1 + 8
     assert lines[0].startswith("path,label,defect,mahalanobis_3,")
     assert list(run_dir.glob("events.out.tfevents.*")), "TensorBoard events are missing"
+    stale = run_dir / "events.out.tfevents.0.stale"
+    stale.write_bytes(b"")
+    assert run(args, capsys)[0] == 0  # a rerun replaces the earlier run's files
+    assert not stale.exists() and (run_dir / "results.json").is_file()
     assert "sum" in out and str(run_dir) in out
 
 

@@ -65,7 +65,10 @@ def write_scores_csv(run_dir: Path, columns: Mapping[str, Sequence]) -> Path:
 
 
 def remove_stale_results(run_dir: Path) -> None:
+    """Before a run: drop an earlier run's ``results.json`` and TensorBoard events from its folder."""
     (Path(run_dir) / RESULTS_FILE).unlink(missing_ok=True)
+    for events in Path(run_dir).glob("events.out.tfevents.*"):
+        events.unlink(missing_ok=True)
 
 
 def read_results(path: Path) -> dict:
