@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -54,3 +55,22 @@ def require(path: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not available at {path}")
     return path
+
+
+def cpu_trainer(out: Path, epochs: int = 1) -> pl.Trainer:
+    """A quiet single-process CPU trainer for method tests."""
+    return pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+        use_distributed_sampler=False,
+    )  # fmt: skip
+
+
+def fit_and_test(
+    model: pl.LightningModule, dm: pl.LightningDataModule, out: Path, epochs: int = 1
+) -> pl.Trainer:
+    """Fit ``model`` on ``dm``, then test it; returns the trainer."""
+    trainer = cpu_trainer(out, epochs)
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    return trainer

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from PIL import Image
 
@@ -18,6 +17,7 @@ from anomaly.data.transforms import ImagePipeline
 from anomaly.errors import UserError
 from anomaly.features import FeatureCache, file_digest
 from anomaly.methods.gaussian import GaussianAD
+from tests.conftest import fit_and_test
 
 SIZE = 64  # a small input resolution keeps the unit tests fast
 
@@ -119,16 +119,6 @@ def assert_rows(features: list, reference: list, recomputed: int, alone: list) -
 
 
 # ------------------------------------------------------------ through fit + test
-def fit_and_test(model: GaussianAD, dm: MVTecDataModule, out: Path) -> None:
-    trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
-        use_distributed_sampler=False,
-    )  # fmt: skip
-    trainer.fit(model, datamodule=dm)
-    trainer.test(model, datamodule=dm, verbose=False)
-
-
 def run(root: Path, out: Path, fold: int, cache: Path | None, augment: bool = False):
     # batch size 3: no single-image batch for 9 fitting, 3 held-out and 8 test images
     dm = MVTecDataModule(

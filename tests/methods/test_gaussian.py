@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
@@ -17,20 +16,9 @@ from sklearn.metrics import roc_auc_score
 from anomaly.data import MVTecDataModule
 from anomaly.errors import UserError
 from anomaly.methods.gaussian import GaussianAD
-from tests.conftest import BOTTLE, make_mvtec_category, require
+from tests.conftest import BOTTLE, fit_and_test, make_mvtec_category, require
 
 SMALL = 96  # below the native 224 px: real features at a fraction of the cost
-
-
-def fit_and_test(model: GaussianAD, dm: MVTecDataModule, tmp_path: Path, epochs: int = 1) -> pl.Trainer:
-    trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        use_distributed_sampler=False,
-    )  # fmt: skip
-    trainer.fit(model, datamodule=dm)
-    trainer.test(model, datamodule=dm, verbose=False)
-    return trainer
 
 
 def read_scores(path: Path) -> list[dict[str, str]]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from sklearn.svm import OneClassSVM
 
@@ -16,17 +15,9 @@ from anomaly.cli import CONFIG_DIR, main
 from anomaly.data import MVTecDataModule
 from anomaly.errors import UserError
 from anomaly.methods.ocsvm import OneClassSVMAD
-from tests.conftest import BOTTLE, require
+from tests.conftest import BOTTLE, cpu_trainer, require
 
 LEVELS = [3, 6]
-
-
-def trainer(tmp_path: Path, epochs: int = 1) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        use_distributed_sampler=False,
-    )  # fmt: skip
 
 
 def stacked(model: OneClassSVMAD, loader) -> list[np.ndarray]:
@@ -40,7 +31,7 @@ def stacked(model: OneClassSVMAD, loader) -> list[np.ndarray]:
 def test_scores_equal_sklearn_one_class_svm_on_the_same_features(tiny_mvtec: Path, tmp_path: Path):
     model = OneClassSVMAD("efficientnet-lite0", levels=LEVELS)
     dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=1, batch_size=4, num_workers=0, image_size=96)
-    run = trainer(tmp_path)
+    run = cpu_trainer(tmp_path)
     run.fit(model, datamodule=dm)
     run.test(model, datamodule=dm, verbose=False)
     train_features = stacked(model, dm.train_dataloader())
@@ -79,7 +70,7 @@ def test_memory_limit_stops_before_training(tiny_mvtec: Path, tmp_path: Path):
     assert model.required_bytes(9, 3) == 9 * 3 * 1280 * 4
     dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=4, num_workers=0)
     with pytest.raises(UserError, match=r"memory_limit_gb"):
-        trainer(tmp_path, epochs=3).fit(model, datamodule=dm)
+        cpu_trainer(tmp_path, epochs=3).fit(model, datamodule=dm)
 
 
 @pytest.mark.slow
@@ -88,7 +79,7 @@ def test_bottle_fold0_summed_ocsvm_auroc(tmp_path: Path):
     root = require(BOTTLE).parent
     model = OneClassSVMAD("efficientnet-lite0")
     dm = MVTecDataModule(str(root), "bottle", fold=0, batch_size=32, num_workers=2)
-    run = trainer(tmp_path)
+    run = cpu_trainer(tmp_path)
     run.fit(model, datamodule=dm)
     run.test(model, datamodule=dm, verbose=False)
     results = model.test_summary

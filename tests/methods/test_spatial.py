@@ -17,20 +17,14 @@ from anomaly.errors import UserError
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.spatial import SpatialGaussianAD
 from anomaly.methods.spatial.module import pixel_auroc, upsample_maps
+from tests.conftest import fit_and_test
 
 SIZE = 64  # small inputs keep the backbone cheap; level 6 is then a 4x4 map
 
 
-def fit_and_test(model: GaussianAD, root: Path, tmp_path: Path, fold: int | None = 0) -> pl.Trainer:
+def fit_and_test_on(model: GaussianAD, root: Path, tmp_path: Path, fold: int | None = 0) -> pl.Trainer:
     dm = MVTecDataModule(str(root), "widget", fold=fold, batch_size=4, num_workers=0, image_size=SIZE)
-    trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        use_distributed_sampler=False,
-    )  # fmt: skip
-    trainer.fit(model, datamodule=dm)
-    trainer.test(model, datamodule=dm, verbose=False)
-    return trainer
+    return fit_and_test(model, dm, tmp_path)
 
 
 def spatial(**kwargs) -> SpatialGaussianAD:
@@ -79,8 +73,8 @@ def test_global_default_reproduces_the_paper_method(tiny_mvtec: Path, tmp_path: 
     ours = spatial()
     torch.manual_seed(0)
     paper = GaussianAD("efficientnet-lite0", levels=[3, 6], pretrained=False)
-    fit_and_test(ours, tiny_mvtec, tmp_path / "a")
-    fit_and_test(paper, tiny_mvtec, tmp_path / "b")
+    fit_and_test_on(ours, tiny_mvtec, tmp_path / "a")
+    fit_and_test_on(paper, tiny_mvtec, tmp_path / "b")
     images = torch.randint(0, 256, (3, 3, SIZE, SIZE), dtype=torch.uint8)
     expected, got = paper.score_images(images), ours.score_images(images)
     assert set(got) == set(expected)
@@ -91,7 +85,7 @@ def test_global_default_reproduces_the_paper_method(tiny_mvtec: Path, tmp_path: 
 def test_grid_pooling_models_k2c_vector_with_npca(tiny_mvtec: Path, tmp_path: Path):
     model = spatial(pooling="grid", grid_size=2, reduction="npca")
     assert model.level_dims == [4 * 24, 4 * 112]
-    fit_and_test(model, tiny_mvtec, tmp_path)
+    fit_and_test_on(model, tiny_mvtec, tmp_path)
     assert [s.projection.shape[0] for s in model.scorers] == [96, 448]  # NPCA of the k^2 C vector
     assert all(0 < s.dim < s.projection.shape[0] for s in model.scorers)
     images = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8)
@@ -102,7 +96,7 @@ def test_grid_pooling_models_k2c_vector_with_npca(tiny_mvtec: Path, tmp_path: Pa
 
 def test_cells_streamed_fit_equals_sklearn_on_stored_features(tiny_mvtec: Path, tmp_path: Path):
     model = spatial(pooling="cells", grid_size=2, overlays=3)
-    trainer = fit_and_test(model, tiny_mvtec, tmp_path)
+    trainer = fit_and_test_on(model, tiny_mvtec, tmp_path)
     stored: list[list[torch.Tensor]] = [[], []]
     for batch in model.datamodule.train_dataloader():
         for store, feats in zip(stored, model.features(batch["image"]), strict=True):
@@ -134,7 +128,7 @@ def test_cells_streamed_fit_equals_sklearn_on_stored_features(tiny_mvtec: Path, 
 
 def test_holdout_weighting_standardises_levels_on_held_out_normals(tiny_mvtec: Path, tmp_path: Path):
     model = spatial(level_weighting="holdout")
-    fit_and_test(model, tiny_mvtec, tmp_path)
+    fit_and_test_on(model, tiny_mvtec, tmp_path)
     holdout = model.holdout_scores
     expected = sum(
         (holdout[f"mahalanobis/{lv}"] - holdout[f"mahalanobis/{lv}"].mean())
@@ -145,7 +139,7 @@ def test_holdout_weighting_standardises_levels_on_held_out_normals(tiny_mvtec: P
     assert holdout["mahalanobis/sum"].mean().abs() < 1e-9
     assert model.test_summary["level_weighting"] == "holdout"
     with pytest.raises(UserError, match="held-out normal images"):
-        fit_and_test(spatial(level_weighting="holdout"), tiny_mvtec, tmp_path / "nofold", fold=None)
+        fit_and_test_on(spatial(level_weighting="holdout"), tiny_mvtec, tmp_path / "nofold", fold=None)
 
 
 def test_non_global_pooling_refuses_the_global_feature_cache():
