@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from anomaly.errors import UserError
-from anomaly.evaluation.results import _clean, write_atomic
+from anomaly.evaluation.results import json_safe, write_atomic
 
 FORMAT = "gaussian-anomaly-detector"
 VERSION = 1
@@ -48,7 +48,7 @@ def write_detector(path: str | Path, tensors: dict[str, Tensor], metadata: dict)
     path = detector_path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
-    metadata = {"format": FORMAT, "version": VERSION, **_clean(metadata)}
+    metadata = {"format": FORMAT, "version": VERSION, **json_safe(metadata)}
     text = json.dumps(metadata, indent=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

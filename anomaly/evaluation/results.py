@@ -20,12 +20,12 @@ RESULTS_FILE = "results.json"
 SCORES_FILE = "scores.csv"
 
 
-def _clean(value):
+def json_safe(value: object) -> object:
     """JSON-safe values: NaN becomes null, tensors and numpy scalars become floats."""
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -47,7 +47,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_results(run_dir: Path, results: Mapping) -> Path:
     path = Path(run_dir) / RESULTS_FILE
-    write_atomic(path, json.dumps(_clean(results), indent=2) + "\n")
+    write_atomic(path, json.dumps(json_safe(results), indent=2) + "\n")
     return path
 
 
