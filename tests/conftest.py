@@ -74,3 +74,30 @@ def fit_and_test(
     trainer.fit(model, datamodule=dm)
     trainer.test(model, datamodule=dm, verbose=False)
     return trainer
+
+
+ENTRY_DAMAGES = ("flip_payload_byte", "truncate", "garbage", "other_image")
+
+
+def damage_entry(entry: Path, damage: str, other_entry: Path) -> None:
+    """Damage a cache entry in one of :data:`ENTRY_DAMAGES` ways (``other_entry``: another image's)."""
+    data = bytearray(entry.read_bytes())
+    if damage == "flip_payload_byte":
+        data[-3] ^= 0x40
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = bytearray(b"not a cache entry")
+    else:  # a valid entry, but of another image
+        data = bytearray(other_entry.read_bytes())
+    entry.write_bytes(bytes(data))
+
+
+def write_noise_images(folder: Path, count: int, height: int = 40, width: int = 50) -> list[Path]:
+    """``count`` PNGs of seeded uniform noise, ``0.png`` ... in ``folder``."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{i}.png" for i in range(count)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return paths

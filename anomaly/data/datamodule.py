@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from anomaly.data.augment import build_augmentation
 from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.folds import check_fold, kfold_split
+from anomaly.data.image_cache import ResizedImageCache
 from anomaly.data.samplers import EpochShardSampler
 from anomaly.data.transforms import ImagePipeline
 from anomaly.errors import UserError
@@ -43,6 +44,9 @@ class AnomalyDataModule(pl.LightningDataModule):
             (:mod:`anomaly.features`); the un-augmented loaders then yield cached
             ``"features"`` instead of images, extracted once for every fold. Needs
             a feature-based method, which attaches its extractor in ``setup``.
+        image_cache: a folder for decoded, resized images
+            (:mod:`anomaly.data.image_cache`): every later epoch and run at the same
+            resolution reads them instead of decoding the files again.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         augment: bool = False,
         seed: int = 0,
         feature_cache: str | None = None,
+        image_cache: str | None = None,
     ) -> None:
         super().__init__()
         check_fold(fold)
@@ -71,6 +76,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.feature_cache = feature_cache
         self.feature_source = None  # a FeatureCache, attached by a feature-based method
         self._features_loaded = False
+        self.image_cache = image_cache
 
     # ----------------------------------------------------------------- files
     @property
@@ -122,6 +128,16 @@ class AnomalyDataModule(pl.LightningDataModule):
         augmentation = build_augmentation(self.category, noise=self.augment_noise) if augment else None
         return ImagePipeline(self.image_size, augmentation)
 
+    def resized_images(self) -> ResizedImageCache | None:
+        """The resized-image cache at the current image size, if one is configured."""
+        return None if self.image_cache is None else ResizedImageCache(self.image_cache, self.image_size)
+
+    def _image_dataset(
+        self, samples: list[Sample], augment: bool = False, with_masks: bool = False
+    ) -> ImageDataset:
+        pipeline, cache = self._pipeline(augment), self.resized_images()
+        return ImageDataset(samples, pipeline, with_masks, seed=self.seed, image_cache=cache)
+
     def setup(self, stage: str | None = None) -> None:
         self.samples()  # fail early on bad input
         self.split()
@@ -165,7 +181,9 @@ class AnomalyDataModule(pl.LightningDataModule):
         if not self._features_loaded:
             train, test = self.samples()
             paths = [s.path for s in train + test]
-            self.feature_source.load(paths, batch_size=self.batch_size, num_workers=self.num_workers)
+            self.feature_source.load(
+                paths, self.batch_size, self.num_workers, image_cache=self.resized_images()
+            )
             self._features_loaded = True
         return self._loader(self.feature_source.dataset(samples), shuffle=shuffle, num_workers=0)
 
@@ -173,14 +191,13 @@ class AnomalyDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.feature_cache is not None and not self.augment:
             return self._feature_loader(self.fit_samples, shuffle=self.shuffle_train)
-        dataset = ImageDataset(self.fit_samples, self._pipeline(self.augment), seed=self.seed)
-        return self._loader(dataset, shuffle=self.shuffle_train)
+        return self._loader(self._image_dataset(self.fit_samples, self.augment), shuffle=self.shuffle_train)
 
     def holdout_dataloader(self) -> DataLoader:
         """The fold's held-out normal fifth, never augmented."""
         if self.feature_cache is not None:
             return self._feature_loader(self.holdout_samples)
-        return self._loader(ImageDataset(self.holdout_samples, self._pipeline(False)), shuffle=False)
+        return self._loader(self._image_dataset(self.holdout_samples), shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         return self.holdout_dataloader()
@@ -189,8 +206,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         if self.feature_cache is not None:
             return self._feature_loader(self.test_samples)
         has_masks = any(s.mask is not None for s in self.test_samples)
-        dataset = ImageDataset(self.test_samples, self._pipeline(False), with_masks=has_masks)
-        return self._loader(dataset, shuffle=False)
+        return self._loader(self._image_dataset(self.test_samples, with_masks=has_masks), shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

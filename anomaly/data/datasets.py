@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from anomaly.data.augment import augmentation_seed
+from anomaly.data.image_cache import ResizedImageCache
 from anomaly.data.images import load_mask, load_rgb
 from anomaly.data.transforms import ImagePipeline, resize_mask
 
@@ -29,16 +31,29 @@ class ImageDataset(Dataset):
     :class:`~anomaly.data.samplers.EpochShardSampler`); with augmentation, the
     image is augmented with a seed derived from (seed, epoch, index).
     With ``with_masks`` every item carries a (1, S, S) uint8 mask, all zeros
-    where no ground truth exists, and ``"has_mask"``.
+    where no ground truth exists, and ``"has_mask"``. With ``image_cache`` (at
+    the pipeline's size) images are decoded and resized once, then read back.
     """
 
     def __init__(
-        self, samples: list[Sample], pipeline: ImagePipeline, with_masks: bool = False, seed: int = 0
+        self,
+        samples: list[Sample],
+        pipeline: ImagePipeline,
+        with_masks: bool = False,
+        seed: int = 0,
+        image_cache: ResizedImageCache | None = None,
     ) -> None:
+        if image_cache is not None and image_cache.image_size != pipeline.image_size:
+            raise ValueError("the image cache and the pipeline must have the same image size")
         self.samples = samples
         self.pipeline = pipeline
         self.with_masks = with_masks
         self.seed = seed
+        self.image_cache = image_cache
+
+    def read(self, path: str) -> np.ndarray:
+        """The RGB image at ``path`` (already resized when it comes from the image cache)."""
+        return load_rgb(path) if self.image_cache is None else self.image_cache.load(path)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -49,7 +64,7 @@ class ImageDataset(Dataset):
         if self.pipeline.augment is not None:
             self.pipeline.augment.set_random_seed(augmentation_seed(self.seed, epoch, index))
         item = {
-            "image": self.pipeline(load_rgb(sample.path)),
+            "image": self.pipeline(self.read(sample.path)),
             "label": sample.label,
             "index": index,
             "path": sample.path,

@@ -60,7 +60,7 @@ class MVTecDataModule(AnomalyDataModule):
         root: the folder that holds the category folders. ``None`` uses the
             small embedded demo dataset (category ``demo``), built on first use.
         category: e.g. ``bottle``.
-        fold, batch_size, num_workers, image_size, augment, seed, feature_cache: see
+        fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache: see
             :class:`~anomaly.data.datamodule.AnomalyDataModule`.
     """
 
@@ -75,8 +75,9 @@ class MVTecDataModule(AnomalyDataModule):
         augment: bool = False,
         seed: int = 0,
         feature_cache: str | None = None,
+        image_cache: str | None = None,
     ) -> None:
-        super().__init__(fold, batch_size, num_workers, image_size, augment, seed, feature_cache)
+        super().__init__(fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache)
         if root is None and category != DEMO_CATEGORY:
             raise UserError(
                 f"category '{category}' needs --data.root: the folder holding your MVTec AD download"

@@ -13,6 +13,9 @@ import cv2
 import numpy as np
 import torch
 
+#: The rule of :func:`resize_square`, as recorded in the caches' identities.
+RESIZE_RULE = "square-resize, area when shrinking, bilinear when enlarging, no crop (OpenCV)"
+
 
 def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
     """Resize an (H, W, 3) uint8 image to (size, size, 3).

@@ -7,19 +7,19 @@ reduction: each later run reads vectors instead of decoding images.
 
 ``<root>/<identity key>/identity.json`` records what the features depend on
 (:mod:`anomaly.features.keys`); ``<root>/<identity key>/<ab>/<sha256>.feat``
-holds one image's features for all levels (:mod:`anomaly.features.store`).
+holds one image's features for all levels (:mod:`anomaly.data.store`).
 Entries are verified on every read; a missing, stale or corrupted entry is
 recomputed and rewritten, never used.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -27,12 +27,12 @@ from torch.utils.data import DataLoader
 
 from anomaly.backbones.extractor import FeatureExtractor
 from anomaly.data.datasets import ImageDataset, Sample
+from anomaly.data.image_cache import ResizedImageCache
 from anomaly.data.samplers import process_rank_and_world
+from anomaly.data.store import EntryFolder
 from anomaly.data.transforms import ImagePipeline
-from anomaly.errors import UserError
 from anomaly.features.dataset import FeatureDataset
-from anomaly.features.keys import extractor_identity, file_digest, identity_key
-from anomaly.features.store import read_entry, write_entry
+from anomaly.features.keys import extractor_identity, file_digest
 
 
 @dataclass
@@ -72,32 +72,29 @@ class FeatureCache:
         self.image_size = image_size
         self.forward_context = forward_context
         self.identity = extractor_identity(extractor, image_size, compute)
-        self.key = identity_key(self.identity)
-        self.folder = self.root / self.key
+        self.entries = EntryFolder(self.root, self.identity, self.SUFFIX, "feature cache")
+        self.key, self.folder = self.entries.key, self.entries.path
         self.dims = list(extractor.level_dims)
         self.stats = CacheStats()
         self._rows: dict[str, list[Tensor]] = {}  # image key -> features per level
         self._image_keys: dict[str, str] = {}  # path -> image key
-        self._prepare_folder()
-
-    def _prepare_folder(self) -> None:
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            identity_file = self.folder / "identity.json"
-            if not identity_file.is_file():
-                identity_file.write_text(json.dumps(self.identity, indent=2, sort_keys=True) + "\n")
-        except OSError as error:
-            raise UserError(f"cannot use feature cache folder '{self.root}': {error}") from error
 
     def entry_path(self, image_key: str) -> Path:
-        return self.folder / image_key[:2] / f"{image_key}{self.SUFFIX}"
+        return self.entries.entry_path(image_key)
 
     # ------------------------------------------------------------------ load
-    def load(self, paths: list[str], batch_size: int = 32, num_workers: int = 0) -> None:
+    def load(
+        self,
+        paths: list[str],
+        batch_size: int = 32,
+        num_workers: int = 0,
+        image_cache: ResizedImageCache | None = None,
+    ) -> None:
         """Make the features of ``paths`` available, extracting what is absent in one pass.
 
-        Under DDP each process extracts its share of the absent entries, then
-        reads the others' (or, without a shared folder, extracts them too).
+        Images are read through ``image_cache`` when given. Under DDP each process
+        extracts its share of the absent entries, then reads the others' (or,
+        without a shared folder, extracts them too).
         """
         keys = {path: file_digest(path) for path in paths}
         self._image_keys.update(keys)
@@ -107,37 +104,40 @@ class FeatureCache:
         if not absent and world == 1:
             return
         items = list(absent.items())  # the same list on every process when the folder is shared
-        self._extract(dict(items[rank::world]), batch_size, num_workers)
+        self._extract(dict(items[rank::world]), batch_size, num_workers, image_cache)
         if world > 1:
             dist.barrier()
             others = {key: path for key, path in items if key not in self._rows}
-            self._extract(self._read(others, count=False), batch_size, num_workers)
+            self._extract(self._read(others, count=False), batch_size, num_workers, image_cache)
 
     def _read(self, wanted: dict[str, str], count: bool = True) -> dict[str, str]:
         """Read the verified entries of ``wanted`` (image key -> path); return those absent."""
         absent = {}
         for key, path in wanted.items():
-            entry_file = self.entry_path(key)
-            features = read_entry(entry_file, key, self.key, self.dims)
+            arrays = self.entries.read(key, np.float32, [(d,) for d in self.dims])
+            features = None if arrays is None else [torch.from_numpy(a) for a in arrays]
             if features is not None:
                 self._rows[key] = features
             else:
                 absent[key] = path
             if count and features is not None:
                 self.stats.hits += 1
-            elif count and entry_file.exists():
+            elif count and self.entry_path(key).exists():
                 self.stats.rejected += 1
             elif count:
                 self.stats.misses += 1
         return absent
 
     @torch.no_grad()
-    def _extract(self, todo: dict[str, str], batch_size: int, num_workers: int) -> None:
+    def _extract(
+        self, todo: dict[str, str], batch_size: int, num_workers: int, image_cache: ResizedImageCache | None
+    ) -> None:
         """One extraction pass (un-augmented pipeline) over ``todo``; writes and keeps every entry."""
         if not todo:
             return
         keys = list(todo)
-        dataset = ImageDataset([Sample(todo[k], 0) for k in keys], ImagePipeline(self.image_size))
+        samples = [Sample(todo[k], 0) for k in keys]
+        dataset = ImageDataset(samples, ImagePipeline(self.image_size), image_cache=image_cache)
         device = self.extractor.mean.device
         loader = DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
@@ -149,7 +149,7 @@ class FeatureCache:
             for row, index in enumerate(batch["index"].tolist()):
                 key = keys[index]
                 self._rows[key] = [f[row].clone() for f in features]
-                write_entry(self.entry_path(key), key, self.key, self._rows[key])
+                self.entries.write(key, [f.numpy() for f in self._rows[key]])
 
     # ------------------------------------------------------------------- use
     def features(self, samples: list[Sample]) -> list[Tensor]:

@@ -10,18 +10,19 @@ device type and precision the features are computed with.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from anomaly.backbones.extractor import FeatureExtractor
+from anomaly.data.store import identity_key
+from anomaly.data.transforms import RESIZE_RULE
+
+__all__ = ["extractor_identity", "file_digest", "identity_key", "weights_fingerprint"]
 
 #: Bumped whenever the entry layout or the meaning of a feature changes.
-FORMAT_VERSION = 1
-#: The resize rule of :func:`anomaly.data.transforms.resize_square`.
-RESIZE_RULE = "square-resize, area when shrinking, bilinear when enlarging, no crop (OpenCV)"
+FORMAT_VERSION = 2
 POOLING = "global-average"
 
 
@@ -67,8 +68,3 @@ def extractor_identity(extractor: FeatureExtractor, image_size: int, compute: st
         "level_dims": list(spec.level_dims),
         "compute": compute,
     }
-
-
-def identity_key(identity: dict) -> str:
-    """A short stable name for an identity (first 24 hex digits of its SHA-256)."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]

@@ -17,7 +17,7 @@ from anomaly.data.transforms import ImagePipeline
 from anomaly.errors import UserError
 from anomaly.features import FeatureCache, file_digest
 from anomaly.methods.gaussian import GaussianAD
-from tests.conftest import fit_and_test
+from tests.conftest import ENTRY_DAMAGES, damage_entry, fit_and_test, write_noise_images
 
 SIZE = 64  # a small input resolution keeps the unit tests fast
 
@@ -29,14 +29,7 @@ def extractor():
 
 @pytest.fixture
 def images(tmp_path: Path) -> list[str]:
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(5):
-        path = tmp_path / "images" / f"{i}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(path)
-        paths.append(str(path))
-    return paths
+    return [str(p) for p in write_noise_images(tmp_path / "images", 5)]
 
 
 def direct(extractor, paths: list[str]) -> list[torch.Tensor]:
@@ -77,21 +70,12 @@ def test_changed_image_file_is_recomputed_not_served_stale(extractor, images, tm
     assert_rows(features, direct(extractor, images), recomputed=2, alone=direct(extractor, images[2:3]))
 
 
-@pytest.mark.parametrize("damage", ["flip_payload_byte", "truncate", "garbage", "other_image"])
+@pytest.mark.parametrize("damage", ENTRY_DAMAGES)
 def test_corrupt_or_mismatched_entry_is_rejected_and_rewritten(extractor, images, tmp_path, damage):
     root = tmp_path / "cache"
     cold, reference = cached(extractor, root, images)
-    entry = cold.entry_path(file_digest(images[1]))
-    data = bytearray(entry.read_bytes())
-    if damage == "flip_payload_byte":
-        data[-3] ^= 0x40
-    elif damage == "truncate":
-        data = data[: len(data) // 2]
-    elif damage == "garbage":
-        data = bytearray(b"not a cache entry")
-    else:  # a valid entry, but of another image
-        data = bytearray(cold.entry_path(file_digest(images[0])).read_bytes())
-    entry.write_bytes(bytes(data))
+    entry, other = (cold.entry_path(file_digest(images[i])) for i in (1, 0))
+    damage_entry(entry, damage, other)
     cache, features = cached(extractor, root, images)
     assert (cache.stats.hits, cache.stats.misses, cache.stats.rejected) == (4, 0, 1)
     assert_rows(features, reference, recomputed=1, alone=direct(extractor, images[1:2]))

@@ -1,0 +1,83 @@
+"""The opt-in on-disk cache of decoded, resized images (``--data.image_cache DIR``).
+
+Decoding a large PNG and shrinking it to the backbone's resolution costs a
+sizeable fraction of a forward pass on a CPU. Every later epoch (augmentation
+is applied after the resize) and every later run at the same resolution reads
+the small uint8 array instead: the loader workers then leave the cores to the
+forward pass.
+
+``<root>/<identity key>/identity.json`` records the resolution and the decoding
+and resize rules; ``<root>/<identity key>/<ab>/<key>.img`` holds one image as a
+verified entry (:mod:`anomaly.data.store`). An image's key is the SHA-256 of its
+absolute path, size and modification time, so a changed file gets a new entry
+without its bytes being read to check. A missing, truncated, corrupted or
+mismatched entry is decoded again and rewritten, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from anomaly.data.images import load_rgb
+from anomaly.data.store import EntryFolder
+from anomaly.data.transforms import RESIZE_RULE, resize_square
+from anomaly.errors import UserError
+
+#: Bumped whenever decoding (:func:`~anomaly.data.images.load_rgb`), resizing or the layout changes.
+FORMAT_VERSION = 1
+DECODING = "8-bit RGB; 16-bit and float greyscale rescaled; alpha composited on black"
+
+
+def file_key(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's absolute path, size and modification time in nanoseconds."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    text = json.dumps([str(resolved), stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class ResizedImageCache:
+    """``(size, size, 3)`` uint8 images, decoded and resized once, read back verified.
+
+    Safe to share between loader worker processes and runs: entries are written
+    atomically and checked on every read. Instances are cheap and picklable.
+    """
+
+    SUFFIX = ".img"
+
+    def __init__(self, root: str | Path, image_size: int) -> None:
+        self.root = Path(root).expanduser()
+        self.image_size = int(image_size)
+        self.shape = (self.image_size, self.image_size, 3)
+        identity = {
+            "format": FORMAT_VERSION,
+            "image_size": self.image_size,
+            "decoding": DECODING,
+            "resize": RESIZE_RULE,
+        }
+        self.entries = EntryFolder(self.root, identity, self.SUFFIX, "image cache")
+        self.key, self.folder = self.entries.key, self.entries.path
+
+    def entry_path(self, image_key: str) -> Path:
+        return self.entries.entry_path(image_key)
+
+    def load(self, path: str | Path) -> np.ndarray:
+        """The image at ``path`` resized to ``(size, size, 3)``: from the cache, else decoded and stored."""
+        try:
+            key = file_key(path)
+        except OSError as error:
+            raise UserError(f"cannot read image {path}: {error}") from error
+        arrays = self.entries.read(key, np.uint8, [self.shape])
+        if arrays is not None:
+            return arrays[0]
+        image = resize_square(load_rgb(path), self.image_size)
+        try:
+            self.entries.write(key, [image])
+        except OSError as error:  # a full or read-only disk costs speed, not the run
+            warnings.warn(f"image cache '{self.root}' is not writable: {error}", stacklevel=2)
+        return image
