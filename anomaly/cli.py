@@ -38,6 +38,15 @@ def run_dir_parts(model: AnomalyMethod, data: AnomalyDataModule) -> tuple[str, s
 class AnomalyCLI(LightningCLI):
     """LightningCLI whose logger writes into the run's own directory."""
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--figures",
+            type=bool,
+            default=True,
+            help="after the test, write the run's PNGs and TensorBoard figures and images (false in "
+            "sweeps: drawing takes about a second a run; results, scores and histograms are kept)",
+        )
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or "runs"
@@ -89,6 +98,7 @@ def fit_and_test(args: list[str] | None = None) -> dict:
     quiet_lightning()
     cli = build_cli(args)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    model.report_figures = bool(cli.config.get("figures", True))
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
     if trainer.is_global_zero:
         remove_stale_results(run_dir)

@@ -20,11 +20,15 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from anomaly.evaluation.aggregate import SUM, level_sort_key
-from anomaly.evaluation.results import RESULTS_FILE, SCORES_FILE, read_results
+from anomaly.evaluation.results import (
+    AUROC_BARS_FILE,
+    DISTRIBUTION_FILE,
+    RESULTS_FILE,
+    ROC_FILE,
+    SCORES_FILE,
+    read_results,
+)
 
-ROC_FILE = "roc.png"
-AUROC_BARS_FILE = "auroc_per_level.png"
-DISTRIBUTION_FILE = "score_distribution.png"
 THRESHOLD_KINDS = ("chi2", "empirical")
 
 

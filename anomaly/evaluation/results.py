@@ -18,6 +18,11 @@ from pathlib import Path
 
 RESULTS_FILE = "results.json"
 SCORES_FILE = "scores.csv"
+#: The figures of :mod:`anomaly.evaluation.plots` (skipped with ``--figures false``).
+ROC_FILE = "roc.png"
+AUROC_BARS_FILE = "auroc_per_level.png"
+DISTRIBUTION_FILE = "score_distribution.png"
+RUN_FIGURES = (ROC_FILE, AUROC_BARS_FILE, DISTRIBUTION_FILE)
 
 
 def json_safe(value: object) -> object:
@@ -65,8 +70,9 @@ def write_scores_csv(run_dir: Path, columns: Mapping[str, Sequence]) -> Path:
 
 
 def remove_stale_results(run_dir: Path) -> None:
-    """Before a run: drop an earlier run's ``results.json`` and TensorBoard events from its folder."""
-    (Path(run_dir) / RESULTS_FILE).unlink(missing_ok=True)
+    """Before a run: drop an earlier run's ``results.json``, figures and TensorBoard events."""
+    for name in (RESULTS_FILE, *RUN_FIGURES):
+        (Path(run_dir) / name).unlink(missing_ok=True)
     for events in Path(run_dir).glob("events.out.tfevents.*"):
         events.unlink(missing_ok=True)
 

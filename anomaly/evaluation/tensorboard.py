@@ -89,14 +89,15 @@ def log_to_tensorboard(
     hparams: Mapping[str, object],
     paths: Sequence[str] | None = None,
     step: int = 0,
+    figures: bool = True,
 ) -> None:
-    """Figures, score histograms, hparams with the AUROC, and the extreme test images."""
+    """Score histograms, hparams with the AUROC; with ``figures``, the figures and the extreme test images."""
     writer = logger.experiment
     title = run_title(results)
-    writer.add_figure(
-        "test/roc", roc_figure(labels, columns_of_type(rows, primary_type(results)), title), step
-    )
-    writer.add_figure("test/auroc_per_level", auroc_bar_figure(results, title), step)
+    if figures:
+        roc = roc_figure(labels, columns_of_type(rows, primary_type(results)), title)
+        writer.add_figure("test/roc", roc, step)
+        writer.add_figure("test/auroc_per_level", auroc_bar_figure(results, title), step)
     for column, scores in rows.items():
         if column.endswith(f"/{SUM}") or column == results.get("primary_score"):
             for label, name in ((0, "normal"), (1, "anomalous")):
@@ -106,7 +107,7 @@ def log_to_tensorboard(
     auroc = results.get("image_auroc")
     metric = math.nan if auroc is None else float(auroc)
     logger.log_hyperparams(dict(hparams), metrics={HPARAMS_METRIC: metric})
-    if paths:
+    if paths and figures:
         primary = np.asarray(rows[results["primary_score"]], dtype=np.float64)
         highest, lowest = extreme_indices(primary, N_EXTREME_IMAGES)
         lines = ["| rank | image | label | score |", "|---|---|---|---|"]
@@ -124,17 +125,24 @@ def log_to_tensorboard(
 
 
 def report_run(
-    module, run_dir: Path, labels: Tensor, rows: Mapping[str, Tensor], indices: Tensor | None = None
+    module,
+    run_dir: Path,
+    labels: Tensor,
+    rows: Mapping[str, Tensor],
+    indices: Tensor | None = None,
+    figures: bool = True,
 ) -> list[Path]:
     """Write the run's PNGs and log its figures, histograms, hparams and images to TensorBoard.
 
     Called on global rank zero after ``results.json`` is written. ``indices``
     index the datamodule's test samples, whose files give the extreme images.
+    Without ``figures`` (sweeps: drawing costs about a second a run) only the
+    histograms and hparams are logged and no PNG is written.
     """
     results = module.test_summary or {}
     labels_np = labels.detach().cpu().numpy().astype(int)
     rows_np = {k: v.detach().to(torch.float64).cpu().numpy() for k, v in rows.items()}
-    written = write_run_plots(run_dir, labels_np, rows_np, results)
+    written = write_run_plots(run_dir, labels_np, rows_np, results) if figures else []
     logger = tensorboard_logger(module)
     if logger is not None:
         paths = None
@@ -142,6 +150,6 @@ def report_run(
         if samples is not None and indices is not None:
             paths = [str(samples[i].path) for i in indices.tolist()]
         log_to_tensorboard(
-            logger, labels_np, rows_np, results, flat_hparams(module), paths, module.global_step
+            logger, labels_np, rows_np, results, flat_hparams(module), paths, module.global_step, figures
         )
     return written

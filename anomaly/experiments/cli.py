@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-feature-cache", action="store_true", help="extract features in every run instead"
     )
     parser.add_argument(
+        "--no-figures",
+        action="store_true",
+        help="skip each run's PNGs and TensorBoard figures (about a second a run); results are the same",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="list the runs (done or to do) and run nothing"
     )
     parser.add_argument("--format", choices=FORMATS, default="md", help="table format (default: md)")
@@ -124,6 +129,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             f"folds must be in 0..{len(PAPER_FOLDS) - 1}, got {' '.join(map(str, options.folds))}"
         )
     root, runs_dir = Path(options.data_root), Path(options.runs_dir)
+    extra = [*(["--figures", "false"] if options.no_figures else []), *extra]
     spec = TABLES[options.table].with_backbones(options.backbone)
     categories = resolve_categories(root, options.categories)
     cells = grid_cells(spec, categories, folds)

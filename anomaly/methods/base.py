@@ -59,6 +59,7 @@ class AnomalyMethod(pl.LightningModule):
 
     method_name: str = "method"
     primary_score: str = "sum"  # the column reported as ``image_auroc``
+    report_figures: bool = True  # PNGs and TensorBoard figures after the test (``--figures``)
 
     def __init__(self) -> None:
         super().__init__()
@@ -135,7 +136,7 @@ class AnomalyMethod(pl.LightningModule):
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP
         if self.trainer.is_global_zero:
             self._write(run_dir, indices, labels, rows)
-            report_run(self, run_dir, labels, rows, indices)
+            report_run(self, run_dir, labels, rows, indices, figures=self.report_figures)
 
     def _results(self, summary: dict, indices: Tensor, labels: Tensor, rows: dict[str, Tensor]) -> dict:
         dm = self.datamodule

@@ -9,7 +9,7 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from anomaly.cli import main
-from anomaly.evaluation.plots import AUROC_BARS_FILE, DISTRIBUTION_FILE, ROC_FILE
+from anomaly.evaluation.results import AUROC_BARS_FILE, DISTRIBUTION_FILE, ROC_FILE, RUN_FIGURES
 from anomaly.evaluation.tensorboard import (
     HPARAMS_METRIC,
     N_EXTREME_IMAGES,
@@ -18,15 +18,18 @@ from anomaly.evaluation.tensorboard import (
 )
 
 
-def test_run_logs_expected_tags(tiny_mvtec: Path, tmp_path: Path, capsys):
-    root = tmp_path / "runs"
+def run_cli(tiny_mvtec: Path, root: Path, capsys, *extra: str) -> Path:
     code = main(
         ["--model.backbone", "efficientnet-lite0", "--model.levels", "[2, 4]", "--data.root", str(tiny_mvtec),
          "--data.category", "widget", "--data.fold", "0", "--data.num_workers", "0", "--data.batch_size", "8",
-         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
+         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *extra]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
-    run_dir = root / "gaussian" / "efficientnet-lite0_levels-2-4" / "widget" / "fold_0"
+    return root / "gaussian" / "efficientnet-lite0_levels-2-4" / "widget" / "fold_0"
+
+
+def test_run_logs_expected_tags(tiny_mvtec: Path, tmp_path: Path, capsys):
+    run_dir = run_cli(tiny_mvtec, tmp_path / "runs", capsys)
     for name in (ROC_FILE, AUROC_BARS_FILE, DISTRIBUTION_FILE):
         assert (run_dir / name).stat().st_size > 1000, name
 
@@ -59,6 +62,25 @@ def test_run_logs_expected_tags(tiny_mvtec: Path, tmp_path: Path, capsys):
     assert normal.num == results["n_test"] - results["n_test_anomalous"]
     (highest,) = events.Images("test/images/highest_scores")  # the thumbnails side by side
     assert (highest.width, highest.height) == (N_EXTREME_IMAGES * THUMBNAIL_SIZE, THUMBNAIL_SIZE)
+
+
+def test_without_figures_a_run_keeps_results_histograms_and_hparams_but_draws_nothing(
+    tiny_mvtec: Path, tmp_path: Path, capsys
+):
+    root = tmp_path / "runs"
+    with_figures = run_cli(tiny_mvtec, root, capsys)
+    assert (with_figures / ROC_FILE).is_file()
+    run_dir = run_cli(tiny_mvtec, root, capsys, "--figures", "false")  # the same folder, run again
+    assert run_dir == with_figures
+    assert not [name for name in RUN_FIGURES if (run_dir / name).exists()], "stale figures were kept"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["n_test"] == 8 and (run_dir / "scores.csv").is_file()
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert tags["images"] == []
+    assert "test/scores/mahalanobis/sum/normal" in tags["histograms"]
+    assert "test/auroc/mahalanobis/sum" in tags["scalars"] and HPARAMS_METRIC in tags["scalars"]
 
 
 def test_extreme_indices():

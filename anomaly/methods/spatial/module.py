@@ -289,7 +289,7 @@ class SpatialGaussianAD(GaussianAD):
                 self.pixel_auroc = pixel_auroc(maps["map"], maps["mask"])
                 self.log("test/pixel_auroc", self.pixel_auroc, rank_zero_only=True)
         super().on_test_epoch_end()
-        if maps is not None and self.trainer.is_global_zero and self.overlays > 0:
+        if maps is not None and self.trainer.is_global_zero and self.overlays > 0 and self.report_figures:
             run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             primary = maps["score"]
             top = torch.argsort(primary, descending=True)[: self.overlays].tolist()
