@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+import anomaly.data.images as images_module
 from anomaly.data import MVTecDataModule
 from anomaly.data.augment import CATEGORY_SWITCHES, build_augmentation
 from anomaly.data.folds import kfold_split
 from anomaly.data.images import load_rgb
 from anomaly.errors import UserError
-from tests.conftest import make_mvtec_category
+from tests.conftest import BOTTLE, make_mvtec_category, require
 
 
 def test_folds_are_deterministic_disjoint_and_cover_the_train_set():
@@ -56,6 +57,38 @@ def test_images_of_any_mode_load_as_rgb(tmp_path: Path, mode: str):
         )
     if mode == "I;16":
         assert np.abs(loaded[..., 0].astype(int) - rgb[..., 0]).max() <= 1
+
+
+def pillow_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_plain_pngs_are_decoded_by_opencv_with_pillows_pixels(tmp_path: Path, mode: str, monkeypatch):
+    rgb = np.random.default_rng(1).integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    Image.fromarray(rgb).convert(mode).save(path)
+    expected = pillow_rgb(path)
+    monkeypatch.setattr(images_module.Image, "open", lambda *a, **k: pytest.fail("Pillow was used"))
+    np.testing.assert_array_equal(load_rgb(path), expected)
+
+
+def test_real_pngs_decode_alike_with_opencv_and_pillow():
+    files = sorted((require(BOTTLE) / "test" / "broken_large").glob("*.png"))[:3]
+    for path in files:
+        np.testing.assert_array_equal(load_rgb(path), pillow_rgb(path))
+
+
+@pytest.mark.parametrize("keep", [10, 60, 0.5])
+def test_truncated_png_is_one_user_error_and_nothing_else_on_stderr(tmp_path: Path, keep, capfd):
+    path = tmp_path / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(keep * len(data)) if isinstance(keep, float) else keep])
+    with pytest.raises(UserError, match=r"cannot read image .*cut\.png"):
+        load_rgb(path)
+    assert capfd.readouterr().err == ""  # e.g. no "libpng error" from a native decoder
 
 
 def test_greyscale_category_loads_as_three_channels(tmp_path: Path):
