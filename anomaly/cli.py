@@ -8,7 +8,9 @@ Runs are written to ``<trainer.default_root_dir>/<method>/<name>/<category>/fold
 
 from __future__ import annotations
 
+import argparse
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from anomaly.console import run_command
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.detector.run import remove_stale_detector, save_run_detector
+from anomaly.errors import ArgumentsError
 from anomaly.evaluation.report import format_run_table
 from anomaly.evaluation.results import remove_stale_results
 from anomaly.methods.base import AnomalyMethod
@@ -78,19 +81,41 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def one_line_parse_error(message: str) -> str:
+    """jsonargparse's nested, multi-line complaint as ``--<key>: <what> (given: <value>)``."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
+    wanted = ("is not accepted", "does not exist", "Expected a", "not a valid", "unrecognized", "Invalid")
+    detail = next((line for line in lines if any(w in line for w in wanted)), lines[0] if lines else "")
+    detail = re.sub(r'^Parser key "[^"]+":\s*', "", detail)
+    given = re.search(r"Given value: (?!NestedArg)(.+)", message)
+    text = f"--{'.'.join(keys)}: {detail}" if keys else detail
+    if given and "Got value" not in detail:
+        text += f" (given: {given.group(1).strip()})"
+    return f"{text}; see --help for the options"
+
+
 def build_cli(args: list[str] | None = None) -> AnomalyCLI:
-    return AnomalyCLI(
-        model_class=AnomalyMethod,
-        datamodule_class=AnomalyDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        args=args,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)], "parser_mode": "omegaconf"},
-        auto_configure_optimizers=False,
-    )
+    """The CLI, parsed; an option the parser rejects raises :class:`ArgumentsError` (one line)."""
+    try:
+        return AnomalyCLI(
+            model_class=AnomalyMethod,
+            datamodule_class=AnomalyDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            args=args,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "default_config_files": [str(DEFAULT_CONFIG)],
+                "parser_mode": "omegaconf",
+                "exit_on_error": False,
+            },
+            auto_configure_optimizers=False,
+        )
+    except argparse.ArgumentError as error:
+        raise ArgumentsError(one_line_parse_error(str(error))) from None
 
 
 def fit_and_test(args: list[str] | None = None) -> dict:

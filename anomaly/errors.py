@@ -7,3 +7,7 @@ single line (no traceback) before exiting with a non-zero status.
 
 class UserError(Exception):
     """Bad input from the user: the message says what is wrong and what to do."""
+
+
+class ArgumentsError(UserError):
+    """A command-line option the parser rejects (unknown, or a value of the wrong type)."""

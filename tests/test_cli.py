@@ -62,11 +62,16 @@ def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
                    "levels"),
         "weights": (["--data.root", str(tiny_mvtec), "--data.category", "widget",
                      "--model.weights", str(tmp_path / "missing.pth")], "missing.pth"),
+        "unknown option": (["--model.backbon", "resnet18"], "--model: Option 'backbon' is not accepted"),
+        "wrong type": (["--data.fold", "two"], "--data.fold: Expected a <class 'int'> (given: two)"),
+        "not a bool": (["--figures", "maybe"], "--figures: Expected a <class 'bool'>"),
+        "stray argument": (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", ["missing root", "unknown category", "empty train", "unreadable", "fold",
-                                  "levels", "weights"])  # fmt: skip
+                                  "levels", "weights", "unknown option", "wrong type", "not a bool",
+                                  "stray argument"])  # fmt: skip
 def test_bad_input_gives_one_line_and_no_results(case, tmp_path: Path, tiny_mvtec: Path, capsys):
     args, expected = bad(tmp_path, tiny_mvtec)[case]
     root = tmp_path / "runs"
@@ -74,7 +79,7 @@ def test_bad_input_gives_one_line_and_no_results(case, tmp_path: Path, tiny_mvte
     assert code != 0
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "usage:" not in err
     assert not list(root.rglob("results.json"))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from anomaly.errors import UserError
+from anomaly.errors import ArgumentsError, UserError
 from anomaly.evaluation.aggregate import IncompleteResults, RunRecord, completeness_warnings, load_run
 from anomaly.evaluation.results import RESULTS_FILE, write_atomic
 from anomaly.evaluation.tables import LevelColumn, Table
@@ -118,6 +118,10 @@ def run_cell(cell: Cell, command: list[str], fit_and_test: Callable[[list[str]],
     try:
         with quiet_run():
             return fit_and_test(command)
+    except ArgumentsError as error:
+        raise ArgumentsError(
+            f"the training command rejected the arguments of run '{cell.describe()}': {error}"
+        ) from None
     except SystemExit as error:
         if error.code in (0, None):
             raise
