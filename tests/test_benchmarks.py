@@ -1,0 +1,28 @@
+"""The benchmark script runs and writes its table (a smoke test; the numbers are not judged here)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_throughput_and_finalisation_rows(tiny_mvtec: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    table = out / "table.md"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--root", str(tiny_mvtec), "--category", "widget",
+         "--only", "14", "--images", "16", "--batch-size", "8", "--workers", "0", "--out", str(table)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in table.read_text().splitlines() if line.startswith(("| 1 ", "| 4 "))]
+    assert len(rows) == 4, rows
+    ratios = [float(r) for r in re.findall(r"\*\*([0-9.]+)×\*\*", rows[0] + rows[1])]
+    assert len(ratios) == 2 and all(0 < r < 10 for r in ratios)
+    assert "1792:" in rows[3]  # efficientnet-b4's widest level
+    assert list(out.iterdir()) == [table]
