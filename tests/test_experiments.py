@@ -74,8 +74,10 @@ def test_runs_resume_and_print_beside_paper(tiny_mvtec: Path, tmp_path: Path, ca
     assert out.startswith("table1: 2 runs, 0 done, 2 to run")
     assert "[todo] python train.py --model.backbone efficientnet-lite0 --data.root" in out and not calls
     assert f"--data.feature_cache {tmp_path / 'feature_cache'}" in out and "--figures" not in out
-    assert main([*args, "--dry-run", "--no-figures"]) == 0
-    assert capsys.readouterr().out.count("--figures false") == 2
+    assert main([*args, "--dry-run", "--no-figures", "--image-cache", str(tmp_path / "images")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--figures false") == 2
+    assert out.count(f"--data.image_cache {tmp_path / 'images'}") == 2
 
     assert main([*args, "--", "--data.num_workers", "0"]) == 0
     out, err = capsys.readouterr()
