@@ -110,7 +110,7 @@ def pipeline_rate(args, samples, extractor, device: torch.device, cache: Resized
 
 
 def throughput(args, root: Path, device: torch.device, out: Path) -> list[tuple[str, str, str]]:
-    extractor = build_backbone(args.backbone).to(device)
+    extractor = build_backbone(args.backbone, pretrained=not args.random_weights).to(device)
     size = extractor.image_size
     dm = MVTecDataModule(str(root), args.category, fold=None)
     train, _ = dm.samples()
@@ -158,6 +158,7 @@ def peak_rss_mib(args, root: Path, epochs: int, out: Path) -> float:
         sys.executable, "train.py", "--data.root", str(root), "--data.category", args.category,
         "--data.augment", "true", "--data.num_workers", str(args.workers),
         "--data.batch_size", str(args.batch_size), "--model.backbone", args.backbone,
+        "--model.pretrained", str(not args.random_weights).lower(),
         "--trainer.max_epochs", str(epochs), "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out / f"mem{epochs}"),
         "--data.image_cache", str(out / f"mem{epochs}_images"),
@@ -185,7 +186,7 @@ def memory(args, root: Path, out: Path) -> list[tuple[str, str, str]]:
 
 # -------------------------------------------------------------------- 3. protocol
 def extraction_pass(args, root: Path, device: torch.device) -> float:
-    extractor = build_backbone(args.backbone).to(device)
+    extractor = build_backbone(args.backbone, pretrained=not args.random_weights).to(device)
     dm = MVTecDataModule(str(root), args.category, fold=None)
     train, test = dm.samples()
     loader = DataLoader(
@@ -210,7 +211,10 @@ def protocol(args, root: Path, cache: Path | None, out: Path, figures: bool = Fa
     for fold in range(folds):
         for reduction in ("none", "npca"):
             model = GaussianAD(
-                args.backbone, reduction=reduction, variance_threshold=0.99 if reduction == "npca" else None
+                args.backbone,
+                pretrained=not args.random_weights,
+                reduction=reduction,
+                variance_threshold=0.99 if reduction == "npca" else None,
             )
             model.report_figures = figures
             dm = MVTecDataModule(
@@ -276,6 +280,11 @@ def main() -> None:
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "mvtec_ad"))
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--backbone", default=None, help="default: efficientnet-b4 on CUDA, else -lite0")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="time the backbone with random weights (a machine without the download; speed is the same)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--images", type=int, default=192, help="images timed in measurement 1")
@@ -304,7 +313,8 @@ def main() -> None:
             print(f"measurement {key} done after {time.perf_counter() - started:.0f} s", file=sys.stderr)
     precision = "bf16 autocast features, float64 statistics" if device.type == "cuda" else "float32 features"
     lines = [
-        f"Machine: {machine()}. Backbone: {args.backbone} ({precision}); category {args.category}"
+        f"Machine: {machine()}. Backbone: {args.backbone} ({precision}"
+        f"{', random weights' if args.random_weights else ''}); category {args.category}"
         f"{' (quick: the first 24 train images, 12 test images per defect type)' if args.quick else ''}; "
         f"batch size {args.batch_size}, "
         f"{args.workers} loader workers; total {time.perf_counter() - started:.0f} s.",

@@ -57,20 +57,24 @@ def require(path: Path) -> Path:
     return path
 
 
-def cpu_trainer(out: Path, epochs: int = 1) -> pl.Trainer:
+def cpu_trainer(out: Path, epochs: int = 1, precision: str = "32-true") -> pl.Trainer:
     """A quiet single-process CPU trainer for method tests."""
     return pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
-        use_distributed_sampler=False,
+        use_distributed_sampler=False, precision=precision,
     )  # fmt: skip
 
 
 def fit_and_test(
-    model: pl.LightningModule, dm: pl.LightningDataModule, out: Path, epochs: int = 1
+    model: pl.LightningModule,
+    dm: pl.LightningDataModule,
+    out: Path,
+    epochs: int = 1,
+    precision: str = "32-true",
 ) -> pl.Trainer:
     """Fit ``model`` on ``dm``, then test it; returns the trainer."""
-    trainer = cpu_trainer(out, epochs)
+    trainer = cpu_trainer(out, epochs, precision)
     trainer.fit(model, datamodule=dm)
     trainer.test(model, datamodule=dm, verbose=False)
     return trainer

@@ -26,3 +26,18 @@ def test_throughput_and_finalisation_rows(tiny_mvtec: Path, tmp_path: Path):
     assert len(ratios) == 2 and all(0 < r < 10 for r in ratios)
     assert "1792:" in rows[3]  # efficientnet-b4's widest level
     assert list(out.iterdir()) == [table]
+
+
+def test_the_gpu_recipes_backbone_runs_offline_with_random_weights(tiny_mvtec: Path, tmp_path: Path):
+    """efficientnet-b4 at 380 px, as on a GPU, on a machine without the weights download."""
+    table = tmp_path / "table.md"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--root", str(tiny_mvtec), "--category", "widget",
+         "--backbone", "efficientnet-b4", "--random-weights", "--only", "1", "--images", "4",
+         "--batch-size", "4", "--workers", "0", "--out", str(table)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = table.read_text()
+    assert "efficientnet-b4" in text and "random weights" in text
+    assert len([line for line in text.splitlines() if line.startswith("| 1 ")]) == 3

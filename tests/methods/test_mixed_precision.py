@@ -1,0 +1,64 @@
+"""The GPU recipe, run on CPU: features under bf16 autocast (``bf16-mixed``), statistics in float64."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from anomaly.data import MVTecDataModule
+from anomaly.methods.gaussian import GaussianAD
+from tests.conftest import fit_and_test
+
+SMALL = 96
+LEVELS = [3, 6, 9]
+
+
+def run(root: Path, out: Path, precision: str, cache: Path | None = None):
+    # batch size 3: no single-image batch for 9 fitting, 3 held-out and 8 test images
+    dm = MVTecDataModule(
+        str(root), "widget", fold=0, batch_size=3, num_workers=0, image_size=SMALL,
+        feature_cache=None if cache is None else str(cache),
+    )  # fmt: skip
+    model = GaussianAD("efficientnet-lite0", levels=LEVELS)
+    fit_and_test(model, dm, out, precision=precision)
+    with open(out / "scores.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return model, dm, rows
+
+
+def test_bf16_features_feed_float64_statistics_and_scores(tiny_mvtec: Path, tmp_path: Path):
+    full, _, full_rows = run(tiny_mvtec, tmp_path / "fp32", "32-true")
+    mixed, _, mixed_rows = run(tiny_mvtec, tmp_path / "bf16", "bf16-mixed")
+    images = torch.zeros(2, 3, SMALL, SMALL, dtype=torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the maps are bf16; pooling sums in float32
+        assert all(m.dtype == torch.bfloat16 for m in mixed.extractor.feature_maps(images, LEVELS))
+        assert all(f.dtype == torch.float32 for f in mixed.features(images))
+    fitted = [v for k, v in mixed.state_dict().items() if k.startswith("scorers.") and v.is_floating_point()]
+    assert fitted and all(v.dtype == torch.float64 for v in fitted)
+    for level in range(len(LEVELS)):
+        a = full.scorers[level].mean.numpy()
+        b = mixed.scorers[level].mean.numpy()
+        assert not np.array_equal(a, b)  # bf16 rounding reached the statistics
+        np.testing.assert_allclose(b, a, rtol=0.05, atol=0.05 * np.abs(a).max())  # bf16: ~3 digits
+    labels = [int(r["label"]) for r in full_rows]
+    assert [r["path"] for r in mixed_rows] == [r["path"] for r in full_rows]
+    for column in ("mahalanobis_sum", "l2_sum"):
+        fp32 = np.array([float(r[column]) for r in full_rows])
+        bf16 = np.array([float(r[column]) for r in mixed_rows])
+        assert np.corrcoef(fp32, bf16)[0, 1] > 0.99, column
+        assert abs(roc_auc_score(labels, bf16) - roc_auc_score(labels, fp32)) <= 0.1, column
+
+
+def test_bf16_features_have_their_own_cache_entries_and_equal_uncached(tiny_mvtec: Path, tmp_path: Path):
+    cache = tmp_path / "cache"
+    _, _, plain = run(tiny_mvtec, tmp_path / "plain", "bf16-mixed")
+    _, dm, cached = run(tiny_mvtec, tmp_path / "cached", "bf16-mixed", cache)
+    assert dm.feature_source.identity["compute"] == "cpu/bf16-mixed"
+    assert cached == plain
+    _, full_dm, _ = run(tiny_mvtec, tmp_path / "fp32", "32-true", cache)
+    assert full_dm.feature_source.key != dm.feature_source.key
+    assert (full_dm.feature_source.stats.hits, full_dm.feature_source.stats.misses) == (0, 20)
