@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from anomaly.cli import main
+from anomaly.evaluation.results import OVERLAYS_DIR
 
 FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
 
@@ -39,8 +40,11 @@ def test_fit_and_test_writes_results(tiny_mvtec: Path, tmp_path: Path, capsys):
     assert list(run_dir.glob("events.out.tfevents.*")), "TensorBoard events are missing"
     stale = run_dir / "events.out.tfevents.0.stale"
     stale.write_bytes(b"")
+    (run_dir / OVERLAYS_DIR).mkdir()
+    (run_dir / OVERLAYS_DIR / "00_old.png").write_bytes(b"")  # overlays of an earlier spatial run
     assert run(args, capsys)[0] == 0  # a rerun replaces the earlier run's files
     assert not stale.exists() and (run_dir / "results.json").is_file()
+    assert not (run_dir / OVERLAYS_DIR).exists()
     assert "sum" in out and str(run_dir) in out
 
 

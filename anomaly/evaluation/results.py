@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ ROC_FILE = "roc.png"
 AUROC_BARS_FILE = "auroc_per_level.png"
 DISTRIBUTION_FILE = "score_distribution.png"
 RUN_FIGURES = (ROC_FILE, AUROC_BARS_FILE, DISTRIBUTION_FILE)
+#: Overlay PNGs of anomaly maps (spatial ``cells`` runs).
+OVERLAYS_DIR = "anomaly_maps"
 
 
 def json_safe(value: object) -> object:
@@ -73,6 +76,7 @@ def remove_stale_results(run_dir: Path) -> None:
     """Before a run: drop an earlier run's ``results.json``, figures and TensorBoard events."""
     for name in (RESULTS_FILE, *RUN_FIGURES):
         (Path(run_dir) / name).unlink(missing_ok=True)
+    shutil.rmtree(Path(run_dir) / OVERLAYS_DIR, ignore_errors=True)
     for events in Path(run_dir).glob("events.out.tfevents.*"):
         events.unlink(missing_ok=True)
 

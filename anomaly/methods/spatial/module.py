@@ -34,6 +34,7 @@ from torchmetrics.functional.classification import binary_auroc
 from anomaly.backbones import backbone_spec
 from anomaly.errors import UserError
 from anomaly.evaluation.metrics import to_unit_interval
+from anomaly.evaluation.results import OVERLAYS_DIR
 from anomaly.methods.base import SUM, gather_rows
 from anomaly.methods.features import resolve_levels
 from anomaly.methods.gaussian.module import GaussianAD
@@ -295,7 +296,7 @@ class SpatialGaussianAD(GaussianAD):
             top = torch.argsort(primary, descending=True)[: self.overlays].tolist()
             samples = self.datamodule.test_samples
             write_overlays(
-                run_dir / "anomaly_maps",
+                run_dir / OVERLAYS_DIR,
                 [samples[i] for i in top],
                 maps["map"][top],
                 self.datamodule.image_size,
