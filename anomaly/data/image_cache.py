@@ -9,8 +9,8 @@ forward pass.
 ``<root>/<identity key>/identity.json`` records the resolution and the decoding
 and resize rules; ``<root>/<identity key>/<ab>/<key>.img`` holds one image as a
 verified entry (:mod:`anomaly.data.store`). An image's key is the SHA-256 of its
-absolute path, size and modification time, so a changed file gets a new entry
-without its bytes being read to check. A missing, truncated, corrupted or
+absolute path, inode, size, and modification and change times, so a changed or
+replaced file gets a new entry without its bytes being read to check. A missing, truncated, corrupted or
 mismatched entry is decoded again and rewritten, never used.
 """
 
@@ -34,10 +34,14 @@ DECODING = "8-bit RGB; 16-bit and float greyscale rescaled; alpha composited on 
 
 
 def file_key(path: str | Path) -> str:
-    """SHA-256 (hex) of a file's absolute path, size and modification time in nanoseconds."""
+    """SHA-256 (hex) of a file's absolute path, inode, size, and modification and change times (ns).
+
+    Rewriting or replacing the file changes its change time (which, unlike the
+    modification time, no copy tool can set back), so its key changes too.
+    """
     resolved = Path(path).resolve()
     stat = resolved.stat()
-    text = json.dumps([str(resolved), stat.st_size, stat.st_mtime_ns])
+    text = json.dumps([str(resolved), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,11 +65,30 @@ def test_a_changed_file_is_decoded_again_not_served_stale(images, tmp_path):
     cache = ResizedImageCache(tmp_path / "cache", SIZE)
     old_key = file_key(images[1])
     cache.load(images[1])
+    before = images[1].stat()
     Image.fromarray(np.full((60, 70, 3), 9, np.uint8)).save(images[1])  # same path, new content
-    stat = images[1].stat()
-    os.utime(images[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # coarse file-system clocks
+    os.utime(images[1], ns=(before.st_atime_ns, before.st_mtime_ns))  # even with the old time set back
     assert file_key(images[1]) != old_key
     np.testing.assert_array_equal(cache.load(images[1]), np.full((SIZE, SIZE, 3), 9, np.uint8))
+
+
+def test_a_rewrite_of_the_same_size_with_the_old_time_set_back_is_noticed(tmp_path):
+    """Uncompressed BMPs of one size: only the change time tells the two contents apart."""
+    path = tmp_path / "same_size.bmp"
+    Image.fromarray(np.full((60, 70, 3), 10, np.uint8)).save(path)
+    cache = ResizedImageCache(tmp_path / "cache", SIZE)
+    cache.load(path)
+    before = path.stat()
+    time.sleep(0.05)  # past the file system's clock tick
+    Image.fromarray(np.full((60, 70, 3), 200, np.uint8)).save(path)  # rewritten in place
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    np.testing.assert_array_equal(cache.load(path), np.full((SIZE, SIZE, 3), 200, np.uint8))
 
 
 @pytest.mark.parametrize("damage", ENTRY_DAMAGES)
