@@ -10,8 +10,8 @@ forward pass.
 and resize rules; ``<root>/<identity key>/<ab>/<key>.img`` holds one image as a
 verified entry (:mod:`anomaly.data.store`). An image's key is the SHA-256 of its
 absolute path, inode, size, and modification and change times, so a changed or
-replaced file gets a new entry without its bytes being read to check. A missing, truncated, corrupted or
-mismatched entry is decoded again and rewritten, never used.
+replaced file gets a new entry without its bytes being read to check. A missing,
+truncated, corrupted or mismatched entry is decoded again and rewritten, never used.
 """
 
 from __future__ import annotations
@@ -65,10 +65,6 @@ class ResizedImageCache:
             "resize": RESIZE_RULE,
         }
         self.entries = EntryFolder(self.root, identity, self.SUFFIX, "image cache")
-        self.key, self.folder = self.entries.key, self.entries.path
-
-    def entry_path(self, image_key: str) -> Path:
-        return self.entries.entry_path(image_key)
 
     def load(self, path: str | Path) -> np.ndarray:
         """The image at ``path`` resized to ``(size, size, 3)``: from the cache, else decoded and stored."""

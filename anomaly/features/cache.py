@@ -73,11 +73,18 @@ class FeatureCache:
         self.forward_context = forward_context
         self.identity = extractor_identity(extractor, image_size, compute)
         self.entries = EntryFolder(self.root, self.identity, self.SUFFIX, "feature cache")
-        self.key, self.folder = self.entries.key, self.entries.path
         self.dims = list(extractor.level_dims)
         self.stats = CacheStats()
         self._rows: dict[str, list[Tensor]] = {}  # image key -> features per level
         self._image_keys: dict[str, str] = {}  # path -> image key
+
+    @property
+    def folder(self) -> Path:
+        return self.entries.path
+
+    @property
+    def key(self) -> str:
+        return self.entries.key
 
     def entry_path(self, image_key: str) -> Path:
         return self.entries.entry_path(image_key)

@@ -47,7 +47,7 @@ def test_miss_writes_an_entry_and_a_hit_reads_it_without_decoding(images, tmp_pa
         assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
         np.testing.assert_array_equal(image, decoded(path))
     assert len(list((tmp_path / "cache").rglob("*.img"))) == 3
-    assert (cache.folder / "identity.json").is_file()
+    assert (cache.entries.path / "identity.json").is_file()
     forbid_decoding(monkeypatch)
     again = ResizedImageCache(tmp_path / "cache", SIZE)  # e.g. the next run, or a loader worker
     for image, path in zip(first, images, strict=True):
@@ -56,7 +56,7 @@ def test_miss_writes_an_entry_and_a_hit_reads_it_without_decoding(images, tmp_pa
 
 def test_each_resolution_has_its_own_entries(images, tmp_path):
     small, large = ResizedImageCache(tmp_path, SIZE), ResizedImageCache(tmp_path, 2 * SIZE)
-    assert small.key != large.key
+    assert small.entries.key != large.entries.key
     assert large.load(images[0]).shape == (2 * SIZE, 2 * SIZE, 3)
     np.testing.assert_array_equal(small.load(images[0]), decoded(images[0]))
 
@@ -96,7 +96,7 @@ def test_corrupt_or_mismatched_entry_is_decoded_again_and_rewritten(images, tmp_
     cache = ResizedImageCache(tmp_path / "cache", SIZE)
     for path in images:
         cache.load(path)
-    entry, other = (cache.entry_path(file_key(images[i])) for i in (1, 0))
+    entry, other = (cache.entries.entry_path(file_key(images[i])) for i in (1, 0))
     damage_entry(entry, damage, other)
     np.testing.assert_array_equal(cache.load(images[1]), decoded(images[1]))
     forbid_decoding(monkeypatch)  # the rewritten entry is valid again
