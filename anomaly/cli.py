@@ -9,11 +9,15 @@ Runs are written to ``<trainer.default_root_dir>/<method>/<name>/<category>/fold
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
+import inspect
 import logging
 import re
 import warnings
 from pathlib import Path
 
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -60,7 +64,11 @@ class AnomalyCLI(LightningCLI):
             )
         kwargs["default_root_dir"] = root
         kwargs["strategy"] = resolve_strategy(config.get("strategy", "auto"), self.model)
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:  # e.g. max_epochs -2, devices 0, accelerator gpu
+            reason = str(error).rstrip(".!")
+            raise ArgumentsError(f"--trainer: {reason}; check the --trainer options") from None
 
 
 def quiet_lightning() -> None:
@@ -81,8 +89,39 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def init_options(class_path: str) -> list[str]:
+    """The constructor arguments of ``class_path`` and its bases (what ``--model.<name>`` accepts)."""
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names: list[str] = []
+    for base in inspect.getmro(cls):
+        if "__init__" in vars(base):
+            parameters = inspect.signature(base.__init__).parameters
+            names += [name for name in parameters if name not in ("self", "args", "kwargs")]
+    return names
+
+
+def unknown_option_message(message: str) -> str | None:
+    """``--model.backbon is not an option of GaussianAD (did you mean --model.backbone?)``, or None."""
+    found = re.search(r"Option '([^']+)' is not accepted", message)
+    group = re.search(r'Parser key "([^"]+)"', message)
+    class_path = re.search(r"given class_path '([^']+)'", message)
+    if not (found and group and class_path):
+        return None
+    option, prefix = found.group(1), f"--{group.group(1)}"
+    text = f"{prefix}.{option} is not an option of {class_path.group(1).rpartition('.')[2]}"
+    close = difflib.get_close_matches(option, init_options(class_path.group(1)), n=1)
+    return text + (f" (did you mean {prefix}.{close[0]}?)" if close else "") + "; see --help for the options"
+
+
 def one_line_parse_error(message: str) -> str:
     """jsonargparse's nested, multi-line complaint as ``--<key>: <what> (given: <value>)``."""
+    unknown = unknown_option_message(message)
+    if unknown:
+        return unknown
     keys = re.findall(r'Parser key "([^"]+)"', message)
     lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
     wanted = ("is not accepted", "does not exist", "Expected a", "not a valid", "unrecognized", "Invalid")

@@ -66,7 +66,13 @@ def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
                    "levels"),
         "weights": (["--data.root", str(tiny_mvtec), "--data.category", "widget",
                      "--model.weights", str(tmp_path / "missing.pth")], "missing.pth"),
-        "unknown option": (["--model.backbon", "resnet18"], "--model: Option 'backbon' is not accepted"),
+        "unknown option": (["--model.backbon", "resnet18"],
+                           "--model.backbon is not an option of GaussianAD (did you mean --model.backbone?)"),
+        "unknown data option": (["--data.fodl", "1"],
+                                "--data.fodl is not an option of MVTecDataModule (did you mean --data.fold"),
+        "no close option": (["--model.zzz", "1"], "--model.zzz is not an option of GaussianAD; see --help"),
+        "trainer value": (["--trainer.max_epochs", "-2"], "--trainer: `max_epochs` must be a non-negative"),
+        "trainer devices": (["--trainer.devices", "0"], "--trainer: `Trainer(devices='0')` value is not"),
         "wrong type": (["--data.fold", "two"], "--data.fold: Expected a <class 'int'> (given: two)"),
         "not a bool": (["--figures", "maybe"], "--figures: Expected a <class 'bool'>"),
         "stray argument": (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
@@ -74,8 +80,9 @@ def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
 
 
 @pytest.mark.parametrize("case", ["missing root", "unknown category", "empty train", "unreadable", "fold",
-                                  "levels", "weights", "unknown option", "wrong type", "not a bool",
-                                  "stray argument"])  # fmt: skip
+                                  "levels", "weights", "unknown option", "unknown data option",
+                                  "no close option", "trainer value", "trainer devices", "wrong type",
+                                  "not a bool", "stray argument"])  # fmt: skip
 def test_bad_input_gives_one_line_and_no_results(case, tmp_path: Path, tiny_mvtec: Path, capsys):
     args, expected = bad(tmp_path, tiny_mvtec)[case]
     root = tmp_path / "runs"
