@@ -1,11 +1,12 @@
-"""Image-level metrics (torchmetrics)."""
+"""Image-level metrics."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
-from torchmetrics.functional.classification import binary_auroc
+from sklearn.metrics import roc_auc_score
 
 
 def to_unit_interval(scores: torch.Tensor) -> torch.Tensor:
@@ -22,12 +23,15 @@ def to_unit_interval(scores: torch.Tensor) -> torch.Tensor:
     return (scores - low) / (high - low)
 
 
-def image_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+def image_auroc(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> float:
     """Area under the ROC curve of ``scores`` (higher = more anomalous) for 0/1 ``labels``.
 
+    Computed in float64 by ``sklearn.metrics.roc_auc_score`` (torchmetrics' AUROC
+    works in float32, which can tie nearby large distances and rounds the result).
     NaN when the labels hold a single class (AUROC is undefined then).
     """
-    labels = labels.to(torch.long)
-    if labels.numel() == 0 or labels.min() == labels.max():
+    scores = torch.as_tensor(scores).detach().to("cpu", torch.float64).numpy()
+    labels = torch.as_tensor(labels).detach().to("cpu", torch.long).numpy()
+    if labels.size == 0 or labels.min() == labels.max():
         return math.nan
-    return float(binary_auroc(to_unit_interval(scores), labels).item())
+    return float(roc_auc_score(labels, scores))

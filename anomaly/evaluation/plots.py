@@ -17,9 +17,10 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 from anomaly.evaluation.aggregate import SUM, level_sort_key
+from anomaly.evaluation.metrics import image_auroc
 from anomaly.evaluation.results import (
     AUROC_BARS_FILE,
     DISTRIBUTION_FILE,
@@ -62,7 +63,7 @@ def roc_figure(labels: np.ndarray, columns: Mapping[str, np.ndarray], title: str
         if single_class:
             break
         fpr, tpr, _ = roc_curve(labels, np.asarray(scores, dtype=np.float64))
-        auroc = roc_auc_score(labels, np.asarray(scores, dtype=np.float64))
+        auroc = image_auroc(np.asarray(scores, dtype=np.float64), labels)
         if name == SUM:
             axes.plot(fpr, tpr, color="black", linewidth=2.2, label=f"sum (AUROC {100 * auroc:.1f})")
         else:

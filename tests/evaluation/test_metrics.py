@@ -16,8 +16,16 @@ def test_auroc_equals_sklearn_for_distances_of_any_scale(scale):
     scores[:10] = scores[10]  # ties
     expected = roc_auc_score(labels, scores)
     assert image_auroc(torch.from_numpy(scores), torch.from_numpy(labels)) == pytest.approx(
-        expected, abs=1e-6
+        expected, rel=1e-15
     )
+
+
+def test_auroc_keeps_nearby_large_distances_apart():
+    """float32 rounds these to one value (AUROC 0.5); in float64 every anomaly scores higher."""
+    labels = torch.tensor([0] * 50 + [1] * 50)
+    scores = 1e4 + torch.arange(100, dtype=torch.float64) * 1e-7
+    assert torch.unique(scores.float()).numel() == 1
+    assert image_auroc(scores, labels) == 1.0
 
 
 def test_auroc_is_nan_for_a_single_class():
