@@ -49,7 +49,7 @@ def ledoit_wolf_shrinkage(emp_cov: Tensor, centred_quartic: Tensor, n: int) -> f
     beta = (centred_quartic / n - frob) / (dim * n)
     delta = (frob - 2.0 * trace_mean * torch.diagonal(emp_cov).sum() + dim * trace_mean**2) / dim
     beta = torch.minimum(beta, delta)
-    if beta.item() == 0.0:
+    if beta.item() <= 0.0:  # beta >= 0 in exact arithmetic; rounding can make it slightly negative
         return 0.0
     return float((beta / delta).item())
 
@@ -63,22 +63,36 @@ def shrink_covariance(emp_cov: Tensor, shrinkage: float) -> Tensor:
     return shrunk
 
 
+def inverse_is_accurate(matrix: Tensor, inverse: Tensor, probes: int = 4, tolerance: float = 1e-6) -> bool:
+    """Whether ``matrix @ inverse`` acts as the identity on a few fixed random vectors.
+
+    Cholesky can succeed on a numerically singular matrix (a pivot of rounding
+    size), and its inverse is then garbage; this O(D^2) check catches that.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    vectors = torch.randn(matrix.shape[0], probes, generator=generator, dtype=matrix.dtype).to(matrix.device)
+    residual = matrix @ (inverse @ vectors) - vectors
+    return bool(torch.isfinite(inverse).all()) and float(residual.norm() / vectors.norm()) < tolerance
+
+
 def invert_spd(matrix: Tensor) -> Tensor:
     """Inverse of a symmetric positive (semi-)definite matrix, in float64.
 
-    Cholesky first. When it fails (the matrix is singular, e.g. zero shrinkage
-    with fewer images than dimensions, or features that are constant), falls
-    back to the eigen-decomposition pseudo-inverse, as ``scipy.linalg.pinvh``
-    does, and warns.
+    Cholesky first. When it fails or its inverse is inaccurate (the matrix is
+    singular, e.g. zero shrinkage with fewer images than dimensions, or features
+    that are constant), falls back to the eigen-decomposition pseudo-inverse, as
+    ``scipy.linalg.pinvh`` does (and sklearn's ``precision_``), and warns.
     """
     matrix = matrix.to(torch.float64)
     factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info.item()) == 0:
         identity = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
         inverse = torch.cholesky_solve(identity, factor)  # several times faster than cholesky_inverse on CPU
-        return 0.5 * (inverse + inverse.T)
+        inverse = 0.5 * (inverse + inverse.T)
+        if inverse_is_accurate(matrix, inverse):
+            return inverse
     warnings.warn(
-        "covariance is not positive definite; using the pseudo-inverse instead "
+        "covariance is singular or not positive definite; using the pseudo-inverse instead "
         "(constant or duplicated features, or too few training images)",
         RuntimeWarning,
         stacklevel=2,

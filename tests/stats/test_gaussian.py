@@ -1,5 +1,7 @@
 """Streaming Ledoit-Wolf against sklearn, and the distances against scipy."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,26 @@ def test_invert_spd_falls_back_to_pseudo_inverse():
     with pytest.warns(RuntimeWarning, match="pseudo-inverse"):
         inverse = invert_spd(singular)
     np.testing.assert_allclose(inverse.numpy(), np.linalg.pinv(singular.numpy(), hermitian=True), atol=1e-8)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_two_images_give_sklearns_mahalanobis(seed):
+    """n = 2: the covariance is rank one plus a shrinkage of rounding size (or a slightly negative one).
+
+    Cholesky may still succeed, or keep a negative eigenvalue; the precision must be sklearn's pinvh.
+    """
+    rng = np.random.default_rng(seed)
+    dim = int(rng.integers(2, 50))
+    x = rng.normal(size=(2, dim))
+    acc = RunningMoments(dim)
+    acc.update(torch.from_numpy(x[:1]))
+    acc.update(torch.from_numpy(x[1:]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fit = fit_gaussian(acc.moments())
+    reference = LedoitWolf().fit(x)
+    assert 0.0 <= fit.shrinkage < 1e-12
+    queries = rng.normal(size=(3, dim))
+    ours = mahalanobis(torch.from_numpy(queries), fit.mean, fit.precision).numpy()
+    expected = np.sqrt(np.maximum(reference.mahalanobis(queries), 0))
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-9)
