@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,11 @@ def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
     empty = tmp_path / "empty_root" / "widget" / "train" / "good"
     empty.mkdir(parents=True)
     (empty.parent.parent / "test" / "good").mkdir(parents=True)
+    single = tmp_path / "single_root" / "widget"
+    shutil.copytree(tiny_mvtec / "widget" / "test", single / "test")
+    (single / "train" / "good").mkdir(parents=True)
+    first = sorted((tiny_mvtec / "widget" / "train" / "good").iterdir())[0]
+    shutil.copy(first, single / "train" / "good" / first.name)
     broken = tiny_mvtec / "widget" / "train" / "good" / "999.png"
     broken.write_bytes(b"not a png")
     return {
@@ -61,6 +67,8 @@ def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
                         "no training images"),
         "unreadable": (["--data.root", str(tiny_mvtec), "--data.category", "widget", "--data.fold", "null"],
                        "999.png"),
+        "one image": (["--data.root", str(single.parent), "--data.category", "widget", "--data.fold", "null"],
+                      "at least 2 training images, got 1"),
         "fold": (["--data.root", str(tiny_mvtec), "--data.category", "widget", "--data.fold", "7"], "fold"),
         "levels": (["--data.root", str(tiny_mvtec), "--data.category", "widget", "--model.levels", "[0, 12]"],
                    "levels"),
@@ -79,10 +87,11 @@ def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("case", ["missing root", "unknown category", "empty train", "unreadable", "fold",
-                                  "levels", "weights", "unknown option", "unknown data option",
-                                  "no close option", "trainer value", "trainer devices", "wrong type",
-                                  "not a bool", "stray argument"])  # fmt: skip
+@pytest.mark.parametrize("case", ["missing root", "unknown category", "empty train", "unreadable",
+                                  "one image", "fold", "levels", "weights", "unknown option",
+                                  "unknown data option", "no close option", "trainer value",
+                                  "trainer devices", "wrong type", "not a bool",
+                                  "stray argument"])  # fmt: skip
 def test_bad_input_gives_one_line_and_no_results(case, tmp_path: Path, tiny_mvtec: Path, capsys):
     args, expected = bad(tmp_path, tiny_mvtec)[case]
     root = tmp_path / "runs"

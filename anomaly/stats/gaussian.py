@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from anomaly.errors import UserError
 from anomaly.stats.moments import Moments
 
 
@@ -107,7 +108,7 @@ def fit_gaussian(moments: Moments) -> GaussianFit:
     """Mean, Ledoit-Wolf covariance and precision from streamed moments."""
     n = moments.n
     if n < 2:
-        raise ValueError(f"a Gaussian needs at least 2 feature vectors, got {n}")
+        raise UserError(f"a Gaussian needs at least 2 training images, got {n}: add normal images to fit on")
     scatter = moments.scatter()
     scatter = 0.5 * (scatter + scatter.T)
     emp_cov = scatter / n
