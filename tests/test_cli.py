@@ -49,7 +49,29 @@ def test_fit_and_test_writes_results(tiny_mvtec: Path, tmp_path: Path, capsys):
     assert "sum" in out and str(run_dir) in out
 
 
+BAD_INPUT = [
+    "missing root",
+    "unknown category",
+    "empty train",
+    "unreadable",
+    "one image",
+    "repeated epochs",
+    "fold",
+    "levels",
+    "weights",
+    "unknown option",
+    "unknown data option",
+    "no close option",
+    "trainer value",
+    "trainer devices",
+    "wrong type",
+    "not a bool",
+    "stray argument",
+]
+
+
 def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
+    widget = ["--data.root", str(tiny_mvtec), "--data.category", "widget"]
     empty = tmp_path / "empty_root" / "widget" / "train" / "good"
     empty.mkdir(parents=True)
     (empty.parent.parent / "test" / "good").mkdir(parents=True)
@@ -65,13 +87,12 @@ def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
         "unknown category": (["--data.root", str(tiny_mvtec), "--data.category", "nut"], "category 'nut'"),
         "empty train": (["--data.root", str(tmp_path / "empty_root"), "--data.category", "widget"],
                         "no training images"),
-        "unreadable": (["--data.root", str(tiny_mvtec), "--data.category", "widget", "--data.fold", "null"],
-                       "999.png"),
+        "unreadable": ([*widget, "--data.fold", "null"], "999.png"),
         "one image": (["--data.root", str(single.parent), "--data.category", "widget", "--data.fold", "null"],
                       "at least 2 training images, got 1"),
-        "fold": (["--data.root", str(tiny_mvtec), "--data.category", "widget", "--data.fold", "7"], "fold"),
-        "levels": (["--data.root", str(tiny_mvtec), "--data.category", "widget", "--model.levels", "[0, 12]"],
-                   "levels"),
+        "repeated epochs": ([*widget, "--trainer.max_epochs", "3"], "max_epochs 3 without augmentation"),
+        "fold": ([*widget, "--data.fold", "7"], "fold"),
+        "levels": ([*widget, "--model.levels", "[0, 12]"], "levels"),
         "weights": (["--data.root", str(tiny_mvtec), "--data.category", "widget",
                      "--model.weights", str(tmp_path / "missing.pth")], "missing.pth"),
         "unknown option": (["--model.backbon", "resnet18"],
@@ -87,11 +108,7 @@ def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("case", ["missing root", "unknown category", "empty train", "unreadable",
-                                  "one image", "fold", "levels", "weights", "unknown option",
-                                  "unknown data option", "no close option", "trainer value",
-                                  "trainer devices", "wrong type", "not a bool",
-                                  "stray argument"])  # fmt: skip
+@pytest.mark.parametrize("case", BAD_INPUT)
 def test_bad_input_gives_one_line_and_no_results(case, tmp_path: Path, tiny_mvtec: Path, capsys):
     args, expected = bad(tmp_path, tiny_mvtec)[case]
     root = tmp_path / "runs"

@@ -138,6 +138,17 @@ class GaussianAD(FeatureMethod):
         return None
 
     # -------------------------------------------------------------------- fit
+    def on_fit_start(self) -> None:
+        """Refuse repeated passes over identical images: they would fake a larger sample."""
+        super().on_fit_start()
+        epochs = self.trainer.max_epochs
+        if self.datamodule is not None and not getattr(self.datamodule, "augment", False) and epochs != 1:
+            raise UserError(
+                f"--trainer.max_epochs {epochs} without augmentation streams the same images {epochs} "
+                "times, and Ledoit-Wolf would take them for more images (less shrinkage): use "
+                "--trainer.max_epochs 1, or --data.augment true"
+            )
+
     def on_train_start(self) -> None:
         for accumulator in self.moments:
             accumulator.reset()
