@@ -25,6 +25,7 @@ import numpy as np
 from anomaly.evaluation.results import RESULTS_FILE
 
 SUM = "sum"
+ALL_FOLDS = "all"  # the fold of a run fitted on all training images (``fold: null``)
 PRIMARY = None  # score type meaning "the run's own primary score" (``image_auroc``)
 FOLD_DIR = re.compile(r"fold_(\d+|all)$")
 
@@ -46,10 +47,17 @@ class GroupKey:
     backbone: str
     settings: str
     variant: str
+    whole: bool = False  # fitted on all training images (``fold_all``), not one of the 5 folds
 
     @property
     def label(self) -> str:
-        return f"{self.method}/{self.variant}" if self.variant else f"{self.method}/{self.backbone}"
+        name = f"{self.method}/{self.variant}" if self.variant else f"{self.method}/{self.backbone}"
+        return f"{name} (fold all)" if self.whole else name
+
+    @property
+    def order(self) -> tuple:
+        """Where the group stands in tables: by method, backbone and run name; 5 folds first."""
+        return (self.method, self.backbone, self.variant, self.whole)
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,7 @@ class RunRecord:
     @property
     def fold(self) -> int | str:
         fold = self.results["fold"]
-        return "all" if fold is None else int(fold)
+        return ALL_FOLDS if fold is None else int(fold)
 
     @property
     def key(self) -> GroupKey:
@@ -79,6 +87,7 @@ class RunRecord:
             backbone=str(self.results.get("backbone")),
             settings=json.dumps(settings, sort_keys=True, default=str),
             variant=run_variant(self.path),
+            whole=self.fold == ALL_FOLDS,
         )
 
     def value(self, score_type: str | None = PRIMARY, level: str = SUM) -> float | None:
@@ -150,11 +159,15 @@ def collect_runs(root: Path) -> tuple[list[RunRecord], list[str]]:
 
 
 def group_runs(records: Iterable[RunRecord]) -> dict[GroupKey, list[RunRecord]]:
-    """Runs grouped by (method, backbone, settings, run name), in a stable order."""
+    """Runs grouped by (method, backbone, settings, run name, fold protocol), in a stable order.
+
+    Fits on all training images (``fold_all``) are a group of their own: averaging
+    them with the 5 folds would mix two protocols in one mean.
+    """
     groups: dict[GroupKey, list[RunRecord]] = defaultdict(list)
     for record in records:
         groups[record.key].append(record)
-    return dict(sorted(groups.items(), key=lambda item: (item[0].method, item[0].backbone, item[0].variant)))
+    return dict(sorted(groups.items(), key=lambda item: item[0].order))
 
 
 def deduplicate(records: Sequence[RunRecord]) -> tuple[list[RunRecord], list[str]]:

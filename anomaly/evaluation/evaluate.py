@@ -18,6 +18,7 @@ from pathlib import Path
 from anomaly.console import run_command
 from anomaly.errors import UserError
 from anomaly.evaluation.aggregate import (
+    ALL_FOLDS,
     GroupKey,
     RunRecord,
     collect_runs,
@@ -61,13 +62,16 @@ def build_tables(
     """
     all_records = [r for records in groups.values() for r in records]
     categories = sorted({r.category for r in all_records})
-    folds = sorted({r.fold for r in all_records}, key=str)
+    folds = {  # the folds expected of each protocol: 5-fold groups, and fits on all images
+        whole: sorted({r.fold for r in all_records if (r.fold == ALL_FOLDS) == whole}, key=str)
+        for whole in (False, True)
+    }
     tables, warnings = [], []
     primary_columns = []
     labels = group_labels(list(groups))
     for key, records in groups.items():
         label = labels[key]
-        group_warnings = completeness_warnings(label, records, categories, folds)
+        group_warnings = completeness_warnings(label, records, categories, folds[key.whole])
         warnings += group_warnings
         score_types = list(records[0].results.get("scores") or {})
         columns = [LevelColumn(t, records, t) for t in score_types]

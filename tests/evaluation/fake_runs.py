@@ -10,8 +10,8 @@ TYPES = ("mahalanobis", "l2", "sed")
 
 
 def fake_results(
-    category: str, fold: int, auroc: float, method: str = "gaussian", backbone: str = "efficientnet-lite0",
-    settings: dict | None = None, working_point: dict | None = None,
+    category: str, fold: int | None, auroc: float, method: str = "gaussian",
+    backbone: str = "efficientnet-lite0", settings: dict | None = None, working_point: dict | None = None,
 ) -> dict:  # fmt: skip
     """Results whose every column is ``auroc`` shifted by a fixed offset per score type and level."""
     scores = {}
@@ -32,7 +32,7 @@ def fake_results(
 def write_fake_run(root: Path, results: dict, name: str | None = None) -> Path:
     """``<root>/<method>/<name>/<category>/fold_<k>/results.json``."""
     run_dir = Path(root) / results["method"] / (name or results["backbone"]) / results["category"]
-    run_dir = run_dir / f"fold_{results['fold']}"
+    run_dir = run_dir / ("fold_all" if results["fold"] is None else f"fold_{results['fold']}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.json").write_text(json.dumps(results))
     return run_dir / "results.json"

@@ -19,6 +19,7 @@ from anomaly.evaluation.aggregate import (
     summarise,
     summarise_column,
 )
+from anomaly.evaluation.evaluate import build_tables
 from tests.evaluation.fake_runs import fake_results, write_fake_run
 
 VALUES = {("bottle", 0): 0.90, ("bottle", 1): 0.94, ("cable", 0): 0.70, ("cable", 1): 0.80, ("grid", 0): 0.60}
@@ -98,3 +99,24 @@ def test_missing_columns_and_duplicates_are_reported(tmp_path: Path):
     again = load_run(write_fake_run(tmp_path / "other", fake_results("bottle", 0, 0.8)))
     kept, warnings = deduplicate([record, again])
     assert len(kept) == 1 and len(warnings) == 1 and "2 runs" in warnings[0]
+
+
+def test_fits_on_all_images_are_a_group_of_their_own(tmp_path: Path):
+    """fold_all runs are another protocol: they must not enter the 5-fold means, nor make folds 'missing'."""
+    for (category, fold), auroc in VALUES.items():
+        write_fake_run(tmp_path, fake_results(category, fold, auroc))
+    write_fake_run(tmp_path, fake_results("bottle", None, 0.99))
+    groups = group_runs(collect_runs(tmp_path)[0])
+    assert [(k.label, len(v)) for k, v in groups.items()] == [
+        ("gaussian/efficientnet-lite0", 5),
+        ("gaussian/efficientnet-lite0 (fold all)", 1),
+    ]
+    folds, whole = groups.values()
+    assert summarise_column(folds, None).per_category == pytest.approx(summarise(VALUES).per_category)
+    assert summarise_column(whole, None).per_category == pytest.approx({"bottle": 0.99})
+    tables, warnings = build_tables(groups)
+    assert warnings == [  # grid lacks fold 1 in VALUES; no group lacks the other protocol's folds
+        "gaussian/efficientnet-lite0: grid lacks folds 1 (its mean is over folds 0 only)",
+        "gaussian/efficientnet-lite0 (fold all): no runs for categories cable, grid",
+    ]
+    assert any("(fold all)" in table.title for table in tables)
