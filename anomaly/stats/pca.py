@@ -8,8 +8,11 @@ cumulative ratio exceeds ``t``:
 * ``npca`` keeps components ``k-1..end`` (the low-variance ones; "NPCA x%" is t = 1 - x,
   so NPCA 1% is t = 0.99 and NPCA 0.01% is t = 0.9999).
 
-As ``sklearn.decomposition.PCA(n_components=None)``, at most ``min(n, D)``
-components exist. The Gaussian is then fitted again in the reduced space.
+Centred, ``n`` feature vectors span at most ``n - 1`` directions, so at most
+``min(n - 1, D)`` components exist. (sklearn's ``PCA(n_components=None)`` returns
+``min(n, D)``: with ``n <= D`` its last one has zero variance and an arbitrary
+direction in the null space, which NPCA would otherwise keep.) The Gaussian is
+then fitted again in the reduced space.
 """
 
 from __future__ import annotations
@@ -42,11 +45,11 @@ def check_reduction(reduction: str, variance_threshold: float | None) -> tuple[s
 def principal_components(emp_cov: Tensor, n_samples: int) -> tuple[Tensor, Tensor]:
     """(explained variance ratios, components as columns), largest variance first.
 
-    At most ``min(n_samples, D)`` components are returned, as sklearn's PCA does.
+    At most ``min(n_samples - 1, D)`` components are returned: the rank of the centred features.
     """
     eigval, eigvec = torch.linalg.eigh(emp_cov.to(torch.float64))
     eigval, eigvec = eigval.flip(0).clamp(min=0.0), eigvec.flip(1)
-    keep = min(n_samples, emp_cov.shape[0])
+    keep = max(min(n_samples - 1, emp_cov.shape[0]), 1)
     total = eigval.sum()
     ratio = eigval / total if total > 0 else torch.zeros_like(eigval)
     return ratio[:keep], eigvec[:, :keep]

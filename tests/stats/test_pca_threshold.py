@@ -19,8 +19,12 @@ from anomaly.stats.threshold import (
 
 
 def sklearn_selection(x: np.ndarray, reduction: str, t: float) -> int:
-    """The DESIGN's rule on sklearn's PCA: k = first index with cumulative ratio > t."""
-    ratio = PCA(n_components=None).fit(x).explained_variance_ratio_
+    """The DESIGN's rule on sklearn's PCA: k = first index with cumulative ratio > t.
+
+    Components beyond the rank n - 1 of the centred features (sklearn's last one when n <= D)
+    have zero variance and an arbitrary direction; they are not counted.
+    """
+    ratio = PCA(n_components=None).fit(x).explained_variance_ratio_[: len(x) - 1]
     k = int(np.argmax(np.cumsum(ratio) > t))
     return k + 1 if reduction == "pca" else len(ratio) - (k - 1)
 
@@ -36,7 +40,21 @@ def test_retained_dimensionality_equals_sklearn(n, dim, reduction, t):
     assert projection.shape == (dim, sklearn_selection(x, reduction, t))
     ratio, _ = principal_components(emp_cov, n)
     reference = PCA(n_components=None).fit(x).explained_variance_ratio_
-    np.testing.assert_allclose(ratio.numpy()[: min(n - 1, dim)], reference[: min(n - 1, dim)], atol=1e-12)
+    np.testing.assert_allclose(ratio.numpy(), reference[: min(n - 1, dim)], atol=1e-12)
+    if n <= dim:
+        assert reference[n - 1] < 1e-12  # the component sklearn adds: no variance, no meaning
+
+
+def test_few_images_keep_only_directions_they_span():
+    """n <= D: every kept NPCA direction lies in the span of the centred features (none is arbitrary)."""
+    rng = np.random.default_rng(3)
+    n, dim = 12, 40
+    x = rng.normal(size=(n, dim)) * np.geomspace(5, 0.1, dim)
+    centred = x - x.mean(0)
+    projection = reduction_projection(torch.from_numpy(centred.T @ centred / n), n, "npca", 0.99).numpy()
+    assert projection.shape[1] <= n - 1
+    inside = np.linalg.lstsq(centred.T, projection, rcond=None)[0]  # projection = centred.T @ coefficients
+    np.testing.assert_allclose(centred.T @ inside, projection, atol=1e-10)
 
 
 def test_npca_keeps_the_low_variance_components():
