@@ -116,14 +116,18 @@ class GaussianDetector:
             self.levels_ = levels
         else:
             self.levels_ = list(range(1, len(self._as_feature_list(X)) + 1))
+        self._check_score_column()
         accumulators: list[RunningMoments] | None = None
+        # The training features are kept only for an empirical threshold (their scores' quantile).
+        keep = self.fpr is not None and self._chi2_level() is None
         kept: list[list[Tensor]] = [[] for _ in self.levels_]
         for features in self._feature_batches(X, extractor):
             if accumulators is None:
                 accumulators = [RunningMoments(f.shape[1]) for f in features]
             for accumulator, store, feats in zip(accumulators, kept, features, strict=True):
                 accumulator.update(feats.cpu())
-                store.append(feats.cpu())
+                if keep:
+                    store.append(feats.cpu())
         if accumulators is None or accumulators[0].n < 2:
             raise UserError("fit needs at least 2 normal samples")
         scorers = []
@@ -132,20 +136,26 @@ class GaussianDetector:
             scorer.set_fit(fit_gaussian(accumulator.moments()))
             scorers.append(scorer)
         self.model_ = DetectorModel(extractor, self.levels_, scorers).to(self.device)
-        self._check_score_column()
-        train_scores = self.model_.score_features([torch.cat(store) for store in kept])[self.score]
-        self.threshold_ = self._working_point(train_scores.cpu())
+        self.threshold_ = self._working_point(kept)
         self.source_ = {"fitted_with": "GaussianDetector.fit", "n_fit": accumulators[0].n}
         return self
 
-    def _working_point(self, train_scores: Tensor) -> float | None:
-        if self.fpr is None:
-            return None
+    def _chi2_level(self) -> int | None:
+        """Index of the level whose Mahalanobis distance has eq. (8)'s χ² threshold, if the score is one."""
         score_type, level = split_column(self.score)
         if score_type == "mahalanobis" and (level != SUM or len(self.levels_) == 1):
-            index = 0 if level == SUM else self.levels_.index(int(level))
+            return 0 if level == SUM else self.levels_.index(int(level))
+        return None
+
+    def _working_point(self, train_features: list[list[Tensor]]) -> float | None:
+        """The threshold at ``fpr``: χ² closed form, or the quantile of the training features' scores."""
+        if self.fpr is None:
+            return None
+        index = self._chi2_level()
+        if index is not None:
             return chi2_threshold(self.model_.scorers[index].dim, self.fpr)
-        return empirical_threshold(train_scores, self.fpr)
+        train_scores = self.model_.score_features([torch.cat(batches) for batches in train_features])
+        return empirical_threshold(train_scores[self.score].cpu(), self.fpr)
 
     def _check_score_column(self) -> None:
         _, level = split_column(self.score)

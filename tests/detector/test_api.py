@@ -11,6 +11,7 @@ from sklearn.covariance import LedoitWolf
 
 from anomaly.data.images import load_rgb
 from anomaly.detector import GaussianDetector
+from anomaly.detector.model import DetectorModel
 from anomaly.errors import UserError
 from tests.detector.helpers import LEVELS, demo_images, fit_demo_detector
 
@@ -32,6 +33,19 @@ def test_feature_scores_are_ledoit_wolf_mahalanobis(features):
     scores = detector.score_samples(new)
     np.testing.assert_array_equal(detector.predict(new), (scores > detector.threshold_).astype(int))
     assert detector.score_samples(train).mean() < scores.mean()  # higher = more anomalous
+
+
+def test_chi2_working_point_neither_keeps_nor_scores_the_training_features(features, monkeypatch):
+    """Only an empirical threshold needs the training scores; the χ² one is streamed like the fit."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("training features were scored")
+
+    monkeypatch.setattr(DetectorModel, "score_features", forbidden)
+    detector = GaussianDetector(backbone=None, batch_size=64).fit(features[0])
+    assert detector.threshold_ == pytest.approx(np.sqrt(chi2.ppf(0.95, 6)), rel=1e-12)
+    with pytest.raises(AssertionError, match="were scored"):
+        GaussianDetector(backbone=None, score="l2", batch_size=64).fit(features[0])
 
 
 def test_levels_are_summed_and_empirical_threshold_holds_fpr(features):
