@@ -15,20 +15,8 @@ from torch import Tensor, nn
 
 from anomaly.backbones import FeatureExtractor
 from anomaly.errors import UserError
-from anomaly.methods.base import SUM
-from anomaly.stats.distances import SCORE_TYPES
+from anomaly.stats.distances import level_columns
 from anomaly.stats.scorer import GaussianScorer
-
-
-def score_columns(levels: Sequence[int], per_level: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """``{"<type>/<level>": (B,)}`` for every score type and level, plus ``"<type>/sum"``."""
-    columns: dict[str, Tensor] = {}
-    for level, scores in zip(levels, per_level, strict=True):
-        for score_type, values in scores.items():
-            columns[f"{score_type}/{level}"] = values
-    for score_type in SCORE_TYPES:
-        columns[f"{score_type}/{SUM}"] = sum(columns[f"{score_type}/{level}"] for level in levels)
-    return columns
 
 
 def scorer_from_tensors(tensors: dict[str, Tensor]) -> GaussianScorer:
@@ -77,7 +65,7 @@ class DetectorModel(nn.Module):
                 )
         device = self.scorers[0].mean.device
         per_level = [scorer(f.to(device)) for scorer, f in zip(self.scorers, features, strict=True)]
-        return score_columns(self.levels, per_level)
+        return level_columns(self.levels, per_level)
 
     @torch.no_grad()
     def features(self, images: Tensor) -> list[Tensor]:

@@ -23,8 +23,7 @@ from torch import Tensor
 from anomaly.evaluation.metrics import image_auroc
 from anomaly.evaluation.results import write_results, write_scores_csv
 from anomaly.evaluation.tensorboard import report_run
-
-SUM = "sum"
+from anomaly.stats.distances import SUM
 
 
 def split_column(name: str) -> tuple[str, str]:

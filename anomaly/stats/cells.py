@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from anomaly.stats.distances import l2_distance, mahalanobis
 from anomaly.stats.gaussian import GaussianFit, fit_gaussian
-from anomaly.stats.moments import Moments, RunningMoments, all_gather_moments, batch_moments, merge_moments
+from anomaly.stats.moments import Moments, RunningMoments, batch_moments, merge_moments
 
 FLOAT64_BYTES = 8
 
@@ -89,18 +89,6 @@ class CellMoments(RunningMoments):
         if other.count[0].item() == 0:
             return
         self.load_moments(other if self.n == 0 else merge_cell_moments(self.moments(), other))
-
-
-def synchronise_cells(accumulators: list[CellMoments]) -> None:
-    """Replace each accumulator's moments by their merge over all processes (no-op without DDP)."""
-    for accumulator in accumulators:
-        parts = all_gather_moments(accumulator.moments())
-        if len(parts) == 1:
-            return
-        merged = CellMoments(accumulator.cells, accumulator.dim).to(accumulator.count.device)
-        for part in parts:
-            merged.merge_(part)
-        accumulator.load_moments(merged.moments())
 
 
 def fit_cells(moments: Moments) -> list[GaussianFit]:

@@ -9,10 +9,13 @@ All three come from the same features in one pass:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor
 
 SCORE_TYPES = ("mahalanobis", "l2", "sed")
+SUM = "sum"  # sum mode: a score type's distances added over the levels with equal weights
 
 
 def mahalanobis(x: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
@@ -32,3 +35,14 @@ def standardised_euclidean(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     alive = std > 0
     diff = (x.to(mean.dtype) - mean)[:, alive] / std[alive]
     return torch.linalg.vector_norm(diff, dim=1)
+
+
+def level_columns(levels: Sequence[int], per_level: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """``{"<type>/<level>": (B,)}`` for every score type and level, plus the sum mode ``"<type>/sum"``."""
+    columns: dict[str, Tensor] = {}
+    for level, scores in zip(levels, per_level, strict=True):
+        for score_type, values in scores.items():
+            columns[f"{score_type}/{level}"] = values
+    for score_type in SCORE_TYPES:
+        columns[f"{score_type}/{SUM}"] = sum(columns[f"{score_type}/{level}"] for level in levels)
+    return columns

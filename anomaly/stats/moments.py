@@ -19,6 +19,7 @@ Memory is O(D^2) per level, independent of the number of images and epochs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -191,3 +192,18 @@ def all_gather_moments(moments: Moments) -> list[Moments]:
             offset += f.numel()
         out.append(Moments(*parts))
     return out
+
+
+def synchronise(accumulators: Sequence[RunningMoments]) -> None:
+    """Replace each accumulator's moments by their merge over all processes, in rank order.
+
+    A no-op without DDP. Works for any accumulator with ``reset`` and ``merge_``
+    (per-cell ones included); a process that saw no image adds nothing.
+    """
+    for accumulator in accumulators:
+        parts = all_gather_moments(accumulator.moments())
+        if len(parts) == 1:
+            continue
+        accumulator.reset()
+        for part in parts:
+            accumulator.merge_(part)

@@ -27,31 +27,14 @@ from anomaly.errors import UserError
 from anomaly.methods.base import SUM, gather_rows
 from anomaly.methods.features import FeatureMethod
 from anomaly.methods.gaussian.working_point import working_point_report
-from anomaly.stats.distances import SCORE_TYPES
+from anomaly.stats.distances import SCORE_TYPES, level_columns
 from anomaly.stats.gaussian import fit_gaussian
-from anomaly.stats.moments import Moments, RunningMoments, all_gather_moments, merge_moments
+from anomaly.stats.moments import RunningMoments, synchronise
 from anomaly.stats.pca import check_reduction, reduction_projection
 from anomaly.stats.scorer import GaussianScorer
 from anomaly.stats.threshold import check_fpr, chi2_threshold, empirical_threshold
 
 THRESHOLD_METHODS = ("empirical", "chi2")
-
-
-def merge_all(parts: list[Moments]) -> Moments:
-    """Merge moments in order, skipping empty ones (a process may have seen no image)."""
-    non_empty = [m for m in parts if m.count.item() > 0]
-    if not non_empty:
-        return parts[0]
-    merged = non_empty[0]
-    for m in non_empty[1:]:
-        merged = merge_moments(merged, m)
-    return merged
-
-
-def synchronise(accumulators: Sequence[RunningMoments]) -> None:
-    """Replace each accumulator's moments by the merge over all processes."""
-    for accumulator in accumulators:
-        accumulator.load_moments(merge_all(all_gather_moments(accumulator.moments())))
 
 
 class GaussianAD(FeatureMethod):
@@ -250,13 +233,8 @@ class GaussianAD(FeatureMethod):
         """``{"<type>/<level>": (B,)}`` for every score type and level, plus ``"<type>/sum"``."""
         if not all(bool(s.fitted) for s in self.scorers):
             raise UserError("the detector is not fitted yet: run fit before test")
-        columns: dict[str, Tensor] = {}
-        for level, scorer, feats in zip(self.levels, self.scorers, features, strict=True):
-            for score_type, values in scorer(feats).items():
-                columns[f"{score_type}/{level}"] = values
-        for score_type in SCORE_TYPES:
-            columns[f"{score_type}/{SUM}"] = sum(columns[f"{score_type}/{level}"] for level in self.levels)
-        return columns
+        per_level = [scorer(feats) for scorer, feats in zip(self.scorers, features, strict=True)]
+        return level_columns(self.levels, per_level)
 
     # ---------------------------------------------------------------- results
     def extra_results(self) -> dict:

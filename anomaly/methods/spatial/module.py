@@ -45,9 +45,9 @@ from anomaly.stats.cells import (
     CellMoments,
     cells_memory_bytes,
     fit_cells,
-    synchronise_cells,
 )
-from anomaly.stats.distances import SCORE_TYPES
+from anomaly.stats.distances import SCORE_TYPES, level_columns
+from anomaly.stats.moments import synchronise
 
 POOLINGS = ("global", "grid", "cells")
 LEVEL_WEIGHTINGS = ("none", "holdout")
@@ -186,7 +186,7 @@ class SpatialGaussianAD(GaussianAD):
         if self.pooling != "cells":
             super().on_train_end()
             return
-        synchronise_cells(list(self.moments))
+        synchronise(list(self.moments))
         self.finalise()
         self.calibrate()
 
@@ -244,15 +244,14 @@ class SpatialGaussianAD(GaussianAD):
     def _score_cells(self, features: list[Tensor]) -> dict[str, Tensor]:
         if not all(bool(s.fitted) for s in self.scorers):
             raise UserError("the detector is not fitted yet: run fit before test")
-        columns: dict[str, Tensor] = {}
+        per_level = []
         maps = 0.0
-        for i, (level, scorer, feats) in enumerate(zip(self.levels, self.scorers, features, strict=True)):
-            for score_type, distances in scorer(feats).items():
-                columns[f"{score_type}/{level}"] = distances.amax(dim=1)
-                if score_type == self.primary_score.partition("/")[0]:
-                    maps = maps + self.standardise(score_type, i, distances)
-        for score_type in SCORE_TYPES:
-            columns[f"{score_type}/{SUM}"] = sum(columns[f"{score_type}/{level}"] for level in self.levels)
+        for i, (scorer, feats) in enumerate(zip(self.scorers, features, strict=True)):
+            cells = scorer(feats)  # {type: (B, cells)}
+            per_level.append({score_type: distances.amax(dim=1) for score_type, distances in cells.items()})
+            map_type = self.primary_score.partition("/")[0]
+            maps = maps + self.standardise(map_type, i, cells[map_type])
+        columns = level_columns(self.levels, per_level)
         self._last_maps = maps.reshape(-1, self.grid_size, self.grid_size)
         return columns
 
