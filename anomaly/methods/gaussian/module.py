@@ -193,16 +193,20 @@ class GaussianAD(FeatureMethod):
             for batch in loader:
                 yield self.batch_features(self.transfer_batch_to_device(batch, self.device, 0))
 
+    def score_holdout(self) -> dict[str, Tensor] | None:
+        """Score columns of the fold's held-out normal fifth, over all processes (None if it has none)."""
+        dm = self.datamodule
+        if dm is None or not dm.holdout_samples:
+            return None
+        columns: dict[str, list[Tensor]] = {}
+        for features in self._stream(dm.holdout_dataloader()):
+            for name, values in self.score_features(features).items():
+                columns.setdefault(name, []).append(values.cpu())
+        return gather_rows({k: torch.cat(v) for k, v in columns.items()})
+
     def calibrate(self) -> None:
         """Score the held-out normal fifth and set the decision threshold."""
-        dm = self.datamodule
-        self.holdout_scores = None
-        if dm is not None and dm.holdout_samples:
-            columns: dict[str, list[Tensor]] = {}
-            for features in self._stream(dm.holdout_dataloader()):
-                for name, values in self.score_features(features).items():
-                    columns.setdefault(name, []).append(values.cpu())
-            self.holdout_scores = gather_rows({k: torch.cat(v) for k, v in columns.items()})
+        self.holdout_scores = self.score_holdout()
         if self.hparams.threshold is not None:
             return
         value = math.nan

@@ -200,17 +200,13 @@ class SpatialGaussianAD(GaussianAD):
     def calibrate(self) -> None:
         """Standardise the levels on the held-out normal fifth (if asked), then set thresholds."""
         if self.level_weighting == "holdout":
-            dm = self.datamodule
-            if dm is None or not dm.holdout_samples:
+            self.level_stats[..., 0], self.level_stats[..., 1] = 0.0, 1.0
+            holdout = self.score_holdout()
+            if holdout is None:
                 raise UserError(
                     "level_weighting holdout needs the fold's held-out normal images: set data.fold to 0..4"
                 )
-            self.level_stats[..., 0], self.level_stats[..., 1] = 0.0, 1.0
-            columns: dict[str, list[Tensor]] = {}
-            for features in self._stream(dm.holdout_dataloader()):
-                for name, values in self.score_features(features).items():
-                    columns.setdefault(name, []).append(values.cpu())
-            self.set_level_weights(gather_rows({k: torch.cat(v) for k, v in columns.items()}))
+            self.set_level_weights(holdout)
         super().calibrate()
 
     def set_level_weights(self, holdout_columns: dict[str, Tensor]) -> None:
