@@ -58,6 +58,7 @@ from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.folder import FolderDataModule
 from anomaly.data.transforms import ImagePipeline
+from anomaly.evaluation.aggregate import sem
 from anomaly.evaluation.metrics import image_auroc
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.spatial import SpatialGaussianAD
@@ -319,11 +320,12 @@ def datamodules(name: str, args: argparse.Namespace) -> list[AnomalyDataModule]:
 
 
 def mean_sem(values: list[float]) -> tuple[float, float]:
+    """Mean ± SEM over the folds (NaN folds left out; NaN SEM for fewer than two)."""
     clean = [v for v in values if not math.isnan(v)]
     if not clean:
         return math.nan, math.nan
-    sem = float(np.std(clean, ddof=1) / math.sqrt(len(clean))) if len(clean) > 1 else math.nan
-    return float(np.mean(clean)), sem
+    spread = sem(clean)
+    return float(np.mean(clean)), math.nan if spread is None else spread
 
 
 def throughput(methods: list[Method], images: Tensor, repeats: int) -> dict[str, float]:
