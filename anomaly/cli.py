@@ -35,10 +35,17 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 
-def run_dir_parts(model: AnomalyMethod, data: AnomalyDataModule) -> tuple[str, str]:
-    """(``<method>/<name>/<category>``, ``fold_<k>``) of a run, relative to the root dir."""
+def run_dir_parts(model: AnomalyMethod, data: AnomalyDataModule, epochs: int | None) -> tuple[str, str]:
+    """(``<method>/<name>/<category>``, ``fold_<k>``) of a run, relative to the root dir.
+
+    Augmented runs end in ``_augment``; for methods that stream every augmented pass
+    into their fit (Gaussian, oc-SVM) the number of passes follows (``_augment100``).
+    """
     fold = "fold_all" if data.fold is None else f"fold_{data.fold}"
-    name = model.run_name() + ("_augment" if data.augment else "")
+    name = model.run_name()
+    if data.augment:
+        counted = model.epochs_are_samples and epochs is not None and epochs > 0
+        name += f"_augment{epochs}" if counted else "_augment"
     return f"{model.method_name}/{name}/{data.category}", fold
 
 
@@ -57,7 +64,7 @@ class AnomalyCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or "runs"
-        name, version = run_dir_parts(self.model, self.datamodule)
+        name, version = run_dir_parts(self.model, self.datamodule, config.get("max_epochs"))
         if config.get("logger", True) is not False:
             kwargs["logger"] = TensorBoardLogger(
                 save_dir=root, name=name, version=version, default_hp_metric=False

@@ -59,6 +59,7 @@ class AnomalyMethod(pl.LightningModule):
     method_name: str = "method"
     primary_score: str = "sum"  # the column reported as ``image_auroc``
     report_figures: bool = True  # PNGs and TensorBoard figures after the test (``--figures``)
+    epochs_are_samples: bool = False  # each augmented epoch adds one pass of samples to the fit
 
     def __init__(self) -> None:
         super().__init__()

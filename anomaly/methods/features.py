@@ -38,6 +38,8 @@ class FeatureMethod(AnomalyMethod):
     and get ``self.extractor``, ``self.levels`` and :meth:`batch_features`.
     """
 
+    epochs_are_samples = True  # augmented passes are streamed into the fit: their number is a setting
+
     def __init__(
         self,
         backbone: str,

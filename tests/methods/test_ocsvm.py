@@ -58,7 +58,7 @@ def test_command_line_run_with_the_ocsvm_config(tiny_mvtec: Path, tmp_path: Path
                  "--data.augment", "true", "--trainer.max_epochs", "2", "--model.levels", "[2]",
                  "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
     assert code == 0, capsys.readouterr().err
-    run_dir = tmp_path / "ocsvm" / "efficientnet-lite0_levels-2_augment" / "widget" / "fold_0"
+    run_dir = tmp_path / "ocsvm" / "efficientnet-lite0_levels-2_augment2" / "widget" / "fold_0"
     results = json.loads((run_dir / "results.json").read_text())
     assert results["method"] == "ocsvm" and results["fold"] == 0 and results["category"] == "widget"
     assert results["n_fit_vectors"] == 2 * 9  # features of every epoch's augmented images
