@@ -9,6 +9,7 @@ Runs are written to ``<trainer.default_root_dir>/<method>/<name>/<category>/fold
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import inspect
@@ -29,7 +30,7 @@ from anomaly.errors import ArgumentsError
 from anomaly.evaluation.report import format_run_table
 from anomaly.evaluation.results import remove_stale_results
 from anomaly.methods.base import AnomalyMethod
-from anomaly.methods.distributed import resolve_strategy
+from anomaly.methods.distributed import resolve_strategy, statistics_replacement
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -72,10 +73,25 @@ class AnomalyCLI(LightningCLI):
         kwargs["default_root_dir"] = root
         kwargs["strategy"] = resolve_strategy(config.get("strategy", "auto"), self.model)
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
+            replacement = statistics_replacement(trainer.strategy, self.model)  # auto with several devices
+            if replacement is not None:
+                trainer = super().instantiate_trainer(**{**kwargs, "strategy": replacement})
         except MisconfigurationException as error:  # e.g. max_epochs -2, devices 0, accelerator gpu
             reason = str(error).rstrip(".!")
             raise ArgumentsError(f"--trainer: {reason}; check the --trainer options") from None
+        refuse_partial_runs(trainer)
+        return trainer
+
+
+def refuse_partial_runs(trainer: Trainer) -> None:
+    """Debug options that cut the fit or the test short would write results that look complete."""
+    if trainer.fast_dev_run:
+        raise ArgumentsError("--trainer.fast_dev_run would fit and test on a single batch: leave it off")
+    for name in ("limit_train_batches", "limit_test_batches"):
+        value = getattr(trainer, name)
+        if not (isinstance(value, float) and value == 1.0):  # an int is a number of batches
+            raise ArgumentsError(f"--trainer.{name} {value} would leave images out of the run: keep 1.0")
 
 
 def quiet_lightning() -> None:
@@ -164,6 +180,24 @@ def build_cli(args: list[str] | None = None) -> AnomalyCLI:
         raise ArgumentsError(one_line_parse_error(str(error))) from None
 
 
+def remove_run_outputs(run_dir: Path) -> None:
+    """An earlier (or failed) run's results, scores, figures, events and detector."""
+    remove_stale_results(run_dir)
+    remove_stale_detector(run_dir)
+
+
+def remove_failed_run(run_dir: Path, root: Path) -> None:
+    """A failed run leaves nothing that looks like a result: its files go, and its folders if emptied."""
+    remove_run_outputs(run_dir)
+    for name in ("config.yaml", "hparams.yaml"):
+        (run_dir / name).unlink(missing_ok=True)
+    folder = run_dir
+    while folder != root and root in folder.parents:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only an empty folder
+        folder = folder.parent
+
+
 def fit_and_test(args: list[str] | None = None) -> dict:
     """Parse the arguments, fit, test, and return the run's results."""
     quiet_lightning()
@@ -172,12 +206,16 @@ def fit_and_test(args: list[str] | None = None) -> dict:
     model.report_figures = bool(cli.config.get("figures", True))
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
     if trainer.is_global_zero:
-        remove_stale_results(run_dir)
-        remove_stale_detector(run_dir)
-    trainer.fit(model, datamodule=data)
-    if trainer.is_global_zero:
-        save_run_detector(model, data.image_size, run_dir)  # detector.safetensors + detector.json
-    trainer.test(model, datamodule=data, verbose=False)
+        remove_run_outputs(run_dir)
+    try:
+        trainer.fit(model, datamodule=data)
+        trainer.test(model, datamodule=data, verbose=False)
+        if trainer.is_global_zero:
+            save_run_detector(model, data.image_size, run_dir)  # detector.safetensors + detector.json
+    except BaseException:
+        if trainer.is_global_zero:
+            remove_failed_run(run_dir, Path(trainer.default_root_dir))
+        raise
     results = dict(model.test_summary or {})
     results["run_dir"] = str(run_dir)
     return results

@@ -56,6 +56,10 @@ BAD_INPUT = [
     "unreadable",
     "one image",
     "repeated epochs",
+    "unreadable test image",
+    "no epochs",
+    "fast dev run",
+    "limited test",
     "fold",
     "levels",
     "weights",
@@ -80,6 +84,9 @@ def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
     (single / "train" / "good").mkdir(parents=True)
     first = sorted((tiny_mvtec / "widget" / "train" / "good").iterdir())[0]
     shutil.copy(first, single / "train" / "good" / first.name)
+    test_broken = tmp_path / "test_broken_root" / "widget"
+    shutil.copytree(tiny_mvtec / "widget", test_broken, ignore=shutil.ignore_patterns("999.png"))
+    (test_broken / "test" / "good" / "998.png").write_bytes(b"not a png either")
     broken = tiny_mvtec / "widget" / "train" / "good" / "999.png"
     broken.write_bytes(b"not a png")
     return {
@@ -91,6 +98,11 @@ def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
         "one image": (["--data.root", str(single.parent), "--data.category", "widget", "--data.fold", "null"],
                       "at least 2 training images, got 1"),
         "repeated epochs": ([*widget, "--trainer.max_epochs", "3"], "max_epochs 3 without augmentation"),
+        "unreadable test image": (["--data.root", str(test_broken.parent), "--data.category", "widget"],
+                                  "998.png"),
+        "no epochs": ([*widget, "--trainer.max_epochs", "0"], "max_epochs 0 gives no fit"),
+        "fast dev run": ([*widget, "--trainer.fast_dev_run", "true"], "fast_dev_run"),
+        "limited test": ([*widget, "--trainer.limit_test_batches", "2"], "limit_test_batches 2 would leave"),
         "fold": ([*widget, "--data.fold", "7"], "fold"),
         "levels": ([*widget, "--model.levels", "[0, 12]"], "levels"),
         "weights": (["--data.root", str(tiny_mvtec), "--data.category", "widget",
@@ -117,7 +129,9 @@ def test_bad_input_gives_one_line_and_no_results(case, tmp_path: Path, tiny_mvte
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], err
     assert "Traceback" not in err and "usage:" not in err
-    assert not list(root.rglob("results.json"))
+    assert not list(root.rglob("results.json")) and not list(root.rglob("scores.csv"))
+    assert not list(root.rglob("detector.*"))  # a fit that could not be tested is not a detector
+    assert not root.exists() or not any(root.iterdir())  # not even empty run folders
 
 
 def test_downloadable_weights_missing_offline_name_the_file(

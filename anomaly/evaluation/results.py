@@ -73,8 +73,8 @@ def write_scores_csv(run_dir: Path, columns: Mapping[str, Sequence]) -> Path:
 
 
 def remove_stale_results(run_dir: Path) -> None:
-    """Before a run: drop an earlier run's ``results.json``, figures and TensorBoard events."""
-    for name in (RESULTS_FILE, *RUN_FIGURES):
+    """Before a run: drop an earlier run's results, scores, figures and TensorBoard events."""
+    for name in (RESULTS_FILE, SCORES_FILE, *RUN_FIGURES):
         (Path(run_dir) / name).unlink(missing_ok=True)
     shutil.rmtree(Path(run_dir) / OVERLAYS_DIR, ignore_errors=True)
     for events in Path(run_dir).glob("events.out.tfevents.*"):

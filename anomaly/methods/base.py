@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from anomaly.errors import UserError
 from anomaly.evaluation.metrics import image_auroc
 from anomaly.evaluation.results import write_results, write_scores_csv
 from anomaly.evaluation.tensorboard import report_run
@@ -106,6 +107,12 @@ class AnomalyMethod(pl.LightningModule):
             self.datamodule.set_image_size(size)
 
     def on_fit_start(self) -> None:
+        epochs = self.trainer.max_epochs
+        if epochs == 0 or (self.epochs_are_samples and epochs is not None and epochs < 0):
+            raise UserError(
+                f"--trainer.max_epochs {epochs} gives no fit: use a positive number of epochs "
+                "(1, or e.g. 100 with --data.augment true)"
+            )
         self._fit_started = time.perf_counter()
 
     # ------------------------------------------------------------------- test

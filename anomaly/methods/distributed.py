@@ -32,6 +32,17 @@ class StatisticsDDPStrategy(DDPStrategy):
             _sync_module_states(self.model)
 
 
+def statistics_replacement(chosen: Strategy, model: nn.Module) -> Strategy | None:
+    """The :class:`StatisticsDDPStrategy` to use instead of the plain DDP that Lightning chose.
+
+    ``strategy: auto`` with several devices makes Lightning pick ``DDPStrategy``,
+    which a model with nothing to train cannot use. ``None`` when ``chosen`` is fine.
+    """
+    if type(chosen) is DDPStrategy and not has_trainable_parameters(model):
+        return StatisticsDDPStrategy(start_method=chosen._start_method)
+    return None
+
+
 def resolve_strategy(strategy: str | Strategy, model: nn.Module) -> str | Strategy:
     """A DDP strategy name becomes :class:`StatisticsDDPStrategy` for a model with nothing to train."""
     if isinstance(strategy, str) and strategy in DDP_START_METHODS and not has_trainable_parameters(model):

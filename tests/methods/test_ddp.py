@@ -23,7 +23,7 @@ from torch import nn
 
 from anomaly.data import MVTecDataModule
 from anomaly.errors import UserError
-from anomaly.methods.distributed import StatisticsDDPStrategy, resolve_strategy
+from anomaly.methods.distributed import StatisticsDDPStrategy, resolve_strategy, statistics_replacement
 from tests.conftest import make_mvtec_category
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,6 +136,18 @@ def test_ddp_strategy_names_map_to_the_statistics_strategy_for_models_without_gr
     assert resolve_strategy("ddp_spawn", frozen)._start_method == "spawn"
     assert resolve_strategy("ddp", nn.Linear(2, 2)) == "ddp"  # trainable: Lightning's own DDP
     assert resolve_strategy("auto", frozen) == "auto"
+
+
+def test_auto_strategy_with_several_devices_gets_the_statistics_strategy(tmp_path):
+    """``devices: 2`` alone makes Lightning choose its DDP, which refuses a model with nothing to train."""
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    chosen = pl.Trainer(accelerator="cpu", devices=2, logger=False, default_root_dir=tmp_path).strategy
+    replacement = statistics_replacement(chosen, frozen)
+    assert isinstance(replacement, StatisticsDDPStrategy)
+    assert replacement._start_method == chosen._start_method
+    assert statistics_replacement(chosen, nn.Linear(2, 2)) is None  # trainable: Lightning's own DDP
+    single = pl.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path).strategy
+    assert statistics_replacement(single, frozen) is None
 
 
 def test_ddp_with_feature_cache_extracts_each_image_once_and_scores_alike(single_and_ddp, tmp_path):
