@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from anomaly.errors import UserError
 from anomaly.evaluation.paper_values import paper_level_value, paper_table
 from anomaly.experiments.cli import main
 from anomaly.experiments.grids import TABLES
-from anomaly.experiments.runner import grid_cells, measured_table
+from anomaly.experiments.runner import RunIndex, grid_cells, measured_table
 from tests.evaluation.fake_runs import fake_results
 
 LITE = ["--backbone", "efficientnet-lite0"]
@@ -92,6 +93,15 @@ def test_runs_resume_and_print_beside_paper(tiny_mvtec: Path, tmp_path: Path, ca
     assert main([*args, "--dry-run"]) == 0
     assert "2 runs, 1 done, 1 to run" in capsys.readouterr().out
     assert main(args) == 0 and len(calls) == 3
+    # other data or other result-changing options are new runs; how runs are computed is not
+    assert main([*args, "--dry-run", "--", "--data.image_size", "160"]) == 0
+    assert "2 runs, 0 done, 2 to run" in capsys.readouterr().out
+    other_root = tmp_path / "copy"
+    shutil.copytree(tiny_mvtec, other_root)
+    assert main([*args, "--dry-run", "--data.root", str(other_root)]) == 0
+    assert "2 runs, 0 done, 2 to run" in capsys.readouterr().out
+    assert main([*args, "--dry-run", "--", "--data.batch_size=4", "--trainer.accelerator", "cpu"]) == 0
+    assert "2 runs, 2 done, 0 to run" in capsys.readouterr().out
 
 
 def test_missing_folds_are_warned(tiny_mvtec: Path, tmp_path: Path, capsys, monkeypatch):
@@ -101,7 +111,7 @@ def test_missing_folds_are_warned(tiny_mvtec: Path, tmp_path: Path, capsys, monk
     assert main([*base, "--folds", "0"]) == 0
     capsys.readouterr()
     spec = TABLES["table1"].with_backbones(["efficientnet-lite0"])
-    table, warnings = measured_table(spec, ["widget"], [0, 1], tmp_path)
+    table, warnings = measured_table(spec, ["widget"], [0, 1], RunIndex(tmp_path, tiny_mvtec))
     assert "L2: 1 of the grid's runs have no complete results" in warnings
     assert "L2: widget lacks folds 1 (its mean is over folds 0 only)" in warnings
     assert set(warnings) <= set(table.notes)

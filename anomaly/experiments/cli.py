@@ -140,12 +140,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     categories = resolve_categories(root, options.categories)
     cells = grid_cells(spec, categories, folds)
     cache = None if options.no_feature_cache else Path(options.feature_cache or runs_dir / "feature_cache")
+    index = RunIndex(runs_dir, root, extra)
     if options.dry_run:
-        print("\n".join(dry_run_lines(spec.name, cells, RunIndex(runs_dir), root, runs_dir, extra, cache)))
+        print("\n".join(dry_run_lines(spec.name, cells, index, root, runs_dir, extra, cache)))
         return 0
     ran, skipped = run_grid(cells, root, runs_dir, extra, feature_cache=cache)
     print(f"{spec.name}: {ran} runs done now, {skipped} finished before", file=sys.stderr)
-    table, warnings = measured_table(spec, categories, folds, runs_dir)
+    table, warnings = measured_table(spec, categories, folds, index)
     emit(format_table(table, options.format), warnings, options.out)
     return 0
 

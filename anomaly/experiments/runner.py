@@ -51,9 +51,9 @@ class Cell:
             "--trainer.default_root_dir", str(runs_dir), *cache, *QUIET, *extra,
         ]  # fmt: skip
 
-    @property
-    def key(self) -> str:
-        text = json.dumps([list(self.args), self.category, self.fold])
+    def key(self, context: Sequence[str] = ()) -> str:
+        """The cell's identity, within a ``context`` of data root and result-changing extra arguments."""
+        text = json.dumps([list(self.args), self.category, self.fold, list(context)])
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     def describe(self) -> str:
@@ -70,14 +70,40 @@ def grid_cells(spec: TableSpec, categories: Sequence[str], folds: Sequence[int])
     return list(seen)
 
 
-class RunIndex:
-    """Which run directory each finished cell wrote (``<runs>/.experiments/<key>.json``)."""
+#: Extra training options that change how a run is computed, not its results.
+NEUTRAL_OPTIONS = (
+    "--data.image_cache", "--data.feature_cache", "--data.num_workers", "--data.batch_size", "--figures",
+    "--trainer.accelerator", "--trainer.devices", "--trainer.num_nodes", "--trainer.strategy",
+    "--trainer.enable_progress_bar",
+)  # fmt: skip
 
-    def __init__(self, runs_dir: Path) -> None:
+
+def run_context(data_root: Path, extra: Sequence[str]) -> list[str]:
+    """What besides its own arguments decides a cell's results: the data and the other extra options."""
+    kept, tokens = [], iter(extra)
+    for token in tokens:
+        name = token.split("=", 1)[0]
+        if name in NEUTRAL_OPTIONS:
+            if "=" not in token:
+                next(tokens, None)  # its value
+            continue
+        kept.append(token)
+    return [str(Path(data_root).resolve()), *kept]
+
+
+class RunIndex:
+    """Which run directory each finished cell wrote (``<runs>/.experiments/<key>.json``).
+
+    A cell counts as done only for the same data root and the same result-changing
+    extra arguments (see :func:`run_context`): other ones make it a new run.
+    """
+
+    def __init__(self, runs_dir: Path, data_root: Path, extra: Sequence[str] = ()) -> None:
         self.folder = Path(runs_dir) / INDEX_DIR
+        self.context = run_context(data_root, extra)
 
     def path(self, cell: Cell) -> Path:
-        return self.folder / f"{cell.key}.json"
+        return self.folder / f"{cell.key(self.context)}.json"
 
     def record(self, cell: Cell) -> RunRecord | None:
         """The cell's finished run, or None when it has not run or its results are incomplete."""
@@ -88,7 +114,10 @@ class RunIndex:
             return None
 
     def store(self, cell: Cell, run_dir: str) -> None:
-        entry = {"args": list(cell.args), "category": cell.category, "fold": cell.fold, "run_dir": run_dir}
+        entry = {
+            "args": list(cell.args), "category": cell.category, "fold": cell.fold,
+            "context": self.context, "run_dir": run_dir,
+        }  # fmt: skip
         write_atomic(self.path(cell), json.dumps(entry, indent=1) + "\n")
 
 
@@ -146,7 +175,7 @@ def run_grid(
     """
     if fit_and_test is None:
         from anomaly.cli import fit_and_test
-    index = RunIndex(runs_dir)
+    index = RunIndex(runs_dir, data_root, extra)
     todo = [c for c in cells if index.record(c) is None]
     with tqdm(total=len(todo), desc="runs", unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
         for cell in todo:
@@ -163,10 +192,9 @@ def setting_records(setting: Setting, cells: Sequence[Cell], index: RunIndex) ->
 
 
 def measured_table(
-    spec: TableSpec, categories: Sequence[str], folds: Sequence[int], runs_dir: Path
+    spec: TableSpec, categories: Sequence[str], folds: Sequence[int], index: RunIndex
 ) -> tuple[Table, list[str]]:
-    """The table from the finished runs, and warnings for the runs it lacks."""
-    index = RunIndex(runs_dir)
+    """The table from the finished runs of ``index``, and warnings for the runs it lacks."""
     cells = grid_cells(spec, categories, folds)
     columns, warnings = [], []
     for setting in spec.settings:
