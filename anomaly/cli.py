@@ -39,11 +39,14 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 def run_dir_parts(model: AnomalyMethod, data: AnomalyDataModule, epochs: int | None) -> tuple[str, str]:
     """(``<method>/<name>/<category>``, ``fold_<k>``) of a run, relative to the root dir.
 
-    Augmented runs end in ``_augment``; for methods that stream every augmented pass
-    into their fit (Gaussian, oc-SVM) the number of passes follows (``_augment100``).
+    A resolution other than the backbone's adds ``_<size>px``. Augmented runs end in
+    ``_augment``; for methods that stream every augmented pass into their fit
+    (Gaussian, oc-SVM) the number of passes follows (``_augment100``).
     """
     fold = "fold_all" if data.fold is None else f"fold_{data.fold}"
     name = model.run_name()
+    if data.image_size is not None and data.image_size != getattr(model, "input_size", None):
+        name += f"_{data.image_size}px"  # not the backbone's native resolution
     if data.augment:
         counted = model.epochs_are_samples and epochs is not None and epochs > 0
         name += f"_augment{epochs}" if counted else "_augment"

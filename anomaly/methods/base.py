@@ -87,7 +87,13 @@ class AnomalyMethod(pl.LightningModule):
 
     def run_name(self) -> str:
         """Folder name that tells this run's settings apart (``<backbone>[_<setting>...]``)."""
-        return self.backbone_name()
+        return self.backbone_name() + self.weights_suffix()
+
+    def weights_suffix(self) -> str:
+        """``_weights-<file>`` for local weights, ``_random-init`` without pretrained weights, else ""."""
+        if self.hparams.get("weights"):
+            return f"_weights-{Path(self.hparams['weights']).stem}"
+        return "" if self.hparams.get("pretrained", True) else "_random-init"
 
     def backbone_name(self) -> str:
         return str(self.hparams.get("backbone", "none"))

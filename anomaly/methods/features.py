@@ -60,7 +60,7 @@ class FeatureMethod(AnomalyMethod):
         return [self.extractor.level_dims[level - 1] for level in self.levels]
 
     def run_name(self) -> str:
-        name = self.backbone_name()
+        name = super().run_name()
         if self.levels != list(range(1, self.extractor.num_levels + 1)):
             name += "_levels-" + "-".join(map(str, self.levels))
         return name

@@ -98,7 +98,7 @@ def test_command_line_run_with_the_autoencoder_config(tmp_path: Path, capsys):
     assert "anomaly.tools.min_anomaly_size" in capsys.readouterr().err
     assert min_size_main(["--data.root", str(root), "--data.category", "widget", "--output", sizes]) == 0
     assert main(args) == 0, capsys.readouterr().err
-    run_dir = tmp_path / "runs" / "autoencoder" / "resnet18_augment" / "widget" / "fold_0"
+    run_dir = tmp_path / "runs" / "autoencoder" / "resnet18_random-init_augment" / "widget" / "fold_0"
     results = json.loads((run_dir / "results.json").read_text())
     assert results["method"] == "autoencoder" and results["n_test"] == 6
     assert results["min_anomaly_size"] == pytest.approx((10 * 10) / (32 * 32))

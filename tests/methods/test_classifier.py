@@ -39,7 +39,7 @@ def test_command_line_run_with_the_classifier_config(tmp_path: Path, capsys):
             "--data.image_size", "32", "--model.pretrained", "false", "--trainer.max_epochs", "2",
             "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
     assert main(args) == 0, capsys.readouterr().err
-    run_dir = tmp_path / "runs" / "classifier" / "resnet18_augment" / "widget" / "fold_0"
+    run_dir = tmp_path / "runs" / "classifier" / "resnet18_random-init_32px_augment" / "widget" / "fold_0"
     results = json.loads((run_dir / "results.json").read_text())
     dm = StratifiedMVTecDataModule(str(root), "widget", fold=0)
     assert results["method"] == "classifier" and results["primary_score"] == "logit/sum"

@@ -81,7 +81,7 @@ class PixelShuffleAutoencoder(TrainedMethod):
 
     def run_name(self) -> str:
         latent = self.hparams.latent_channels
-        return ENCODER + ("" if latent == 32 else f"_latent-{latent}")
+        return ENCODER + self.weights_suffix() + ("" if latent == 32 else f"_latent-{latent}")
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
