@@ -68,6 +68,8 @@ class AnomalyCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or "runs"
+        if Path(root).exists() and not Path(root).is_dir():
+            raise ArgumentsError(f"--trainer.default_root_dir {root} is a file: give a folder for the runs")
         name, version = run_dir_parts(self.model, self.datamodule, config.get("max_epochs"))
         if config.get("logger", True) is not False:
             kwargs["logger"] = TensorBoardLogger(

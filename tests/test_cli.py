@@ -60,6 +60,8 @@ BAD_INPUT = [
     "no epochs",
     "fast dev run",
     "limited test",
+    "workers",
+    "image size",
     "fold",
     "levels",
     "weights",
@@ -103,6 +105,8 @@ def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
         "no epochs": ([*widget, "--trainer.max_epochs", "0"], "max_epochs 0 gives no fit"),
         "fast dev run": ([*widget, "--trainer.fast_dev_run", "true"], "fast_dev_run"),
         "limited test": ([*widget, "--trainer.limit_test_batches", "2"], "limit_test_batches 2 would leave"),
+        "workers": ([*widget, "--data.num_workers", "-1"], "num_workers must be 0"),
+        "image size": ([*widget, "--data.image_size", "0"], "image_size must be a positive"),
         "fold": ([*widget, "--data.fold", "7"], "fold"),
         "levels": ([*widget, "--model.levels", "[0, 12]"], "levels"),
         "weights": (["--data.root", str(tiny_mvtec), "--data.category", "widget",
@@ -132,6 +136,15 @@ def test_bad_input_gives_one_line_and_no_results(case, tmp_path: Path, tiny_mvte
     assert not list(root.rglob("results.json")) and not list(root.rglob("scores.csv"))
     assert not list(root.rglob("detector.*"))  # a fit that could not be tested is not a detector
     assert not root.exists() or not any(root.iterdir())  # not even empty run folders
+
+
+def test_runs_folder_that_is_a_file_is_one_line(tmp_path: Path, capsys):
+    runs = tmp_path / "runs"
+    runs.write_text("")
+    code, _, err = run(["--trainer.default_root_dir", str(runs)], capsys)
+    assert code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "is a file: give a folder" in line
 
 
 def test_downloadable_weights_missing_offline_name_the_file(

@@ -64,6 +64,10 @@ class AnomalyDataModule(pl.LightningDataModule):
         check_fold(fold)
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        if num_workers is not None and num_workers < 0:
+            raise UserError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}")
+        if image_size is not None and image_size < 1:
+            raise UserError(f"image_size must be a positive number of pixels or null, got {image_size}")
         self.fold = fold
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
