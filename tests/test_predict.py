@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from anomaly.detector.model import DetectorModel
 from anomaly.detector.predict import predict_files
 from predict import main
 from tests.detector.helpers import demo_images, fit_demo_detector
@@ -67,10 +69,10 @@ def test_glob_and_single_file(detector_file: Path, new_images: Path, tmp_path: P
                  "--out", str(out), "--no-progress"]) == 0  # fmt: skip
     assert sorted(Path(row["path"]).name for row in read_rows(out)) == [f"part_{i}.png" for i in range(4)]
     one = tmp_path / "one.csv"
-    assert main(["--detector", str(detector_file), "--input", str(new_images / "notes.txt"),
+    assert main(["--detector", str(detector_file), "--input", str(new_images / "part_0.png"),
                  "--out", str(one), "--no-progress"]) == 0  # fmt: skip
     (row,) = read_rows(one)
-    assert row["score"] == "" and "not an image file" in row["error"]
+    assert row["score"] and not row["error"]
 
 
 def test_detector_without_threshold_leaves_decision_empty(tmp_path: Path, new_images: Path, capsys):
@@ -107,3 +109,111 @@ def test_bad_detector_path_is_one_line(tmp_path: Path, capsys):
     assert main(["--detector", str(tmp_path / "none.safetensors"), "--input", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: detector file not found") and "Traceback" not in err
+
+
+def assert_one_line_error(capsys, *fragments: str) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, lines
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]
+    assert captured.out == ""
+    return lines[0]
+
+
+def assert_no_output(folder: Path) -> None:
+    """Neither the CSV nor a temporary file beside it."""
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("device", "fragments"),
+    [("cuda", ("'cuda'", "--device cpu")), ("cuda:0", ("'cuda:0'", "--device cpu")), ("gpu!", ("'gpu!'",))],
+)
+def test_unavailable_or_malformed_device_is_one_line(
+    detector_file: Path, new_images: Path, tmp_path: Path, capsys, monkeypatch, device, fragments
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
+    out = tmp_path / "out" / "scores.csv"
+    args = ["--detector", str(detector_file), "--input", str(new_images), "--out", str(out)]
+    assert main([*args, "--device", device]) == 2
+    assert_one_line_error(capsys, *fragments)
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--batch-size", "0"), ("--batch-size", "-1"), ("--num-workers", "-2")]
+)
+def test_bad_loader_options_are_one_line_and_leave_no_file(
+    detector_file: Path, new_images: Path, tmp_path: Path, capsys, option, value
+):
+    out = tmp_path / "out" / "scores.csv"
+    args = ["--detector", str(detector_file), "--input", str(new_images), "--out", str(out)]
+    assert main([*args, option, value]) == 2
+    assert_one_line_error(capsys, option, value)
+    assert not out.parent.exists()
+
+
+def test_empty_input_leaves_no_file(detector_file: Path, tmp_path: Path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out" / "scores.csv"
+    args = ["--detector", str(detector_file), "--input", str(tmp_path / "empty"), "--out", str(out)]
+    assert main(args) == 2
+    assert_one_line_error(capsys, "no image files found")
+    assert_no_output(out.parent)
+
+
+def test_nothing_readable_is_an_error(detector_file: Path, new_images: Path, tmp_path: Path, capsys):
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "a.png").write_bytes(b"not a png")
+    shutil.copy(new_images / "part_5_corrupt.png", only_bad / "b.png")
+    out = tmp_path / "out" / "scores.csv"
+    base = ["--detector", str(detector_file), "--no-progress", "--out", str(out)]
+    assert main([*base, "--input", str(only_bad), "--batch-size", "1"]) == 2
+    assert_one_line_error(capsys, "no image could be scored", "all 2 input file(s)", "a.png", "cannot read")
+    assert_no_output(out.parent)
+    assert main([*base, "--input", str(new_images / "notes.txt")]) == 2
+    assert_one_line_error(capsys, "all 1 input file(s)", "notes.txt", "not an image file")
+    assert_no_output(out.parent)
+    # to standard output: not even the header
+    assert main(["--detector", str(detector_file), "--no-progress", "--input", str(only_bad)]) == 2
+    assert_one_line_error(capsys, "all 2 input file(s)")
+
+
+def fail_on_batch_two(monkeypatch, error: BaseException) -> None:
+    score_images, calls = DetectorModel.score_images, []
+
+    def failing(self, images):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return score_images(self, images)
+
+    monkeypatch.setattr(DetectorModel, "score_images", failing)
+
+
+def test_failure_midway_leaves_earlier_output_untouched(
+    detector_file: Path, new_images: Path, tmp_path: Path, monkeypatch
+):
+    fail_on_batch_two(monkeypatch, RuntimeError("device lost"))
+    out = tmp_path / "out" / "scores.csv"
+    out.parent.mkdir()
+    out.write_text("an earlier result\n")
+    args = ["--detector", str(detector_file), "--input", str(new_images), "--out", str(out)]
+    with pytest.raises(RuntimeError, match="device lost"):
+        main([*args, "--batch-size", "2"])
+    assert out.read_text() == "an earlier result\n"
+    assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
+
+
+def test_interrupt_keeps_the_rows_already_scored(
+    detector_file: Path, new_images: Path, tmp_path: Path, monkeypatch, capsys
+):
+    fail_on_batch_two(monkeypatch, KeyboardInterrupt())
+    out = tmp_path / "out" / "scores.csv"
+    args = ["--detector", str(detector_file), "--input", str(new_images), "--out", str(out)]
+    assert main([*args, "--batch-size", "2"]) == 130
+    rows = read_rows(out)
+    assert len(rows) == 2 and all(row["score"] for row in rows)
+    assert list(out.parent.iterdir()) == [out]
+    assert "interrupted: the rows written so far are complete" in capsys.readouterr().err

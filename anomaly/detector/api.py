@@ -41,6 +41,33 @@ def primary_column(score: str) -> str:
     return f"{score_type}/{level}"
 
 
+def check_device(device: str | torch.device, hint: str = "device='cpu'") -> torch.device:
+    """``device`` as a :class:`torch.device`; :class:`UserError` if malformed or absent on this machine.
+
+    ``hint`` is how the caller spells the CPU fallback (e.g. ``--device cpu``).
+    """
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UserError(f"unknown device {str(device)!r}: use e.g. cpu, cuda or cuda:0") from exc
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(
+                f"device {str(device)!r} is not available: PyTorch finds no CUDA GPU here; use {hint}"
+            )
+        if resolved.index is not None and resolved.index >= count:
+            raise UserError(f"device {str(device)!r} is not available: this machine has {count} CUDA GPU(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {str(device)!r} is not available on this machine; use {hint}")
+    return resolved
+
+
+def single_path_as_list(X):
+    """A single file path (str or Path) as a one-element list; anything else unchanged."""
+    return [X] if isinstance(X, (str, Path)) else X
+
+
 def is_identity(matrix: Tensor) -> bool:
     """An unreduced level's projection, which the file leaves out (it would double its size)."""
     return matrix.shape[0] == matrix.shape[1] and torch.equal(
@@ -86,6 +113,8 @@ class GaussianDetector:
     ) -> None:
         if fpr is not None:
             check_fpr(fpr)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.backbone = backbone
         self.levels = levels
         self.weights = weights
@@ -93,7 +122,7 @@ class GaussianDetector:
         self.score = primary_column(score)
         self.fpr = fpr
         self.batch_size = batch_size
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.model_: DetectorModel | None = None
         self.threshold_: float | None = None
         self.thresholds_: dict | None = None
@@ -180,6 +209,7 @@ class GaussianDetector:
             for start in range(0, features[0].shape[0], self.batch_size):
                 yield [f[start : start + self.batch_size] for f in features]
             return
+        X = single_path_as_list(X)
         if isinstance(X, np.ndarray) and X.ndim in (3, 4):
             X = list(X)
         for start in range(0, len(X), self.batch_size):
@@ -188,13 +218,20 @@ class GaussianDetector:
 
     # ------------------------------------------------------------------ score
     def score_columns(self, X) -> dict[str, np.ndarray]:
-        """Every score column (``"<type>/<level>"``, ``"<type>/sum"``) for ``X``; higher = more anomalous."""
+        """Every score column (``"<type>/<level>"``, ``"<type>/sum"``) for ``X``; higher = more anomalous.
+
+        A single path (str or Path) counts as one image; an empty ``X`` is a :class:`UserError`.
+        """
         if self.model_ is None:
             raise UserError("this detector is not fitted yet: call fit(X) first")
         parts: dict[str, list[np.ndarray]] = {}
         for features in self._feature_batches(X, self.model_.extractor):
             for name, values in self.model_.score_features(features).items():
                 parts.setdefault(name, []).append(values.cpu().numpy())
+        if not parts:
+            raise UserError(
+                "no samples to score: the input is empty (pass at least one image or feature row)"
+            )
         return {name: np.concatenate(values) for name, values in parts.items()}
 
     def score_samples(self, X) -> np.ndarray:
@@ -253,6 +290,13 @@ class GaussianDetector:
         """Write the detector file (see :mod:`anomaly.detector.file`); the backbone's weights are
         referenced, not stored, unless ``embed_weights`` (or the backbone was randomly initialised)."""
         metadata = self.metadata(embed_weights)
+        unfitted = [
+            level for level, s in zip(self.model_.levels, self.model_.scorers, strict=True) if not s.fitted
+        ]
+        if unfitted:
+            raise UserError(
+                f"the detector is not fitted (no Gaussian for level(s) {unfitted}): fit it before saving"
+            )
         tensors: dict[str, Tensor] = {}
         for index, scorer in enumerate(self.model_.scorers):
             for name, value in scorer.named_buffers():

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from anomaly.errors import UserError
 from anomaly.evaluation.results import json_safe, write_atomic
+from anomaly.stats.distances import SCORE_TYPES, SUM
 
 FORMAT = "gaussian-anomaly-detector"
 VERSION = 1
@@ -80,11 +81,65 @@ def read_detector(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         metadata = json.loads(header[METADATA_KEY])
     except (KeyError, json.JSONDecodeError) as exc:
         raise UserError(f"{path} has no detector metadata: it is not a detector file") from exc
-    if metadata.get("format") != FORMAT:
-        raise UserError(f"{path} is not a detector file (format {metadata.get('format')!r})")
-    if metadata.get("version", 0) > VERSION:
-        raise UserError(f"{path} was written by a newer version (format {metadata['version']}): upgrade")
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise UserError(f"{path} is not a detector file (format {found!r})")
+    version = metadata.get("version", 0)
+    if is_int(version) and version > VERSION:
+        raise UserError(f"{path} was written by a newer version (format {version}): upgrade")
+    check_metadata(path, metadata)
     return tensors, metadata
+
+
+def is_int(value: object) -> bool:
+    """An int, not a bool (JSON ``true`` is not a number here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return is_int(value) or isinstance(value, float)
+
+
+def check_metadata(path: Path, meta: dict) -> None:
+    """:class:`UserError` naming ``path`` and the field for the first missing or invalid metadata field."""
+
+    def bad(field: str, problem: str) -> UserError:
+        return UserError(
+            f"{path}: detector metadata field {field!r} {problem}: the file is damaged or was edited"
+        )
+
+    for key in ("version", "backbone", "weights", "preprocessing", "levels", "decision_score"):
+        if key not in meta:
+            raise bad(key, "is missing")
+    if not is_int(meta["version"]) or meta["version"] < 1:
+        raise bad("version", f"must be a positive integer, not {meta['version']!r}")
+    levels = meta["levels"]
+    if not isinstance(levels, list) or not levels or not all(is_int(v) and v >= 1 for v in levels):
+        raise bad("levels", f"must be a non-empty list of positive integers, not {levels!r}")
+    score = meta["decision_score"]
+    score_type, _, level = score.partition("/") if isinstance(score, str) else ("", "", "")
+    if score_type not in SCORE_TYPES or level not in (SUM, *map(str, levels)):
+        raise bad("decision_score", f"must be <{'|'.join(SCORE_TYPES)}>/<sum or a level>, not {score!r}")
+    for key in ("threshold", "fpr"):
+        if meta.get(key) is not None and not is_number(meta[key]):
+            raise bad(key, f"must be a number or null, not {meta[key]!r}")
+    if meta.get("fpr") is not None and not 0 < meta["fpr"] < 1:
+        raise bad("fpr", f"must lie strictly between 0 and 1, not {meta['fpr']!r}")
+    for key in ("thresholds", "source"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise bad(key, f"must be an object or null, not {meta[key]!r}")
+    if meta["backbone"] is None:
+        return
+    if not isinstance(meta["backbone"], str):
+        raise bad("backbone", f"must be a backbone name or null, not {meta['backbone']!r}")
+    if not isinstance(meta["weights"], dict) or not isinstance(meta["weights"].get("kind"), str):
+        raise bad("weights", f"must be an object with a 'kind', not {meta['weights']!r}")
+    preprocessing = meta["preprocessing"]
+    if not isinstance(preprocessing, dict):
+        raise bad("preprocessing", f"must be an object with an 'image_size', not {preprocessing!r}")
+    size = preprocessing.get("image_size")
+    if not is_int(size) or size < 1:
+        raise bad("preprocessing.image_size", f"must be a positive integer, not {size!r}")
 
 
 def level_tensors(tensors: dict[str, Tensor], index: int) -> dict[str, Tensor]:

@@ -3,7 +3,8 @@
 Images are read by a DataLoader (optionally in worker processes), scored batch
 by batch, and each batch's rows are written and flushed at once: memory stays
 flat for any number of images, and an interrupted run keeps every row already
-scored. An unreadable file gets a row with its ``error`` and empty scores.
+scored. An unreadable file gets a row with its ``error`` and empty scores;
+when not a single file can be scored, nothing is written and it is an error.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ def predict_files(
 
     ``score`` is the detector's primary score (higher = more anomalous);
     ``decision`` is 1 (anomalous: score > threshold) or 0, and empty when the
-    detector has no threshold.
+    detector has no threshold. Nothing is written until the first image is
+    scored: when none can be, :class:`UserError` names the first reason.
     """
+    check_loader_options(batch_size, num_workers)
     if detector.model_ is None or detector.model_.extractor is None:
         raise UserError("this detector was fitted on features, not images: it cannot score image files")
     paths = list(paths)
@@ -62,7 +65,7 @@ def predict_files(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     header, per_level = output_columns(detector)
     writer = csv.writer(out)
-    writer.writerow(header)
+    pending: list[list] | None = [header]  # held back until an image is scored; None once written
     summary = PredictionSummary()
     threshold = detector.threshold_
     with tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr) as bar:
@@ -82,7 +85,27 @@ def predict_files(
                 else:
                     row += [""] * (1 + len(per_level)) + ["", batch["error"][i]]
                     summary.failed += 1
-                writer.writerow(row)
+                if pending is None:
+                    writer.writerow(row)
+                else:
+                    pending.append(row)
+                    if summary.scored:
+                        writer.writerows(pending)
+                        pending = None
             out.flush()
             bar.update(len(batch["index"]))
+    if not summary.scored:
+        path, error = pending[1][0], pending[1][-1]
+        raise UserError(
+            f"no image could be scored: all {summary.failed} input file(s) are unreadable "
+            f"(the first, {path}: {error})"
+        )
     return summary
+
+
+def check_loader_options(batch_size: int, num_workers: int) -> None:
+    """:class:`UserError` unless ``batch_size`` >= 1 and ``num_workers`` >= 0."""
+    if batch_size < 1:
+        raise UserError(f"the batch size (--batch-size) must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise UserError(f"the number of workers (--num-workers) must be 0 or more, got {num_workers}")

@@ -358,9 +358,10 @@ def methods_table(title: str, columns: Sequence[LevelColumn], notes: Sequence[st
 
 
 def emit(text: str, warnings: Sequence[str], out: str | None = None) -> None:
-    """Warnings to stderr, the table to stdout and, when asked, to the file ``out``."""
+    """Warnings to stderr, the table to stdout and, when asked, to the file ``out`` (folders created)."""
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
     print(text)
     if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import chi2
 from sklearn.covariance import LedoitWolf
 
@@ -13,6 +14,7 @@ from anomaly.data.images import load_rgb
 from anomaly.detector import GaussianDetector
 from anomaly.detector.model import DetectorModel
 from anomaly.errors import UserError
+from anomaly.stats.scorer import GaussianScorer
 from tests.detector.helpers import LEVELS, demo_images, fit_demo_detector
 
 
@@ -107,3 +109,38 @@ def test_images_as_paths_arrays_and_grey(tmp_path: Path):
     loaded = GaussianDetector.load(detector.save(tmp_path / "images.safetensors"))
     np.testing.assert_allclose(loaded.score_samples(good + bad), from_paths, rtol=1e-9)
     assert loaded.threshold_ == detector.threshold_
+
+
+def test_a_single_path_is_one_image_and_empty_input_is_a_user_error(features):
+    detector = fit_demo_detector()
+    _, good, _ = demo_images()
+    expected = detector.score_samples(good[:1])
+    for single in (good[0], str(good[0])):
+        scores = detector.score_samples(single)
+        assert scores.shape == (1,)
+        np.testing.assert_array_equal(scores, expected)
+    assert detector.predict(str(good[0])).shape == (1,)
+    with pytest.raises(UserError, match="no samples to score"):
+        detector.score_samples([])
+    on_features = GaussianDetector(backbone=None).fit(features[0])
+    with pytest.raises(UserError, match="no samples to score"):
+        on_features.score_samples(np.empty((0, 6)))
+
+
+def test_unavailable_or_malformed_device_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
+    with pytest.raises(UserError, match=r"'cuda' is not available.*device='cpu'"):
+        GaussianDetector(backbone=None, device="cuda")
+    with pytest.raises(UserError, match="unknown device 'gpu!'"):
+        GaussianDetector(backbone=None, device="gpu!")
+    assert GaussianDetector(backbone=None, device="cpu").device == torch.device("cpu")
+    with pytest.raises(UserError, match="batch_size"):
+        GaussianDetector(backbone=None, batch_size=0)
+
+
+def test_unfitted_detector_is_not_saved(features, tmp_path: Path):
+    detector = GaussianDetector(backbone=None).fit(features[0])
+    detector.model_.scorers[0] = GaussianScorer(6)  # as a run that never reached its fit
+    with pytest.raises(UserError, match=r"the detector is not fitted \(no Gaussian for level\(s\) \[1\]\)"):
+        detector.save(tmp_path / "d.safetensors")
+    assert list(tmp_path.iterdir()) == []

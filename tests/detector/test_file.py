@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from anomaly.cli import main
-from anomaly.detector import GaussianDetector, read_detector
+from anomaly.detector import GaussianDetector, read_detector, save_run_detector
 from anomaly.errors import UserError
+from anomaly.methods.gaussian.module import GaussianAD
 from anomaly.stats.gaussian import fit_gaussian
 from anomaly.stats.moments import RunningMoments
 from tests.detector.helpers import demo_images, fit_demo_detector
@@ -109,3 +111,52 @@ def test_weights_are_referenced_checked_or_embedded(tmp_path: Path):
     torch.save(state, weights)  # same path, different weights
     with pytest.raises(UserError, match="differ from those the detector was fitted with"):
         GaussianDetector.load(path)
+
+
+def without(key: str):
+    return lambda meta: meta.pop(key)
+
+
+def setting(key: str, value):
+    return lambda meta: meta.update({key: value})
+
+
+DAMAGES = {
+    "backbone missing": ("'backbone' is missing", without("backbone")),
+    "levels missing": ("'levels' is missing", without("levels")),
+    "image_size -3": ("'preprocessing.image_size'", lambda meta: meta["preprocessing"].update(image_size=-3)),
+    "image_size text": (
+        "'preprocessing.image_size'",
+        lambda meta: meta["preprocessing"].update(image_size="a"),
+    ),
+    "no preprocessing": ("'preprocessing'", setting("preprocessing", None)),
+    "backbone number": ("'backbone'", setting("backbone", 7)),
+    "weights list": ("'weights'", setting("weights", [])),
+    "levels empty": ("'levels'", setting("levels", [])),
+    "levels text": ("'levels'", setting("levels", ["2", "4"])),
+    "score unknown": ("'decision_score'", setting("decision_score", "cosine/sum")),
+    "score level not fitted": ("'decision_score'", setting("decision_score", "mahalanobis/7")),
+    "threshold text": ("'threshold'", setting("threshold", "high")),
+    "fpr out of range": ("'fpr'", setting("fpr", 2.0)),
+    "version text": ("'version'", setting("version", "1")),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_metadata_is_one_user_error_naming_file_and_field(tmp_path: Path, damage: str):
+    tensors, meta = read_detector(fit_demo_detector().save(tmp_path / "good.safetensors"))
+    field, edit = DAMAGES[damage]
+    edit(meta)
+    path = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(path), metadata={"detector": json.dumps(meta)})
+    with pytest.raises(UserError) as info:
+        GaussianDetector.load(path)
+    message = str(info.value)
+    assert str(path) in message and f"field {field}" in message and len(message.splitlines()) == 1
+
+
+def test_a_run_that_never_fitted_saves_no_detector(tmp_path: Path):
+    model = GaussianAD("efficientnet-lite0", levels=[2])
+    with pytest.raises(UserError, match="the detector is not fitted"):
+        save_run_detector(model, 224, tmp_path)
+    assert list(tmp_path.iterdir()) == []

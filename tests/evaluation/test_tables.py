@@ -16,6 +16,7 @@ from anomaly.evaluation.tables import (
     LevelColumn,
     Stat,
     category_table,
+    emit,
     format_table,
     level_table,
     methods_table,
@@ -127,3 +128,11 @@ def test_paper_tables_are_consistent():
     assert paper_table("table4")["columns"]["EN-B4 All Features"]["auroc"] == 97.1
     assert tables["table8"]["columns"]["oc-SVM EN-B0"]["per_category"]["screw"] == 19.5
     assert paper_level_value("table1", "L2", "10") is None
+
+
+def test_emit_creates_the_folders_of_out(tmp_path: Path, capsys):
+    out = tmp_path / "missing" / "deeper" / "tables.tex"
+    emit("a table", ["a gap"], str(out))
+    assert out.read_text() == "a table\n"
+    captured = capsys.readouterr()
+    assert captured.out == "a table\n" and captured.err == "warning: a gap\n"
