@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from anomaly.atomic import replaced_atomically
 from anomaly.errors import UserError
 
 DIGEST_BYTES = 32
@@ -44,15 +43,8 @@ def write_entry(path: Path, image_key: str, identity_key: str, arrays: Sequence[
         }
     ).encode()
     body = struct.pack("<I", len(header)) + header + b"".join(a.tobytes() for a in arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(hashlib.sha256(body).digest() + body)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as tmp:
+        tmp.write_bytes(hashlib.sha256(body).digest() + body)
 
 
 def read_entry(

@@ -13,8 +13,6 @@ open. ``detector.json`` beside it is a readable copy of the metadata; the
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from anomaly.atomic import replaced_atomically
 from anomaly.errors import UserError
 from anomaly.evaluation.results import json_safe, write_atomic
 from anomaly.stats.distances import SCORE_TYPES, SUM
@@ -51,16 +50,9 @@ def write_detector(path: str | Path, tensors: dict[str, Tensor], metadata: dict)
         path = path.with_suffix(".safetensors")
     metadata = {"format": FORMAT, "version": VERSION, **json_safe(metadata)}
     text = json.dumps(metadata, indent=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(tensors, tmp, metadata={METADATA_KEY: text})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with replaced_atomically(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
     write_atomic(path.with_suffix(".json"), text + "\n")
     return path
 

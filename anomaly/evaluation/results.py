@@ -11,11 +11,11 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from anomaly.atomic import replaced_atomically
 
 RESULTS_FILE = "results.json"
 SCORES_FILE = "scores.csv"
@@ -42,15 +42,8 @@ def json_safe(value: object) -> object:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", newline="") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text, newline="")
 
 
 def write_results(run_dir: Path, results: Mapping) -> Path:
