@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from anomaly.errors import UserError
 
 USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_plain_format = warnings.formatwarning
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """The package's own warnings as one ``warning: <message>`` line; others as Python shows them."""
+    if str(Path(filename).resolve()).startswith(PACKAGE_DIR):
+        return f"warning: {message}\n"
+    return _plain_format(message, category, filename, lineno, line)
 
 
 def find_user_error(error: BaseException | None) -> UserError | None:
@@ -33,8 +44,9 @@ def user_message(error: UserError) -> str:
 def run_command(command: Callable[[], int], on_interrupt: str = "stopped") -> int:
     """Run ``command``; a UserError anywhere behind a failure becomes ``error: <one line>`` and exit 2.
 
-    Any other exception is a bug and keeps its traceback.
+    Any other exception is a bug and keeps its traceback. The package's warnings print as one line.
     """
+    warnings.formatwarning = format_warning
     try:
         return command()
     except KeyboardInterrupt:

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import anomaly
 from anomaly.cli import main
+from anomaly.console import format_warning
 from anomaly.evaluation.results import OVERLAYS_DIR
 
 FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
@@ -162,3 +164,30 @@ def test_downloadable_weights_missing_offline_name_the_file(
     assert code == 2 and "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert "efficientnet-b0" in line and str(tmp_path / "torch") in line and "--model.weights" in line
+
+
+def test_test_set_of_one_class_warns_and_still_writes_its_scores(tiny_mvtec: Path, tmp_path: Path, capsys):
+    only_good = tmp_path / "only_good" / "widget"
+    shutil.copytree(tiny_mvtec / "widget", only_good)
+    for folder in (only_good / "test").iterdir():
+        if folder.name != "good":
+            shutil.rmtree(folder)
+    root = tmp_path / "runs"
+    args = ["--data.root", str(only_good.parent), "--data.category", "widget", "--data.fold", "null",
+            "--trainer.default_root_dir", str(root), "--figures", "false"]  # fmt: skip
+    with pytest.warns(UserWarning) as caught:
+        code, out, _ = run(args, capsys)
+    assert code == 0 and "fold all |" in out
+    messages = [str(w.message) for w in caught]
+    assert any("only normal images: AUROC is undefined" in m for m in messages), messages
+    assert any("no held-out images (fold: null)" in m for m in messages), messages
+    run_dir = root / "gaussian" / "efficientnet-lite0" / "widget" / "fold_all"
+    assert json.loads((run_dir / "results.json").read_text())["image_auroc"] is None
+    assert (run_dir / "scores.csv").is_file()
+
+
+def test_the_packages_warnings_print_as_one_line():
+    inside = str(Path(anomaly.__file__).parent / "methods" / "base.py")
+    assert format_warning(UserWarning("no AUROC"), UserWarning, inside, 10) == "warning: no AUROC\n"
+    outside = format_warning(UserWarning("other"), UserWarning, "/elsewhere/lib.py", 3)
+    assert outside.startswith("/elsewhere/lib.py:3: UserWarning: other")

@@ -14,9 +14,10 @@ def format_run_table(results: dict) -> str:
     levels = sorted({lv for t in types for lv in scores[t]["per_level"]}, key=int)
     width = max(8, *(len(t) + 1 for t in types)) if types else 8
     header = "level".ljust(7) + "".join(t.rjust(width) for t in types)
+    fold = "all" if results.get("fold") is None else results.get("fold")
     lines = [
         f"{results.get('method')} | {results.get('backbone')} | {results.get('category')} | "
-        f"fold {results.get('fold')} | {results.get('n_train')} train, {results.get('n_test')} test images",
+        f"fold {fold} | {results.get('n_train')} train, {results.get('n_test')} test images",
         "image AUROC (%)",
         header,
         "-" * len(header),

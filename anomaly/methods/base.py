@@ -11,6 +11,7 @@ computes the image AUROC of every column, logs it, and writes
 from __future__ import annotations
 
 import time
+import warnings
 from abc import abstractmethod
 from collections import defaultdict
 from pathlib import Path
@@ -140,6 +141,13 @@ class AnomalyMethod(pl.LightningModule):
             raise RuntimeError("a test image was scored more than once")
         labels = rows.pop("label")
         indices = rows.pop("index")
+        if self.trainer.is_global_zero and labels.unique().numel() < 2:
+            only = "anomalous" if bool(labels.all()) else "normal"
+            warnings.warn(
+                f"the test set holds only {only} images: AUROC is undefined (null in results.json); "
+                "every image's score is in scores.csv",
+                stacklevel=1,
+            )
         summary = summarise_aurocs(rows, labels)
         for score_type, entry in summary.items():
             for level, value in [(SUM, entry["sum"]), *entry["per_level"].items()]:
