@@ -157,6 +157,8 @@ def one_line_parse_error(message: str) -> str:
     detail = re.sub(r'^Parser key "[^"]+":\s*', "", detail)
     given = re.search(r"Given value: (?!NestedArg)(.+)", message)
     text = f"--{'.'.join(keys)}: {detail}" if keys else detail
+    if "collections.abc.Sequence" in detail:
+        text += ', e.g. "[7]" or "[5, 7]"'
     if given and "Got value" not in detail:
         text += f" (given: {given.group(1).strip()})"
     return f"{text}; see --help for the options"

@@ -75,11 +75,31 @@ def read_state_dict(path: str | Path) -> StateDict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unreadable, truncated or not a tensor-only pickle
-        reason = " ".join(str(exc).split())[:200]
+        if "Weights only load failed" in str(exc):
+            reason = "it holds more than tensors (save the model's state_dict() instead)"
+        else:
+            detail = " ".join(str(exc).split())[:150]
+            reason = f"it is not a PyTorch weights file, or it is damaged ({detail})"
         raise UserError(f"cannot read weights file {path}: {reason}") from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"weights file {path} does not hold a plain state dict (name -> tensor)")
     return dict(state)
+
+
+def shape_mismatch(message: str) -> str:
+    """torch's list of size mismatches, as a count and the first one."""
+    found = re.findall(
+        r"size mismatch for (\S+): copying a param with shape torch.Size\((\[[^\]]*\])\) from checkpoint, "
+        r"the shape in current model is torch.Size\((\[[^\]]*\])\)",
+        message,
+    )
+    if not found:
+        return " ".join(message.split())[:300]
+    name, theirs, ours = found[0]
+    return (
+        f"{len(found)} tensor(s) have other shapes (first: {name}, {theirs} in the file, {ours} here): "
+        "are they another backbone's weights?"
+    )
 
 
 def load_into(net: nn.Module, state: StateDict, source: str, optional_prefix: str) -> bool:
@@ -92,8 +112,7 @@ def load_into(net: nn.Module, state: StateDict, source: str, optional_prefix: st
     try:
         result = net.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        reason = " ".join(str(exc).split())[:300]
-        raise UserError(f"weights in {source} do not fit this backbone: {reason}") from exc
+        raise UserError(f"weights in {source} do not fit this backbone: {shape_mismatch(str(exc))}") from exc
     missing = [key for key in result.missing_keys if not key.startswith(optional_prefix)]
     unexpected = list(result.unexpected_keys)
     if missing or unexpected:

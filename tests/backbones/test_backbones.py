@@ -282,6 +282,25 @@ def test_mismatched_weights_file_is_rejected(tmp_path: Path) -> None:
         build_backbone("efficientnet-lite0", weights=str(tmp_path / "extra.pth"))
 
 
+def test_another_backbones_weights_are_named_as_such(tmp_path: Path) -> None:
+    torch.save(build_backbone("efficientnet-lite1", pretrained=False).net.state_dict(), tmp_path / "l1.pth")
+    with pytest.raises(UserError) as info:
+        build_backbone("efficientnet-lite2", weights=str(tmp_path / "l1.pth"))
+    message = str(info.value)
+    assert "tensor(s) have other shapes (first: " in message and "another backbone's weights?" in message
+    assert "\n" not in message and len(message) < 400
+
+
+def test_a_file_that_is_not_a_state_dict_says_so(tmp_path: Path) -> None:
+    (tmp_path / "garbage.pth").write_bytes(b"these are not weights")
+    with pytest.raises(UserError, match="not a PyTorch weights file, or it is damaged"):
+        build_backbone("efficientnet-lite0", weights=str(tmp_path / "garbage.pth"))
+    torch.save({"model": build_backbone("efficientnet-lite0", pretrained=False).net}, tmp_path / "whole.pth")
+    with pytest.raises(UserError, match="holds more than tensors") as info:
+        build_backbone("efficientnet-lite0", weights=str(tmp_path / "whole.pth"))
+    assert "weights_only" not in str(info.value)
+
+
 def test_unknown_backbone_lists_the_choices() -> None:
     for call in (lambda: backbone_spec("vgg16"), lambda: build_backbone("vgg16")):
         with pytest.raises(UserError) as info:
