@@ -242,6 +242,23 @@ class GaussianDetector:
         """
         return self.score_columns(X)[self.score]
 
+    def calibrate(self, X, fpr: float | None = None) -> GaussianDetector:
+        """Set ``threshold_`` from held-out NORMAL samples ``X`` (not those fitted on).
+
+        The threshold becomes the smallest score that at most a fraction ``fpr``
+        (default: the detector's own) of them exceed, as the training runs do with
+        their fold's held-out fifth. Unlike the in-sample threshold of :meth:`fit`,
+        it is not optimistic when there are few images per feature dimension.
+        """
+        fpr = self.fpr if fpr is None else fpr
+        if fpr is None:
+            raise UserError("calibrate needs a target false-positive rate: pass fpr=...")
+        check_fpr(fpr)
+        scores = torch.from_numpy(np.asarray(self.score_samples(X), dtype=np.float64))
+        self.fpr, self.threshold_ = fpr, empirical_threshold(scores, fpr)
+        self.source_ = {**self.source_, "calibrated_on": int(scores.numel())}
+        return self
+
     def decide(self, scores: np.ndarray) -> np.ndarray:
         """0 (normal) or 1 (anomalous: score > ``threshold_``) for given scores."""
         if self.threshold_ is None:

@@ -144,3 +144,26 @@ def test_unfitted_detector_is_not_saved(features, tmp_path: Path):
     with pytest.raises(UserError, match=r"the detector is not fitted \(no Gaussian for level\(s\) \[1\]\)"):
         detector.save(tmp_path / "d.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrate_on_held_out_normal_data_keeps_the_false_positive_rate():
+    """n close to D: the in-sample threshold flags most new normal samples, a held-out one about fpr."""
+    rng = np.random.default_rng(1)
+    mixing = rng.normal(size=(60, 60))
+
+    def normal(n: int) -> list[np.ndarray]:  # two levels: Mahalanobis summed, an empirical threshold
+        return [rng.normal(size=(n, 60)) @ mixing, rng.normal(size=(n, 30))]
+
+    detector = GaussianDetector(backbone=None, fpr=0.05).fit(normal(80))
+    fresh = normal(2000)
+    in_sample_fpr = detector.predict(fresh).mean()
+    held_out = normal(400)
+    assert detector.calibrate(held_out) is detector
+    held_out_scores = detector.score_samples(held_out)
+    assert detector.threshold_ == pytest.approx(np.sort(held_out_scores)[int(np.ceil(400 * 0.95)) - 1])
+    assert (held_out_scores > detector.threshold_).mean() <= 0.05
+    calibrated_fpr = detector.predict(fresh).mean()
+    assert in_sample_fpr > 0.3 and abs(calibrated_fpr - 0.05) < 0.03, (in_sample_fpr, calibrated_fpr)
+    assert detector.source_["calibrated_on"] == 400
+    with pytest.raises(UserError, match="fpr"):
+        GaussianDetector(backbone=None, fpr=None).fit(normal(80)).calibrate(held_out)
