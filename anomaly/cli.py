@@ -113,6 +113,8 @@ def quiet_lightning() -> None:
         ".*You passed in a `val_dataloader` but have no `validation_step`.*",
         ".*module\\(s\\) in eval mode at the start of training.*",
         ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+        # test metrics are computed from every process's gathered scores, so there is nothing to sync
+        ".*It is recommended to use `self.log\\(.*sync_dist=True.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 

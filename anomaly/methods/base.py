@@ -109,17 +109,21 @@ class AnomalyMethod(pl.LightningModule):
         return self.trainer.datamodule if self.trainer is not None else None
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            self.check_fit_options(self.trainer.max_epochs)  # before any image is read
         size = getattr(self, "input_size", None)
         if self.datamodule is not None and size is not None:
             self.datamodule.set_image_size(size)
 
-    def on_fit_start(self) -> None:
-        epochs = self.trainer.max_epochs
+    def check_fit_options(self, epochs: int | None) -> None:
+        """:class:`UserError` for trainer settings that cannot give this method a proper fit."""
         if epochs == 0 or (self.epochs_are_samples and epochs is not None and epochs < 0):
             raise UserError(
                 f"--trainer.max_epochs {epochs} gives no fit: use a positive number of epochs "
                 "(1, or e.g. 100 with --data.augment true)"
             )
+
+    def on_fit_start(self) -> None:
         self._fit_started = time.perf_counter()
 
     # ------------------------------------------------------------------- test

@@ -121,10 +121,9 @@ class GaussianAD(FeatureMethod):
         return None
 
     # -------------------------------------------------------------------- fit
-    def on_fit_start(self) -> None:
-        """Refuse repeated passes over identical images: they would fake a larger sample."""
-        super().on_fit_start()
-        epochs = self.trainer.max_epochs
+    def check_fit_options(self, epochs: int | None) -> None:
+        """Besides the base's checks, refuse repeated passes over identical images (a faked larger sample)."""
+        super().check_fit_options(epochs)
         if self.datamodule is not None and not getattr(self.datamodule, "augment", False) and epochs != 1:
             raise UserError(
                 f"--trainer.max_epochs {epochs} without augmentation streams the same images {epochs} "
