@@ -15,9 +15,11 @@ import importlib
 import inspect
 import logging
 import re
+import sys
 import warnings
 from pathlib import Path
 
+import yaml
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningCLI
@@ -166,8 +168,35 @@ def one_line_parse_error(message: str) -> str:
     return f"{text}; see --help for the options"
 
 
+def config_files(argv: list[str]) -> list[str]:
+    """The files given with ``--config FILE`` or ``--config=FILE``."""
+    files = [argv[i + 1] for i, token in enumerate(argv[:-1]) if token == "--config"]
+    return files + [token.split("=", 1)[1] for token in argv if token.startswith("--config=")]
+
+
+def check_config_file(path: str) -> None:
+    """:class:`ArgumentsError` naming the file (and the line) for a config that is not a YAML mapping."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ArgumentsError(f"--config {path}: cannot read it ({error.strerror or error})") from None
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ArgumentsError(f"--config {path}: {where}{problem} (not valid YAML)") from None
+    if not isinstance(content, dict):
+        found = "is empty" if content is None else f"holds a {type(content).__name__}"
+        raise ArgumentsError(f"--config {path} {found}: it must map options to values (model:, data:, ...)")
+
+
 def build_cli(args: list[str] | None = None) -> AnomalyCLI:
     """The CLI, parsed; an option the parser rejects raises :class:`ArgumentsError` (one line)."""
+    for path in config_files(list(sys.argv[1:] if args is None else args)):
+        if Path(path).is_file():  # a missing file is the parser's own message
+            check_config_file(path)
     try:
         return AnomalyCLI(
             model_class=AnomalyMethod,

@@ -63,6 +63,8 @@ BAD_INPUT = [
     "fast dev run",
     "limited test",
     "workers",
+    "empty config",
+    "broken config",
     "levels not a list",
     "image size",
     "fold",
@@ -84,6 +86,8 @@ def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
     empty = tmp_path / "empty_root" / "widget" / "train" / "good"
     empty.mkdir(parents=True)
     (empty.parent.parent / "test" / "good").mkdir(parents=True)
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "broken.yaml").write_text("model:\n  levels: [5, 7\n")
     single = tmp_path / "single_root" / "widget"
     shutil.copytree(tiny_mvtec / "widget" / "test", single / "test")
     (single / "train" / "good").mkdir(parents=True)
@@ -111,6 +115,8 @@ def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
         "workers": ([*widget, "--data.num_workers", "-1"], "num_workers must be 0"),
         "image size": ([*widget, "--data.image_size", "0"], "image_size must be a positive"),
         "levels not a list": (["--model.levels", "7"], 'e.g. "[7]" or "[5, 7]" (given: 7)'),
+        "empty config": (["--config", str(tmp_path / "empty.yaml")], "empty.yaml is empty: it must map"),
+        "broken config": ([f"--config={tmp_path / 'broken.yaml'}"], "broken.yaml: line 3, column 1"),
         "fold": ([*widget, "--data.fold", "7"], "fold"),
         "levels": ([*widget, "--model.levels", "[0, 12]"], "levels"),
         "weights": (["--data.root", str(tiny_mvtec), "--data.category", "widget",
