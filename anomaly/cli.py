@@ -38,20 +38,26 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 
-def run_dir_parts(model: AnomalyMethod, data: AnomalyDataModule, epochs: int | None) -> tuple[str, str]:
+def run_dir_parts(
+    model: AnomalyMethod, data: AnomalyDataModule, epochs: int | None, precision: object = None
+) -> tuple[str, str]:
     """(``<method>/<name>/<category>``, ``fold_<k>``) of a run, relative to the root dir.
 
-    A resolution other than the backbone's adds ``_<size>px``. Augmented runs end in
-    ``_augment``; for methods that stream every augmented pass into their fit
-    (Gaussian, oc-SVM) the number of passes follows (``_augment100``).
+    A resolution other than the backbone's adds ``_<size>px``, a precision other than
+    float32 ``_<precision>``. Augmented runs end in ``_augment``; for methods that
+    stream every augmented pass into their fit (Gaussian, oc-SVM) the number of passes
+    follows (``_augment100``), and a seed other than 0 ``_seed<k>``.
     """
     fold = "fold_all" if data.fold is None else f"fold_{data.fold}"
     name = model.run_name()
     if data.image_size is not None and data.image_size != getattr(model, "input_size", None):
         name += f"_{data.image_size}px"  # not the backbone's native resolution
+    if precision is not None and str(precision) not in ("32", "32-true"):
+        name += f"_{precision}"
     if data.augment:
         counted = model.epochs_are_samples and epochs is not None and epochs > 0
         name += f"_augment{epochs}" if counted else "_augment"
+        name += f"_seed{data.seed}" if data.seed else ""
     return f"{model.method_name}/{name}/{data.category}", fold
 
 
@@ -72,7 +78,8 @@ class AnomalyCLI(LightningCLI):
         root = config.get("default_root_dir") or "runs"
         if Path(root).exists() and not Path(root).is_dir():
             raise ArgumentsError(f"--trainer.default_root_dir {root} is a file: give a folder for the runs")
-        name, version = run_dir_parts(self.model, self.datamodule, config.get("max_epochs"))
+        epochs, precision = config.get("max_epochs"), config.get("precision")
+        name, version = run_dir_parts(self.model, self.datamodule, epochs, precision)
         if config.get("logger", True) is not False:
             kwargs["logger"] = TensorBoardLogger(
                 save_dir=root, name=name, version=version, default_hp_metric=False

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import anomaly
-from anomaly.cli import main
+from anomaly.cli import main, run_dir_parts
 from anomaly.console import format_warning
+from anomaly.data import MVTecDataModule
 from anomaly.evaluation.results import OVERLAYS_DIR
+from anomaly.methods.gaussian import GaussianAD
 
 FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
 
@@ -199,3 +201,20 @@ def test_the_packages_warnings_print_as_one_line():
     assert format_warning(UserWarning("no AUROC"), UserWarning, inside, 10) == "warning: no AUROC\n"
     outside = format_warning(UserWarning("other"), UserWarning, "/elsewhere/lib.py", 3)
     assert outside.startswith("/elsewhere/lib.py:3: UserWarning: other")
+
+
+def test_run_folders_name_what_changes_the_numbers(tmp_path: Path):
+    def name(model=None, epochs=1, precision=None, **data) -> str:
+        model = model or GaussianAD("efficientnet-lite0", levels=[5, 7])
+        dm = MVTecDataModule(str(tmp_path), "widget", **data)
+        return run_dir_parts(model, dm, epochs, precision)[0].split("/")[1]
+
+    assert name() == "efficientnet-lite0_levels-5-7"
+    assert name(image_size=224) == "efficientnet-lite0_levels-5-7"  # lite0's own resolution
+    assert name(image_size=160) == "efficientnet-lite0_levels-5-7_160px"
+    assert name(precision="bf16-mixed") == "efficientnet-lite0_levels-5-7_bf16-mixed"
+    assert name(precision="32-true") == "efficientnet-lite0_levels-5-7"
+    assert name(epochs=100, augment=True) == "efficientnet-lite0_levels-5-7_augment100"
+    assert name(epochs=100, augment=True, seed=3) == "efficientnet-lite0_levels-5-7_augment100_seed3"
+    random = GaussianAD("efficientnet-lite0", pretrained=False)
+    assert name(random) == "efficientnet-lite0_random-init"
