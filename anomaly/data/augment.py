@@ -20,6 +20,7 @@ the number of loader workers or processes.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import albumentations as A
@@ -61,6 +62,13 @@ CATEGORY_SWITCHES: dict[str, Switches] = {
 
 def switches_for(category: str, noise: bool = True) -> Switches:
     """The category's switches (defaults for unknown categories); ``noise=False`` for the autoencoder."""
+    if category not in CATEGORY_SWITCHES:
+        warnings.warn(
+            f"category '{category}' has no augmentation switches of its own: using the defaults (flips, "
+            "90° turns, up to ±45°); if one of them can make a normal part look defective, add a line "
+            "for it to CATEGORY_SWITCHES in anomaly/data/augment.py",
+            stacklevel=2,
+        )
     base = CATEGORY_SWITCHES.get(category, Switches())
     return Switches(**{**base.__dict__, "noise": base.noise and noise})
 
