@@ -86,19 +86,47 @@ def test_fit_selects_the_best_checkpoint_and_scores_both_ways(tmp_path: Path):
     assert {"val/input", "val/reconstruction", "val/error_map"} <= set(events.Tags()["images"])
 
 
+def test_without_masks_the_cca_score_is_left_out_with_a_warning(tmp_path: Path):
+    root = make_mvtec_category(tmp_path / "mvtec", n_train=10, n_good=3, n_bad=3, size=32, masks=False)
+    model = PixelShuffleAutoencoder(pretrained=False, image_size=32)
+    dm = MVTecDataModule(str(root), "widget", fold=0, batch_size=4, num_workers=0)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+        logger=TensorBoardLogger(tmp_path, name="tb", version="v"), num_sanity_val_steps=0,
+        use_distributed_sampler=False, enable_checkpointing=False,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="no ground-truth masks: the CCA score is left out"):
+        trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    results = json.loads((tmp_path / "tb" / "v" / "results.json").read_text())
+    assert set(results["scores"]) == {"map_mean"} and results["min_anomaly_size"] is None
+    assert results["image_auroc"] == results["scores"]["map_mean"]["sum"]
+
+
+def test_data_image_size_must_suit_the_encoder(tmp_path: Path):
+    root = make_mvtec_category(tmp_path / "mvtec", n_train=5, n_good=2, n_bad=2, size=32)
+    model = PixelShuffleAutoencoder(pretrained=False, image_size=32, min_anomaly_size=0.05)
+    dm = MVTecDataModule(str(root), "widget", fold=0, num_workers=0, image_size=48)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False)
+    with pytest.raises(UserError, match=r"--data\.image_size must be a multiple of 32, got 48"):
+        trainer.fit(model, datamodule=dm)
+
+
 def test_command_line_run_with_the_autoencoder_config(tmp_path: Path, capsys):
     root = make_mvtec_category(tmp_path / "mvtec", n_train=10, n_good=3, n_bad=3, size=32)
     sizes = str(tmp_path / "sizes" / "{category}.json")
     args = ["--config", str(CONFIG_DIR / "autoencoder.yaml"), "--data.root", str(root),
             "--data.category", "widget", "--data.num_workers", "0", "--data.batch_size", "4",
             "--model.pretrained", "false", "--model.image_size", "32", "--trainer.max_epochs", "1",
-            "--model.min_anomaly_size_file", sizes,
             "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
-    assert main(args) == 2  # no size file yet
+    run_dir = tmp_path / "runs" / "autoencoder" / "resnet18_random-init_32px_augment" / "widget" / "fold_0"
+    assert main(args) == 0, capsys.readouterr().err  # the size comes from the test masks
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["min_anomaly_size"] == pytest.approx((10 * 10) / (32 * 32))
+    assert main([*args, "--model.min_anomaly_size_file", sizes]) == 2  # a file given but not made
     assert "anomaly.tools.min_anomaly_size" in capsys.readouterr().err
     assert min_size_main(["--data.root", str(root), "--data.category", "widget", "--output", sizes]) == 0
-    assert main(args) == 0, capsys.readouterr().err
-    run_dir = tmp_path / "runs" / "autoencoder" / "resnet18_random-init_augment" / "widget" / "fold_0"
+    assert main([*args, "--model.min_anomaly_size_file", sizes]) == 0, capsys.readouterr().err
     results = json.loads((run_dir / "results.json").read_text())
     assert results["method"] == "autoencoder" and results["n_test"] == 6
     assert results["min_anomaly_size"] == pytest.approx((10 * 10) / (32 * 32))

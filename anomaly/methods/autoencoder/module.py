@@ -13,22 +13,27 @@ per-pixel squared error averaged over the colour channels, and it gives two scor
 
 ``map_mean/sum`` is the primary score (``image_auroc``): it needs nothing but
 the normal training images, while the CCA score uses the minimum anomaly size
-taken from the test masks, knowledge a deployed detector would not have.
+taken from the test masks, knowledge a deployed detector would not have. Without
+masks (and without a size given by hand) the CCA score is left out, with a warning.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomaly.data.images import load_mask
 from anomaly.errors import UserError
-from anomaly.evaluation.connected_components import CCAScorer, read_min_anomaly_size
+from anomaly.evaluation.connected_components import CCAScorer, min_anomaly_fraction, read_min_anomaly_size
 from anomaly.methods.autoencoder.network import PixelShuffleAE
 from anomaly.methods.base import SUM
 from anomaly.methods.trained import Normalise, TrainedMethod, to_unit, trainable_network
 
 ENCODER = "resnet18"
 DOWNSAMPLING = 32
+PAPER_IMAGE_SIZE = 224
 
 
 class PixelShuffleAutoencoder(TrainedMethod):
@@ -43,6 +48,8 @@ class PixelShuffleAutoencoder(TrainedMethod):
         min_anomaly_size: the category's minimum anomaly size as a fraction of the image, by hand.
         min_anomaly_size_file: the JSON written by ``python -m anomaly.tools.min_anomaly_size``;
             ``{category}`` is replaced by the data's category. Ignored when ``min_anomaly_size`` is set.
+            With neither, the size is computed from the data module's test masks (DESIGN: from the
+            masks, not hard-coded), for any data module whose samples carry masks.
         n_logged_images: validation images shown in TensorBoard (input, reconstruction, error map).
     """
 
@@ -53,23 +60,20 @@ class PixelShuffleAutoencoder(TrainedMethod):
         self,
         latent_channels: int = 32,
         lr: float = 1e-4,
-        image_size: int = 224,
+        image_size: int = PAPER_IMAGE_SIZE,
         pretrained: bool = True,
         weights: str | None = None,
         min_anomaly_size: float | None = None,
-        min_anomaly_size_file: str | None = "min_anomaly_sizes/{category}.json",
+        min_anomaly_size_file: str | None = None,
         n_logged_images: int = 8,
     ) -> None:
         super().__init__(lr)
-        if image_size % DOWNSAMPLING or image_size < DOWNSAMPLING:
-            raise UserError(
-                f"the autoencoder's image_size must be a multiple of {DOWNSAMPLING}, got {image_size}"
-            )
+        check_image_size(image_size)
         self.save_hyperparameters()
         trunk, spec = trainable_network(ENCODER, weights, pretrained)
         self.normalise = Normalise(spec)
         self.network = PixelShuffleAE(trunk, latent_channels)
-        self.cca: CCAScorer | None = None
+        self.cca: CCAScorer | bool | None = None  # None: not set up yet; False: no CCA score
         self._logged_batch: dict[str, Tensor] | None = None
 
     @property
@@ -80,27 +84,40 @@ class PixelShuffleAutoencoder(TrainedMethod):
         return ENCODER
 
     def run_name(self) -> str:
-        latent = self.hparams.latent_channels
-        return ENCODER + self.weights_suffix() + ("" if latent == 32 else f"_latent-{latent}")
+        latent, size = self.hparams.latent_channels, self.hparams.image_size
+        name = ENCODER + self.weights_suffix() + ("" if latent == 32 else f"_latent-{latent}")
+        return name + ("" if size == PAPER_IMAGE_SIZE else f"_{size}px")
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         dm = self.datamodule
         if dm is not None:
+            check_image_size(dm.image_size, "--data.image_size")
             dm.augment_noise = False
-            self.cca = CCAScorer(self.resolve_min_anomaly_size(dm.category))
+            if self.cca is None:
+                fraction = self.resolve_min_anomaly_size(dm.category, dm.test_samples)
+                self.cca = CCAScorer(fraction) if fraction is not None else False
 
-    def resolve_min_anomaly_size(self, category: str) -> float:
-        """The minimum anomaly fraction: given by hand, or read from the category's JSON file."""
+    def resolve_min_anomaly_size(self, category: str, test_samples: list) -> float | None:
+        """The minimum anomaly fraction: by hand, from the category's JSON file, or from the test masks.
+
+        ``None`` (with a warning: no CCA score) when the test set has no non-empty mask.
+        """
         if self.hparams.min_anomaly_size is not None:
             return self.hparams.min_anomaly_size
         path = self.hparams.min_anomaly_size_file
-        if path is None:
-            raise UserError(
-                "the CCA score needs the category's minimum anomaly size: pass --model.min_anomaly_size "
-                "FRACTION or --model.min_anomaly_size_file (see python -m anomaly.tools.min_anomaly_size)"
+        if path is not None:
+            return read_min_anomaly_size(path.format(category=category), category)
+        masks = [s.mask for s in test_samples if s.label == 1 and s.mask is not None]
+        try:
+            return min_anomaly_fraction(load_mask(mask) for mask in masks)[0]
+        except ValueError:
+            warnings.warn(
+                f"category '{category}' has no ground-truth masks: the CCA score is left out (pass "
+                "--model.min_anomaly_size FRACTION to have it); map_mean is scored as usual",
+                stacklevel=2,
             )
-        return read_min_anomaly_size(path.format(category=category), category)
+            return None
 
     # ------------------------------------------------------------ training
     def forward(self, images: Tensor) -> Tensor:
@@ -144,14 +161,23 @@ class PixelShuffleAutoencoder(TrainedMethod):
             raise UserError("the autoencoder has no minimum anomaly size: run it through a trainer with data")
         target, reconstruction = self.reconstruct(batch)
         maps = error_map(reconstruction, target)
-        return {f"map_mean/{SUM}": maps.mean(dim=(1, 2)), f"cca/{SUM}": self.cca(maps).to(maps.device)}
+        scores = {f"map_mean/{SUM}": maps.mean(dim=(1, 2))}
+        if self.cca:  # False: no masks to take the minimum anomaly size from
+            scores[f"cca/{SUM}"] = self.cca(maps).to(maps.device)
+        return scores
 
     def extra_results(self) -> dict:
         return {
             **super().extra_results(),
-            "min_anomaly_size": None if self.cca is None else self.cca.min_fraction,
+            "min_anomaly_size": self.cca.min_fraction if self.cca else None,
             "latent_channels": self.hparams.latent_channels,
         }
+
+
+def check_image_size(size: int | None, option: str = "image_size") -> None:
+    """:class:`UserError` unless the encoder's five halvings divide ``size`` (``None``: not set)."""
+    if size is not None and (size % DOWNSAMPLING or size < DOWNSAMPLING):
+        raise UserError(f"the autoencoder's {option} must be a multiple of {DOWNSAMPLING}, got {size}")
 
 
 def error_map(reconstruction: Tensor, target: Tensor) -> Tensor:
