@@ -16,25 +16,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from sklearn.svm import OneClassSVM
 from torch import Tensor
 
 from anomaly.errors import UserError
-from anomaly.methods.base import SUM
+from anomaly.methods.base import SUM, gather_rows
 from anomaly.methods.features import FeatureMethod
 
 SCORE_TYPE = "ocsvm"
 BYTES_PER_VALUE = 4  # float32
-
-
-def gather_features(local: list[Tensor]) -> list[Tensor]:
-    """Every process's stored features per level, concatenated in rank order (as is without DDP)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    gathered: list[list[Tensor] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    return [torch.cat([g[i] for g in gathered if g is not None]) for i in range(len(local))]
+LIBSVM_CACHE_MB = 200  # sklearn's default kernel cache
 
 
 class OneClassSVMAD(FeatureMethod):
@@ -44,8 +35,10 @@ class OneClassSVMAD(FeatureMethod):
         backbone, levels, weights, pretrained: as for :class:`~anomaly.methods.gaussian.GaussianAD`.
         nu: the SVM's ``nu`` (the paper: 0.5).
         gamma: the RBF kernel's ``gamma`` (``"scale"``: 1 / (D · Var(X))).
-        memory_limit_gb: the most memory the stored training features may take
-            (training images × epochs × summed level widths × 4 bytes).
+        memory_limit_gb: the most memory the fit may take: the stored float32 training
+            features, the float64 copy of the widest level that libsvm is given, the
+            float64 support vectors (at least a fraction ``nu`` of the vectors) and
+            libsvm's kernel cache (see :meth:`required_bytes`).
     """
 
     method_name = "ocsvm"
@@ -75,8 +68,15 @@ class OneClassSVMAD(FeatureMethod):
 
     # -------------------------------------------------------------------- fit
     def required_bytes(self, n_images: int, epochs: int) -> int:
-        """Memory the stored training features take."""
-        return n_images * epochs * sum(self.level_dims) * BYTES_PER_VALUE
+        """An upper estimate of the fit's peak memory, for ``n = images × epochs`` vectors.
+
+        The stored float32 features of every level (``4 n ΣD``), while one level at a
+        time is concatenated (``4 n D``) and copied to float64 for libsvm (``8 n D``),
+        plus the float64 support vectors kept for every fitted level (at most all of
+        them: ``8 n ΣD``) and libsvm's kernel cache.
+        """
+        n, widest, total = n_images * epochs, max(self.level_dims), sum(self.level_dims)
+        return n * (BYTES_PER_VALUE * total + 12 * widest + 8 * total) + LIBSVM_CACHE_MB * 2**20
 
     def check_memory(self, n_images: int, epochs: int | None) -> None:
         limit = self.hparams.memory_limit_gb * 1e9
@@ -87,10 +87,10 @@ class OneClassSVMAD(FeatureMethod):
         needed = self.required_bytes(n_images, epochs)
         if needed > limit:
             raise UserError(
-                f"the oc-SVM would store {needed / 1e9:.2f} GB of training features ({n_images} images x "
-                f"{epochs} epochs x {sum(self.level_dims)} values x 4 bytes), over the "
-                f"{self.hparams.memory_limit_gb} GB limit: lower --trainer.max_epochs, choose fewer "
-                "--model.levels, or raise --model.memory_limit_gb"
+                f"the oc-SVM fit could take up to {needed / 1e9:.2f} GB ({n_images} images x {epochs} "
+                f"epochs of {sum(self.level_dims)} values, stored, copied for libsvm and kept as support "
+                f"vectors), over the {self.hparams.memory_limit_gb} GB limit: lower --trainer.max_epochs, "
+                "choose fewer --model.levels, or raise --model.memory_limit_gb"
             )
 
     def on_train_start(self) -> None:
@@ -104,14 +104,19 @@ class OneClassSVMAD(FeatureMethod):
                 store.append(feats.detach().float().cpu())
 
     def on_train_end(self) -> None:
-        """Fit one SVM per level on all processes' stored features, then free them."""
-        features = gather_features([torch.cat(store) for store in self._stored])
-        self.svms = [self.fit_svm(x) for x in features]
-        self.n_fit_vectors = int(features[0].shape[0])
+        """Fit one SVM per level on all processes' stored features, freeing each level's as it goes."""
+        self.svms = []
+        for index in range(len(self._stored)):
+            chunks, self._stored[index] = self._stored[index], []
+            features = gather_rows({"x": torch.cat(chunks)})["x"]
+            del chunks
+            self.n_fit_vectors = int(features.shape[0])
+            self.svms.append(self.fit_svm(features))
         self._stored = []
 
     def fit_svm(self, features: Tensor) -> OneClassSVM:
-        svm = OneClassSVM(kernel="rbf", gamma=self.hparams.gamma, nu=self.hparams.nu)
+        hp = self.hparams
+        svm = OneClassSVM(kernel="rbf", gamma=hp.gamma, nu=hp.nu, cache_size=LIBSVM_CACHE_MB)
         return svm.fit(features.double().numpy())
 
     # ------------------------------------------------------------------ score
