@@ -36,6 +36,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--input", required=True, help="a folder (searched recursively), a glob, or one image"
     )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave out files whose name matches, e.g. '*.png' for masks beside JPEG images (repeatable)",
+    )
     parser.add_argument("--out", help="CSV file to write (default: standard output)")
     parser.add_argument("--weights", help="backbone weights file, if it moved since the detector was saved")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -86,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             "rank by score, or refit with a target FPR",
             file=sys.stderr,
         )
-    paths = list(expand_input(args.input))
+    paths = list(expand_input(args.input, args.exclude))
     with output_file(args.out) as out:
         summary = predict_files(detector, paths, out, args.batch_size, args.num_workers, not args.no_progress)
     decided = "" if detector.threshold_ is None else f", {summary.anomalous} anomalous"

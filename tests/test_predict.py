@@ -75,6 +75,15 @@ def test_glob_and_single_file(detector_file: Path, new_images: Path, tmp_path: P
     assert row["score"] and not row["error"]
 
 
+def test_excluded_names_are_left_out(detector_file: Path, new_images: Path, tmp_path: Path):
+    """E.g. masks stored beside the images (Magnetic-Tile-Defect: X.jpg with its mask X.png)."""
+    out = tmp_path / "some.csv"
+    assert main(["--detector", str(detector_file), "--input", str(new_images), "--exclude", "*corrupt*",
+                 "--exclude", "part_[0-3].png", "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    names = sorted(Path(row["path"]).name for row in read_rows(out))
+    assert names == [f"part_{i}.png" for i in range(4, 8)]
+
+
 def test_detector_without_threshold_leaves_decision_empty(tmp_path: Path, new_images: Path, capsys):
     detector = fit_demo_detector(fpr=None)
     path = detector.save(tmp_path / "no_threshold.safetensors")

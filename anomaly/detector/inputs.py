@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,19 @@ from anomaly.data.transforms import ImagePipeline
 from anomaly.errors import UserError
 
 
-def expand_input(spec: str | Path) -> Iterator[Path]:
+def expand_input(spec: str | Path, exclude: Sequence[str] = ()) -> Iterator[Path]:
     """The image files named by ``spec``, sorted: a folder (searched recursively), a glob, or one file.
 
     A single file is yielded whatever its extension, so that an unreadable one is
-    reported rather than skipped.
+    reported rather than skipped. Files whose name matches a pattern of ``exclude``
+    (e.g. ``*.png`` for masks stored beside JPEG images) are left out.
     """
+    for path in _expand(spec):
+        if not any(fnmatch.fnmatch(path.name, pattern) for pattern in exclude):
+            yield path
+
+
+def _expand(spec: str | Path) -> Iterator[Path]:
     path = Path(spec).expanduser()
     if path.is_dir():
         yield from sorted(p for p in path.rglob("*") if is_image_file(p))
