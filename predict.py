@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if detector.threshold_ is None:
         print(
             "note: this detector has no threshold (working point): the decision column is left empty; "
-            "rank by score, or refit with a target FPR",
+            "rank by score, or give it one: fit on a fold (its held-out images set it), with "
+            "--model.threshold_method chi2 or --model.threshold, or GaussianDetector.calibrate()",
             file=sys.stderr,
         )
     paths = list(expand_input(args.input, args.exclude))
