@@ -88,6 +88,12 @@ class AnomalyDataModule(pl.LightningDataModule):
     def category(self) -> str:
         """Name of the category (or dataset) the images belong to."""
 
+    @property
+    @abstractmethod
+    def dataset(self) -> str:
+        """The collection the category belongs to (its resolved root folder): tables average
+        categories of one dataset only."""
+
     @abstractmethod
     def scan(self) -> tuple[list[Sample], list[Sample]]:
         """(training samples, all normal, sorted by path; test samples)."""

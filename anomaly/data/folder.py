@@ -142,6 +142,10 @@ class FolderDataModule(AnomalyDataModule):
             return self.root.resolve().name
         return class_names([self.normal_dir, *self.test_folders()])[0]
 
+    @property
+    def dataset(self) -> str:
+        return str((self.root if self.root is not None else Path(self.normal_dir)).resolve())
+
     # ----------------------------------------------------------------- files
     def _mask_for(self, image: Path, class_name: str) -> Path | None:
         if self.masks is None:

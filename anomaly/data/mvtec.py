@@ -89,6 +89,10 @@ class MVTecDataModule(AnomalyDataModule):
     def category(self) -> str:
         return self._category
 
+    @property
+    def dataset(self) -> str:
+        return "demo" if self.root is None else str(Path(self.root).expanduser().resolve())
+
     def scan(self) -> tuple[list[Sample], list[Sample]]:
         root = Path(self.root) if self.root is not None else ensure_demo_dataset()
         return scan_mvtec(root.expanduser(), self.category)

@@ -48,6 +48,7 @@ class GroupKey:
     settings: str
     variant: str
     whole: bool = False  # fitted on all training images (``fold_all``), not one of the 5 folds
+    dataset: str = ""  # the data root the categories come from ("" for results that predate it)
 
     @property
     def label(self) -> str:
@@ -57,7 +58,7 @@ class GroupKey:
     @property
     def order(self) -> tuple:
         """Where the group stands in tables: by method, backbone and run name; 5 folds first."""
-        return (self.method, self.backbone, self.variant, self.whole)
+        return (self.method, self.backbone, self.variant, self.whole, self.dataset)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class RunRecord:
             settings=json.dumps(settings, sort_keys=True, default=str),
             variant=run_variant(self.path),
             whole=self.fold == ALL_FOLDS,
+            dataset=str(self.results.get("dataset") or ""),
         )
 
     def value(self, score_type: str | None = PRIMARY, level: str = SUM) -> float | None:
@@ -162,7 +164,9 @@ def group_runs(records: Iterable[RunRecord]) -> dict[GroupKey, list[RunRecord]]:
     """Runs grouped by (method, backbone, settings, run name, fold protocol), in a stable order.
 
     Fits on all training images (``fold_all``) are a group of their own: averaging
-    them with the 5 folds would mix two protocols in one mean.
+    them with the 5 folds would mix two protocols in one mean. So are the categories
+    of another dataset (data root): MVTec AD's categories and a folder dataset are
+    not averaged together.
     """
     groups: dict[GroupKey, list[RunRecord]] = defaultdict(list)
     for record in records:

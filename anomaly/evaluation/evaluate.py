@@ -77,7 +77,7 @@ def build_tables(
         columns = [LevelColumn(t, records, t) for t in score_types]
         table = level_table(f"{label}: image AUROC (± SEM, %) per level", columns)
         if label != key.label:
-            table.notes.append(f"settings of {label}: {key.settings}")
+            table.notes.append(f"{label}: data {key.dataset or '(not recorded)'}, settings {key.settings}")
         table.notes += group_warnings
         tables.append(table)
         primary_columns.append(LevelColumn(label, records, None))

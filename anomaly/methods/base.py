@@ -171,6 +171,7 @@ class AnomalyMethod(pl.LightningModule):
             "method": self.method_name,
             "backbone": self.backbone_name(),
             "category": getattr(dm, "category", None),
+            "dataset": getattr(dm, "dataset", None),
             "fold": getattr(dm, "fold", None),
             "n_train": len(dm.fit_samples) if dm is not None else None,
             "n_test": int(labels.numel()),

@@ -120,3 +120,20 @@ def test_fits_on_all_images_are_a_group_of_their_own(tmp_path: Path):
         "gaussian/efficientnet-lite0 (fold all): no runs for categories cable, grid",
     ]
     assert any("(fold all)" in table.title for table in tables)
+
+
+def test_categories_of_another_dataset_are_not_averaged_in(tmp_path: Path):
+    for (category, fold), auroc in VALUES.items():
+        results = {**fake_results(category, fold, auroc), "dataset": "/data/mvtec_ad"}
+        write_fake_run(tmp_path / "mvtec", results)
+    tiles = {**fake_results("magnetic_tile", 0, 0.5), "dataset": "/data/magnetic_tile"}
+    write_fake_run(tmp_path / "tiles", tiles)
+    groups = group_runs(collect_runs(tmp_path)[0])
+    assert sorted((k.dataset, len(v)) for k, v in groups.items()) == [
+        ("/data/magnetic_tile", 1),
+        ("/data/mvtec_ad", 5),
+    ]
+    mvtec = next(v for k, v in groups.items() if k.dataset == "/data/mvtec_ad")
+    assert summarise_column(mvtec, None).mean == pytest.approx(summarise(VALUES).mean)
+    tables, _ = build_tables(groups)
+    assert any("data /data/magnetic_tile" in note for table in tables for note in table.notes)
