@@ -13,7 +13,7 @@ from anomaly.errors import UserError
 from anomaly.evaluation.paper_values import paper_level_value, paper_table
 from anomaly.experiments.cli import main
 from anomaly.experiments.grids import TABLES
-from anomaly.experiments.runner import RunIndex, grid_cells, measured_table
+from anomaly.experiments.runner import RunIndex, grid_cells, measured_table, run_context
 from tests.evaluation.fake_runs import fake_results
 
 LITE = ["--backbone", "efficientnet-lite0"]
@@ -146,3 +146,10 @@ def test_real_run_in_process(tiny_mvtec: Path, tmp_path: Path, capsys):
     run_dir = tmp_path / "gaussian" / "efficientnet-lite0" / "widget" / "fold_0"
     assert (run_dir / "results.json").is_file() and (run_dir / "roc.png").is_file()
     assert any((tmp_path / "feature_cache").rglob("*.feat")), "the run did not fill the shared feature cache"
+
+
+def test_batch_size_counts_only_for_methods_trained_by_gradient_descent(tmp_path: Path):
+    extra = ["--data.batch_size", "4", "--data.num_workers=2", "--data.image_size", "160"]
+    root = str(tmp_path.resolve())
+    assert run_context(tmp_path, extra, feature_based=True) == [root, "--data.image_size", "160"]
+    assert run_context(tmp_path, extra) == [root, "--data.batch_size", "4", "--data.image_size", "160"]

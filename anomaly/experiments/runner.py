@@ -72,18 +72,24 @@ def grid_cells(spec: TableSpec, categories: Sequence[str], folds: Sequence[int])
 
 #: Extra training options that change how a run is computed, not its results.
 NEUTRAL_OPTIONS = (
-    "--data.image_cache", "--data.feature_cache", "--data.num_workers", "--data.batch_size", "--figures",
+    "--data.image_cache", "--data.feature_cache", "--data.num_workers", "--figures",
     "--trainer.accelerator", "--trainer.devices", "--trainer.num_nodes", "--trainer.strategy",
     "--trainer.enable_progress_bar",
 )  # fmt: skip
+#: ... and for methods on frozen features (statistics need no batches), the batch size too.
+FEATURE_NEUTRAL_OPTIONS = (*NEUTRAL_OPTIONS, "--data.batch_size")
 
 
-def run_context(data_root: Path, extra: Sequence[str]) -> list[str]:
-    """What besides its own arguments decides a cell's results: the data and the other extra options."""
+def run_context(data_root: Path, extra: Sequence[str], feature_based: bool = False) -> list[str]:
+    """What besides its own arguments decides a cell's results: the data and the other extra options.
+
+    The batch size counts for methods trained by gradient descent, not for feature-based ones.
+    """
+    neutral = FEATURE_NEUTRAL_OPTIONS if feature_based else NEUTRAL_OPTIONS
     kept, tokens = [], iter(extra)
     for token in tokens:
         name = token.split("=", 1)[0]
-        if name in NEUTRAL_OPTIONS:
+        if name in neutral:
             if "=" not in token:
                 next(tokens, None)  # its value
             continue
@@ -100,10 +106,13 @@ class RunIndex:
 
     def __init__(self, runs_dir: Path, data_root: Path, extra: Sequence[str] = ()) -> None:
         self.folder = Path(runs_dir) / INDEX_DIR
-        self.context = run_context(data_root, extra)
+        self.data_root, self.extra = data_root, list(extra)
+
+    def context(self, cell: Cell) -> list[str]:
+        return run_context(self.data_root, self.extra, feature_based=cell.cacheable)
 
     def path(self, cell: Cell) -> Path:
-        return self.folder / f"{cell.key(self.context)}.json"
+        return self.folder / f"{cell.key(self.context(cell))}.json"
 
     def record(self, cell: Cell) -> RunRecord | None:
         """The cell's finished run, or None when it has not run or its results are incomplete."""
@@ -116,7 +125,7 @@ class RunIndex:
     def store(self, cell: Cell, run_dir: str) -> None:
         entry = {
             "args": list(cell.args), "category": cell.category, "fold": cell.fold,
-            "context": self.context, "run_dir": run_dir,
+            "context": self.context(cell), "run_dir": run_dir,
         }  # fmt: skip
         write_atomic(self.path(cell), json.dumps(entry, indent=1) + "\n")
 
