@@ -176,6 +176,16 @@ def test_working_point_and_decisions(tiny_mvtec: Path, tmp_path: Path):
     normal = [float(r["mahalanobis_sum"]) for r in scores if r["label"] == "0"]
     fpr = np.mean([value > threshold for value in normal])
     assert report["empirical"]["mahalanobis/sum"]["empirical_fpr"] == pytest.approx(fpr)
+    assert report["holdout_images"] == len(dm.holdout_samples) == 3
+
+
+def test_unreachable_empirical_target_is_said(tiny_mvtec: Path, tmp_path: Path):
+    """3 held-out images cannot aim at an FPR of 1%: the threshold is their largest score."""
+    model = GaussianAD("efficientnet-lite0", levels=[5, 7], target_fpr=0.01)
+    dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=8, num_workers=0, image_size=SMALL)
+    with pytest.warns(UserWarning, match="holds out 3 normal images: below an FPR of 33.33%"):
+        fit_and_test(model, dm, tmp_path)
+    assert model.threshold == pytest.approx(float(model.holdout_scores["mahalanobis/sum"].max()))
 
 
 @pytest.mark.real_data

@@ -53,6 +53,8 @@ def working_point_report(
     """
     targets = [(n, sigma_fpr(n)) for n in SIGMA_ROWS] + [(None, target_fpr)]
     report: dict = {"target_fpr": target_fpr, "levels": {}, "empirical": {}}
+    if holdout is not None:  # the empirical thresholds cannot tell FPRs below 1 / m apart
+        report["holdout_images"] = int(next(iter(holdout.values())).numel())
     for level, dim in zip(levels, dims, strict=True):
         column = f"{MAHALANOBIS}/{level}"
         report["levels"][str(level)] = {
