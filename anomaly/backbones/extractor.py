@@ -16,6 +16,22 @@ from torch import Tensor, nn
 from anomaly.errors import UserError
 
 
+def unit_images(images: Tensor) -> Tensor:
+    """(B, 3, H, W) uint8 0..255 or float 0..1 images as float32 in [0, 1]."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    if images.is_floating_point():
+        return images.float()
+    raise ValueError(f"expected uint8 or floating-point images, got {images.dtype}")
+
+
+def normalise_images(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Images as a backbone expects them: ``(x - mean) / std`` of :func:`unit_images`, in ``mean``'s dtype."""
+    return ((unit_images(images) - mean) / std).to(mean.dtype)  # float32 unless the module was cast
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """Static facts about one backbone, known without building it."""
@@ -94,16 +110,7 @@ class FeatureExtractor(nn.Module):
 
     def normalise(self, images: Tensor) -> Tensor:
         """uint8 0..255 or float 0..1 images -> normalised network input on this module's device."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        images = images.to(self.mean.device)
-        if images.dtype == torch.uint8:
-            x = images.float().div_(255.0)
-        elif images.is_floating_point():
-            x = images.float()
-        else:
-            raise ValueError(f"expected uint8 or floating-point images, got {images.dtype}")
-        return ((x - self.mean) / self.std).to(self.mean.dtype)  # float32 unless the module was cast
+        return normalise_images(images.to(self.mean.device), self.mean, self.std)
 
     def check_levels(self, levels: Sequence[int] | None) -> list[int]:
         """The requested levels as a sorted list without duplicates; all levels for None."""

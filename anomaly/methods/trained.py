@@ -19,6 +19,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from anomaly.backbones import BackboneSpec, build_backbone
+from anomaly.backbones.extractor import normalise_images
 from anomaly.errors import UserError
 from anomaly.methods.base import AnomalyMethod
 
@@ -41,12 +42,7 @@ class Normalise(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: Tensor) -> Tensor:
-        return (to_unit(images) - self.mean) / self.std
-
-
-def to_unit(images: Tensor) -> Tensor:
-    """Images as float in [0, 1]."""
-    return images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+        return normalise_images(images, self.mean, self.std)
 
 
 class TrainedMethod(AnomalyMethod):

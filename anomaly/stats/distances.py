@@ -43,6 +43,6 @@ def level_columns(levels: Sequence[int], per_level: Sequence[Mapping[str, Tensor
     for level, scores in zip(levels, per_level, strict=True):
         for score_type, values in scores.items():
             columns[f"{score_type}/{level}"] = values
-    for score_type in SCORE_TYPES:
+    for score_type in per_level[0]:
         columns[f"{score_type}/{SUM}"] = sum(columns[f"{score_type}/{level}"] for level in levels)
     return columns

@@ -24,12 +24,13 @@ import warnings
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomaly.backbones.extractor import unit_images
 from anomaly.data.images import load_mask
 from anomaly.errors import UserError
 from anomaly.evaluation.connected_components import CCAScorer, min_anomaly_fraction, read_min_anomaly_size
 from anomaly.methods.autoencoder.network import PixelShuffleAE
 from anomaly.methods.base import SUM
-from anomaly.methods.trained import Normalise, TrainedMethod, to_unit, trainable_network
+from anomaly.methods.trained import Normalise, TrainedMethod, trainable_network
 
 ENCODER = "resnet18"
 DOWNSAMPLING = 32
@@ -126,7 +127,7 @@ class PixelShuffleAutoencoder(TrainedMethod):
 
     def reconstruct(self, batch: dict) -> tuple[Tensor, Tensor]:
         """(target images in [0, 1], reconstructions)."""
-        return to_unit(batch["image"]), self(batch["image"])
+        return unit_images(batch["image"]), self(batch["image"])
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         target, reconstruction = self.reconstruct(batch)

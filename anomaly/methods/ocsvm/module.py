@@ -22,6 +22,7 @@ from torch import Tensor
 from anomaly.errors import UserError
 from anomaly.methods.base import SUM, gather_rows
 from anomaly.methods.features import FeatureMethod
+from anomaly.stats.distances import level_columns
 
 SCORE_TYPE = "ocsvm"
 BYTES_PER_VALUE = 4  # float32
@@ -128,12 +129,11 @@ class OneClassSVMAD(FeatureMethod):
         """``{"ocsvm/<level>": -decision_function, "ocsvm/sum": their sum}``."""
         if len(self.svms) != len(self.levels):
             raise UserError("the oc-SVM is not fitted yet: run fit before test")
-        columns: dict[str, Tensor] = {}
-        for level, svm, feats in zip(self.levels, self.svms, features, strict=True):
-            values = -svm.decision_function(feats.double().cpu().numpy())
-            columns[f"{SCORE_TYPE}/{level}"] = torch.from_numpy(np.asarray(values, dtype=np.float64))
-        columns[f"{SCORE_TYPE}/{SUM}"] = sum(columns[f"{SCORE_TYPE}/{level}"] for level in self.levels)
-        return columns
+        per_level = [
+            {SCORE_TYPE: torch.from_numpy(np.asarray(-svm.decision_function(f.double().cpu().numpy())))}
+            for svm, f in zip(self.svms, features, strict=True)
+        ]
+        return level_columns(self.levels, per_level)
 
     def extra_results(self) -> dict:
         return {
