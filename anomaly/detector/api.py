@@ -38,6 +38,8 @@ def primary_column(score: str) -> str:
     score_type, level = split_column(score)
     if score_type not in SCORE_TYPES:
         raise UserError(f"unknown score {score!r}: choose one of {', '.join(SCORE_TYPES)}")
+    if level != SUM and not (level.isdigit() and int(level) >= 1):
+        raise UserError(f"score {score!r} names no level: use {score_type}/sum or {score_type}/<level>")
     return f"{score_type}/{level}"
 
 
@@ -195,7 +197,13 @@ class GaussianDetector:
     @staticmethod
     def _as_feature_list(X) -> list[Tensor]:
         parts = list(X) if isinstance(X, (list, tuple)) else [X]
-        tensors = [torch.as_tensor(np.asarray(p) if not isinstance(p, Tensor) else p) for p in parts]
+        arrays = [p if isinstance(p, Tensor) else np.asarray(p) for p in parts]
+        if any(isinstance(a, np.ndarray) and a.dtype.kind not in "biuf" for a in arrays):
+            raise UserError(
+                "this detector was fitted on features (backbone=None): give numbers, an (n, D) array "
+                "or a list of them, not images or paths"
+            )
+        tensors = [torch.as_tensor(a) for a in arrays]
         if not tensors or any(t.ndim != 2 for t in tensors):
             raise UserError("features must be an (n, D) array or a list of (n, D_l) arrays, one per level")
         if len({t.shape[0] for t in tensors}) != 1:

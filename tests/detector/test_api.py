@@ -90,6 +90,11 @@ def test_bad_use_raises_user_errors(features):
         detector.score_samples(train[:, :4])
     with pytest.raises(UserError, match="unknown score"):
         GaussianDetector(score="cosine")
+    with pytest.raises(UserError, match="fitted on features"):
+        detector.score_samples("part.png")
+    for column in ("mahalanobis/x", "l2/0"):
+        with pytest.raises(UserError, match="names no level"):
+            GaussianDetector(score=column)
     with pytest.raises(UserError, match="at least 2"):
         GaussianDetector(backbone=None).fit(train[:1])
 
