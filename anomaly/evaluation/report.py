@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from anomaly.evaluation.aggregate import ALL_FOLDS
+
 
 def _fmt(value: float | None) -> str:
     return "   -  " if value is None else f"{100 * value:6.1f}"
@@ -14,7 +16,7 @@ def format_run_table(results: dict) -> str:
     levels = sorted({lv for t in types for lv in scores[t]["per_level"]}, key=int)
     width = max(8, *(len(t) + 1 for t in types)) if types else 8
     header = "level".ljust(7) + "".join(t.rjust(width) for t in types)
-    fold = "all" if results.get("fold") is None else results.get("fold")
+    fold = ALL_FOLDS if results.get("fold") is None else results.get("fold")
     lines = [
         f"{results.get('method')} | {results.get('backbone')} | {results.get('category')} | "
         f"fold {fold} | {results.get('n_train')} train, {results.get('n_test')} test images",

@@ -25,6 +25,7 @@ from anomaly.evaluation.aggregate import (
     summarise_column,
 )
 from anomaly.evaluation.paper_values import paper_level_value
+from anomaly.evaluation.results import write_atomic
 
 FORMATS = ("md", "csv", "latex")
 
@@ -363,5 +364,4 @@ def emit(text: str, warnings: Sequence[str], out: str | None = None) -> None:
         print(f"warning: {line}", file=sys.stderr)
     print(text)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
+        write_atomic(Path(out), text + "\n")

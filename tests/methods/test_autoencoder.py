@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import albumentations as A
@@ -101,6 +102,20 @@ def test_without_masks_the_cca_score_is_left_out_with_a_warning(tmp_path: Path):
     results = json.loads((tmp_path / "tb" / "v" / "results.json").read_text())
     assert set(results["scores"]) == {"map_mean"} and results["min_anomaly_size"] is None
     assert results["image_auroc"] == results["scores"]["map_mean"]["sum"]
+
+
+def test_each_data_module_gets_its_own_minimum_anomaly_size(tmp_path: Path):
+    """Testing on other data after a fit takes that data's masks (or none), not the first data's."""
+    masked = make_mvtec_category(tmp_path / "masked", n_train=5, n_good=2, n_bad=2, size=32)
+    plain = make_mvtec_category(tmp_path / "plain", n_train=5, n_good=2, n_bad=2, size=32, masks=False)
+    model = PixelShuffleAutoencoder(pretrained=False, image_size=32)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    for root, expected in ((masked, (10 * 10) / (32 * 32)), (plain, None)):
+        dm = MVTecDataModule(str(root), "widget", fold=0, num_workers=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.test(model, datamodule=dm, verbose=False)
+        assert model.extra_results()["min_anomaly_size"] == (pytest.approx(expected) if expected else None)
 
 
 def test_data_image_size_must_suit_the_encoder(tmp_path: Path):

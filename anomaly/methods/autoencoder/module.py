@@ -95,9 +95,8 @@ class PixelShuffleAutoencoder(TrainedMethod):
         if dm is not None:
             check_image_size(dm.image_size, "--data.image_size")
             dm.augment_noise = False
-            if self.cca is None:
-                fraction = self.resolve_min_anomaly_size(dm.category, dm.test_samples)
-                self.cca = CCAScorer(fraction) if fraction is not None else False
+            fraction = self.resolve_min_anomaly_size(dm.category, dm.test_samples)  # this data's own
+            self.cca = CCAScorer(fraction) if fraction is not None else False
 
     def resolve_min_anomaly_size(self, category: str, test_samples: list) -> float | None:
         """The minimum anomaly fraction: by hand, from the category's JSON file, or from the test masks.

@@ -242,10 +242,10 @@ class SpatialGaussianAD(GaussianAD):
             raise UserError("the detector is not fitted yet: run fit before test")
         per_level = []
         maps = 0.0
+        map_type = self.primary_score.partition("/")[0]
         for i, (scorer, feats) in enumerate(zip(self.scorers, features, strict=True)):
             cells = scorer(feats)  # {type: (B, cells)}
             per_level.append({score_type: distances.amax(dim=1) for score_type, distances in cells.items()})
-            map_type = self.primary_score.partition("/")[0]
             maps = maps + self.standardise(map_type, i, cells[map_type])
         columns = level_columns(self.levels, per_level)
         self._last_maps = maps.reshape(-1, self.grid_size, self.grid_size)
