@@ -128,8 +128,20 @@ def test_missing_size_file_says_how_to_create_it(tmp_path: Path):
 
 @pytest.mark.real_data
 def test_bottle_copy_without_masks_gives_the_manual_option(tmp_path: Path, capsys):
-    root = require(BOTTLE).parent
+    bottle = require(BOTTLE)
+    copy = tmp_path / "mvtec" / "bottle"
+    copy.mkdir(parents=True)
+    for split in ("train", "test"):  # the real images, without ground_truth/
+        (copy / split).symlink_to(bottle / split, target_is_directory=True)
     code = min_size_main(
-        ["--data.root", str(root), "--data.category", "bottle", "--output", str(tmp_path / "b")]
+        ["--data.root", str(copy.parent), "--data.category", "bottle", "--output", str(tmp_path / "b")]
     )
     assert code == 2 and "--model.min_anomaly_size" in capsys.readouterr().err
+
+
+@pytest.mark.real_data
+def test_bottle_masks_give_a_minimum_anomaly_size(tmp_path: Path):
+    root = require(BOTTLE).parent
+    out = tmp_path / "b"
+    assert min_size_main(["--data.root", str(root), "--data.category", "bottle", "--output", str(out)]) == 0
+    assert read_min_anomaly_size(out, "bottle") > 0

@@ -109,7 +109,9 @@ def test_each_data_module_gets_its_own_minimum_anomaly_size(tmp_path: Path):
     masked = make_mvtec_category(tmp_path / "masked", n_train=5, n_good=2, n_bad=2, size=32)
     plain = make_mvtec_category(tmp_path / "plain", n_train=5, n_good=2, n_bad=2, size=32, masks=False)
     model = PixelShuffleAutoencoder(pretrained=False, image_size=32)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path / "runs"
+    )
     for root, expected in ((masked, (10 * 10) / (32 * 32)), (plain, None)):
         dm = MVTecDataModule(str(root), "widget", fold=0, num_workers=0)
         with warnings.catch_warnings():
