@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import logging
 import sys
 import warnings
@@ -154,18 +155,33 @@ def chooses_data_class(args: list[str]) -> bool:
     return False
 
 
+def folder_only_options() -> set[str]:
+    """``--data.<name>`` options that only the folder data module has (``test_dirs``, ``masks``, ...)."""
+    from anomaly.data.folder import FolderDataModule
+    from anomaly.data.mvtec import MVTecDataModule
+
+    names = set(inspect.signature(FolderDataModule).parameters) - set(
+        inspect.signature(MVTecDataModule).parameters
+    )
+    return {f"--data.{name}" for name in names}
+
+
 def own_images_args(args: list[str]) -> list[str]:
-    """``--data.root DIR`` on a folder that holds images (not category folders) fits on those images.
+    """``--data.root DIR`` on a folder of images (not of categories) fits on those images.
 
     With no data module chosen, the default (MVTec AD layout) would look for category folders in
-    ``DIR``; a folder of images instead becomes a :class:`~anomaly.data.folder.FolderDataModule`
-    whose normal images are ``DIR``'s: normal-only unless ``--data.test_dirs`` names test folders.
+    ``DIR``; a folder that holds images, or any option only the folder data module has
+    (``--data.test_dirs``), selects :class:`~anomaly.data.folder.FolderDataModule` instead, whose
+    normal images are ``DIR``'s: normal-only unless ``--data.test_dirs`` names test folders.
     """
     root = option_value(args, "--data.root")
     if root is None or option_value(args, "--data.category") is not None or chooses_data_class(args):
         return args
     folder = Path(root).expanduser()
-    if not folder.is_dir() or not list_images(folder) or any(p.is_dir() for p in folder.glob("*/train")):
+    holds_images = folder.is_dir() and bool(list_images(folder))
+    holds_categories = folder.is_dir() and any(p.is_dir() for p in folder.glob("*/train"))
+    folder_options = any(token.split("=", 1)[0] in folder_only_options() for token in args)
+    if holds_categories or not (holds_images or folder_options):
         return args
     first = next(at for at, token in enumerate(args) if token.startswith("--data."))
     return [*args[:first], "--data", FOLDER_DATA, *args[first:]]
