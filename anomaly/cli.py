@@ -125,6 +125,7 @@ def quiet_lightning() -> None:
         ".*Checkpoint directory.*exists and is not empty.*",
         ".*smaller than the logging interval.*",
         ".*GPU available but not used.*",
+        ".*AMP with fp16 is not supported on CPU.*",  # refused: see refuse_substituted_precision
         ".*is an invalid version and will not be supported.*",
         ".*You passed in a `val_dataloader` but have no `validation_step`.*",
         ".*module\\(s\\) in eval mode at the start of training.*",

@@ -78,6 +78,8 @@ def system_error_message(error: BaseException) -> str | None:
         elif type(cause).__name__ == "SafetensorError":
             found = RUST_OS_ERROR.search(str(cause))
             code = int(found.group(1)) if found else None
+        if code in (errno.EEXIST, errno.ENOTDIR) and name is not None and Path(name).is_file():
+            return f"{name} is a file, not a folder: give a path in a folder"
         if code in SYSTEM_ERRNOS:
             where = f" {name}" if name is not None else ""
             shown = where if len(where) <= 120 else f" {str(name)[:60]}...{str(name)[-40:]}"

@@ -105,7 +105,7 @@ class RunLock:
 
 
 def remove_empty_folders(folder: Path, root: Path) -> None:
-    """``folder`` and its parents below ``root``, as far as they are empty."""
+    """``folder`` and its parents below ``root`` (not ``root`` itself), as far as they are empty."""
     while folder != root and root in folder.parents:
         with contextlib.suppress(OSError):
             folder.rmdir()  # only an empty folder
@@ -122,19 +122,14 @@ def hold_run_folder(run_dir: Path, root: Path, dataset: str | None, enabled: boo
         yield
         return
     check_folder_names(run_dir, "--data.category, --trainer.default_root_dir or the model's options")
-    created = not run_dir.exists()
+    missing = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
+    keep = missing[-1].parent if missing else root  # a failed run removes the folders it created
     lock = RunLock.acquire(run_dir)
     try:
         check_same_dataset(run_dir, dataset)
-    except BaseException:
-        lock.release()
-        if created:
-            remove_empty_folders(run_dir, root)
-        raise
-    try:
         yield
     except BaseException:
         lock.release()
-        remove_empty_folders(run_dir, root)
+        remove_empty_folders(run_dir, keep)
         raise
     lock.release()
