@@ -65,8 +65,8 @@ SYSTEM_ERRNOS = {
     errno.ENAMETOOLONG, errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
     errno.EROFS, errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EMFILE, errno.EIO,
 }  # fmt: skip
-#: How safetensors (Rust) words the same reasons: ``IoError(Os { code: 27, kind: FileTooLarge, ... })``.
-RUST_OS_ERROR = re.compile(r"Os \{ code: (\d+)")
+#: How safetensors (Rust) words the same reasons: ``I/O error: File too large (os error 27)``.
+RUST_OS_ERROR = re.compile(r"(?:os error |Os \{ code: )(\d+)")
 
 
 def system_error_message(error: BaseException) -> str | None:

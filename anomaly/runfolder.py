@@ -29,7 +29,7 @@ LOCK_FILE = ".lock"
 
 def name_limit(path: Path) -> int:
     """The longest file name (bytes) the file system under ``path`` allows (usually 255)."""
-    existing = next((p for p in (path, *path.parents) if p.is_dir()), Path("."))
+    existing = next((p for p in (path, *path.parents) if os.path.isdir(p)), Path("."))
     try:
         return os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError):
