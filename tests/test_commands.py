@@ -55,6 +55,7 @@ def test_fit_help_lists_the_model_and_data_options(capsys):
 def test_configs_resolve_by_name(tmp_path: Path, monkeypatch, capsys):
     assert resolve_config("spatial_grid") == str(CONFIG_DIR / "spatial_grid.yaml")
     assert resolve_config("spatial_grid.yaml") == str(CONFIG_DIR / "spatial_grid.yaml")
+    assert resolve_config("configs/spatial_grid.yaml") == str(CONFIG_DIR / "spatial_grid.yaml")
     own = tmp_path / "spatial_grid.yaml"
     own.write_text("model: {}\n")
     monkeypatch.chdir(tmp_path)

@@ -1,7 +1,8 @@
 """The shipped configs: ``--config spatial_grid`` means ``anomaly/configs/spatial_grid.yaml``.
 
 A ``--config`` value that names an existing file is that file; otherwise a name
-(with or without ``.yaml``) of a file here. ``anomaly configs`` lists them.
+(with or without ``.yaml``, or as ``configs/NAME.yaml``, where the configs lay in a clone
+before) of a file here. ``anomaly configs`` lists them.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ def resolve_config(value: str) -> str:
     """The file behind a ``--config`` value: an existing file, else a shipped config's name."""
     if Path(value).expanduser().is_file():
         return value
-    shipped = CONFIG_DIR / (value if value.endswith((".yaml", ".yml")) else f"{value}.yaml")
-    if "/" not in value and shipped.is_file():
+    path = Path(value)
+    shipped = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    by_name = len(path.parts) == 1 or path.parent.as_posix() == "configs"  # also the old configs/NAME.yaml
+    if by_name and shipped.is_file():
         return str(shipped)
     raise ArgumentsError(
         f"--config {value}: no such file, and no shipped config of that name "
