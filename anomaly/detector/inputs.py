@@ -134,6 +134,12 @@ def check_gaussian_size(dims: Sequence[int]) -> None:
         )
 
 
+FEATURES_ONLY = (
+    "this detector was fitted on features (backbone=None): give numbers, an (n, D) array or a list "
+    "of them, not images or paths"
+)
+
+
 def _is_one_array(X) -> bool:
     """Whether ``X`` is one (n, D) table rather than a list of per-level tables."""
     if not isinstance(X, (list, tuple)):
@@ -155,17 +161,14 @@ def feature_list(X) -> list[Tensor]:
     rows holding NaN, infinite or overflowing values, and refuses empty or too wide input.
     """
     if not isinstance(X, (list, tuple, np.ndarray, Tensor)):
-        raise UserError(f"features must be an (n, D) array, a tensor or a list, got {type(X).__name__}")
+        raise UserError(f"{FEATURES_ONLY} (got {type(X).__name__})")
     parts = [X] if _is_one_array(X) else list(X)
     try:
         arrays = [p if isinstance(p, Tensor) else np.asarray(p) for p in parts]
     except ValueError as error:  # ragged rows
         raise UserError(f"features must be an (n, D) array of numbers: {error}") from None
     if any(isinstance(a, np.ndarray) and a.dtype.kind not in "biuf" for a in arrays):
-        raise UserError(
-            "this detector was fitted on features (backbone=None): give numbers, an (n, D) array "
-            "or a list of them, not images or paths"
-        )
+        raise UserError(FEATURES_ONLY)
     tensors = [torch.as_tensor(a) for a in arrays]
     if not tensors or any(t.ndim != 2 for t in tensors):
         shapes = ", ".join(str(tuple(t.shape)) for t in tensors)

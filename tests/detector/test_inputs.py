@@ -56,3 +56,10 @@ def test_the_memory_budget_is_configurable(monkeypatch):
     monkeypatch.setenv("ANOMALY_MEMORY_BUDGET_GB", "-1")
     with pytest.raises(ValueError, match="must be a positive number of GiB"):
         GaussianDetector(backbone=None).fit(np.zeros((3, 20)))
+
+
+def test_paths_or_generators_given_to_a_feature_detector_are_refused():
+    detector = GaussianDetector(backbone=None, fpr=None).fit(np.random.default_rng(0).normal(size=(10, 3)))
+    for wrong in ("part.png", (row for row in np.zeros((2, 3)))):
+        with pytest.raises(ValueError, match=r"fitted on features \(backbone=None\)"):
+            detector.score_samples(wrong)
