@@ -20,7 +20,7 @@ from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.folds import check_fold, kfold_split
 from anomaly.data.image_cache import ResizedImageCache
 from anomaly.data.samplers import EpochShardSampler
-from anomaly.data.transforms import ImagePipeline
+from anomaly.data.transforms import DEFAULT_RESIZE, ImagePipeline, resize_rule
 from anomaly.errors import UserError
 
 
@@ -47,6 +47,10 @@ class AnomalyDataModule(pl.LightningDataModule):
         image_cache: a folder for decoded, resized images
             (:mod:`anomaly.data.image_cache`): every later epoch and run at the same
             resolution reads them instead of decoding the files again.
+        resize: how images are made square, everywhere they are resized (fitting, held-out,
+            test, cached images and features): ``area`` (default), ``linear`` (the paper's
+            code: OpenCV bilinear without anti-aliasing) or ``cubic``; see
+            :mod:`anomaly.data.transforms`.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         seed: int = 0,
         feature_cache: str | None = None,
         image_cache: str | None = None,
+        resize: str = DEFAULT_RESIZE,
     ) -> None:
         super().__init__()
         check_fold(fold)
@@ -81,6 +86,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.feature_source = None  # a FeatureCache, attached by a feature-based method
         self._features_loaded = False
         self.image_cache = image_cache
+        self.resize = resize_rule(resize).name
 
     # ----------------------------------------------------------------- files
     @property
@@ -136,11 +142,15 @@ class AnomalyDataModule(pl.LightningDataModule):
         if self.image_size is None:
             raise RuntimeError("image_size is unknown: set it, or let the model call set_image_size()")
         augmentation = build_augmentation(self.category, noise=self.augment_noise) if augment else None
-        return ImagePipeline(self.image_size, augmentation)
+        return ImagePipeline(self.image_size, augmentation, self.resize)
 
     def resized_images(self) -> ResizedImageCache | None:
         """The resized-image cache at the current image size, if one is configured."""
-        return None if self.image_cache is None else ResizedImageCache(self.image_cache, self.image_size)
+        return (
+            None
+            if self.image_cache is None
+            else ResizedImageCache(self.image_cache, self.image_size, self.resize)
+        )
 
     def _image_dataset(
         self, samples: list[Sample], augment: bool = False, with_masks: bool = False

@@ -31,6 +31,7 @@ import numpy as np
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import Sample
 from anomaly.data.images import list_images
+from anomaly.data.transforms import DEFAULT_RESIZE
 from anomaly.errors import UserError
 
 NORMAL_NAMES = ("good", "normal", "ok")
@@ -70,7 +71,7 @@ class FolderDataModule(AnomalyDataModule):
         normal_names: class names that mean normal (default ``good``, ``normal``, ``ok``).
         masks, mask_suffix, mask_extension: where the ground-truth masks are.
         test_normal_fraction: share of ``normal_dir`` held out for testing (seeded by ``split_seed``).
-        fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache: see
+        fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache, resize: see
             :class:`~anomaly.data.datamodule.AnomalyDataModule`.
     """
 
@@ -95,8 +96,11 @@ class FolderDataModule(AnomalyDataModule):
         seed: int = 0,
         feature_cache: str | None = None,
         image_cache: str | None = None,
+        resize: str = DEFAULT_RESIZE,
     ) -> None:
-        super().__init__(fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache)
+        super().__init__(
+            fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache, resize
+        )
         if labels and any(value not in (0, 1) for value in labels.values()):
             raise UserError(f"labels must map class names to 0 (normal) or 1 (anomalous), got {labels}")
         split_normals(0, test_normal_fraction, split_seed)  # validate early

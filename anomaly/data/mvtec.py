@@ -14,6 +14,7 @@ from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import Sample
 from anomaly.data.demo import DEMO_CATEGORY, ensure_demo_dataset
 from anomaly.data.images import list_images
+from anomaly.data.transforms import DEFAULT_RESIZE
 from anomaly.errors import UserError
 
 MVTEC_CATEGORIES = (
@@ -60,7 +61,7 @@ class MVTecDataModule(AnomalyDataModule):
         root: the folder that holds the category folders. ``None`` uses the
             small embedded demo dataset (category ``demo``), built on first use.
         category: e.g. ``bottle``.
-        fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache: see
+        fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache, resize: see
             :class:`~anomaly.data.datamodule.AnomalyDataModule`.
     """
 
@@ -76,8 +77,11 @@ class MVTecDataModule(AnomalyDataModule):
         seed: int = 0,
         feature_cache: str | None = None,
         image_cache: str | None = None,
+        resize: str = DEFAULT_RESIZE,
     ) -> None:
-        super().__init__(fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache)
+        super().__init__(
+            fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache, resize
+        )
         if root is None and category != DEMO_CATEGORY:
             raise UserError(
                 f"category '{category}' needs --data.root: the folder holding your MVTec AD download"
