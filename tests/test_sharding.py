@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import threading
 import time
@@ -27,7 +28,7 @@ LITE = ["--backbone", "efficientnet-lite0"]
 def option_values(args: list[str]) -> dict[str, str]:
     """The last value of each ``--name value`` option (a config file's path included)."""
     values = {}
-    for name, value in zip(args, args[1:], strict=False):
+    for name, value in itertools.pairwise(args):
         if name.startswith("--"):
             values[name] = value
     return values
@@ -225,3 +226,18 @@ def test_worker_records_its_cell(tiny_mvtec: Path, tmp_path: Path, monkeypatch):
     command = cell.command(tiny_mvtec, tmp_path, index.extra)
     assert run_job(job_text(cell, command, index)) == 0
     assert len(calls) == 1 and index.record(cell).category == "widget"
+
+
+@pytest.mark.slow
+def test_real_workers_on_devices(tiny_mvtec: Path, tmp_path: Path, capsys):
+    """--devices runs each cell in a worker process that sees one device, and records it for resuming."""
+    args = ["table1", "--data.root", str(tiny_mvtec), "--folds", "0", "1", "--runs-dir", str(tmp_path), *LITE,
+            "--devices", "0,1", "--no-figures", "--", "--data.num_workers", "0", "--data.batch_size", "8",
+            "--trainer.accelerator", "cpu"]  # fmt: skip
+    assert reproduce(args) == 0
+    out, err = capsys.readouterr()
+    assert "table1: 2 runs done now" in err and "| sum |" in out
+    logs = sorted((tmp_path / ".experiments" / "logs").glob("*.log"))
+    assert len(logs) == 2 and all("image AUROC" in log.read_text() for log in logs)
+    assert len(list(tmp_path.rglob("results.json"))) == 2
+    assert reproduce(args) == 0 and "0 runs done now, 2 finished before" in capsys.readouterr().err

@@ -80,6 +80,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.augment = augment
         self.seed = seed
         self.shuffle_train = False  # methods trained by gradient descent switch this on
+        self.pad_train = False  # ... and this: equal training steps on every process under DDP
         self.augment_noise = True  # the autoencoder switches this off (Appendix Fig. 2)
         self._scanned: tuple[list[Sample], list[Sample]] | None = None
         self.feature_cache = feature_cache
@@ -178,12 +179,15 @@ class AnomalyDataModule(pl.LightningDataModule):
                 "--trainer.use_distributed_sampler false)"
             )
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False, num_workers: int | None = None) -> DataLoader:
-        """Every image exactly once per epoch and process (see :class:`EpochShardSampler`)."""
+    def _loader(
+        self, dataset: Dataset, shuffle: bool = False, num_workers: int | None = None, pad: bool = False
+    ) -> DataLoader:
+        """Every image exactly once per epoch and process (see :class:`EpochShardSampler`); ``pad``:
+        the same number of images on every process (gradient training)."""
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShardSampler(len(dataset), shuffle=shuffle, seed=self.seed),
+            sampler=EpochShardSampler(len(dataset), shuffle=shuffle, seed=self.seed, pad=pad),
             num_workers=self.num_workers if num_workers is None else num_workers,
             pin_memory=torch.cuda.is_available(),
         )
@@ -211,7 +215,8 @@ class AnomalyDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.feature_cache is not None and not self.augment:
             return self._feature_loader(self.fit_samples, shuffle=self.shuffle_train)
-        return self._loader(self._image_dataset(self.fit_samples, self.augment), shuffle=self.shuffle_train)
+        dataset = self._image_dataset(self.fit_samples, self.augment)
+        return self._loader(dataset, shuffle=self.shuffle_train, pad=self.pad_train)
 
     def holdout_dataloader(self) -> DataLoader:
         """The fold's held-out normal fifth, never augmented."""

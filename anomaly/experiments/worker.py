@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from anomaly.console import run_command
+from anomaly.evaluation.report import format_run_table
 from anomaly.experiments.runner import Cell, RunIndex, run_cell
 
 
@@ -38,6 +39,7 @@ def run_job(text: str) -> int:
     index = RunIndex(Path(job["runs_dir"]), Path(job["data_root"]), job["extra"])
     results = run_cell(cell, job["command"], fit_and_test)
     index.store(cell, results["run_dir"])
+    print(format_run_table(results))  # into the worker's log
     return 0
 
 
