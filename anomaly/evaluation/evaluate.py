@@ -130,9 +130,8 @@ def runs_folders(patterns: Sequence[str]) -> list[Path]:
     """
     folders: list[Path] = []
     for pattern in patterns:
-        matches = (
-            [Path(p) for p in sorted(glob.glob(pattern))] if glob.has_magic(pattern) else [Path(pattern)]
-        )
+        is_glob = any(char in pattern for char in "*?[")
+        matches = [Path(p) for p in sorted(glob.glob(pattern))] if is_glob else [Path(pattern)]
         if not matches:
             raise UserError(f"no runs folder matches '{pattern}': give the folders your runs were written to")
         for folder in matches:
