@@ -73,7 +73,10 @@ def test_runs_resume_and_print_beside_paper(tiny_mvtec: Path, tmp_path: Path, ca
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("table1: 2 runs, 0 done, 2 to run")
-    assert "[todo] anomaly fit --model.backbone efficientnet-lite0 --data.root" in out and not calls
+    assert (
+        "[todo] anomaly fit --model.backbone efficientnet-lite0 --data.resize linear --data.root" in out
+    )
+    assert not calls
     assert f"--data.feature_cache {tmp_path / 'feature_cache'}" in out and "--figures" not in out
     assert main([*args, "--dry-run", "--no-figures", "--image-cache", str(tmp_path / "images")]) == 0
     out = capsys.readouterr().out
@@ -143,7 +146,9 @@ def test_real_run_in_process(tiny_mvtec: Path, tmp_path: Path, capsys):
     lines = out.splitlines()
     assert lines[0].startswith("level,L2 mean,L2 sem,L2 (paper) mean,L2 (paper) sem,SED mean")
     assert lines[-1].startswith("sum,") and lines[-1].endswith(",94.8000,1.6000")
-    run_dir = tmp_path / "gaussian" / "efficientnet-lite0" / "widget" / "fold_0"
+    run_dir = (
+        tmp_path / "gaussian" / "efficientnet-lite0_resize-linear" / "widget" / "fold_0"
+    )  # the paper's resize
     assert (run_dir / "results.json").is_file() and (run_dir / "roc.png").is_file()
     assert any((tmp_path / "feature_cache").rglob("*.feat")), "the run did not fill the shared feature cache"
 

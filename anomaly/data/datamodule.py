@@ -20,7 +20,7 @@ from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.folds import check_fold, kfold_split
 from anomaly.data.image_cache import ResizedImageCache
 from anomaly.data.samplers import EpochShardSampler
-from anomaly.data.transforms import ImagePipeline, check_image_size
+from anomaly.data.transforms import DEFAULT_RESIZE, ImagePipeline, check_image_size, resize_rule
 from anomaly.errors import UserError
 
 
@@ -50,6 +50,10 @@ class AnomalyDataModule(pl.LightningDataModule):
         augment_options: switches of the augmentation (flips, 90° turns, largest rotation,
             noise, edge handling) over the category's defaults (the paper's table for MVTec AD
             categories), e.g. ``--data.augment_options.rotate90 false``.
+        resize: how images are made square, everywhere they are resized (fitting, held-out,
+            test, cached images and features): ``area`` (default), ``linear`` (the paper's
+            code: OpenCV bilinear without anti-aliasing) or ``cubic``; see
+            :mod:`anomaly.data.transforms`.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         feature_cache: str | None = None,
         image_cache: str | None = None,
         augment_options: AugmentOptions | None = None,
+        resize: str = DEFAULT_RESIZE,
     ) -> None:
         super().__init__()
         check_fold(fold)
@@ -79,6 +84,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.augment = augment
         self.seed = seed
         self.shuffle_train = False  # methods trained by gradient descent switch this on
+        self.pad_train = False  # ... and this: equal training steps on every process under DDP
         self.augment_noise = True  # the autoencoder switches this off (Appendix Fig. 2)
         self.augment_options = augment_options or AugmentOptions()
         self._scanned: tuple[list[Sample], list[Sample]] | None = None
@@ -86,6 +92,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.feature_source = None  # a FeatureCache, attached by a feature-based method
         self._features_loaded = False
         self.image_cache = image_cache
+        self.resize = resize_rule(resize).name
 
     # ----------------------------------------------------------------- files
     @property
@@ -150,11 +157,15 @@ class AnomalyDataModule(pl.LightningDataModule):
             if augment
             else None
         )
-        return ImagePipeline(self.image_size, augmentation)
+        return ImagePipeline(self.image_size, augmentation, self.resize)
 
     def resized_images(self) -> ResizedImageCache | None:
         """The resized-image cache at the current image size, if one is configured."""
-        return None if self.image_cache is None else ResizedImageCache(self.image_cache, self.image_size)
+        return (
+            None
+            if self.image_cache is None
+            else ResizedImageCache(self.image_cache, self.image_size, self.resize)
+        )
 
     def _image_dataset(
         self, samples: list[Sample], augment: bool = False, with_masks: bool = False
@@ -182,12 +193,15 @@ class AnomalyDataModule(pl.LightningDataModule):
                 "--trainer.use_distributed_sampler false)"
             )
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False, num_workers: int | None = None) -> DataLoader:
-        """Every image exactly once per epoch and process (see :class:`EpochShardSampler`)."""
+    def _loader(
+        self, dataset: Dataset, shuffle: bool = False, num_workers: int | None = None, pad: bool = False
+    ) -> DataLoader:
+        """Every image exactly once per epoch and process (see :class:`EpochShardSampler`); ``pad``:
+        the same number of images on every process (gradient training)."""
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShardSampler(len(dataset), shuffle=shuffle, seed=self.seed),
+            sampler=EpochShardSampler(len(dataset), shuffle=shuffle, seed=self.seed, pad=pad),
             num_workers=self.num_workers if num_workers is None else num_workers,
             pin_memory=torch.cuda.is_available(),
         )
@@ -215,7 +229,8 @@ class AnomalyDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.feature_cache is not None and not self.augment:
             return self._feature_loader(self.fit_samples, shuffle=self.shuffle_train)
-        return self._loader(self._image_dataset(self.fit_samples, self.augment), shuffle=self.shuffle_train)
+        dataset = self._image_dataset(self.fit_samples, self.augment)
+        return self._loader(dataset, shuffle=self.shuffle_train, pad=self.pad_train)
 
     def holdout_dataloader(self) -> DataLoader:
         """The fold's held-out normal fifth, never augmented."""

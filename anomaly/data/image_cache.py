@@ -7,7 +7,7 @@ the small uint8 array instead: the loader workers then leave the cores to the
 forward pass.
 
 ``<root>/<identity key>/identity.json`` records the resolution and the decoding
-and resize rules; ``<root>/<identity key>/<ab>/<key>.img`` holds one image as a
+and resize rules (``--data.resize``); ``<root>/<identity key>/<ab>/<key>.img`` holds one image as a
 verified entry (:mod:`anomaly.data.store`). An image's key is the SHA-256 of its
 absolute path, inode, size, and modification and change times, so a changed or
 replaced file gets a new entry without its bytes being read to check. A missing,
@@ -25,7 +25,7 @@ import numpy as np
 
 from anomaly.data.images import load_rgb
 from anomaly.data.store import EntryFolder
-from anomaly.data.transforms import RESIZE_RULE, resize_square
+from anomaly.data.transforms import DEFAULT_RESIZE, ResizeRule, resize_rule
 from anomaly.errors import UserError
 
 #: Bumped whenever decoding (:func:`~anomaly.data.images.load_rgb`), resizing or the layout changes.
@@ -54,15 +54,16 @@ class ResizedImageCache:
 
     SUFFIX = ".img"
 
-    def __init__(self, root: str | Path, image_size: int) -> None:
+    def __init__(self, root: str | Path, image_size: int, resize: str | ResizeRule = DEFAULT_RESIZE) -> None:
         self.root = Path(root).expanduser()
         self.image_size = int(image_size)
+        self.resize = resize_rule(resize)
         self.shape = (self.image_size, self.image_size, 3)
         identity = {
             "format": FORMAT_VERSION,
             "image_size": self.image_size,
             "decoding": DECODING,
-            "resize": RESIZE_RULE,
+            "resize": self.resize.description,
         }
         self.entries = EntryFolder(self.root, identity, self.SUFFIX, "image cache")
 
@@ -75,7 +76,7 @@ class ResizedImageCache:
         arrays = self.entries.read(key, np.uint8, [self.shape])
         if arrays is not None:
             return arrays[0]
-        image = resize_square(load_rgb(path), self.image_size)
+        image = self.resize(load_rgb(path), self.image_size)
         try:
             self.entries.write(key, [image])
         except OSError as error:  # a full or read-only disk costs speed, not the run

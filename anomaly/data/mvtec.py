@@ -15,6 +15,7 @@ from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import Sample
 from anomaly.data.demo import DEMO_CATEGORY, ensure_demo_dataset
 from anomaly.data.images import list_images
+from anomaly.data.transforms import DEFAULT_RESIZE
 from anomaly.errors import UserError
 
 MVTEC_CATEGORIES = (
@@ -62,7 +63,7 @@ class MVTecDataModule(AnomalyDataModule):
             small embedded demo dataset (category ``demo``), built on first use.
         category: e.g. ``bottle``.
         fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache,
-            augment_options: see
+            augment_options, resize: see
             :class:`~anomaly.data.datamodule.AnomalyDataModule`.
     """
 
@@ -79,6 +80,7 @@ class MVTecDataModule(AnomalyDataModule):
         feature_cache: str | None = None,
         image_cache: str | None = None,
         augment_options: AugmentOptions | None = None,
+        resize: str = DEFAULT_RESIZE,
     ) -> None:
         super().__init__(
             fold,
@@ -90,6 +92,7 @@ class MVTecDataModule(AnomalyDataModule):
             feature_cache,
             image_cache,
             augment_options,
+            resize,
         )
         if root is None and category != DEMO_CATEGORY:
             raise UserError(

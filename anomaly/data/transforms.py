@@ -3,11 +3,21 @@
 The whole image is resized to the backbone's native square resolution (no
 crop). Normalisation happens inside the backbone module, on the device, so that
 loaders ship compact uint8 tensors and exported detectors take plain images.
+
+How the image is resized is a :class:`ResizeRule`, chosen by name (``--data.resize``):
+
+* ``area`` (default): OpenCV area interpolation when shrinking (anti-aliased),
+  bilinear when enlarging;
+* ``linear``: OpenCV bilinear interpolation without anti-aliasing, which is what
+  the paper's code does (``albumentations.Resize``, ``cv2.INTER_LINEAR``); the
+  paper-table recipes use it;
+* ``cubic``: OpenCV bicubic interpolation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -15,21 +25,66 @@ import torch
 
 from anomaly.errors import UserError
 
-#: The rule of :func:`resize_square`, as recorded in the caches' identities.
-RESIZE_RULE = "square-resize, area when shrinking, bilinear when enlarging, no crop (OpenCV)"
 
+@dataclass(frozen=True)
+class ResizeRule:
+    """How an image is made square: OpenCV interpolations when shrinking and when enlarging.
 
-def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Resize an (H, W, 3) uint8 image to (size, size, 3).
-
-    Area interpolation when shrinking (anti-aliased), bilinear when enlarging.
+    ``description`` is recorded in the caches' identities: two rules never share cached images
+    or features.
     """
-    height, width = rgb.shape[:2]
-    if (height, width) == (size, size):
-        return rgb
-    shrinking = height * width > size * size
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(rgb, (size, size), interpolation=interpolation)
+
+    name: str
+    description: str
+    shrink: int
+    enlarge: int
+
+    def __call__(self, rgb: np.ndarray, size: int) -> np.ndarray:
+        height, width = rgb.shape[:2]
+        if (height, width) == (size, size):
+            return rgb
+        interpolation = self.shrink if height * width > size * size else self.enlarge
+        return cv2.resize(rgb, (size, size), interpolation=interpolation)
+
+
+RESIZE_RULES = {
+    rule.name: rule
+    for rule in (
+        ResizeRule(
+            "area",
+            "square-resize, area when shrinking, bilinear when enlarging, no crop (OpenCV)",
+            cv2.INTER_AREA,
+            cv2.INTER_LINEAR,
+        ),
+        ResizeRule(
+            "linear",
+            "square-resize, bilinear without anti-aliasing, no crop (OpenCV INTER_LINEAR, as albumentations "
+            "Resize)",
+            cv2.INTER_LINEAR,
+            cv2.INTER_LINEAR,
+        ),
+        ResizeRule(
+            "cubic", "square-resize, bicubic, no crop (OpenCV INTER_CUBIC)", cv2.INTER_CUBIC, cv2.INTER_CUBIC
+        ),
+    )
+}
+DEFAULT_RESIZE = "area"
+#: The default rule's description, as recorded in the caches' identities.
+RESIZE_RULE = RESIZE_RULES[DEFAULT_RESIZE].description
+
+
+def resize_rule(rule: str | ResizeRule) -> ResizeRule:
+    """The rule named ``rule`` (a :class:`ResizeRule` is returned as it is)."""
+    if isinstance(rule, ResizeRule):
+        return rule
+    if rule not in RESIZE_RULES:
+        raise UserError(f"unknown resize rule '{rule}': use one of {', '.join(RESIZE_RULES)}")
+    return RESIZE_RULES[rule]
+
+
+def resize_square(rgb: np.ndarray, size: int, rule: str | ResizeRule = DEFAULT_RESIZE) -> np.ndarray:
+    """Resize an (H, W, 3) uint8 image to (size, size, 3) with ``rule`` (default: area when shrinking)."""
+    return resize_rule(rule)(rgb, size)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
@@ -57,13 +112,19 @@ def check_image_size(image_size: int, batch_size: int = 1) -> None:
 class ImagePipeline:
     """rgb uint8 (H, W, 3) -> resized, optionally augmented, uint8 tensor (3, S, S)."""
 
-    def __init__(self, image_size: int, augment: Callable[..., dict] | None = None) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        augment: Callable[..., dict] | None = None,
+        resize: str | ResizeRule = DEFAULT_RESIZE,
+    ) -> None:
         check_image_size(image_size)
         self.image_size = image_size
         self.augment = augment
+        self.resize = resize_rule(resize)
 
     def __call__(self, rgb: np.ndarray) -> torch.Tensor:
-        image = resize_square(rgb, self.image_size)
+        image = self.resize(rgb, self.image_size)
         if self.augment is not None:
             image = self.augment(image=image)["image"]
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()

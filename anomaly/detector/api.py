@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from anomaly.backbones import FeatureExtractor, build_backbone
+from anomaly.data.transforms import DEFAULT_RESIZE, resize_rule
 from anomaly.detector.file import level_tensors, read_detector, write_detector
-from anomaly.detector.inputs import feature_list, image_batch, image_items
+from anomaly.detector.inputs import feature_list, image_batch, image_items, recorded_resize
 from anomaly.detector.model import DetectorModel, scorer_from_tensors
 from anomaly.detector.weights import embedded_tensors, rebuild_backbone, weights_reference
 from anomaly.errors import UserError
@@ -86,6 +87,8 @@ class GaussianDetector:
         levels: backbone levels (1-based) to fit and sum; ``None``: all.
         weights: a local state-dict file for the backbone instead of its ImageNet weights.
         image_size: square input size; ``None``: the backbone's native resolution.
+        resize: how images are made square (``area``, ``linear``, ``cubic``: see
+            :mod:`anomaly.data.transforms`), as in the run that made the detector.
         score: score type (``mahalanobis``, ``l2``, ``sed``) summed over levels,
             or one column such as ``mahalanobis/7``.
         fpr: working point. ``threshold_`` is the score that a fraction ``fpr`` of
@@ -108,6 +111,7 @@ class GaussianDetector:
         levels: Sequence[int] | None = None,
         weights: str | None = None,
         image_size: int | None = None,
+        resize: str = DEFAULT_RESIZE,
         score: str = "mahalanobis",
         fpr: float | None = 0.05,
         batch_size: int = 32,
@@ -121,6 +125,7 @@ class GaussianDetector:
         self.levels = levels
         self.weights = weights
         self.image_size = image_size
+        self.resize = resize_rule(resize).name
         self.score = primary_column(score)
         self.fpr = fpr
         self.batch_size = batch_size
@@ -207,7 +212,7 @@ class GaussianDetector:
             return
         X = image_items(X)
         for start in range(0, len(X), self.batch_size):
-            images = image_batch(X[start : start + self.batch_size], self.image_size_)
+            images = image_batch(X[start : start + self.batch_size], self.image_size_, self.resize)
             yield extractor(images.to(self.device), self.levels_)
 
     # ------------------------------------------------------------------ score
@@ -280,7 +285,7 @@ class GaussianDetector:
             else {
                 "image_size": self.image_size_,
                 "input": "RGB (grey replicated), made square by anomaly.data.transforms.resize_square",
-                "resize": "cv2 INTER_AREA when shrinking, INTER_LINEAR when enlarging",
+                "resize": self.resize,
                 "dtype": "uint8 0..255 (or float 0..1)",
                 "normalise_mean": list(spec.mean),
                 "normalise_std": list(spec.std),
@@ -333,6 +338,7 @@ class GaussianDetector:
             levels=levels,
             weights=weights or (meta["weights"] or {}).get("path"),
             image_size=(meta["preprocessing"] or {}).get("image_size"),
+            resize=recorded_resize(meta["preprocessing"]),
             score=meta["decision_score"],
             fpr=meta.get("fpr"),
             device=device,
@@ -346,7 +352,7 @@ class GaussianDetector:
         return detector
 
     @classmethod
-    def from_method(cls, model, image_size: int) -> GaussianDetector:
+    def from_method(cls, model, image_size: int, resize: str = DEFAULT_RESIZE) -> GaussianDetector:
         """The detector of a fitted :class:`~anomaly.methods.gaussian.GaussianAD` run.
 
         ``threshold_`` is whatever the module exposes as ``model.threshold`` (a float
@@ -360,6 +366,7 @@ class GaussianDetector:
             levels=model.levels,
             weights=hparams.get("weights"),
             image_size=image_size,
+            resize=resize,
             score=score,
             fpr=None,
             device=model.device,

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from anomaly.data.images import IMAGE_EXTENSIONS, load_rgb, scan_images, warn_skipped
-from anomaly.data.transforms import ImagePipeline
+from anomaly.data.transforms import DEFAULT_RESIZE, RESIZE_RULES, ImagePipeline
 from anomaly.errors import UserError
 
 #: Feature values beyond this magnitude overflow float64 once squared into a covariance.
@@ -68,6 +68,13 @@ def rgb_array(image: np.ndarray) -> np.ndarray:
     raise UserError(f"an image must be (H, W) or (H, W, 3), got shape {image.shape}")
 
 
+def recorded_resize(preprocessing: dict | None) -> str:
+    """The resize rule in a detector file's ``preprocessing``; files written before it was
+    recorded by name (a description, or nothing) used the default rule, ``area``."""
+    name = (preprocessing or {}).get("resize")
+    return name if name in RESIZE_RULES else DEFAULT_RESIZE
+
+
 def check_unit_range(images: Tensor) -> None:
     """Float images must be finite and in [0, 1] (uint8 ones are 0..255 by their type)."""
     if not images.is_floating_point() or images.numel() == 0:
@@ -80,7 +87,7 @@ def check_unit_range(images: Tensor) -> None:
         raise UserError(f"float image tensors must lie in [0, 1], got values from {low:g} to {high:g}{hint}")
 
 
-def image_batch(items, image_size: int) -> Tensor:
+def image_batch(items, image_size: int, resize: str = DEFAULT_RESIZE) -> Tensor:
     """(B, 3, S, S) uint8 from paths, (H, W[, 3]) uint8 arrays, or a ready (B, 3, S, S) tensor."""
     if isinstance(items, Tensor):
         if items.ndim != 4 or items.shape[1] != 3 or tuple(items.shape[2:]) != (image_size, image_size):
@@ -89,7 +96,7 @@ def image_batch(items, image_size: int) -> Tensor:
             )
         check_unit_range(items)
         return items
-    pipeline = ImagePipeline(image_size)
+    pipeline = ImagePipeline(image_size, resize=resize)
     images = [
         pipeline(load_rgb(item) if isinstance(item, (str, Path)) else rgb_array(item)) for item in items
     ]
@@ -200,9 +207,9 @@ def feature_list(X) -> list[Tensor]:
 class PredictionDataset(Dataset):
     """Image files as the detector sees them; an unreadable file yields its error instead of an image."""
 
-    def __init__(self, paths: list[Path], image_size: int) -> None:
+    def __init__(self, paths: list[Path], image_size: int, resize: str = DEFAULT_RESIZE) -> None:
         self.paths = paths
-        self.pipeline = ImagePipeline(image_size)
+        self.pipeline = ImagePipeline(image_size, resize=resize)
 
     def __len__(self) -> int:
         return len(self.paths)

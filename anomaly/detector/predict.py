@@ -61,7 +61,7 @@ def predict_files(
     paths = list(paths)
     if not paths:
         raise UserError("no image files found in the input")
-    dataset = PredictionDataset(paths, detector.image_size_)
+    dataset = PredictionDataset(paths, detector.image_size_, detector.resize)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     header, per_level = output_columns(detector)
     writer = csv.writer(out)

@@ -8,13 +8,13 @@ from anomaly.detector.api import GaussianDetector
 from anomaly.detector.file import DETECTOR_FILE, METADATA_FILE
 
 
-def save_run_detector(model, image_size: int, run_dir: str | Path) -> Path | None:
+def save_run_detector(model, image_size: int, run_dir: str | Path, resize: str = "area") -> Path | None:
     """Save a fitted Gaussian run's ``detector.safetensors`` + ``detector.json`` (``None``: other methods)."""
     from anomaly.methods.gaussian.module import GaussianAD
 
     if not isinstance(model, GaussianAD) or not getattr(model, "exportable", True):
         return None
-    return GaussianDetector.from_method(model, image_size).save(Path(run_dir) / DETECTOR_FILE)
+    return GaussianDetector.from_method(model, image_size, resize).save(Path(run_dir) / DETECTOR_FILE)
 
 
 def remove_stale_detector(run_dir: str | Path) -> None:

@@ -1,16 +1,20 @@
-"""``anomaly evaluate RUNS_DIR``: tables of mean ± SEM from every ``results.json`` below a folder.
+"""``anomaly evaluate RUNS_DIR [RUNS_DIR ...]``: tables of mean ± SEM from every ``results.json`` below
+one or several folders (or glob patterns), e.g. the runs folders of a sweep's shards.
 
 Runs are grouped by (method, backbone, settings, run name). For each group a
 level table (levels × score types, Table I layout); across groups a per-category
 table of each group's primary score (Table VIII layout); and, where runs hold
 working points, a Table IV-style table per level. Missing folds and categories
 are warned about; unreadable or incomplete ``results.json`` files are skipped
-with a warning.
+with a warning. A (category, fold) found twice in a group, in one folder or in
+several, counts once: the most recently written ``results.json`` is used, and a
+warning names the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Aggregate every results.json below RUNS_DIR into tables of mean ± SEM "
         "(per category: mean over folds; overall: mean ± SEM over the per-category means).",
     )
-    parser.add_argument("runs_dir", help="folder searched recursively for results.json files")
+    parser.add_argument(
+        "runs_dir",
+        nargs="+",
+        help="folders (or glob patterns such as 'runs-shard*') searched recursively for results.json "
+        "files; several are merged, and a run found twice counts once (the most recently written)",
+    )
     parser.add_argument("--format", choices=FORMATS, default="md", help="table format (default: md)")
     parser.add_argument("--out", help="also write the tables to this file")
     parser.add_argument(
@@ -114,17 +123,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def runs_folders(patterns: Sequence[str]) -> list[Path]:
+    """The folders named by ``patterns`` (globs expanded), each once, nested ones dropped.
+
+    A folder inside another given one would only find the same runs again.
+    """
+    folders: list[Path] = []
+    for pattern in patterns:
+        is_glob = any(char in pattern for char in "*?[")
+        matches = [Path(p) for p in sorted(glob.glob(pattern))] if is_glob else [Path(pattern)]
+        if not matches:
+            raise UserError(f"no runs folder matches '{pattern}': give the folders your runs were written to")
+        for folder in matches:
+            if not folder.is_dir():
+                raise UserError(
+                    f"runs folder '{folder}' does not exist: give the folder your runs were written to"
+                )
+            folders.append(folder)
+    resolved = [f.resolve() for f in folders]
+    kept = []
+    for folder, path in zip(folders, resolved, strict=True):
+        inside_another = any(other != path and other in path.parents for other in resolved)
+        if not inside_another and path not in [k.resolve() for k in kept]:
+            kept.append(folder)
+    return kept
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
-    root = Path(options.runs_dir)
-    if not root.is_dir():
-        raise UserError(f"runs folder '{root}' does not exist: give the folder your runs were written to")
-    records, problems = collect_runs(root)
+    roots = runs_folders(options.runs_dir)
+    records, problems = [], []
+    for root in roots:
+        found, skipped = collect_runs(root)
+        records += found
+        problems += skipped
     for line in problems:
         print(f"warning: {line}", file=sys.stderr)
     if not records:
+        where = ", ".join(f"'{root}'" for root in roots)
         raise UserError(
-            f"no complete results.json below '{root}': run anomaly fit (or anomaly reproduce) first"
+            f"no complete results.json below {where}: run anomaly fit (or anomaly reproduce) first"
         )
     groups = {}
     for key, group in group_runs(records).items():

@@ -7,6 +7,8 @@ Examples::
         --backbone efficientnet-lite0                      # a quick look on one category
     anomaly reproduce table3 --data.root /data/mvtec_ad --dry-run
     anomaly reproduce table2 --data.root /data/mvtec_ad -- --data.num_workers 4
+    anomaly reproduce table5 --data.root /data/mvtec_ad --shard 0/8   # 1/8 of the grid
+    anomaly reproduce table5 --data.root /data/mvtec_ad --devices 4   # 4 runs at once
 
 Arguments after ``--`` go to every training run unchanged.
 """
@@ -25,6 +27,7 @@ from anomaly.errors import UserError
 from anomaly.evaluation.tables import FORMATS, emit, format_table
 from anomaly.experiments.grids import TABLES
 from anomaly.experiments.runner import RunIndex, grid_cells, measured_table, run_grid
+from anomaly.experiments.sharding import Shard, device_ids
 
 PAPER_FOLDS = (0, 1, 2, 3, 4)
 
@@ -68,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-figures",
         action="store_true",
         help="skip each run's PNGs and TensorBoard figures (about a second a run); results are the same",
+    )
+    parser.add_argument(
+        "--shard",
+        default="0/1",
+        help="run only part K of N of the grid (K = 0..N-1, e.g. 0/8 ... 7/8; a SLURM array job: "
+        "--array=0-7 and --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT). The split is fixed by "
+        "the table, categories and folds: give every shard the same ones. Merge the shards' runs "
+        "folders with evaluate, or share one runs folder (default: 0/1, the whole grid)",
+    )
+    parser.add_argument(
+        "--devices",
+        help="run up to this many runs at once, each in its own process on one GPU: a number (the "
+        "first N visible GPUs) or GPU ids such as 0,1,3 (default: one run after another, in this process)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="list the runs (done or to do) and run nothing"
@@ -138,14 +154,26 @@ def run(argv: Sequence[str] | None = None) -> int:
     extra = [*shared, *(["--figures", "false"] if options.no_figures else []), *extra]
     spec = TABLES[options.table].with_backbones(options.backbone)
     categories = resolve_categories(root, options.categories)
-    cells = grid_cells(spec, categories, folds)
+    shard = Shard.parse(options.shard)
+    devices = device_ids(options.devices) if options.devices is not None else None
+    cells = shard.select(grid_cells(spec, categories, folds))
     cache = None if options.no_feature_cache else Path(options.feature_cache or runs_dir / "feature_cache")
     index = RunIndex(runs_dir, root, extra)
     if options.dry_run:
-        print("\n".join(dry_run_lines(spec.name, cells, index, root, runs_dir, extra, cache)))
+        lines = dry_run_lines(spec.name, cells, index, root, runs_dir, extra, cache)
+        if shard.count > 1:
+            lines[0] = f"shard {shard} of {lines[0]}"
+        print("\n".join(lines))
         return 0
-    ran, skipped = run_grid(cells, root, runs_dir, extra, feature_cache=cache)
+    ran, skipped = run_grid(cells, root, runs_dir, extra, feature_cache=cache, devices=devices)
     print(f"{spec.name}: {ran} runs done now, {skipped} finished before", file=sys.stderr)
+    if shard.count > 1:
+        print(
+            f"{spec.name}: shard {shard} is complete; once every shard is, print the table with "
+            f"evaluate on the runs folders, or run this command without --shard on a shared runs folder",
+            file=sys.stderr,
+        )
+        return 0
     table, warnings = measured_table(spec, categories, folds, index)
     emit(format_table(table, options.format), warnings, options.out)
     return 0

@@ -6,6 +6,7 @@ paper's column to print beside it. Settings with the same arguments share
 their runs: Table I's three columns read three score types of the same runs,
 and Table II's EfficientNet-B4 and Table III's "No compression" columns are
 Table I's runs again (one run gives every level and every score type).
+Every run resizes images as the paper's code does (:data:`PAPER_RESIZE`).
 """
 
 from __future__ import annotations
@@ -19,19 +20,21 @@ from anomaly.errors import UserError
 PAPER_BACKBONE = "efficientnet-b4"
 FEATURE_METHODS = ("gaussian", "ocsvm")  # methods on pooled features of a frozen backbone
 AUGMENTED = ("--data.augment", "true", "--trainer.max_epochs", "100")  # 100 augmented passes (Section IV-B)
+#: The paper's code resizes with albumentations' Resize: OpenCV bilinear, no anti-aliasing.
+PAPER_RESIZE = ("--data.resize", "linear")
 
 
 def gaussian_args(backbone: str, reduction: str = "none", threshold: float | None = None) -> tuple[str, ...]:
     args: tuple[str, ...] = ("--model.backbone", backbone)
     if reduction != "none":
         args += ("--model.reduction", reduction, "--model.variance_threshold", f"{threshold:g}")
-    return args
+    return args + PAPER_RESIZE
 
 
 def method_args(method: str, backbone: str | None = None) -> tuple[str, ...]:
     """A baseline's shipped config (``configs/<method>.yaml``) and, where it has one, its backbone."""
     args: tuple[str, ...] = ("--config", str(CONFIG_DIR / f"{method}.yaml"))
-    return args + (("--model.backbone", backbone) if backbone else ())
+    return args + (("--model.backbone", backbone) if backbone else ()) + PAPER_RESIZE
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.image_cache import ResizedImageCache
 from anomaly.data.samplers import process_rank_and_world
 from anomaly.data.store import EntryFolder
-from anomaly.data.transforms import ImagePipeline
+from anomaly.data.transforms import DEFAULT_RESIZE, ImagePipeline, ResizeRule, resize_rule
 from anomaly.features.dataset import FeatureDataset
 from anomaly.features.keys import extractor_identity, file_digest
 
@@ -55,6 +55,8 @@ class FeatureCache:
             e.g. ``"cpu/32-true"`` or ``"cuda/bf16-mixed"``.
         forward_context: the autocast context the features are computed in (the
             trainer's precision context, so that cached and uncached features agree).
+        resize: the resize rule (a name of :data:`~anomaly.data.transforms.RESIZE_RULES`, part of
+            the identity).
     """
 
     SUFFIX = ".feat"
@@ -66,12 +68,14 @@ class FeatureCache:
         image_size: int,
         compute: str = "cpu/32-true",
         forward_context: Callable[[], AbstractContextManager] = nullcontext,
+        resize: str | ResizeRule = DEFAULT_RESIZE,
     ) -> None:
         self.root = Path(root).expanduser()
         self.extractor = extractor
         self.image_size = image_size
         self.forward_context = forward_context
-        self.identity = extractor_identity(extractor, image_size, compute)
+        self.resize = resize_rule(resize)
+        self.identity = extractor_identity(extractor, image_size, compute, self.resize)
         self.entries = EntryFolder(self.root, self.identity, self.SUFFIX, "feature cache")
         self.dims = list(extractor.level_dims)
         self.stats = CacheStats()
@@ -144,7 +148,9 @@ class FeatureCache:
             return
         keys = list(todo)
         samples = [Sample(todo[k], 0) for k in keys]
-        dataset = ImageDataset(samples, ImagePipeline(self.image_size), image_cache=image_cache)
+        dataset = ImageDataset(
+            samples, ImagePipeline(self.image_size, resize=self.resize), image_cache=image_cache
+        )
         device = self.extractor.mean.device
         loader = DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"

@@ -17,7 +17,7 @@ import torch
 
 from anomaly.backbones.extractor import FeatureExtractor
 from anomaly.data.store import identity_key
-from anomaly.data.transforms import RESIZE_RULE
+from anomaly.data.transforms import DEFAULT_RESIZE, ResizeRule, resize_rule
 
 __all__ = ["extractor_identity", "file_digest", "identity_key", "weights_fingerprint"]
 
@@ -53,7 +53,9 @@ def weights_fingerprint(extractor: FeatureExtractor) -> str:
     return digest.hexdigest()
 
 
-def extractor_identity(extractor: FeatureExtractor, image_size: int, compute: str) -> dict:
+def extractor_identity(
+    extractor: FeatureExtractor, image_size: int, compute: str, resize: str | ResizeRule = DEFAULT_RESIZE
+) -> dict:
     """Everything a pooled feature depends on besides the image (JSON-serialisable)."""
     spec = extractor.spec
     return {
@@ -61,7 +63,7 @@ def extractor_identity(extractor: FeatureExtractor, image_size: int, compute: st
         "backbone": spec.name,
         "weights": weights_fingerprint(extractor),
         "image_size": int(image_size),
-        "resize": RESIZE_RULE,
+        "resize": resize_rule(resize).description,
         "mean": list(spec.mean),
         "std": list(spec.std),
         "pooling": POOLING,

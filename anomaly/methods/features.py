@@ -85,6 +85,7 @@ class FeatureMethod(AnomalyMethod):
                     dm.image_size,
                     compute=f"{trainer.strategy.root_device.type}/{trainer.precision}",
                     forward_context=trainer.precision_plugin.forward_context,
+                    resize=dm.resize,
                 )
             )
 

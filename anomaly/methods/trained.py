@@ -7,7 +7,10 @@
 * Adam at the paper's learning rate 1e-4 (Section IV-E), shuffled training batches;
 * model selection: after fitting, the best checkpoint of the trainer's
   ``ModelCheckpoint`` (if any) is loaded back, so that ``test`` scores the
-  selected model and not the last epoch's.
+  selected model and not the last epoch's;
+* several devices (Lightning's DDP): the training loader is padded so that every
+  process takes the same number of steps; validation and test images are each
+  scored once, on one process, and the scores gathered before any metric.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from torch import Tensor, nn
 
 from anomaly.backbones import BackboneSpec, build_backbone
 from anomaly.backbones.extractor import normalise_images
-from anomaly.errors import UserError
 from anomaly.methods.base import AnomalyMethod
 
 
@@ -56,12 +58,9 @@ class TrainedMethod(AnomalyMethod):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if self.trainer is not None and self.trainer.world_size > 1:
-            # the data module's sampler gives processes unequal shares (no padding), which
-            # would leave gradient synchronisation waiting; one device avoids that
-            raise UserError(f"{self.method_name} trains on one device: set --trainer.devices 1")
         if self.datamodule is not None:
             self.datamodule.shuffle_train = True
+            self.datamodule.pad_train = True  # the same number of gradient steps on every process
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,7 +30,7 @@ from anomaly.data.images import load_mask
 from anomaly.errors import UserError
 from anomaly.evaluation.connected_components import CCAScorer, min_anomaly_fraction, read_min_anomaly_size
 from anomaly.methods.autoencoder.network import PixelShuffleAE
-from anomaly.methods.base import SUM
+from anomaly.methods.base import SUM, gather_rows
 from anomaly.methods.trained import Normalise, TrainedMethod, trainable_network
 
 ENCODER = "resnet18"
@@ -76,6 +77,7 @@ class PixelShuffleAutoencoder(TrainedMethod):
         self.network = PixelShuffleAE(trunk, latent_channels)
         self.cca: CCAScorer | bool | None = None  # None: not set up yet; False: no CCA score
         self._logged_batch: dict[str, Tensor] | None = None
+        self._val_losses: list[Tensor] = []
 
     @property
     def input_size(self) -> int:
@@ -136,15 +138,21 @@ class PixelShuffleAutoencoder(TrainedMethod):
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(target))
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_losses = []
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         target, reconstruction = self.reconstruct(batch)
-        loss = F.mse_loss(reconstruction, target)
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(target))
+        self._val_losses.append(error_map(reconstruction, target).mean(dim=(1, 2)).detach().float().cpu())
         if batch_idx == 0:
             n = self.hparams.n_logged_images
             self._logged_batch = {"input": target[:n], "reconstruction": reconstruction[:n]}
 
     def on_validation_epoch_end(self) -> None:
+        """``val/loss``: the MSE over every held-out image, each counted once (gathered under DDP)."""
+        losses = gather_rows({"loss": torch.cat(self._val_losses) if self._val_losses else torch.empty(0)})
+        if losses["loss"].numel():
+            self.log("val/loss", losses["loss"].mean())  # the same on every process: nothing to sync
         writer = self.tensorboard()
         if writer is None or self._logged_batch is None or not self.trainer.is_global_zero:
             return

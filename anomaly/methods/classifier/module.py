@@ -96,9 +96,12 @@ class FineTunedClassifier(TrainedMethod):
         self._val_rows["label"].append(batch["label"].detach().cpu())
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_rows["logit"]:
+        """``val/loss`` and ``val/auroc`` over every validation image, each counted once (gathered under
+        DDP; every process takes part in the gathering, also one that had no image)."""
+        empty = {"logit": torch.empty(0), "label": torch.empty(0, dtype=torch.long)}
+        rows = gather_rows({k: torch.cat(v) if v else empty[k] for k, v in self._val_rows.items()})
+        if not rows["logit"].numel():
             return
-        rows = gather_rows({k: torch.cat(v) for k, v in self._val_rows.items()})
         loss = F.binary_cross_entropy_with_logits(rows["logit"], rows["label"].float())
         # every process holds the same gathered rows, so the values need no further syncing
         self.log("val/loss", loss)
