@@ -272,7 +272,7 @@ def fit_and_test(args: list[str] | None = None) -> dict:
             if data.test_samples:
                 trainer.test(model, datamodule=data, verbose=False)
             if trainer.is_global_zero:
-                detector = save_run_detector(model, data.image_size, run_dir, data.resize)  # .safetensors + .json
+                detector = save_run_detector(model, data.image_size, run_dir, data.resize)
         except BaseException:
             if trainer.is_global_zero:
                 remove_failed_run(run_dir, root)
