@@ -3,12 +3,17 @@
 python predict.py --detector runs/gaussian/.../fold_0/detector.safetensors --input new/ --out scores.csv
 python predict.py --detector detector.safetensors --input 'line3/**/*.png'
 python predict.py --detector detector.safetensors --input part_0042.jpg
+python predict.py --detector cells_run/detector.safetensors --input new/ --maps maps/
 
 Writes one CSV row per image: path, score (higher = more anomalous), the score
 of every level, decision (1 = anomalous at the detector's saved threshold,
 0 = normal; empty when the detector has none) and error (why an image could not
-be read; the run goes on). When not a single image can be read, that is an
-error and no CSV is written; --out is replaced only when the run succeeds.
+be read, or its score is not finite; the run goes on). Detectors with anomaly
+maps (pooling cells) add map_max_x and map_max_y, the pixel of the map's maximum
+in the original image; --maps DIR writes per image the map at the image's size
+(.npy, float32) and a heat-map overlay (.png). When not a single image can be
+read, that is an error and no CSV is written; --out is replaced only when the
+run succeeds.
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="leave out files whose name matches, e.g. '*.png' for masks beside JPEG images (repeatable)",
     )
     parser.add_argument("--out", help="CSV file to write (default: standard output)")
+    parser.add_argument(
+        "--maps",
+        metavar="DIR",
+        help="write each image's anomaly map (.npy) and overlay (.png) here (pooling cells)",
+    )
     parser.add_argument("--weights", help="backbone weights file, if it moved since the detector was saved")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0, help="image-reading worker processes")
@@ -96,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
         )
     paths = list(expand_input(args.input, args.exclude))
     with output_file(args.out) as out:
-        summary = predict_files(detector, paths, out, args.batch_size, args.num_workers, not args.no_progress)
+        summary = predict_files(
+            detector, paths, out, args.batch_size, args.num_workers, not args.no_progress,
+            Path(args.maps) if args.maps else None,
+        )  # fmt: skip
     decided = "" if detector.threshold_ is None else f", {summary.anomalous} anomalous"
     threshold = "none" if detector.threshold_ is None else f"{detector.threshold_:.6g} on {detector.score}"
     print(

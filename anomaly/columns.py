@@ -26,7 +26,7 @@ class ScoreColumn:
 
     @classmethod
     def parse(cls, name: str) -> ScoreColumn:
-        """``"mahalanobis/7"``, ``"mahalanobis/sum"`` or a bare kind (the sum); :class:`UserError` otherwise."""
+        """``"mahalanobis/7"``, ``"mahalanobis/sum"`` or a bare kind (the sum); else :class:`UserError`."""
         if not isinstance(name, str):
             raise UserError(f"a score column is a string such as 'mahalanobis/sum', not {name!r}")
         kind, _, level = name.partition("/")

@@ -235,7 +235,9 @@ class GaussianDetector:
         """Anomaly maps ``(n, k, k)`` of ``X`` (detectors with a map-capable pooling, e.g. ``cells``):
         per-cell distances of the decision score's kind, summed over the levels."""
         if self.model_ is not None and not self.model_.makes_maps:
-            raise UserError(f"pooling {self.model_.pooling.name} gives no anomaly maps: fit with pooling cells")
+            raise UserError(
+                f"pooling {self.model_.pooling.name} gives no anomaly maps: fit with pooling cells"
+            )
         return self._score(X, maps=True)[1]
 
     def _score(self, X, maps: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -298,7 +300,7 @@ class GaussianDetector:
 
     # -------------------------------------------------------------- save/load
     def metadata(self, embed_weights: bool = False) -> dict:
-        """All but the tensors: backbone, weights reference, preprocessing, levels, pooling, score, threshold."""
+        """All but the tensors: backbone, weights, preprocessing, levels, pooling, score, threshold."""
         if self.model_ is None:
             raise UserError("this detector is not fitted yet: call fit(X) first")
         self.model_.set_threshold(self.threshold_)

@@ -94,7 +94,10 @@ def read_detector(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as file:
             header = file.metadata() or {}
-            layout = {key: (file.get_slice(key).get_dtype(), tuple(file.get_slice(key).get_shape())) for key in file.keys()}  # noqa: SIM118,E501
+            layout = {
+                key: (file.get_slice(key).get_dtype(), tuple(file.get_slice(key).get_shape()))
+                for key in file.keys()  # noqa: SIM118 (a safetensors file is not a dict)
+            }
             metadata = parse_metadata(path, header)
             check_tensor_layout(path, metadata, layout)  # before a single tensor is read
             tensors = {key: file.get_tensor(key) for key in layout}
@@ -142,7 +145,9 @@ def is_number(value: object) -> bool:
 
 
 def _bad(path: Path, field: str, problem: str) -> UserError:
-    return UserError(f"{path}: detector metadata field {field!r} {problem}: the file is damaged or was edited")
+    return UserError(
+        f"{path}: detector metadata field {field!r} {problem}: the file is damaged or was edited"
+    )
 
 
 def check_metadata(path: Path, meta: dict) -> None:
@@ -165,7 +170,8 @@ def check_metadata(path: Path, meta: dict) -> None:
         ScoreColumn.parse(meta["decision_score"]).validate(SCORE_TYPES, levels)
     except UserError:
         raise bad(
-            "decision_score", f"must be <{'|'.join(SCORE_TYPES)}>/<sum or a level>, not {meta['decision_score']!r}"
+            "decision_score",
+            f"must be <{'|'.join(SCORE_TYPES)}>/<sum or a level>, not {meta['decision_score']!r}",
         ) from None
     for key in ("threshold", "fpr"):
         if meta.get(key) is not None and not (is_number(meta[key]) and math.isfinite(meta[key])):
@@ -179,8 +185,10 @@ def check_metadata(path: Path, meta: dict) -> None:
         _check_v2(path, meta)
     if meta["backbone"] is None:
         in_dims = meta.get("in_dims")
-        if not isinstance(in_dims, list) or len(in_dims) != len(levels) or not all(
-            is_int(d) and 1 <= d <= MAX_FEATURE_DIM for d in in_dims
+        if (
+            not isinstance(in_dims, list)
+            or len(in_dims) != len(levels)
+            or not all(is_int(d) and 1 <= d <= MAX_FEATURE_DIM for d in in_dims)
         ):
             raise bad("in_dims", f"must list one width in 1..{MAX_FEATURE_DIM} per level, not {in_dims!r}")
         return
@@ -206,7 +214,9 @@ def _check_v2(path: Path, meta: dict) -> None:
     """The fields format 2 added: pooling, level weighting, precision, checksum."""
     pooling = meta.get("pooling")
     if not isinstance(pooling, dict) or pooling.get("name") not in POOLINGS:
-        raise _bad(path, "pooling", f"must be an object with a name in {', '.join(POOLINGS)}, not {pooling!r}")
+        raise _bad(
+            path, "pooling", f"must be an object with a name in {', '.join(POOLINGS)}, not {pooling!r}"
+        )
     extra = set(pooling) - {"name", *pooling_options(pooling["name"])}
     if extra:
         raise _bad(path, "pooling", f"has options pooling {pooling['name']} does not take: {sorted(extra)}")
@@ -266,7 +276,9 @@ def check_tensor_layout(path: Path, meta: dict, layout: dict[str, tuple[str, tup
         if key.startswith(EMBEDDED_PREFIX) and embedded:
             continue
         if key not in expected:
-            raise UserError(f"{path}: unexpected tensor {key} (not implied by the metadata): the file was edited")
+            raise UserError(
+                f"{path}: unexpected tensor {key} (not implied by the metadata): the file was edited"
+            )
         if dtype != "F64" or shape != expected[key]:
             raise UserError(
                 f"{path}: tensor {key} is {dtype} {shape}, expected F64 {expected[key]}: "

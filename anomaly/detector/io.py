@@ -1,4 +1,4 @@
-"""Saving a :class:`~anomaly.detector.model.GaussianDetectorModel` to the detector file and loading it back."""
+"""Saving a :class:`~anomaly.detector.model.GaussianDetectorModel` to its file, and loading it back."""
 
 from __future__ import annotations
 
@@ -91,7 +91,9 @@ def load_model(
             extractor = rebuild_backbone(meta["backbone"], meta["weights"], tensors, weights)
         except RuntimeError as exc:  # embedded weights of the wrong names or shapes
             reason = " ".join(str(exc).split())[:200]
-            raise UserError(f"{path}: the embedded backbone weights do not fit {meta['backbone']}: {reason}") from exc
+            raise UserError(
+                f"{path}: the embedded backbone weights do not fit {meta['backbone']}: {reason}"
+            ) from exc
     pooling = file_pooling(meta)
     scorers = [
         pooling.scorer_from_tensors(level_tensors(tensors, level), in_dim)

@@ -21,8 +21,8 @@ model was built by :meth:`for_fitting`), :meth:`finalise` fits the Gaussians
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +85,9 @@ class GaussianDetectorModel(nn.Module):
         self.scorers = nn.ModuleList(scorers)
         self.moments = nn.ModuleList()  # the fit's accumulators (see for_fitting)
         self.pooling = pooling or Global()
-        column = decision_score if isinstance(decision_score, ScoreColumn) else ScoreColumn.parse(decision_score)
+        column = (
+            decision_score if isinstance(decision_score, ScoreColumn) else ScoreColumn.parse(decision_score)
+        )
         self.decision_score = column.validate(SCORE_TYPES, self.levels, "decision_score")
         self.level_weighting = check_weighting(level_weighting)
         self.image_size = image_size
@@ -265,4 +267,8 @@ DetectorModel = GaussianDetectorModel
 __all__ = [
     "LEVEL_WEIGHTINGS",
     "MIXED_PRECISIONS",
-    "PRECISIONS", "DetectorModel", "GaussianDetectorModel", "check_weighting"]
+    "PRECISIONS",
+    "DetectorModel",
+    "GaussianDetectorModel",
+    "check_weighting",
+]

@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from anomaly.columns import SUM, ScoreColumn
 from anomaly.errors import UserError
 from anomaly.evaluation.metrics import image_auroc
 from anomaly.evaluation.results import write_results, write_scores_csv
 from anomaly.evaluation.tensorboard import report_run
-from anomaly.columns import SUM, ScoreColumn
 
 
 def split_column(name: str) -> tuple[str, str]:

@@ -39,7 +39,7 @@ __all__ = [
     "Grid",
     "Pooling",
     "build_pooling",
-    "pooling_options",
     "check_grid_size",
     "check_memory_budget",
+    "pooling_options",
 ]

@@ -173,7 +173,8 @@ class GaussianAD(FeatureMethod):
         if "features" in batch:
             if not isinstance(self.pooling, Global):
                 raise UserError(
-                    "data.feature_cache holds globally pooled features: use pooling global, or no feature_cache"
+                    "data.feature_cache holds globally pooled features: "
+                    "use pooling global, or no feature_cache"
                 )
             return super().batch_features(batch)
         return self.features(batch["image"])
@@ -207,7 +208,8 @@ class GaussianAD(FeatureMethod):
         same images and, with augmentation, the same seeded augmentations).
         """
         projections = [
-            p.to(self.device) for p in self.detector.reduction_projections(self.reduction, self.variance_threshold)
+            p.to(self.device)
+            for p in self.detector.reduction_projections(self.reduction, self.variance_threshold)
         ]
         reduced = [RunningMoments(p.shape[1]).to(self.device) for p in projections]
         for features in self._replay_training_stream():
