@@ -39,8 +39,12 @@ class Cells(Pooling):
         return f" with grid_size {self.grid_size}"
 
     def pool(self, extractor: FeatureExtractor, images: Tensor, levels: Sequence[int]) -> list[Tensor]:
-        """``(B, k^2, C)`` per level: cell ``i * k + j`` is row i, column j of the grid."""
-        return [grid.flatten(2).transpose(1, 2) for grid in extractor(images, levels, grid=self.grid_size)]
+        return [self.arrange(grid) for grid in extractor(images, levels, grid=self.grid_size)]
+
+    def arrange(self, grid: Tensor) -> Tensor:
+        """A level's ``(B, C, k, k)`` pooled map as modelled: ``(B, k^2, C)``, cell ``i * k + j`` is
+        row i, column j of the grid."""
+        return grid.flatten(2).transpose(1, 2)
 
     def modelled_dim(self, channels: int) -> int:
         return channels

@@ -26,7 +26,11 @@ class Grid(VectorPooling):
         return f" with grid_size {self.grid_size}"
 
     def pool(self, extractor: FeatureExtractor, images: Tensor, levels: Sequence[int]) -> list[Tensor]:
-        return [grid.flatten(1) for grid in extractor(images, levels, grid=self.grid_size)]
+        return [self.arrange(grid) for grid in extractor(images, levels, grid=self.grid_size)]
+
+    def arrange(self, grid: Tensor) -> Tensor:
+        """A level's ``(B, C, k, k)`` pooled map as modelled: ``(B, k^2 C)``."""
+        return grid.flatten(1)
 
     def modelled_dim(self, channels: int) -> int:
         return self.grid_size**2 * channels
