@@ -117,11 +117,6 @@ class SpatialGaussianAD(GaussianAD):
         """Per score type and level: location and scale of the held-out normal scores."""
         return self.detector.level_stats
 
-    @property
-    def exportable(self) -> bool:
-        """Every pooling and weighting is saved in the detector file and scores as this module does."""
-        return True
-
     def run_name(self) -> str:
         name = super().run_name()
         if self.pooling.name != "global":
