@@ -74,6 +74,9 @@ def output_file(path: str | None) -> Iterator[TextIO]:
     target = Path(path)
     if target.is_dir():
         raise UserError(f"--out {path} is a folder: give a CSV file name")
+    blocking = next((folder for folder in target.parents if folder.exists() and not folder.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"--out {path}: {blocking} is a file, not a folder: give a path in a folder")
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ Runs are written to ``<trainer.default_root_dir>/<method>/<name>/<category>/fold
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 import warnings
@@ -20,7 +19,7 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from anomaly.arguments import check_config_file, config_files, one_line_parse_error
+from anomaly.arguments import check_config_file, check_expanded_values, config_files, one_line_parse_error
 from anomaly.console import run_command
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.detector.run import remove_stale_detector, save_run_detector
@@ -29,6 +28,7 @@ from anomaly.evaluation.report import format_run_table
 from anomaly.evaluation.results import remove_stale_results
 from anomaly.methods.base import AnomalyMethod
 from anomaly.methods.distributed import resolve_strategy, statistics_replacement
+from anomaly.runfolder import hold_run_folder, remove_empty_folders
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -91,6 +91,7 @@ class AnomalyCLI(LightningCLI):
             reason = str(error).rstrip(".!")
             raise ArgumentsError(f"--trainer: {reason}; check the --trainer options") from None
         refuse_partial_runs(trainer)
+        refuse_substituted_precision(precision, trainer)
         return trainer
 
 
@@ -104,6 +105,16 @@ def refuse_partial_runs(trainer: Trainer) -> None:
             raise ArgumentsError(f"--trainer.{name} {value} would leave images out of the run: keep 1.0")
 
 
+def refuse_substituted_precision(requested: object, trainer: Trainer) -> None:
+    """Lightning runs ``16-mixed`` as ``bf16-mixed`` on CPU; the run's name and config would say otherwise."""
+    if str(requested).startswith("16") and str(trainer.precision).startswith("bf16"):
+        raise ArgumentsError(
+            f"--trainer.precision {requested} is not available on {type(trainer.accelerator).__name__} "
+            f"(Lightning would run {trainer.precision} instead): ask for --trainer.precision "
+            f"{trainer.precision} or 32"
+        )
+
+
 def quiet_lightning() -> None:
     """Keep the console to what a user needs: progress and the result table."""
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
@@ -114,6 +125,7 @@ def quiet_lightning() -> None:
         ".*Checkpoint directory.*exists and is not empty.*",
         ".*smaller than the logging interval.*",
         ".*GPU available but not used.*",
+        ".*AMP with fp16 is not supported on CPU.*",  # refused: see refuse_substituted_precision
         ".*is an invalid version and will not be supported.*",
         ".*You passed in a `val_dataloader` but have no `validation_step`.*",
         ".*module\\(s\\) in eval mode at the start of training.*",
@@ -126,6 +138,7 @@ def quiet_lightning() -> None:
 
 def build_cli(args: list[str] | None = None) -> AnomalyCLI:
     """The CLI, parsed; an option the parser rejects raises :class:`ArgumentsError` (one line)."""
+    check_expanded_values(list(sys.argv[1:] if args is None else args))
     for path in config_files(list(sys.argv[1:] if args is None else args)):
         if Path(path).is_file():  # a missing file is the parser's own message
             check_config_file(path)
@@ -161,11 +174,7 @@ def remove_failed_run(run_dir: Path, root: Path) -> None:
     remove_run_outputs(run_dir)
     for name in ("config.yaml", "hparams.yaml"):
         (run_dir / name).unlink(missing_ok=True)
-    folder = run_dir
-    while folder != root and root in folder.parents:
-        with contextlib.suppress(OSError):
-            folder.rmdir()  # only an empty folder
-        folder = folder.parent
+    remove_empty_folders(run_dir, root)
 
 
 def fit_and_test(args: list[str] | None = None) -> dict:
@@ -174,18 +183,19 @@ def fit_and_test(args: list[str] | None = None) -> dict:
     cli = build_cli(args)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     model.report_figures = bool(cli.config.get("figures", True))
-    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-    if trainer.is_global_zero:
-        remove_run_outputs(run_dir)
-    try:
-        trainer.fit(model, datamodule=data)
-        trainer.test(model, datamodule=data, verbose=False)
+    run_dir, root = Path(trainer.log_dir or trainer.default_root_dir), Path(trainer.default_root_dir)
+    with hold_run_folder(run_dir, root, data.dataset, enabled=trainer.is_global_zero):
         if trainer.is_global_zero:
-            save_run_detector(model, data.image_size, run_dir)  # detector.safetensors + detector.json
-    except BaseException:
-        if trainer.is_global_zero:
-            remove_failed_run(run_dir, Path(trainer.default_root_dir))
-        raise
+            remove_run_outputs(run_dir)
+        try:
+            trainer.fit(model, datamodule=data)
+            trainer.test(model, datamodule=data, verbose=False)
+            if trainer.is_global_zero:
+                save_run_detector(model, data.image_size, run_dir)  # detector.safetensors + detector.json
+        except BaseException:
+            if trainer.is_global_zero:
+                remove_failed_run(run_dir, root)
+            raise
     results = dict(model.test_summary or {})
     results["run_dir"] = str(run_dir)
     return results

@@ -20,7 +20,7 @@ from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.folds import check_fold, kfold_split
 from anomaly.data.image_cache import ResizedImageCache
 from anomaly.data.samplers import EpochShardSampler
-from anomaly.data.transforms import ImagePipeline
+from anomaly.data.transforms import ImagePipeline, check_image_size
 from anomaly.errors import UserError
 
 
@@ -66,8 +66,8 @@ class AnomalyDataModule(pl.LightningDataModule):
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
         if num_workers is not None and num_workers < 0:
             raise UserError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}")
-        if image_size is not None and image_size < 1:
-            raise UserError(f"image_size must be a positive number of pixels or null, got {image_size}")
+        if image_size is not None:
+            check_image_size(image_size, batch_size)
         self.fold = fold
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers

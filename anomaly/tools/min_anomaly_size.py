@@ -36,6 +36,8 @@ def compute(root: Path, category: str) -> tuple[float, int]:
         )
     try:
         return min_anomaly_fraction(load_mask(path) for path in masks)
+    except UserError:  # an unreadable mask (a ValueError too) is an error, not an empty one
+        raise
     except ValueError:
         raise UserError(
             f"every ground-truth mask of category '{category}' is empty: "

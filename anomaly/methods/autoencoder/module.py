@@ -111,6 +111,8 @@ class PixelShuffleAutoencoder(TrainedMethod):
         masks = [s.mask for s in test_samples if s.label == 1 and s.mask is not None]
         try:
             return min_anomaly_fraction(load_mask(mask) for mask in masks)[0]
+        except UserError:  # an unreadable mask (a ValueError too) is an error, not a missing one
+            raise
         except ValueError:
             warnings.warn(
                 f"category '{category}' has no ground-truth masks: the CCA score is left out (pass "
