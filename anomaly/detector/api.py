@@ -197,7 +197,7 @@ class GaussianDetector:
     def _feature_batches(self, X, pool) -> Iterator[list[Tensor]]:
         """Per-level feature batches of ``X``: sliced features, or ``pool(images)`` of image batches."""
         if pool is None:
-            features = self._as_feature_list(X)
+            features = self._as_feature_list(single_path_as_list(X))  # a path: "fitted on features"
             for start in range(0, features[0].shape[0], self.batch_size):
                 yield [f[start : start + self.batch_size] for f in features]
             return

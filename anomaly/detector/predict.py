@@ -114,7 +114,7 @@ def predict_files(
                     summary.scored += 1
                     summary.anomalous += decision == 1
                 else:
-                    row += [""] * (len(header) - 3) + [error]
+                    row += [""] * (len(header) - 2) + [error]  # path, blanks, error
                     summary.failed += 1
                 if pending is None:
                     writer.writerow(row)
