@@ -184,23 +184,23 @@ class Ours(Method):
 
     def _inputs(self, feats: Features, rows: Tensor) -> list[Tensor]:
         model = self.model
-        if getattr(model, "pooling", "global") == "global":
+        if model.pooling.name == "global":
             return [feats.pooled[lv - 1][rows] for lv in model.levels]
-        return [model.arrange(feats.grids[model.grid_size][lv - 1][rows]) for lv in model.levels]
+        return [model.pooling.arrange(feats.grids[model.grid_size][lv - 1][rows]) for lv in model.levels]
 
     def fit(self, feats: Features, fit_rows: Tensor, holdout_rows: Tensor) -> None:
         self.model = self.make()
-        self.model.extractor = self.extractor  # one shared backbone
-        self.makes_maps = getattr(self.model, "pooling", "global") == "cells"
-        for accumulator, x in zip(self.model.moments, self._inputs(feats, fit_rows), strict=True):
-            accumulator.update(x)
-        self.model.finalise()
-        if getattr(self.model, "level_weighting", "none") == "holdout":
-            self.model.set_level_weights(self.model.score_features(self._inputs(feats, holdout_rows)))
+        self.model.extractor = self.model.detector.extractor = self.extractor  # one shared backbone
+        detector = self.model.detector
+        self.makes_maps = detector.makes_maps
+        detector.update(self._inputs(feats, fit_rows))
+        detector.finalise()
+        if detector.level_weighting == "holdout":
+            detector.set_level_weights(detector.score_features(self._inputs(feats, holdout_rows)))
 
     def score(self, feats: Features, rows: Tensor) -> tuple[Tensor, Tensor | None]:
-        scores = self.model.score_features(self._inputs(feats, rows))[SCORE]
-        return scores, self.model._last_maps if self.makes_maps else None
+        columns, maps = self.model.detector.score(self._inputs(feats, rows))
+        return columns[SCORE], maps
 
     def infer(self, images: Tensor) -> Tensor:
         return self.model.score_images(images)[SCORE]

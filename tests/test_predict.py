@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from anomaly.console import Terminated
 from anomaly.detector.model import DetectorModel
 from anomaly.detector.predict import predict_files
 from predict import main
@@ -215,14 +216,19 @@ def test_failure_midway_leaves_earlier_output_untouched(
     assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
 
 
-def test_interrupt_keeps_the_rows_already_scored(
-    detector_file: Path, new_images: Path, tmp_path: Path, monkeypatch, capsys
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), Terminated()], ids=["ctrl-c", "sigterm"])
+def test_interrupt_keeps_the_rows_already_scored_beside_an_earlier_result(
+    detector_file: Path, new_images: Path, tmp_path: Path, monkeypatch, capsys, stop
 ):
-    fail_on_batch_two(monkeypatch, KeyboardInterrupt())
+    fail_on_batch_two(monkeypatch, stop)
     out = tmp_path / "out" / "scores.csv"
+    out.parent.mkdir()
+    out.write_text("an earlier result\n")
     args = ["--detector", str(detector_file), "--input", str(new_images), "--out", str(out)]
-    assert main([*args, "--batch-size", "2"]) == 130
-    rows = read_rows(out)
+    assert main([*args, "--batch-size", "2"]) == (130 if isinstance(stop, KeyboardInterrupt) else 143)
+    assert out.read_text() == "an earlier result\n"  # a partial run never takes a complete result's name
+    partial = out.with_name("scores.csv.partial")
+    rows = read_rows(partial)
     assert len(rows) == 2 and all(row["score"] for row in rows)
-    assert list(out.parent.iterdir()) == [out]
-    assert "interrupted: the rows written so far are complete" in capsys.readouterr().err
+    assert sorted(out.parent.iterdir()) == [out, partial]  # no temporary file left behind
+    assert "interrupted: the rows scored so far are in --out's .partial file" in capsys.readouterr().err

@@ -32,6 +32,20 @@ def normalise_images(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return ((unit_images(images) - mean) / std).to(mean.dtype)  # float32 unless the module was cast
 
 
+def grid_means(fmap: Tensor, grid: int) -> Tensor:
+    """``(B, C, k, k)`` means of a ``(B, C, H, W)`` map over the windows of adaptive average pooling
+    (rows ``floor(i H / k)`` to ``ceil((i + 1) H / k)``, likewise columns). While tracing for export it
+    is written as fixed slices (the same windows, equal up to float rounding), so that the exported
+    graph needs no runtime shape, which ONNX's adaptive pooling lacks."""
+    if not torch.jit.is_tracing():
+        return nn.functional.adaptive_avg_pool2d(fmap, grid)
+    height, width = int(fmap.shape[2]), int(fmap.shape[3])
+    rows = [(i * height // grid, -(-(i + 1) * height // grid)) for i in range(grid)]
+    cols = [(j * width // grid, -(-(j + 1) * width // grid)) for j in range(grid)]
+    cells = [fmap[:, :, r0:r1, c0:c1].mean(dim=(2, 3)) for r0, r1 in rows for c0, c1 in cols]
+    return torch.stack(cells, dim=2).reshape(fmap.shape[0], fmap.shape[1], grid, grid)
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """Static facts about one backbone, known without building it."""
@@ -136,7 +150,7 @@ class FeatureExtractor(nn.Module):
         maps = self.feature_maps(images, levels)
         if grid is None:
             return [fmap.mean(dim=(2, 3), dtype=torch.float32) for fmap in maps]
-        return [nn.functional.adaptive_avg_pool2d(fmap.float(), grid) for fmap in maps]
+        return [grid_means(fmap.float(), grid) for fmap in maps]
 
     def feature_maps(self, images: Tensor, levels: Sequence[int] | None = None) -> list[Tensor]:
         """Unpooled feature maps ``(B, C_l, H_l, W_l)`` of the requested levels (ascending; None = all)."""

@@ -3,12 +3,17 @@
 anomaly predict --detector runs/gaussian/.../fold_0/detector.safetensors --input new/ --out scores.csv
 anomaly predict --detector detector.safetensors --input 'line3/**/*.png'
 anomaly predict --detector detector.safetensors --input part_0042.jpg
+anomaly predict --detector cells_run/detector.safetensors --input new/ --maps maps/
 
 Writes one CSV row per image: path, score (higher = more anomalous), the score
 of every level, decision (1 = anomalous at the detector's saved threshold,
 0 = normal; empty when the detector has none) and error (why an image could not
-be read; the run goes on). When not a single image can be read, that is an
-error and no CSV is written; --out is replaced only when the run succeeds.
+be read, or its score is not finite; the run goes on). Detectors with anomaly
+maps (pooling cells) add map_max_x and map_max_y, the pixel of the map's maximum
+in the original image; --maps DIR writes per image the map at the image's size
+(.npy, float32) and a heat-map overlay (.png). When not a single image can be
+read, that is an error and no CSV is written; --out is replaced only when the
+run succeeds (an interrupted run keeps its rows in OUT.partial).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from anomaly.console import run_command
+from anomaly.console import Terminated, run_command
 from anomaly.detector.api import GaussianDetector, check_device
 from anomaly.detector.inputs import expand_input
 from anomaly.detector.predict import check_loader_options, predict_files
@@ -44,6 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="leave out files whose name matches, e.g. '*.png' for masks beside JPEG images (repeatable)",
     )
     parser.add_argument("--out", help="CSV file to write (default: standard output)")
+    parser.add_argument(
+        "--maps",
+        metavar="DIR",
+        help="write each image's anomaly map (.npy) and overlay (.png) here (pooling cells)",
+    )
     parser.add_argument("--weights", help="backbone weights file, if it moved since the detector was saved")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0, help="image-reading worker processes")
@@ -56,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def output_file(path: str | None) -> Iterator[TextIO]:
     """Standard output, or a temporary file beside ``path`` that becomes ``path`` only on success.
 
-    A failure leaves no file; an interrupted run keeps the rows written so far at ``path``.
+    A failure leaves no file. An interrupted run (Ctrl-C, SIGTERM) keeps the rows written so far
+    in ``path.partial`` and leaves an earlier ``path`` as it was.
     """
     if path is None:
         yield sys.stdout
@@ -76,14 +87,19 @@ def output_file(path: str | None) -> Iterator[TextIO]:
     try:
         with file:
             yield file
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         if tmp.stat().st_size:
-            os.replace(tmp, target)
+            os.replace(tmp, partial_path(target))
         raise
     else:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def partial_path(target: Path) -> Path:
+    """Where an interrupted run keeps its rows: never the name of a complete result."""
+    return target.with_name(target.name + ".partial")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
         )
     paths = list(expand_input(args.input, args.exclude))
     with output_file(args.out) as out:
-        summary = predict_files(detector, paths, out, args.batch_size, args.num_workers, not args.no_progress)
+        summary = predict_files(
+            detector, paths, out, args.batch_size, args.num_workers, not args.no_progress,
+            Path(args.maps) if args.maps else None,
+        )  # fmt: skip
     decided = "" if detector.threshold_ is None else f", {summary.anomalous} anomalous"
     threshold = "none" if detector.threshold_ is None else f"{detector.threshold_:.6g} on {detector.score}"
     print(
@@ -110,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(lambda: run(parse_args(argv)), on_interrupt="the rows written so far are complete")
+    return run_command(
+        lambda: run(parse_args(argv)),
+        on_interrupt="the rows scored so far are in --out's .partial file",
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""A fitted detector you can keep: save/load (safetensors + JSON), score new images, scikit-learn-like API."""
+"""A fitted detector you can keep: one scoring module, its safetensors + JSON file, an sklearn-like API."""
 
 from anomaly.detector.api import GaussianDetector
 from anomaly.detector.file import DETECTOR_FILE, METADATA_FILE, read_detector, write_detector
-from anomaly.detector.model import DetectorModel
+from anomaly.detector.io import load_model, save_model
+from anomaly.detector.model import DetectorModel, GaussianDetectorModel
 from anomaly.detector.run import save_run_detector
 
 __all__ = [
@@ -10,7 +11,10 @@ __all__ = [
     "METADATA_FILE",
     "DetectorModel",
     "GaussianDetector",
+    "GaussianDetectorModel",
+    "load_model",
     "read_detector",
+    "save_model",
     "save_run_detector",
     "write_detector",
 ]

@@ -18,30 +18,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from anomaly.backbones import FeatureExtractor, build_backbone
+from anomaly.backbones import build_backbone
+from anomaly.columns import ScoreColumn
 from anomaly.data.transforms import DEFAULT_RESIZE, resize_rule
-from anomaly.detector.file import level_tensors, read_detector, write_detector
-from anomaly.detector.inputs import feature_list, image_batch, image_items, recorded_resize
-from anomaly.detector.model import DetectorModel, scorer_from_tensors
-from anomaly.detector.weights import embedded_tensors, rebuild_backbone, weights_reference
+from anomaly.detector.inputs import feature_list, image_batch, image_items
+from anomaly.detector.io import load_model, model_metadata, save_model
+from anomaly.detector.model import GaussianDetectorModel
 from anomaly.errors import UserError
-from anomaly.methods.base import SUM, split_column
 from anomaly.methods.features import resolve_levels
+from anomaly.pooling import Global
 from anomaly.stats.distances import SCORE_TYPES
-from anomaly.stats.gaussian import fit_gaussian
 from anomaly.stats.moments import RunningMoments
-from anomaly.stats.scorer import GaussianScorer
 from anomaly.stats.threshold import check_fpr, chi2_threshold, empirical_threshold
 
 
 def primary_column(score: str) -> str:
     """``"mahalanobis"`` -> ``"mahalanobis/sum"``; a full column such as ``"mahalanobis/7"`` is kept."""
-    score_type, level = split_column(score)
-    if score_type not in SCORE_TYPES:
+    column = ScoreColumn.parse(score)
+    if column.kind not in SCORE_TYPES:
         raise UserError(f"unknown score {score!r}: choose one of {', '.join(SCORE_TYPES)}")
-    if level != SUM and not (level.isdigit() and int(level) >= 1):
-        raise UserError(f"score {score!r} names no level: use {score_type}/sum or {score_type}/<level>")
-    return f"{score_type}/{level}"
+    return str(column)
 
 
 def check_device(device: str | torch.device, hint: str = "device='cpu'") -> torch.device:
@@ -71,13 +67,6 @@ def single_path_as_list(X):
     return [X] if isinstance(X, (str, Path)) else X
 
 
-def is_identity(matrix: Tensor) -> bool:
-    """An unreduced level's projection, which the file leaves out (it would double its size)."""
-    return matrix.shape[0] == matrix.shape[1] and torch.equal(
-        matrix, torch.eye(matrix.shape[0], dtype=matrix.dtype)
-    )
-
-
 class GaussianDetector:
     """Multivariate Gaussian anomaly detector (Rippel et al., ICPR 2020) with a scikit-learn-like API.
 
@@ -102,7 +91,8 @@ class GaussianDetector:
 
     Attributes (after ``fit`` or ``load``):
         threshold_: decision threshold on :meth:`score_samples` (``None`` if unset).
-        levels_: the fitted levels. model_: the :class:`DetectorModel`.
+        levels_: the fitted levels. model_: the :class:`~anomaly.detector.model.GaussianDetectorModel`
+        that scores (the same module a training run, ``predict`` and the exports use).
     """
 
     def __init__(
@@ -130,7 +120,7 @@ class GaussianDetector:
         self.fpr = fpr
         self.batch_size = batch_size
         self.device = check_device(device)
-        self.model_: DetectorModel | None = None
+        self.model_: GaussianDetectorModel | None = None
         self.threshold_: float | None = None
         self.thresholds_: dict | None = None
         self.levels_: list[int] | None = None
@@ -157,7 +147,8 @@ class GaussianDetector:
         # The training features are kept only for an empirical threshold (their scores' quantile).
         keep = self.fpr is not None and self._chi2_level() is None
         kept: list[list[Tensor]] = [[] for _ in self.levels_]
-        for features in self._feature_batches(X, extractor):
+        pool = None if extractor is None else (lambda images: extractor(images.to(self.device), self.levels_))
+        for features in self._feature_batches(X, pool):
             if accumulators is None:
                 accumulators = [RunningMoments(f.shape[1]) for f in features]
             for accumulator, store, feats in zip(accumulators, kept, features, strict=True):
@@ -166,21 +157,27 @@ class GaussianDetector:
                     store.append(feats.cpu())
         if accumulators is None or accumulators[0].n < 2:
             raise UserError("fit needs at least 2 normal samples")
-        scorers = []
-        for accumulator in accumulators:
-            scorer = GaussianScorer(accumulator.moments().mean.shape[0])
-            scorer.set_fit(fit_gaussian(accumulator.moments()))
-            scorers.append(scorer)
-        self.model_ = DetectorModel(extractor, self.levels_, scorers).to(self.device)
+        pooling = Global()
+        self.model_ = GaussianDetectorModel(
+            extractor,
+            self.levels_,
+            [pooling.scorer(a.dim) for a in accumulators],
+            pooling,
+            decision_score=self.score,
+            image_size=self.image_size_,
+            resize=self.resize,
+        )
+        self.model_.finalise([a.moments() for a in accumulators])
+        self.model_.to(self.device)
         self.threshold_ = self._working_point(kept)
         self.source_ = {"fitted_with": "GaussianDetector.fit", "n_fit": accumulators[0].n}
         return self
 
     def _chi2_level(self) -> int | None:
         """Index of the level whose Mahalanobis distance has eq. (8)'s χ² threshold, if the score is one."""
-        score_type, level = split_column(self.score)
-        if score_type == "mahalanobis" and (level != SUM or len(self.levels_) == 1):
-            return 0 if level == SUM else self.levels_.index(int(level))
+        column = ScoreColumn.parse(self.score)
+        if column.kind == "mahalanobis" and (not column.is_sum or len(self.levels_) == 1):
+            return 0 if column.is_sum else self.levels_.index(column.level)
         return None
 
     def _working_point(self, train_features: list[list[Tensor]]) -> float | None:
@@ -194,8 +191,8 @@ class GaussianDetector:
         return empirical_threshold(train_scores[self.score].cpu(), self.fpr)
 
     def _check_score_column(self) -> None:
-        _, level = split_column(self.score)
-        if level != SUM and int(level) not in self.levels_:
+        level = ScoreColumn.parse(self.score).level
+        if level is not None and level not in self.levels_:
             raise UserError(f"score {self.score!r} names a level that is not fitted (levels {self.levels_})")
 
     # ------------------------------------------------------------------ input
@@ -203,17 +200,17 @@ class GaussianDetector:
     def _as_feature_list(X) -> list[Tensor]:
         return feature_list(X)  # checked: see anomaly.detector.inputs
 
-    def _feature_batches(self, X, extractor: FeatureExtractor | None) -> Iterator[list[Tensor]]:
-        """Per-level feature batches of ``X``: sliced features, or backbone features of image batches."""
-        if extractor is None:
-            features = self._as_feature_list(X)
+    def _feature_batches(self, X, pool) -> Iterator[list[Tensor]]:
+        """Per-level feature batches of ``X``: sliced features, or ``pool(images)`` of image batches."""
+        if pool is None:
+            features = self._as_feature_list(single_path_as_list(X))  # a path: "fitted on features"
             for start in range(0, features[0].shape[0], self.batch_size):
                 yield [f[start : start + self.batch_size] for f in features]
             return
         X = image_items(X)
         for start in range(0, len(X), self.batch_size):
             images = image_batch(X[start : start + self.batch_size], self.image_size_, self.resize)
-            yield extractor(images.to(self.device), self.levels_)
+            yield pool(images)
 
     # ------------------------------------------------------------------ score
     def score_columns(self, X) -> dict[str, np.ndarray]:
@@ -223,15 +220,40 @@ class GaussianDetector:
         """
         if self.model_ is None:
             raise UserError("this detector is not fitted yet: call fit(X) first")
+        columns, _ = self._score(X, maps=False)
+        return columns
+
+    def anomaly_maps(self, X) -> np.ndarray:
+        """Anomaly maps ``(n, k, k)`` of ``X`` (detectors with a map-capable pooling, e.g. ``cells``):
+        per-cell distances of the decision score's kind, summed over the levels."""
+        if self.model_ is not None and not self.model_.makes_maps:
+            raise UserError(
+                f"pooling {self.model_.pooling.name} gives no anomaly maps: fit with pooling cells"
+            )
+        return self._score(X, maps=True)[1]
+
+    def _score(self, X, maps: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Score columns (and maps) of ``X``, batch by batch, through the model's one forward."""
+        if self.model_ is None:
+            raise UserError("this detector is not fitted yet: call fit(X) first")
+        model = self.model_
+        pool = None if model.extractor is None else (lambda images: model.features(images.to(self.device)))
         parts: dict[str, list[np.ndarray]] = {}
-        for features in self._feature_batches(X, self.model_.extractor):
-            for name, values in self.model_.score_features(features).items():
+        map_parts: list[np.ndarray] = []
+        for features in self._feature_batches(X, pool):
+            if pool is None:
+                model.check_features(features)
+            columns, batch_maps = model.score(features) if maps else (model.score_features(features), None)
+            for name, values in columns.items():
                 parts.setdefault(name, []).append(values.cpu().numpy())
+            if batch_maps is not None:
+                map_parts.append(batch_maps.cpu().numpy())
         if not parts:
             raise UserError(
                 "no samples to score: the input is empty (pass at least one image or feature row)"
             )
-        return {name: np.concatenate(values) for name, values in parts.items()}
+        columns = {name: np.concatenate(values) for name, values in parts.items()}
+        return columns, np.concatenate(map_parts) if map_parts else None
 
     def score_samples(self, X) -> np.ndarray:
         """Anomaly score of each sample of ``X`` (the ``score`` column): HIGHER = MORE ANOMALOUS.
@@ -270,33 +292,12 @@ class GaussianDetector:
 
     # -------------------------------------------------------------- save/load
     def metadata(self, embed_weights: bool = False) -> dict:
-        """All but the tensors: backbone, weights reference, preprocessing, levels, score, threshold."""
+        """All but the tensors: backbone, weights, preprocessing, levels, pooling, score, threshold."""
         if self.model_ is None:
             raise UserError("this detector is not fitted yet: call fit(X) first")
-        extractor = self.model_.extractor
-        spec = extractor.spec if extractor is not None else None
+        self.model_.set_threshold(self.threshold_)
         return {
-            "backbone": self.backbone if extractor is not None else None,
-            "weights": None
-            if extractor is None
-            else weights_reference(extractor, self.weights, embed_weights),
-            "preprocessing": None
-            if spec is None
-            else {
-                "image_size": self.image_size_,
-                "input": "RGB (grey replicated), made square by anomaly.data.transforms.resize_square",
-                "resize": self.resize,
-                "dtype": "uint8 0..255 (or float 0..1)",
-                "normalise_mean": list(spec.mean),
-                "normalise_std": list(spec.std),
-            },
-            "levels": self.levels_,
-            "in_dims": self.model_.in_dims,
-            "dims": [s.dim for s in self.model_.scorers],
-            "score_types": list(SCORE_TYPES),
-            "decision_score": self.score,
-            "threshold": self.threshold_,
-            "decision": "anomalous (1) when the decision_score column > threshold, else normal (0)",
+            **model_metadata(self.model_, self.weights, embed_weights),
             "thresholds": self.thresholds_,
             "fpr": self.fpr,
             "source": self.source_,
@@ -305,81 +306,76 @@ class GaussianDetector:
     def save(self, path: str | Path, embed_weights: bool = False) -> Path:
         """Write the detector file (see :mod:`anomaly.detector.file`); the backbone's weights are
         referenced, not stored, unless ``embed_weights`` (or the backbone was randomly initialised)."""
-        metadata = self.metadata(embed_weights)
-        unfitted = [
-            level for level, s in zip(self.model_.levels, self.model_.scorers, strict=True) if not s.fitted
-        ]
-        if unfitted:
-            raise UserError(
-                f"the detector is not fitted (no Gaussian for level(s) {unfitted}): fit it before saving"
-            )
-        tensors: dict[str, Tensor] = {}
-        for index, scorer in enumerate(self.model_.scorers):
-            for name, value in scorer.named_buffers():
-                if name != "fitted" and not (name == "projection" and is_identity(value)):
-                    tensors[f"level.{index}.{name}"] = value
-        if metadata["weights"] is not None and metadata["weights"]["kind"] == "embedded":
-            tensors.update(embedded_tensors(self.model_.extractor))
-        return write_detector(path, tensors, metadata)
+        if self.model_ is None:
+            raise UserError("this detector is not fitted yet: call fit(X) first")
+        self.model_.set_threshold(self.threshold_)
+        extra = {"thresholds": self.thresholds_, "fpr": self.fpr, "source": self.source_}
+        return save_model(self.model_, path, extra, self.weights, embed_weights)
 
     @classmethod
     def load(
         cls, path: str | Path, weights: str | None = None, device: str | torch.device = "cpu"
     ) -> GaussianDetector:
         """A detector from its file; needs no training images. ``weights`` overrides the backbone file."""
-        tensors, meta = read_detector(path)
-        extractor = None
-        if meta["backbone"] is not None:
-            extractor = rebuild_backbone(meta["backbone"], meta["weights"], tensors, weights)
-        levels = list(meta["levels"])
-        scorers = [scorer_from_tensors(level_tensors(tensors, i)) for i in range(len(levels))]
-        detector = cls(
-            backbone=meta["backbone"],
-            levels=levels,
+        device = check_device(device)
+        model, meta = load_model(path, weights, device)
+        return cls.from_model(
+            model,
             weights=weights or (meta["weights"] or {}).get("path"),
-            image_size=(meta["preprocessing"] or {}).get("image_size"),
-            resize=recorded_resize(meta["preprocessing"]),
-            score=meta["decision_score"],
             fpr=meta.get("fpr"),
+            thresholds=meta.get("thresholds"),
+            source=meta.get("source") or {},
             device=device,
         )
-        detector.levels_ = levels
-        detector.image_size_ = detector.image_size
-        detector.model_ = DetectorModel(extractor, levels, scorers).to(detector.device)
-        detector.threshold_ = meta.get("threshold")
-        detector.thresholds_ = meta.get("thresholds")
-        detector.source_ = meta.get("source") or {}
+
+    @classmethod
+    def from_model(
+        cls,
+        model: GaussianDetectorModel,
+        weights: str | None = None,
+        fpr: float | None = None,
+        thresholds: dict | None = None,
+        source: dict | None = None,
+        device: str | torch.device | None = None,
+    ) -> GaussianDetector:
+        """The API around a fitted model (of a run, or loaded from a file)."""
+        extractor = model.extractor
+        detector = cls(
+            backbone=None if extractor is None else extractor.spec.name,
+            levels=list(model.levels),
+            weights=weights,
+            image_size=model.image_size,
+            resize=model.resize,
+            score=str(model.decision_score),
+            fpr=fpr,
+            device=device if device is not None else model.level_stats.device,
+        )
+        detector.levels_ = list(model.levels)
+        detector.image_size_ = model.image_size
+        detector.model_ = model
+        detector.threshold_ = model.threshold
+        detector.thresholds_ = thresholds
+        detector.source_ = source or {}
         return detector
 
     @classmethod
     def from_method(cls, model, image_size: int, resize: str = DEFAULT_RESIZE) -> GaussianDetector:
-        """The detector of a fitted :class:`~anomaly.methods.gaussian.GaussianAD` run.
+        """The detector of a fitted :class:`~anomaly.methods.gaussian.GaussianAD` run (its very module).
 
-        ``threshold_`` is whatever the module exposes as ``model.threshold`` (a float
-        on its ``decision_score`` column, by default its primary score, or ``None``);
+        ``threshold_`` is the module's decision threshold on its ``decision_score``;
         a dict ``model.thresholds`` is kept too.
         """
         hparams = dict(model.hparams)
-        score = getattr(model, "decision_score", None) or model.primary_score
-        detector = cls(
-            backbone=hparams.get("backbone"),
-            levels=model.levels,
-            weights=hparams.get("weights"),
-            image_size=image_size,
-            resize=resize,
-            score=score,
-            fpr=None,
-            device=model.device,
-        )
-        detector.levels_ = list(model.levels)
-        detector.image_size_ = image_size
-        detector.model_ = DetectorModel(model.extractor, model.levels, list(model.scorers))
-        threshold = getattr(model, "threshold", None)
-        detector.threshold_ = None if threshold is None else float(threshold)
+        detector_model = model.detector
+        detector_model.image_size = image_size
+        detector_model.resize = resize_rule(resize).name
         thresholds = getattr(model, "thresholds", None)
-        detector.thresholds_ = dict(thresholds) if isinstance(thresholds, dict) else None
-        detector.source_ = {"method": model.method_name, "settings": hparams}
-        return detector
+        return cls.from_model(
+            detector_model,
+            weights=hparams.get("weights"),
+            thresholds=dict(thresholds) if isinstance(thresholds, dict) else None,
+            source={"method": model.method_name, "settings": hparams},
+        )
 
     def __repr__(self) -> str:
         fitted = "fitted" if self.model_ is not None else "not fitted"

@@ -1,18 +1,28 @@
 """The detector file: safetensors for the tensors, JSON for everything else, no pickles.
 
-``detector.safetensors`` holds every tensor (per level ``level.<i>.mean``,
-``.precision``, ``.std``, ``.shrinkage`` and, after a PCA/NPCA reduction,
-``.projection``; ``backbone.*`` only when the weights are embedded) and, in
-its header, the JSON metadata: backbone id, weights reference, preprocessing,
-levels, decision score, threshold. Loading
-it runs no code from the file, so a detector from an untrusted source is safe to
-open. ``detector.json`` beside it is a readable copy of the metadata; the
-``.safetensors`` file alone is complete.
+``detector.safetensors`` holds every tensor of a :class:`~anomaly.detector.model.GaussianDetectorModel`
+and, in its header, the JSON metadata (backbone, weights reference, preprocessing,
+levels, pooling, level weighting, decision score, threshold, training precision,
+and the SHA-256 of the tensors). ``detector.json`` beside it is a readable copy;
+the ``.safetensors`` file alone is complete.
+
+Tensors, per level *number* ``L`` (so that editing ``levels`` cannot mislabel a level):
+``level.<L>.mean``, ``.precision``, ``.std``, ``.shrinkage`` and, after a PCA/NPCA
+reduction, ``.projection`` (all float64; for ``cells`` pooling each has a leading
+cell axis); ``level_stats`` (kinds x levels x 2) with ``holdout`` level weighting;
+``backbone.*`` only when the backbone's weights are embedded.
+
+Loading runs no code from the file. Before any tensor is read, every field of
+the metadata and the name, dtype and shape of every tensor are checked against
+what the metadata implies, with sizes bounded; then the tensors' checksum is
+verified. Whatever is wrong is one :class:`UserError` naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -21,16 +31,24 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from anomaly.atomic import replaced_atomically
+from anomaly.backbones import backbone_spec
+from anomaly.columns import ScoreColumn
+from anomaly.detector.model import LEVEL_WEIGHTINGS, PRECISIONS
+from anomaly.detector.weights import EMBEDDED_PREFIX
 from anomaly.errors import UserError
 from anomaly.evaluation.results import json_safe, write_atomic
-from anomaly.stats.distances import SCORE_TYPES, SUM
+from anomaly.pooling import POOLINGS, Pooling, build_pooling, pooling_options
+from anomaly.stats.distances import SCORE_TYPES
 
 FORMAT = "gaussian-anomaly-detector"
-VERSION = 1
+VERSION = 2
 DETECTOR_FILE = "detector.safetensors"
 METADATA_FILE = "detector.json"
 METADATA_KEY = "detector"
 SCORER_BUFFERS = ("projection", "mean", "precision", "std", "shrinkage")
+LEVEL_STATS = "level_stats"
+MAX_IMAGE_SIZE = 4096  # preprocessing.image_size: the largest square input a detector may ask for
+MAX_FEATURE_DIM = 65536  # the widest feature vector of a detector fitted on user features
 
 
 def detector_path(path: str | Path) -> Path:
@@ -43,14 +61,25 @@ def detector_path(path: str | Path) -> Path:
     return path
 
 
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 of every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def write_detector(path: str | Path, tensors: dict[str, Tensor], metadata: dict) -> Path:
     """Write ``path`` (atomically) and its ``.json`` metadata copy; returns the ``.safetensors`` path."""
     path = detector_path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
-    metadata = {"format": FORMAT, "version": VERSION, **json_safe(metadata)}
-    text = json.dumps(metadata, indent=2)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {"format": FORMAT, "version": VERSION, **json_safe(metadata)}
+    metadata["tensors_sha256"] = tensors_sha256(tensors)
+    text = json.dumps(metadata, indent=2)
     with replaced_atomically(path) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
     write_atomic(path.with_suffix(".json"), text + "\n")
@@ -58,17 +87,40 @@ def write_detector(path: str | Path, tensors: dict[str, Tensor], metadata: dict)
 
 
 def read_detector(path: str | Path) -> tuple[dict[str, Tensor], dict]:
-    """(tensors, metadata) of a detector file; :class:`UserError` if it is missing or not a detector."""
+    """(tensors, metadata) of a detector file, all checked; :class:`UserError` if anything is wrong."""
     path = detector_path(path)
     if not path.is_file():
         raise UserError(f"detector file not found: {path} (a run writes {DETECTOR_FILE} into its folder)")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as file:
             header = file.metadata() or {}
-            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+            layout = {
+                key: (file.get_slice(key).get_dtype(), tuple(file.get_slice(key).get_shape()))
+                for key in file.keys()  # noqa: SIM118 (a safetensors file is not a dict)
+            }
+            metadata = parse_metadata(path, header)
+            check_tensor_layout(path, metadata, layout)  # before a single tensor is read
+            tensors = {key: file.get_tensor(key) for key in layout}
+    except UserError:
+        raise
     except Exception as exc:  # not a safetensors file, truncated, ...
         reason = " ".join(str(exc).split())[:200]
         raise UserError(f"{path} is not a readable detector file: {reason}") from exc
+    if metadata["version"] >= 2 and tensors_sha256(tensors) != metadata["tensors_sha256"]:
+        raise UserError(f"{path}: the tensors do not match the checksum in the metadata: the file is damaged")
+    if metadata["version"] == 1:  # level tensors were numbered by position in `levels`
+        tensors = {_v1_name(k, metadata["levels"]): v for k, v in tensors.items()}
+    return tensors, metadata
+
+
+def _v1_name(key: str, levels: list[int]) -> str:
+    if not key.startswith("level."):
+        return key
+    _, index, name = key.split(".", 2)
+    return f"level.{levels[int(index)]}.{name}"
+
+
+def parse_metadata(path: Path, header: dict) -> dict:
     try:
         metadata = json.loads(header[METADATA_KEY])
     except (KeyError, json.JSONDecodeError) as exc:
@@ -80,7 +132,7 @@ def read_detector(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     if is_int(version) and version > VERSION:
         raise UserError(f"{path} was written by a newer version (format {version}): upgrade")
     check_metadata(path, metadata)
-    return tensors, metadata
+    return metadata
 
 
 def is_int(value: object) -> bool:
@@ -92,13 +144,17 @@ def is_number(value: object) -> bool:
     return is_int(value) or isinstance(value, float)
 
 
+def _bad(path: Path, field: str, problem: str) -> UserError:
+    return UserError(
+        f"{path}: detector metadata field {field!r} {problem}: the file is damaged or was edited"
+    )
+
+
 def check_metadata(path: Path, meta: dict) -> None:
     """:class:`UserError` naming ``path`` and the field for the first missing or invalid metadata field."""
 
     def bad(field: str, problem: str) -> UserError:
-        return UserError(
-            f"{path}: detector metadata field {field!r} {problem}: the file is damaged or was edited"
-        )
+        return _bad(path, field, problem)
 
     for key in ("version", "backbone", "weights", "preprocessing", "levels", "decision_score"):
         if key not in meta:
@@ -108,41 +164,132 @@ def check_metadata(path: Path, meta: dict) -> None:
     levels = meta["levels"]
     if not isinstance(levels, list) or not levels or not all(is_int(v) and v >= 1 for v in levels):
         raise bad("levels", f"must be a non-empty list of positive integers, not {levels!r}")
-    score = meta["decision_score"]
-    score_type, _, level = score.partition("/") if isinstance(score, str) else ("", "", "")
-    if score_type not in SCORE_TYPES or level not in (SUM, *map(str, levels)):
-        raise bad("decision_score", f"must be <{'|'.join(SCORE_TYPES)}>/<sum or a level>, not {score!r}")
+    if levels != sorted(set(levels)):
+        raise bad("levels", f"must be increasing and distinct, not {levels!r}")
+    try:
+        ScoreColumn.parse(meta["decision_score"]).validate(SCORE_TYPES, levels)
+    except UserError:
+        raise bad(
+            "decision_score",
+            f"must be <{'|'.join(SCORE_TYPES)}>/<sum or a level>, not {meta['decision_score']!r}",
+        ) from None
     for key in ("threshold", "fpr"):
-        if meta.get(key) is not None and not is_number(meta[key]):
-            raise bad(key, f"must be a number or null, not {meta[key]!r}")
+        if meta.get(key) is not None and not (is_number(meta[key]) and math.isfinite(meta[key])):
+            raise bad(key, f"must be a finite number or null, not {meta[key]!r}")
     if meta.get("fpr") is not None and not 0 < meta["fpr"] < 1:
         raise bad("fpr", f"must lie strictly between 0 and 1, not {meta['fpr']!r}")
     for key in ("thresholds", "source"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise bad(key, f"must be an object or null, not {meta[key]!r}")
+    if meta["version"] >= 2:
+        _check_v2(path, meta)
     if meta["backbone"] is None:
+        in_dims = meta.get("in_dims")
+        if (
+            not isinstance(in_dims, list)
+            or len(in_dims) != len(levels)
+            or not all(is_int(d) and 1 <= d <= MAX_FEATURE_DIM for d in in_dims)
+        ):
+            raise bad("in_dims", f"must list one width in 1..{MAX_FEATURE_DIM} per level, not {in_dims!r}")
         return
     if not isinstance(meta["backbone"], str):
         raise bad("backbone", f"must be a backbone name or null, not {meta['backbone']!r}")
+    try:
+        spec = backbone_spec(meta["backbone"])
+    except UserError as exc:
+        raise bad("backbone", str(exc)) from None
+    if levels[-1] > spec.num_levels:
+        raise bad("levels", f"must lie in 1..{spec.num_levels} for {spec.name}, not {levels!r}")
     if not isinstance(meta["weights"], dict) or not isinstance(meta["weights"].get("kind"), str):
         raise bad("weights", f"must be an object with a 'kind', not {meta['weights']!r}")
     preprocessing = meta["preprocessing"]
     if not isinstance(preprocessing, dict):
         raise bad("preprocessing", f"must be an object with an 'image_size', not {preprocessing!r}")
     size = preprocessing.get("image_size")
-    if not is_int(size) or size < 1:
-        raise bad("preprocessing.image_size", f"must be a positive integer, not {size!r}")
+    if not is_int(size) or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise bad("preprocessing.image_size", f"must be an integer in 1..{MAX_IMAGE_SIZE}, not {size!r}")
 
 
-def level_tensors(tensors: dict[str, Tensor], index: int) -> dict[str, Tensor]:
-    """The scorer buffers of the ``index``-th level (0-based position in ``levels``).
-
-    A level without ``projection`` is unreduced: its projection is the identity.
-    """
+def _check_v2(path: Path, meta: dict) -> None:
+    """The fields format 2 added: pooling, level weighting, precision, checksum."""
+    pooling = meta.get("pooling")
+    if not isinstance(pooling, dict) or pooling.get("name") not in POOLINGS:
+        raise _bad(
+            path, "pooling", f"must be an object with a name in {', '.join(POOLINGS)}, not {pooling!r}"
+        )
+    extra = set(pooling) - {"name", *pooling_options(pooling["name"])}
+    if extra:
+        raise _bad(path, "pooling", f"has options pooling {pooling['name']} does not take: {sorted(extra)}")
     try:
-        found = {name: tensors[f"level.{index}.{name}"] for name in SCORER_BUFFERS if name != "projection"}
-    except KeyError as exc:
-        raise UserError(f"the detector file lacks tensor {exc.args[0]}: it is incomplete") from exc
-    dim = found["mean"].shape[0]
-    found["projection"] = tensors.get(f"level.{index}.projection", torch.eye(dim, dtype=found["mean"].dtype))
-    return found
+        build_pooling(**pooling)
+    except UserError as exc:
+        raise _bad(path, "pooling", str(exc)) from None
+    if meta.get("level_weighting", "none") not in LEVEL_WEIGHTINGS:
+        raise _bad(path, "level_weighting", f"must be one of {', '.join(LEVEL_WEIGHTINGS)}")
+    if meta.get("precision") is not None and meta["precision"] not in PRECISIONS:
+        raise _bad(
+            path, "precision", f"must be one of {', '.join(PRECISIONS)} (or null), not {meta['precision']!r}"
+        )
+    checksum = meta.get("tensors_sha256")
+    if not isinstance(checksum, str) or len(checksum) != 64:
+        raise _bad(path, "tensors_sha256", "must be the 64-digit SHA-256 of the tensors")
+
+
+def file_pooling(meta: dict) -> Pooling:
+    """The pooling of a checked metadata (format 1 knew only global pooling)."""
+    return build_pooling(**meta.get("pooling", {"name": "global"}))
+
+
+def level_in_dims(meta: dict) -> list[int]:
+    """The width of the rows each level's scorer takes, from the backbone's spec (or ``in_dims``)."""
+    if meta["backbone"] is None:
+        return list(meta["in_dims"])
+    spec = backbone_spec(meta["backbone"])
+    pooling = file_pooling(meta)
+    return [pooling.modelled_dim(spec.level_dims[level - 1]) for level in meta["levels"]]
+
+
+def check_tensor_layout(path: Path, meta: dict, layout: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """:class:`UserError` unless the tensors are exactly those the metadata implies, float64, of the
+    right shapes (checked from the header alone, before any tensor is read)."""
+    levels, pooling = meta["levels"], file_pooling(meta)
+    version = meta["version"]
+    expected: dict[str, tuple[int, ...]] = {}
+    for index, (level, in_dim) in enumerate(zip(levels, level_in_dims(meta), strict=True)):
+        prefix = f"level.{index if version == 1 else level}."
+        found = {k[len(prefix) :]: shape for k, (_, shape) in layout.items() if k.startswith(prefix)}
+        for name, shape in pooling.expected_shapes(in_dim, found).items():
+            expected[prefix + name] = shape
+        projection = found.get("projection")
+        if projection is not None and not (len(projection) == 2 and 1 <= projection[1] <= in_dim):
+            raise UserError(
+                f"{path}: tensor {prefix}projection has shape {projection}, not ({in_dim}, k) with "
+                f"1 <= k <= {in_dim}: the file is damaged or was edited"
+            )
+    if meta.get("level_weighting", "none") != "none":
+        expected[LEVEL_STATS] = (len(SCORE_TYPES), len(levels), 2)
+    embedded = isinstance(meta["weights"], dict) and meta["weights"].get("kind") == "embedded"
+    backbone_keys = [k for k in layout if k.startswith(EMBEDDED_PREFIX)]
+    if embedded and meta["backbone"] is not None and not backbone_keys:
+        raise UserError(f"{path}: the metadata says the backbone weights are embedded, but the file has none")
+    for key, (dtype, shape) in layout.items():
+        if key.startswith(EMBEDDED_PREFIX) and embedded:
+            continue
+        if key not in expected:
+            raise UserError(
+                f"{path}: unexpected tensor {key} (not implied by the metadata): the file was edited"
+            )
+        if dtype != "F64" or shape != expected[key]:
+            raise UserError(
+                f"{path}: tensor {key} is {dtype} {shape}, expected F64 {expected[key]}: "
+                "the file is damaged or was edited"
+            )
+    missing = sorted(set(expected) - set(layout))
+    if missing:
+        raise UserError(f"{path}: the detector file lacks tensor {missing[0]}: it is incomplete")
+
+
+def level_tensors(tensors: dict[str, Tensor], level: int) -> dict[str, Tensor]:
+    """The scorer tensors of level number ``level`` (no ``projection``: an unreduced level)."""
+    prefix = f"level.{level}."
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

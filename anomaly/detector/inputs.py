@@ -217,11 +217,13 @@ class PredictionDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
         size = self.pipeline.image_size
+        height = width = 0  # the original size, for maps at the image's own size
         try:
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise UserError(f"not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
-            image, error = self.pipeline(load_rgb(path)), ""
+            rgb = load_rgb(path)
+            (height, width), image, error = rgb.shape[:2], self.pipeline(rgb), ""
         except Exception as exc:  # unreadable, truncated, wrong format: reported in the output
             image = torch.zeros(3, size, size, dtype=torch.uint8)
             error = " ".join(str(exc).split()) or type(exc).__name__
-        return {"image": image, "error": error, "index": index}
+        return {"image": image, "error": error, "index": index, "height": height, "width": width}

@@ -1,61 +1,247 @@
-"""The fitted detector as one ``nn.Module``: optional backbone, per-level Gaussians, score columns.
+"""The fitted detector as one ``nn.Module``: the one place that scores an image.
 
-It scores exactly like :class:`~anomaly.methods.gaussian.GaussianAD`: each
-level's pooled features go through a :class:`~anomaly.stats.scorer.GaussianScorer`
-(projection, then Mahalanobis eq. 2, L2 and SED eq. 9), and ``<type>/sum`` adds
-the levels with equal weights (the paper's sum mode).
+``GaussianDetectorModel`` holds the frozen backbone and its levels, a pooling
+strategy (:mod:`anomaly.pooling`), each level's Gaussian(s) (with an optional
+PCA/NPCA projection), the level weighting and the decision threshold.
+``forward(images)`` returns the score columns of the batch and, for a
+map-capable pooling, an anomaly map per image. Training (``GaussianAD`` and
+``SpatialGaussianAD``), ``predict``, the Python API (``GaussianDetector``) and
+the ONNX/TorchScript exports all call this forward.
+
+Scores: each level's rows go through its scorer (Mahalanobis eq. 2, L2 and SED
+eq. 9); the pooling turns the distances into the level's image score (and map);
+``<kind>/sum`` adds the levels with equal weights (the paper's sum mode) or, with
+``holdout`` weighting, after standardising each level on held-out normal scores.
+
+Fitting: :meth:`update` streams a batch into float64 accumulators (when the
+model was built by :meth:`for_fitting`), :meth:`finalise` fits the Gaussians
+(Ledoit-Wolf, eq. 6), :meth:`set_level_weights` and :meth:`set_threshold` finish it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
 from anomaly.backbones import FeatureExtractor
+from anomaly.columns import ScoreColumn, column_name
+from anomaly.data.transforms import DEFAULT_RESIZE
 from anomaly.errors import UserError
-from anomaly.stats.distances import level_columns
-from anomaly.stats.scorer import GaussianScorer
+from anomaly.pooling import Global, Pooling
+from anomaly.stats.distances import SCORE_TYPES, level_columns
+from anomaly.stats.moments import Moments
+from anomaly.stats.pca import reduction_projection
+
+LEVEL_WEIGHTINGS = ("none", "holdout")
+#: Training precisions (Lightning's names) that prediction reproduces; mixed ones run the backbone
+#: under autocast to the dtype here, as training did.
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
+MIXED_PRECISIONS = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
-def scorer_from_tensors(tensors: dict[str, Tensor]) -> GaussianScorer:
-    """A fitted scorer whose buffers take the saved shapes (a (D, k) projection after PCA/NPCA)."""
-    in_dim, dim = tensors["projection"].shape
-    scorer = GaussianScorer(int(in_dim), int(dim))
-    for name, value in tensors.items():
-        setattr(scorer, name, value.clone())
-    scorer.fitted = torch.ones((), dtype=torch.bool)
-    return scorer
+def check_weighting(weighting: object) -> str:
+    if weighting not in LEVEL_WEIGHTINGS:
+        raise UserError(f"level_weighting must be one of {', '.join(LEVEL_WEIGHTINGS)}, got {weighting!r}")
+    return weighting
 
 
-class DetectorModel(nn.Module):
-    """Per-level Gaussian scorers, with the frozen backbone that feeds them (``None``: features only).
+class GaussianDetectorModel(nn.Module):
+    """Backbone -> pooling -> per-level Gaussians -> score columns (+ maps), with a decision threshold.
 
     Args:
-        extractor: the backbone, or ``None`` for a detector fitted on user features.
-        levels: the backbone levels (1-based) of the scorers, in order.
-        scorers: one fitted :class:`GaussianScorer` per level.
+        extractor: the frozen backbone, or ``None`` for a detector fitted on user features.
+        levels: the backbone levels (1-based, increasing) that are modelled.
+        scorers: one scorer per level, made by ``pooling`` (fitted or not).
+        pooling: the pooling strategy (default: the paper's global pooling).
+        decision_score: the column decisions are made on (and whose kind the map shows).
+        level_weighting: ``none`` (equal-weight sum) or ``holdout`` (standardised levels).
+        threshold: the decision threshold on ``decision_score`` (``None``: none yet).
+        image_size: the square input size the detector was fitted at.
+        resize: how images were made square (``area``, ``linear``, ``cubic``: anomaly.data.transforms).
+        precision: the training precision (Lightning's name); a mixed one is reproduced.
     """
 
     def __init__(
-        self, extractor: FeatureExtractor | None, levels: Sequence[int], scorers: Sequence[GaussianScorer]
+        self,
+        extractor: FeatureExtractor | None,
+        levels: Sequence[int],
+        scorers: Sequence[nn.Module],
+        pooling: Pooling | None = None,
+        decision_score: str | ScoreColumn = "mahalanobis/sum",
+        level_weighting: str = "none",
+        threshold: float | None = None,
+        image_size: int | None = None,
+        resize: str = DEFAULT_RESIZE,
+        precision: str | None = None,
     ) -> None:
         super().__init__()
         if len(levels) != len(scorers) or not levels:
             raise ValueError(f"{len(levels)} levels but {len(scorers)} scorers")
+        if list(levels) != sorted(set(levels)):
+            raise UserError(f"levels must be increasing and distinct, got {list(levels)}")
         self.extractor = extractor
         self.levels = [int(level) for level in levels]
         self.scorers = nn.ModuleList(scorers)
+        self.moments = nn.ModuleList()  # the fit's accumulators (see for_fitting)
+        self.pooling = pooling or Global()
+        column = (
+            decision_score if isinstance(decision_score, ScoreColumn) else ScoreColumn.parse(decision_score)
+        )
+        self.decision_score = column.validate(SCORE_TYPES, self.levels, "decision_score")
+        self.level_weighting = check_weighting(level_weighting)
+        self.image_size = image_size
+        self.resize = resize
+        self.precision = precision
+        identity = torch.tensor([0.0, 1.0], dtype=torch.float64).repeat(len(SCORE_TYPES), len(self.levels), 1)
+        #: Per score kind and level: location and scale of the held-out normal scores (holdout weighting).
+        self.register_buffer("level_stats", identity)
+        self.register_buffer("decision_threshold", torch.tensor(math.nan, dtype=torch.float64))
+        self.set_threshold(threshold)
+
+    @classmethod
+    def for_fitting(
+        cls,
+        extractor: FeatureExtractor | None,
+        levels: Sequence[int],
+        in_channels: Sequence[int],
+        pooling: Pooling | None = None,
+        **kwargs,
+    ) -> GaussianDetectorModel:
+        """An unfitted model with empty accumulators, for levels of ``in_channels`` channels."""
+        pooling = pooling or Global()
+        dims = [pooling.modelled_dim(c) for c in in_channels]
+        model = cls(extractor, levels, [pooling.scorer(d) for d in dims], pooling, **kwargs)
+        model.moments = nn.ModuleList(pooling.accumulator(d) for d in dims)
+        return model
+
+    # -------------------------------------------------------------- facts
+    @property
+    def fitted(self) -> bool:
+        return all(bool(s.fitted) for s in self.scorers)
 
     @property
     def in_dims(self) -> list[int]:
-        """The feature width each level expects."""
-        return [int(s.projection.shape[0]) for s in self.scorers]
+        """The width of the rows each level's scorer takes (after pooling, before any projection)."""
+        return [s.in_dim for s in self.scorers]
+
+    @property
+    def dims(self) -> list[int]:
+        """Each level's modelled dimensionality (after a PCA/NPCA reduction)."""
+        return [s.dim for s in self.scorers]
+
+    @property
+    def makes_maps(self) -> bool:
+        return self.pooling.makes_maps
+
+    @property
+    def threshold(self) -> float | None:
+        value = float(self.decision_threshold)
+        return None if math.isnan(value) else value
+
+    def set_threshold(self, value: float | None) -> None:
+        """Set the decision threshold (``None`` clears it); a non-finite one is refused."""
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"the decision threshold must be a finite number, got {value!r}")
+        self.decision_threshold.fill_(math.nan if value is None else float(value))
+
+    # ----------------------------------------------------------- features
+    @torch.no_grad()
+    def features(self, images: Tensor) -> list[Tensor]:
+        """The rows each level models, for (B, 3, S, S) uint8 or [0, 1] float images."""
+        if self.extractor is None:
+            raise UserError("this detector was fitted on features, not images: pass features instead")
+        dtype = MIXED_PRECISIONS.get(self.precision)
+        device = self.level_stats.device.type
+        with torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext():
+            return self.pooling.pool(self.extractor, images, self.levels)
+
+    # ---------------------------------------------------------------- fit
+    @torch.no_grad()
+    def update(self, features: Sequence[Tensor]) -> None:
+        """Stream one batch of every level's rows into the accumulators."""
+        for accumulator, feats in zip(self.moments, features, strict=True):
+            accumulator.update(feats)
+
+    def reduction_projections(self, reduction: str, variance_threshold: float) -> list[Tensor]:
+        """PCA/NPCA projections (Table III) of every level from the streamed moments."""
+        if not self.pooling.supports_reduction:
+            raise UserError(f"pooling {self.pooling.name} supports no PCA/NPCA reduction: use reduction none")
+        projections = []
+        for accumulator in self.moments:
+            m = accumulator.moments()
+            emp_cov = m.scatter() / m.count
+            projections.append(reduction_projection(emp_cov, m.n, reduction, variance_threshold))
+        return projections
+
+    def finalise(
+        self, moments: Sequence[Moments] | None = None, projections: Sequence[Tensor] | None = None
+    ) -> None:
+        """Fit every level's Gaussian(s) from streamed moments (default: the model's own accumulators).
+
+        After a reduction, ``moments`` are those of the projected rows and ``projections`` the projections.
+        """
+        moments = [a.moments() for a in self.moments] if moments is None else list(moments)
+        projections = [None] * len(self.scorers) if projections is None else list(projections)
+        for scorer, m, projection in zip(self.scorers, moments, projections, strict=True):
+            self.pooling.fit(scorer, m, projection)
+
+    def set_level_weights(self, holdout_columns: dict[str, Tensor]) -> None:
+        """Each level's location and scale from its unweighted held-out normal scores."""
+        for t, kind in enumerate(SCORE_TYPES):
+            for i, level in enumerate(self.levels):
+                values = holdout_columns[column_name(kind, level)].to(torch.float64)
+                scale = values.std() if values.numel() > 1 else torch.ones((), dtype=torch.float64)
+                self.level_stats[t, i, 0] = values.mean()
+                self.level_stats[t, i, 1] = scale if scale > 0 else 1.0
+
+    def reset_level_weights(self) -> None:
+        self.level_stats[..., 0], self.level_stats[..., 1] = 0.0, 1.0
+
+    # -------------------------------------------------------------- score
+    def standardise(self, kind: str, level_index: int, values: Tensor) -> Tensor:
+        """A level's distances on the held-out normal scale (unchanged without weighting)."""
+        location, scale = self.level_stats[SCORE_TYPES.index(kind), level_index]
+        return (values - location) / scale
 
     @torch.no_grad()
-    def score_features(self, features: Sequence[Tensor]) -> dict[str, Tensor]:
-        """Score columns for per-level feature batches ``[(B, D_l), ...]``."""
+    def score(self, features: Sequence[Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
+        """(score columns ``{"<kind>/<level|sum>": (B,)}``, anomaly maps ``(B, h, w)`` or ``None``).
+
+        The maps are the per-cell distances of the decision score's kind, summed over
+        the levels (standardised with ``holdout`` weighting).
+        """
+        if not self.fitted:
+            raise UserError("the detector is not fitted yet: run fit before scoring")
+        if len(features) != len(self.scorers):
+            raise UserError(f"expected features for {len(self.scorers)} levels, got {len(features)}")
+        device = self.level_stats.device
+        map_kind = self.decision_score.kind
+        per_level, maps = [], None
+        for i, (scorer, feats) in enumerate(zip(self.scorers, features, strict=True)):
+            distances = scorer(feats.to(device))
+            per_level.append({kind: self.pooling.image_distances(d) for kind, d in distances.items()})
+            if self.pooling.makes_maps:
+                level_map = self.standardise(map_kind, i, distances[map_kind])
+                maps = level_map if maps is None else maps + level_map
+        columns = level_columns(self.levels, per_level)
+        if self.level_weighting != "none":
+            for kind in SCORE_TYPES:
+                columns[column_name(kind, None)] = sum(
+                    self.standardise(kind, i, columns[column_name(kind, level)])
+                    for i, level in enumerate(self.levels)
+                )
+        return columns, None if maps is None else self.pooling.to_map(maps)
+
+    def forward(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+        """(score columns, anomaly maps or ``None``) for (B, 3, S, S) uint8 or [0, 1] float images."""
+        return self.score(self.features(images))
+
+    def check_features(self, features: Sequence[Tensor]) -> None:
+        """:class:`UserError` unless ``features`` are one (n, D_l) batch per level of the right widths."""
         if len(features) != len(self.scorers):
             raise UserError(f"expected features for {len(self.scorers)} levels, got {len(features)}")
         for level, feats, dim in zip(self.levels, features, self.in_dims, strict=True):
@@ -63,18 +249,30 @@ class DetectorModel(nn.Module):
                 raise UserError(
                     f"level {level} expects features of shape (n, {dim}), got {tuple(feats.shape)}"
                 )
-        device = self.scorers[0].mean.device
-        per_level = [scorer(f.to(device)) for scorer, f in zip(self.scorers, features, strict=True)]
-        return level_columns(self.levels, per_level)
 
-    @torch.no_grad()
-    def features(self, images: Tensor) -> list[Tensor]:
-        """The backbone's pooled features of the detector's levels for (B, 3, S, S) images."""
-        if self.extractor is None:
-            raise UserError("this detector was fitted on features, not images: pass features instead")
-        return self.extractor(images, self.levels)
+    def score_features(self, features: Sequence[Tensor]) -> dict[str, Tensor]:
+        """Score columns for per-level rows (see :meth:`score`)."""
+        return self.score(features)[0]
 
-    @torch.no_grad()
     def score_images(self, images: Tensor) -> dict[str, Tensor]:
-        """Score columns for a batch of (B, 3, S, S) uint8 or [0, 1] float images."""
-        return self.score_features(self.features(images))
+        """Score columns for a batch of images (see :meth:`forward`)."""
+        return self(images)[0]
+
+    def maps(self, images: Tensor) -> Tensor:
+        """Anomaly maps ``(B, h, w)`` (map-capable poolings only)."""
+        if not self.makes_maps:
+            raise UserError(f"pooling {self.pooling.name} gives no anomaly maps: use pooling cells")
+        return self(images)[1]
+
+
+#: The name the rest of the project has used for the fitted detector module.
+DetectorModel = GaussianDetectorModel
+
+__all__ = [
+    "LEVEL_WEIGHTINGS",
+    "MIXED_PRECISIONS",
+    "PRECISIONS",
+    "DetectorModel",
+    "GaussianDetectorModel",
+    "check_weighting",
+]

@@ -3,13 +3,20 @@
 Images are read by a DataLoader (optionally in worker processes), scored batch
 by batch, and each batch's rows are written and flushed at once: memory stays
 flat for any number of images, and an interrupted run keeps every row already
-scored. An unreadable file gets a row with its ``error`` and empty scores;
+scored. An unreadable file gets a row with its ``error`` and empty scores, and
+so does an image whose score is not a finite number (never a "normal" decision);
 when not a single file can be scored, nothing is written and it is an error.
+
+Detectors with a map-capable pooling (``cells``) add the location of each map's
+maximum (``map_max_x``, ``map_max_y``: pixel column and row in the original
+image) and, with a maps folder, write per image the raw map at the image's size
+(``.npy`` float32) and a heat-map overlay (``.png``).
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,10 +26,11 @@ from typing import TextIO
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from anomaly.columns import ScoreColumn
 from anomaly.detector.api import GaussianDetector
 from anomaly.detector.inputs import PredictionDataset
+from anomaly.detector.maps import argmax_xy, map_at_size, map_file_stems, write_map
 from anomaly.errors import UserError
-from anomaly.methods.base import split_column
 
 
 @dataclass
@@ -33,11 +41,12 @@ class PredictionSummary:
 
 
 def output_columns(detector: GaussianDetector) -> tuple[list[str], list[str]]:
-    """(CSV header, the score columns written after ``score``): the primary type on every level."""
-    score_type, _ = split_column(detector.score)
-    per_level = [f"{score_type}/{level}" for level in detector.levels_]
-    header = ["path", "score", *(c.replace("/", "_") for c in per_level), "decision", "error"]
-    return header, per_level
+    """(CSV header, the score columns written after ``score``): the primary kind on every level."""
+    kind = ScoreColumn.parse(detector.score).kind
+    per_level = [ScoreColumn(kind, level) for level in detector.levels_]
+    location = ["map_max_x", "map_max_y"] if detector.model_.makes_maps else []
+    header = ["path", "score", *(c.csv_name for c in per_level), *location, "decision", "error"]
+    return header, [str(c) for c in per_level]
 
 
 def predict_files(
@@ -47,6 +56,7 @@ def predict_files(
     batch_size: int = 32,
     num_workers: int = 0,
     progress: bool = True,
+    maps_dir: Path | None = None,
 ) -> PredictionSummary:
     """Score every file in ``paths`` and write one CSV row per file to ``out``, in order.
 
@@ -56,8 +66,13 @@ def predict_files(
     scored: when none can be, :class:`UserError` names the first reason.
     """
     check_loader_options(batch_size, num_workers)
-    if detector.model_ is None or detector.model_.extractor is None:
+    model = detector.model_
+    if model is None or model.extractor is None:
         raise UserError("this detector was fitted on features, not images: it cannot score image files")
+    if maps_dir is not None and not model.makes_maps:
+        raise UserError(
+            f"--maps needs a detector with anomaly maps (pooling cells), not pooling {model.pooling.name}"
+        )
     paths = list(paths)
     if not paths:
         raise UserError("no image files found in the input")
@@ -68,22 +83,38 @@ def predict_files(
     pending: list[list] | None = [header]  # held back until an image is scored; None once written
     summary = PredictionSummary()
     threshold = detector.threshold_
+    stems = map_file_stems(paths) if maps_dir is not None else []
+    if maps_dir is not None:
+        maps_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr) as bar:
         for batch in loader:
             ok = [i for i, error in enumerate(batch["error"]) if not error]
-            columns = detector.model_.score_images(batch["image"][ok].to(detector.device)) if ok else {}
+            columns, maps = score_batch(model, batch["image"][ok].to(detector.device)) if ok else ({}, None)
             scored = {i: position for position, i in enumerate(ok)}
             for i, index in enumerate(batch["index"].tolist()):
                 row = [str(paths[index])]
+                error = batch["error"][i]
                 if i in scored:
                     value = float(columns[detector.score][scored[i]])
+                    if not math.isfinite(value):
+                        error = f"the score is {value} (not a finite number): the image cannot be judged"
+                if not error:
                     levels = [f"{float(columns[c][scored[i]]):.10g}" for c in per_level]
+                    location = []
+                    if maps is not None:
+                        size = int(batch["height"][i]), int(batch["width"][i])
+                        image_map = map_at_size(maps[scored[i]].cpu(), *size)
+                        location = list(argmax_xy(image_map))
+                        if maps_dir is not None:
+                            title = f"{paths[index].name}  score {value:.4g}"
+                            vmax = threshold if threshold is not None else float(image_map.max())
+                            write_map(maps_dir, stems[index], paths[index], image_map, title, vmax)
                     decision = "" if threshold is None else int(value > threshold)
-                    row += [f"{value:.10g}", *levels, decision, ""]
+                    row += [f"{value:.10g}", *levels, *location, decision, ""]
                     summary.scored += 1
                     summary.anomalous += decision == 1
                 else:
-                    row += [""] * (1 + len(per_level)) + ["", batch["error"][i]]
+                    row += [""] * (len(header) - 2) + [error]  # path, blanks, error
                     summary.failed += 1
                 if pending is None:
                     writer.writerow(row)
@@ -101,6 +132,13 @@ def predict_files(
             f"(the first, {path}: {error})"
         )
     return summary
+
+
+def score_batch(model, images):
+    """(score columns, maps or ``None``) of a batch: the model's forward (columns only without maps)."""
+    if model.makes_maps:
+        return model(images)
+    return model.score_images(images), None
 
 
 def check_loader_options(batch_size: int, num_workers: int) -> None:

@@ -9,10 +9,14 @@ from anomaly.detector.file import DETECTOR_FILE, METADATA_FILE
 
 
 def save_run_detector(model, image_size: int, run_dir: str | Path, resize: str = "area") -> Path | None:
-    """Save a fitted Gaussian run's ``detector.safetensors`` + ``detector.json`` (``None``: other methods)."""
+    """Save a fitted Gaussian run's ``detector.safetensors`` + ``detector.json`` (``None``: other methods).
+
+    Every Gaussian configuration (any pooling, reduction and level weighting) is saved: the file holds
+    the run's own :class:`~anomaly.detector.model.GaussianDetectorModel`.
+    """
     from anomaly.methods.gaussian.module import GaussianAD
 
-    if not isinstance(model, GaussianAD) or not getattr(model, "exportable", True):
+    if not isinstance(model, GaussianAD):
         return None
     return GaussianDetector.from_method(model, image_size, resize).save(Path(run_dir) / DETECTOR_FILE)
 

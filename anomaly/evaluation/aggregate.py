@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from anomaly.columns import SUM
 from anomaly.evaluation.results import RESULTS_FILE
 
-SUM = "sum"  # anomaly.stats.distances.SUM, repeated so that reading results needs no torch
 ALL_FOLDS = "all"  # the fold of a run fitted on all training images (``fold: null``)
 PRIMARY = None  # score type meaning "the run's own primary score" (``image_auroc``)
 FOLD_DIR = re.compile(r"fold_(\d+|all)$")

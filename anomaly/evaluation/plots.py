@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from anomaly.columns import ScoreColumn
 from anomaly.evaluation.aggregate import SUM, level_sort_key
 from anomaly.evaluation.metrics import image_auroc
 from anomaly.evaluation.results import (
@@ -39,14 +40,20 @@ def new_figure(width: float = 6.0, height: float = 4.5) -> Figure:
     return figure
 
 
+def level_name(column: str) -> str:
+    return ScoreColumn.parse(column).level_name
+
+
 def primary_type(results: Mapping) -> str:
-    return str(results.get("primary_score", "mahalanobis/sum")).partition("/")[0]
+    return ScoreColumn.parse(str(results.get("primary_score", "mahalanobis/sum"))).kind
 
 
 def columns_of_type(rows: Mapping[str, np.ndarray], score_type: str) -> dict[str, np.ndarray]:
     """``{level: scores}`` of one score type, levels in order and ``sum`` last."""
     chosen = {
-        name.partition("/")[2]: np.asarray(v) for name, v in rows.items() if name.startswith(f"{score_type}/")
+        ScoreColumn.parse(name).level_name: np.asarray(v)
+        for name, v in rows.items()
+        if name.startswith(f"{score_type}/")
     }
     return dict(sorted(chosen.items(), key=lambda item: level_sort_key(item[0])))
 
@@ -152,7 +159,7 @@ def working_point_thresholds(results: Mapping) -> dict[str, list[Threshold]]:
 def threshold_panels(primary: str, thresholds: Mapping[str, list], rows: Mapping) -> list[str]:
     """The primary column, then up to two single levels with thresholds (level 7 first, Table IV)."""
     levels = [c for c in thresholds if c != primary and c in rows and not c.endswith(f"/{SUM}")]
-    levels.sort(key=lambda c: (c.partition("/")[2] != "7", -level_sort_key(c.partition("/")[2])[1]))
+    levels.sort(key=lambda c: (level_name(c) != "7", -level_sort_key(level_name(c))[1]))
     return [primary, *levels[:2]]
 
 

@@ -29,10 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         detector = GaussianDetector.load(args.detector, weights=args.weights)
         path = EXPORTERS[args.format](detector, args.out, args.input_dtype)
         size = detector.image_size_
-        print(
-            f"wrote {path}: input (B, 3, {size}, {size}) {args.input_dtype} images;"
-            " outputs score, level_scores"
-        )
+        outputs = "score, level_scores" + (", map" if detector.model_.makes_maps else "")
+        print(f"wrote {path}: input (B, 3, {size}, {size}) {args.input_dtype} images; outputs {outputs}")
         return 0
 
     return run_command(command)

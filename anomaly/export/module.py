@@ -12,20 +12,20 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from anomaly.columns import ScoreColumn
 from anomaly.detector.api import GaussianDetector
+from anomaly.detector.model import MIXED_PRECISIONS, GaussianDetectorModel
 from anomaly.errors import UserError
-from anomaly.methods.base import SUM, split_column
-from anomaly.stats.distances import l2_distance, mahalanobis
-
-EXPORTABLE_TYPES = ("mahalanobis", "l2")
 
 
 class ExportedDetector(nn.Module):
-    """``forward(images) -> (score (B,), level_scores (B, L))`` for the detector's decision score.
+    """``forward(images) -> (score (B,), level_scores (B, L)[, map (B, k, k)])``: the detector's forward.
 
-    ``images`` are (B, 3, S, S) RGB, uint8 in 0..255 or float in [0, 1];
-    ``level_scores[:, i]`` is level ``levels[i]``'s Mahalanobis (eq. 2) or L2
-    distance, and ``score`` is their sum (sum mode) or the decision level's column.
+    ``images`` are (B, 3, S, S) RGB, uint8 in 0..255 or float in [0, 1]. This wraps
+    the detector's own :class:`~anomaly.detector.model.GaussianDetectorModel` and
+    only picks tensors out of its output: ``score`` is the decision score column,
+    ``level_scores[:, i]`` level ``levels[i]``'s score of the same kind, and ``map``
+    (map-capable poolings) the coarse anomaly map.
     """
 
     def __init__(self, detector: GaussianDetector) -> None:
@@ -33,30 +33,26 @@ class ExportedDetector(nn.Module):
         model = detector.model_
         if model is None or model.extractor is None:
             raise UserError("only a fitted image detector (with a backbone) can be exported")
-        score_type, level = split_column(detector.score)
-        if score_type not in EXPORTABLE_TYPES:
-            raise UserError(f"export supports the {' and '.join(EXPORTABLE_TYPES)} scores, not {score_type}")
-        self.extractor = model.extractor
-        self.scorers = model.scorers
-        self.levels = list(model.levels)
-        self.score_type = score_type
-        self.decision_index = None if level == SUM else self.levels.index(int(level))
+        if model.precision in MIXED_PRECISIONS:
+            raise UserError(
+                f"the detector was trained with precision {model.precision}: export reproduces float32 "
+                "arithmetic only; fit it with --trainer.precision 32-true to export it"
+            )
+        self.model: GaussianDetectorModel = model
+        column = ScoreColumn.parse(detector.score)
+        self.score_column = str(column)
+        self.level_columns = [str(ScoreColumn(column.kind, level)) for level in model.levels]
         self.image_size = detector.image_size_
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.extractor(images, self.levels)
-        per_level = []
-        for scorer, feats in zip(self.scorers, features, strict=True):
-            z = scorer.project(feats)
-            if self.score_type == "mahalanobis":
-                per_level.append(mahalanobis(z, scorer.mean, scorer.precision))
-            else:
-                per_level.append(l2_distance(z, scorer.mean))
-        level_scores = torch.stack(per_level, dim=1)
-        score = (
-            level_scores.sum(dim=1) if self.decision_index is None else level_scores[:, self.decision_index]
-        )
-        return score, level_scores
+    @property
+    def output_names(self) -> list[str]:
+        return ["score", "level_scores", *(["map"] if self.model.makes_maps else [])]
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        columns, maps = self.model(images)
+        level_scores = torch.stack([columns[name] for name in self.level_columns], dim=1)
+        outputs = (columns[self.score_column], level_scores)
+        return outputs if maps is None else (*outputs, maps)
 
 
 def example_input(image_size: int, input_dtype: str, batch: int = 2) -> Tensor:

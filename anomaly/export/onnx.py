@@ -15,8 +15,9 @@ OPSET = 17
 
 
 def export_onnx(detector: GaussianDetector, path: str | Path, input_dtype: str = "uint8") -> Path:
-    """Write ``path``: input ``images`` (B, 3, S, S) of ``input_dtype``; outputs ``score`` (B,) and
-    ``level_scores`` (B, L). The detector's metadata (threshold, levels, ...) goes into the
+    """Write ``path``: input ``images`` (B, 3, S, S) of ``input_dtype``; outputs ``score`` (B,),
+    ``level_scores`` (B, L) and, for a map-capable pooling, ``map`` (B, k, k).
+    The detector's metadata (threshold, levels, ...) goes into the
     model's metadata properties under ``detector``.
     """
     try:
@@ -34,8 +35,8 @@ def export_onnx(detector: GaussianDetector, path: str | Path, input_dtype: str =
             (example,),
             str(path),
             input_names=["images"],
-            output_names=["score", "level_scores"],
-            dynamic_axes={"images": {0: "batch"}, "score": {0: "batch"}, "level_scores": {0: "batch"}},
+            output_names=module.output_names,
+            dynamic_axes={name: {0: "batch"} for name in ["images", *module.output_names]},
             opset_version=OPSET,
             dynamo=False,
         )

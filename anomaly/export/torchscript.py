@@ -18,7 +18,7 @@ from anomaly.export.module import prepare_export
 
 
 def export_torchscript(detector: GaussianDetector, path: str | Path, input_dtype: str = "uint8") -> Path:
-    """Write a traced module: ``(images) -> (score, level_scores)``, as :class:`ExportedDetector`.
+    """Write a traced module: ``(images) -> (score, level_scores[, map])``, as :class:`ExportedDetector`.
 
     The detector's metadata is stored as the extra file ``detector.json``.
     """

@@ -21,16 +21,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from anomaly.columns import SUM, ScoreColumn
 from anomaly.errors import UserError
 from anomaly.evaluation.metrics import image_auroc
 from anomaly.evaluation.results import write_results, write_scores_csv
 from anomaly.evaluation.tensorboard import report_run
-from anomaly.stats.distances import SUM
 
 
 def split_column(name: str) -> tuple[str, str]:
-    score_type, _, level = name.partition("/")
-    return score_type, level or SUM
+    """(kind, ``"<level>"`` or ``"sum"``) of a score column (see :class:`anomaly.columns.ScoreColumn`)."""
+    column = ScoreColumn.parse(name)
+    return column.kind, column.level_name
 
 
 def gather_rows(rows: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -131,7 +132,10 @@ class AnomalyMethod(pl.LightningModule):
         self._test_rows = defaultdict(list)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        columns = self.score_batch(batch)
+        self.record_test_rows(batch, self.score_batch(batch))
+
+    def record_test_rows(self, batch: dict, columns: dict[str, Tensor]) -> None:
+        """Keep a test batch's score columns (with its indices and labels) for the epoch's end."""
         self._test_rows["index"].append(batch["index"].detach().cpu())
         self._test_rows["label"].append(batch["label"].detach().cpu())
         for name, value in columns.items():

@@ -120,6 +120,11 @@ class CellGaussianScorer(nn.Module):
     def dim(self) -> int:
         return int(self.mean.shape[1])
 
+    @property
+    def in_dim(self) -> int:
+        """The width of each cell's feature (no reduction: the modelled width)."""
+        return self.dim
+
     def set_fit(self, fits: list[GaussianFit]) -> None:
         """Store the per-cell fits of :func:`fit_cells`."""
         device = self.mean.device

@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from anomaly.columns import SUM, column_name
+
 SCORE_TYPES = ("mahalanobis", "l2", "sed")
-SUM = "sum"  # sum mode: a score type's distances added over the levels with equal weights
 
 
 def mahalanobis(x: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
@@ -42,7 +43,10 @@ def level_columns(levels: Sequence[int], per_level: Sequence[Mapping[str, Tensor
     columns: dict[str, Tensor] = {}
     for level, scores in zip(levels, per_level, strict=True):
         for score_type, values in scores.items():
-            columns[f"{score_type}/{level}"] = values
+            columns[column_name(score_type, level)] = values
     for score_type in per_level[0]:
-        columns[f"{score_type}/{SUM}"] = sum(columns[f"{score_type}/{level}"] for level in levels)
+        columns[column_name(score_type, None)] = sum(columns[column_name(score_type, lv)] for lv in levels)
     return columns
+
+
+__all__ = ["SCORE_TYPES", "SUM", "l2_distance", "level_columns", "mahalanobis", "standardised_euclidean"]

@@ -74,12 +74,12 @@ def test_file_is_safetensors_with_json_header_and_rejects_pickles(tmp_path: Path
     path = detector.save(tmp_path / "d.safetensors")
     with safe_open(str(path), framework="pt") as file:
         assert json.loads(file.metadata()["detector"])["format"] == "gaussian-anomaly-detector"
-        # an unreduced level's identity projection is left out
+        # an unreduced level's identity projection is left out; tensors are named by level number
         assert sorted(file.keys()) == sorted(
-            f"level.0.{n}" for n in ("mean", "precision", "std", "shrinkage")
+            f"level.1.{n}" for n in ("mean", "precision", "std", "shrinkage")
         )
     tensors, meta = read_detector(tmp_path / "d.json")  # the readable copy points at the same detector
-    assert meta["backbone"] is None and tensors["level.0.mean"].shape == (4,)
+    assert meta["backbone"] is None and tensors["level.1.mean"].shape == (4,)
     pickled = tmp_path / "evil.safetensors"
     torch.save({"level.0.mean": torch.zeros(4)}, pickled)
     with pytest.raises(UserError, match="not a readable detector file"):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from anomaly.detector.inputs import image_batch
-from anomaly.errors import UserError
 from anomaly.export import ExportedDetector, export_onnx, export_torchscript
 from tests.detector.helpers import LEVELS, demo_images, fit_demo_detector
 
@@ -67,7 +66,7 @@ def test_torchscript_matches_pytorch(detector, images, tmp_path: Path):
     assert json.loads(extra["detector.json"])["decision_score"] == "mahalanobis/sum"
 
 
-def test_single_level_decision_and_unexportable_score(detector):
+def test_single_level_decision_and_every_score_kind(detector):
     detector = copy.copy(detector)
     detector.score = "mahalanobis/4"
     _, good, _ = demo_images()
@@ -75,6 +74,6 @@ def test_single_level_decision_and_unexportable_score(detector):
     score, level_scores = ExportedDetector(detector)(images)
     np.testing.assert_allclose(score.numpy(), detector.score_samples(good[:2]), rtol=1e-9)
     assert level_scores.shape == (2, len(LEVELS))
-    detector.score = "sed/sum"
-    with pytest.raises(UserError, match="export supports"):
-        ExportedDetector(detector)
+    detector.score = "sed/sum"  # the export runs the detector's own forward: every kind exports
+    score, _ = ExportedDetector(detector)(images)
+    np.testing.assert_allclose(score.numpy(), detector.score_samples(good[:2]), rtol=1e-9)

@@ -113,7 +113,11 @@ def run(root: Path, out: Path, fold: int, cache: Path | None, augment: bool = Fa
     fit_and_test(model, dm, out)
     with open(out / "scores.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    state = {k: v for k, v in model.state_dict().items() if k.startswith(("scorers.", "moments."))}
+    state = {
+        k: v
+        for k, v in model.state_dict().items()
+        if k.startswith(("detector.scorers.", "detector.moments."))
+    }
     return model, dm, rows, state
 
 

@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from anomaly.data import MVTecDataModule
+from anomaly.detector import GaussianDetector, read_detector, save_run_detector
 from anomaly.methods.gaussian import GaussianAD
 from tests.conftest import fit_and_test
 
@@ -37,7 +38,8 @@ def test_bf16_features_feed_float64_statistics_and_scores(tiny_mvtec: Path, tmp_
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the maps are bf16; pooling sums in float32
         assert all(m.dtype == torch.bfloat16 for m in mixed.extractor.feature_maps(images, LEVELS))
         assert all(f.dtype == torch.float32 for f in mixed.features(images))
-    fitted = [v for k, v in mixed.state_dict().items() if k.startswith("scorers.") and v.is_floating_point()]
+    state = mixed.state_dict()
+    fitted = [v for k, v in state.items() if k.startswith("detector.scorers.") and v.is_floating_point()]
     assert fitted and all(v.dtype == torch.float64 for v in fitted)
     for level in range(len(LEVELS)):
         a = full.scorers[level].mean.numpy()
@@ -51,6 +53,18 @@ def test_bf16_features_feed_float64_statistics_and_scores(tiny_mvtec: Path, tmp_
         bf16 = np.array([float(r[column]) for r in mixed_rows])
         assert np.corrcoef(fp32, bf16)[0, 1] > 0.99, column
         assert abs(roc_auc_score(labels, bf16) - roc_auc_score(labels, fp32)) <= 0.1, column
+
+
+def test_the_detector_records_bf16_and_prediction_reproduces_it(tiny_mvtec: Path, tmp_path: Path):
+    mixed, _, rows = run(tiny_mvtec, tmp_path / "bf16", "bf16-mixed")
+    path = save_run_detector(mixed, SMALL, tmp_path / "saved")
+    assert read_detector(path)[1]["precision"] == "bf16-mixed"
+    detector = GaussianDetector.load(path)
+    detector.batch_size = 3  # the run's batches: the same bf16 arithmetic
+    scores = detector.score_samples([r["path"] for r in rows])
+    np.testing.assert_allclose(scores, [float(r["mahalanobis_sum"]) for r in rows], rtol=1e-6)
+    detector.model_.precision = "32-true"  # fp32 features differ from the bf16 ones it was calibrated on
+    assert not np.allclose(detector.score_samples([r["path"] for r in rows]), scores, rtol=1e-6)
 
 
 def test_bf16_features_have_their_own_cache_entries_and_equal_uncached(tiny_mvtec: Path, tmp_path: Path):

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -23,15 +22,16 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
+from anomaly.columns import SUM, ScoreColumn
+from anomaly.detector.model import GaussianDetectorModel
 from anomaly.errors import UserError
-from anomaly.methods.base import SUM, gather_rows
+from anomaly.methods.base import gather_rows
 from anomaly.methods.features import FeatureMethod
 from anomaly.methods.gaussian.working_point import working_point_report
-from anomaly.stats.distances import SCORE_TYPES, level_columns
-from anomaly.stats.gaussian import fit_gaussian
+from anomaly.pooling import Global, Pooling
+from anomaly.stats.distances import SCORE_TYPES
 from anomaly.stats.moments import RunningMoments, synchronise
-from anomaly.stats.pca import check_reduction, reduction_projection
-from anomaly.stats.scorer import GaussianScorer
+from anomaly.stats.pca import check_reduction
 from anomaly.stats.threshold import check_fpr, chi2_threshold, empirical_threshold
 
 THRESHOLD_METHODS = ("empirical", "chi2")
@@ -76,40 +76,72 @@ class GaussianAD(FeatureMethod):
         super().__init__(backbone, levels, weights, pretrained)
         self.reduction, self.variance_threshold = check_reduction(reduction, variance_threshold)
         self.target_fpr = check_fpr(target_fpr)
-        self.decision_score = self._check_decision(decision_score, threshold_method)
+        pooling = self.make_pooling()
+        self.decision_score = self._check_decision(decision_score, threshold_method, pooling)
         self.threshold_method = threshold_method
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.moments = nn.ModuleList(RunningMoments(d) for d in self.level_dims)
-        self.scorers = nn.ModuleList(GaussianScorer(d) for d in self.level_dims)
-        self.register_buffer(
-            "decision_threshold",
-            torch.tensor(math.nan if threshold is None else threshold, dtype=torch.float64),
+        #: The fitted detector: the one module that scores (see anomaly.detector.model).
+        self.detector = GaussianDetectorModel.for_fitting(
+            self.extractor,
+            self.levels,
+            super().level_dims,
+            pooling,
+            decision_score=decision_score,
+            level_weighting=self.make_level_weighting(),
+            threshold=threshold,
+            image_size=self.extractor.image_size,
         )
         self.fit_epochs = 0
         self.holdout_scores: dict[str, Tensor] | None = None
 
-    def _check_decision(self, column: str, method: str) -> str:
-        score_type, _, level = column.partition("/")
-        valid_levels = {SUM, *map(str, self.levels)}
-        if score_type not in SCORE_TYPES or level not in valid_levels:
-            raise UserError(
-                f"decision_score '{column}' is not a score column: use <type>/<level or sum> with type in "
-                f"{', '.join(SCORE_TYPES)} and level in {', '.join(sorted(valid_levels))}"
-            )
+    def make_pooling(self) -> Pooling:
+        """The pooling strategy (the paper's global pooling; subclasses choose others)."""
+        return Global()
+
+    def make_level_weighting(self) -> str:
+        """How the levels are summed (the paper's equal weights)."""
+        return "none"
+
+    @property
+    def moments(self) -> nn.ModuleList:
+        """The detector's streamed accumulators, one per level."""
+        return self.detector.moments
+
+    @property
+    def scorers(self) -> nn.ModuleList:
+        """The detector's per-level scorers."""
+        return self.detector.scorers
+
+    @property
+    def pooling(self) -> Pooling:
+        return self.detector.pooling
+
+    @property
+    def level_dims(self) -> list[int]:
+        """Each level's modelled width (before any reduction), as the pooling gives it."""
+        return [self.detector.pooling.modelled_dim(c) for c in super().level_dims]
+
+    def _check_decision(self, column: str, method: str, pooling: Pooling) -> str:
+        decision = ScoreColumn.parse(column).validate(SCORE_TYPES, self.levels, "decision_score")
         if method not in THRESHOLD_METHODS:
             raise UserError(f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, got '{method}'")
-        if method == "chi2" and (score_type != "mahalanobis" or level == SUM):
+        if method == "chi2" and not pooling.chi2_calibratable:
+            raise UserError("a max over cells is not chi-squared distributed: use threshold_method empirical")
+        if method == "chi2" and (decision.kind != "mahalanobis" or decision.is_sum):
             raise UserError(
                 "threshold_method chi2 needs a single level's Mahalanobis score, e.g. mahalanobis/7"
             )
-        return column
+        return str(decision)
 
     @property
     def threshold(self) -> float | None:
         """The decision threshold on ``decision_score`` (None when none could be set)."""
-        value = float(self.decision_threshold)
-        return None if math.isnan(value) else value
+        return self.detector.threshold
+
+    @property
+    def decision_threshold(self) -> Tensor:
+        return self.detector.decision_threshold
 
     def run_name(self) -> str:
         name = super().run_name()
@@ -136,27 +168,37 @@ class GaussianAD(FeatureMethod):
             accumulator.reset()
         self.fit_epochs = 0
 
+    def batch_features(self, batch: dict) -> list[Tensor]:
+        """The batch's modelled rows: cached globally pooled features, or the detector's pooling."""
+        if "features" in batch:
+            if not isinstance(self.pooling, Global):
+                raise UserError(
+                    "data.feature_cache holds globally pooled features: "
+                    "use pooling global, or no feature_cache"
+                )
+            return super().batch_features(batch)
+        return self.features(batch["image"])
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        """The detector's rows of each level for a batch of images."""
+        return self.detector.features(images)
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         with torch.no_grad():
-            for accumulator, feats in zip(self.moments, self.batch_features(batch), strict=True):
-                accumulator.update(feats)
+            self.detector.update(self.batch_features(batch))
 
     def on_train_epoch_end(self) -> None:
         self.fit_epochs += 1
 
     def on_train_end(self) -> None:
         """Merge the moments of all processes, fit each level's Gaussian, calibrate thresholds."""
-        synchronise(self.moments)
+        synchronise(list(self.moments))
+        self.detector.precision = str(self.trainer.precision) if self._trainer is not None else None
         if self.reduction == "none":
-            self.finalise()
+            self.detector.finalise()
         else:
             self.finalise_reduced()
         self.calibrate()
-
-    def finalise(self) -> None:
-        """Fit every level's Gaussian from the streamed moments."""
-        for accumulator, scorer in zip(self.moments, self.scorers, strict=True):
-            scorer.set_fit(fit_gaussian(accumulator.moments()))
 
     def finalise_reduced(self) -> None:
         """PCA/NPCA: project, then fit in the reduced space from a second pass.
@@ -165,19 +207,16 @@ class GaussianAD(FeatureMethod):
         first pass cannot provide, so the training stream is replayed once (the
         same images and, with augmentation, the same seeded augmentations).
         """
-        projections = []
-        for accumulator in self.moments:
-            m = accumulator.moments()
-            emp_cov = m.scatter() / m.count
-            projection = reduction_projection(emp_cov, m.n, self.reduction, self.variance_threshold)
-            projections.append(projection.to(self.device))
+        projections = [
+            p.to(self.device)
+            for p in self.detector.reduction_projections(self.reduction, self.variance_threshold)
+        ]
         reduced = [RunningMoments(p.shape[1]).to(self.device) for p in projections]
         for features in self._replay_training_stream():
             for accumulator, projection, feats in zip(reduced, projections, features, strict=True):
                 accumulator.update(feats.to(torch.float64) @ projection)
         synchronise(reduced)
-        for accumulator, projection, scorer in zip(reduced, projections, self.scorers, strict=True):
-            scorer.set_fit(fit_gaussian(accumulator.moments()), projection)
+        self.detector.finalise([r.moments() for r in reduced], projections)
 
     def _replay_training_stream(self) -> Iterator[list[Tensor]]:
         loader = self.datamodule.train_dataloader()
@@ -208,9 +247,9 @@ class GaussianAD(FeatureMethod):
         self.holdout_scores = self.score_holdout()
         if self.hparams.threshold is not None:
             return
-        value = math.nan
+        value = None
         if self.threshold_method == "chi2":
-            level = int(self.decision_score.partition("/")[2])
+            level = ScoreColumn.parse(self.decision_score).level
             value = chi2_threshold(self.scorers[self.levels.index(level)].dim, self.target_fpr)
         elif self.holdout_scores is not None:
             held_out = self.holdout_scores[self.decision_score]
@@ -229,7 +268,7 @@ class GaussianAD(FeatureMethod):
                 "set threshold or threshold_method chi2",
                 stacklevel=2,
             )
-        self.decision_threshold.fill_(value)
+        self.detector.set_threshold(value)
 
     # ------------------------------------------------------------------ score
     def score_batch(self, batch: dict) -> dict[str, Tensor]:
@@ -237,16 +276,13 @@ class GaussianAD(FeatureMethod):
 
     @torch.no_grad()
     def score_images(self, images: Tensor) -> dict[str, Tensor]:
-        """Score columns for a batch of images (see :meth:`score_features`)."""
-        return self.score_features(self.features(images))
+        """Score columns for a batch of images: the detector's forward."""
+        return self.detector.score_images(images)
 
     @torch.no_grad()
     def score_features(self, features: list[Tensor]) -> dict[str, Tensor]:
         """``{"<type>/<level>": (B,)}`` for every score type and level, plus ``"<type>/sum"``."""
-        if not all(bool(s.fitted) for s in self.scorers):
-            raise UserError("the detector is not fitted yet: run fit before test")
-        per_level = [scorer(feats) for scorer, feats in zip(self.scorers, features, strict=True)]
-        return level_columns(self.levels, per_level)
+        return self.detector.score_features(features)
 
     # ---------------------------------------------------------------- results
     def extra_results(self) -> dict:

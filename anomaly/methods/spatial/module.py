@@ -27,39 +27,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 from torchmetrics.functional.classification import binary_auroc
 
 from anomaly.backbones import backbone_spec
+from anomaly.columns import SUM
+from anomaly.detector.model import LEVEL_WEIGHTINGS, check_weighting
 from anomaly.errors import UserError
 from anomaly.evaluation.metrics import to_unit_interval
 from anomaly.evaluation.results import OVERLAYS_DIR
-from anomaly.methods.base import SUM, gather_rows
+from anomaly.methods.base import gather_rows
 from anomaly.methods.features import resolve_levels
 from anomaly.methods.gaussian.module import GaussianAD
 from anomaly.methods.gaussian.working_point import working_point_report
 from anomaly.methods.spatial.overlays import write_overlays
-from anomaly.stats.cells import (
-    CellGaussianScorer,
-    CellMoments,
-    cells_memory_bytes,
-    fit_cells,
-)
-from anomaly.stats.distances import SCORE_TYPES, level_columns
-from anomaly.stats.moments import synchronise
-
-POOLINGS = ("global", "grid", "cells")
-LEVEL_WEIGHTINGS = ("none", "holdout")
-GIB = 1024**3
+from anomaly.pooling import POOLINGS, Pooling, build_pooling
+from anomaly.stats.distances import SCORE_TYPES
 
 
 def state_bytes(pooling: str, grid_size: int, dims: Sequence[int]) -> int:
     """Float64 bytes of the streamed second moments and the precisions of all levels."""
-    cells = 1 if pooling == "global" else grid_size * grid_size
-    if pooling == "cells":
-        return sum(cells_memory_bytes(cells, d) for d in dims)
-    return sum(cells_memory_bytes(1, cells * d) for d in dims)
+    return build_pooling(pooling, grid_size=grid_size).state_bytes(dims)
 
 
 class SpatialGaussianAD(GaussianAD):
@@ -67,7 +56,7 @@ class SpatialGaussianAD(GaussianAD):
 
     Args (besides those of ``GaussianAD``):
         pooling: ``global`` (the paper), ``grid`` (one Gaussian of the k x k pooled map)
-            or ``cells`` (one Gaussian per cell; anomaly maps).
+            or ``cells`` (one Gaussian per cell; anomaly maps); see :mod:`anomaly.pooling`.
         grid_size: k, the cells per side of ``grid`` and ``cells``.
         level_weighting: ``none`` (the paper's equal-weight sum) or ``holdout``
             (standardise each level by its held-out normal scores before summing).
@@ -96,167 +85,66 @@ class SpatialGaussianAD(GaussianAD):
         memory_budget_gb: float = 4.0,
         overlays: int = 8,
     ) -> None:
-        self._check_options(backbone, levels, pooling, grid_size, level_weighting, memory_budget_gb)
-        if pooling == "cells" and reduction != "none":
+        # every option is checked, and the statistics' size bounded, before anything is allocated
+        strategy = build_pooling(pooling, grid_size=grid_size)
+        check_weighting(level_weighting)
+        if not strategy.supports_reduction and reduction != "none":
             raise UserError(
-                "pooling cells supports no PCA/NPCA reduction: use reduction none, or pooling grid"
+                f"pooling {pooling} supports no PCA/NPCA reduction: use reduction none, or pooling grid"
             )
-        if pooling == "cells" and threshold_method == "chi2":
-            raise UserError("a max over cells is not chi-squared distributed: use threshold_method empirical")
-        self.pooling, self.grid_size = pooling, grid_size
+        spec = backbone_spec(backbone)
+        widths = [spec.level_dims[lv - 1] for lv in resolve_levels(levels, spec.num_levels, backbone)]
+        strategy.check_budget(widths, memory_budget_gb)
+        self._strategy, self._weighting = strategy, level_weighting
         super().__init__(
             backbone, levels, weights, pretrained, reduction, variance_threshold,
             target_fpr, decision_score, threshold_method, threshold,
         )  # fmt: skip
+        self.grid_size = grid_size
         self.level_weighting = level_weighting
         self.overlays = overlays
-        if pooling == "cells":
-            cells = grid_size * grid_size
-            self.moments = nn.ModuleList(CellMoments(cells, d) for d in self.level_dims)
-            self.scorers = nn.ModuleList(CellGaussianScorer(cells, d) for d in self.level_dims)
-        #: Per score type and level: location and scale of the held-out normal scores.
-        identity = torch.tensor([0.0, 1.0], dtype=torch.float64).repeat(len(SCORE_TYPES), len(self.levels), 1)
-        self.register_buffer("level_stats", identity)
         self._test_maps: list[tuple[Tensor, Tensor, Tensor | None]] = []
-        self._last_maps: Tensor | None = None
         self.pixel_auroc: float | None = None
 
-    @staticmethod
-    def _check_options(
-        backbone: str, levels, pooling: str, grid_size: int, weighting: str, budget_gb: float
-    ) -> None:
-        if pooling not in POOLINGS:
-            raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'")
-        if weighting not in LEVEL_WEIGHTINGS:
-            raise UserError(
-                f"level_weighting must be one of {', '.join(LEVEL_WEIGHTINGS)}, got '{weighting}'"
-            )
-        if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
-            raise UserError(f"grid_size must be a whole number of cells per side >= 1, got {grid_size!r}")
-        spec = backbone_spec(backbone)
-        dims = [spec.level_dims[lv - 1] for lv in resolve_levels(levels, spec.num_levels, backbone)]
-        need = state_bytes(pooling, grid_size, dims) / GIB
-        if need > budget_gb:
-            raise UserError(
-                f"pooling {pooling} with grid_size {grid_size} needs {need:.3g} GiB of statistics for "
-                f"levels of widths {dims}, over memory_budget_gb {budget_gb:g}: lower grid_size, choose "
-                "fewer or narrower levels, or raise memory_budget_gb"
-            )
+    def make_pooling(self) -> Pooling:
+        return self._strategy
+
+    def make_level_weighting(self) -> str:
+        return self._weighting
 
     @property
-    def level_dims(self) -> list[int]:
-        """Each level's modelled width: C (global, and per cell), or k^2 C (grid)."""
-        dims = super().level_dims
-        return [d * self.grid_size**2 for d in dims] if self.pooling == "grid" else dims
-
-    @property
-    def exportable(self) -> bool:
-        """Whether the saved detector (global pooling, equal-weight sum) scores as this module does."""
-        return self.pooling == "global" and self.level_weighting == "none"
+    def level_stats(self) -> Tensor:
+        """Per score type and level: location and scale of the held-out normal scores."""
+        return self.detector.level_stats
 
     def run_name(self) -> str:
         name = super().run_name()
-        if self.pooling != "global":
-            name += f"_{self.pooling}-{self.grid_size}"
+        if self.pooling.name != "global":
+            name += f"_{self.pooling.name}-{self.grid_size}"
         if self.level_weighting != "none":
             name += f"_weighting-{self.level_weighting}"
         return name
 
-    # --------------------------------------------------------------- features
-    def arrange(self, grid_maps: Tensor) -> Tensor:
-        """A level's ``(B, C, k, k)`` pooled map as modelled: ``(B, k^2 C)`` (grid) or ``(B, k^2, C)``."""
-        if self.pooling == "grid":
-            return grid_maps.flatten(1)
-        return grid_maps.flatten(2).transpose(1, 2)
-
-    def features(self, images: Tensor) -> list[Tensor]:
-        if self.pooling == "global":
-            return super().features(images)
-        return [self.arrange(m) for m in self.extractor(images, self.levels, grid=self.grid_size)]
-
-    def batch_features(self, batch: dict) -> list[Tensor]:
-        if "features" in batch and self.pooling != "global":
-            raise UserError(
-                "data.feature_cache holds globally pooled features: use pooling global, or no feature_cache"
-            )
-        return super().batch_features(batch)
-
     # -------------------------------------------------------------------- fit
-    def on_train_end(self) -> None:
-        if self.pooling != "cells":
-            super().on_train_end()
-            return
-        synchronise(list(self.moments))
-        self.finalise()
-        self.calibrate()
-
-    def finalise(self) -> None:
-        if self.pooling != "cells":
-            super().finalise()
-            return
-        for accumulator, scorer in zip(self.moments, self.scorers, strict=True):
-            scorer.set_fit(fit_cells(accumulator.moments()))
-
     def calibrate(self) -> None:
         """Standardise the levels on the held-out normal fifth (if asked), then set thresholds."""
         if self.level_weighting == "holdout":
-            self.level_stats[..., 0], self.level_stats[..., 1] = 0.0, 1.0
+            self.detector.reset_level_weights()
             holdout = self.score_holdout()
             if holdout is None:
                 raise UserError(
                     "level_weighting holdout needs the fold's held-out normal images: set data.fold to 0..4"
                 )
-            self.set_level_weights(holdout)
+            self.detector.set_level_weights(holdout)
         super().calibrate()
 
     def set_level_weights(self, holdout_columns: dict[str, Tensor]) -> None:
-        """Each level's location and scale from its unweighted held-out normal scores."""
-        for t, score_type in enumerate(SCORE_TYPES):
-            for i, level in enumerate(self.levels):
-                values = holdout_columns[f"{score_type}/{level}"].to(torch.float64)
-                scale = values.std() if values.numel() > 1 else torch.ones((), dtype=torch.float64)
-                self.level_stats[t, i, 0] = values.mean()
-                self.level_stats[t, i, 1] = scale if scale > 0 else 1.0
+        self.detector.set_level_weights(holdout_columns)
 
     # ------------------------------------------------------------------ score
-    def standardise(self, score_type: str, level_index: int, values: Tensor) -> Tensor:
-        """A level's distances on the held-out normal scale (unchanged without weighting)."""
-        location, scale = self.level_stats[SCORE_TYPES.index(score_type), level_index].to(values.device)
-        return (values - location) / scale
-
-    @torch.no_grad()
-    def score_features(self, features: list[Tensor]) -> dict[str, Tensor]:
-        """Score columns as in ``GaussianAD``; ``cells`` also keeps the batch's maps (see :meth:`maps`)."""
-        cells = self.pooling == "cells"
-        columns = self._score_cells(features) if cells else super().score_features(features)
-        if self.level_weighting != "none":
-            for score_type in SCORE_TYPES:
-                columns[f"{score_type}/{SUM}"] = sum(
-                    self.standardise(score_type, i, columns[f"{score_type}/{level}"])
-                    for i, level in enumerate(self.levels)
-                )
-        return columns
-
-    def _score_cells(self, features: list[Tensor]) -> dict[str, Tensor]:
-        if not all(bool(s.fitted) for s in self.scorers):
-            raise UserError("the detector is not fitted yet: run fit before test")
-        per_level = []
-        maps = 0.0
-        map_type = self.primary_score.partition("/")[0]
-        for i, (scorer, feats) in enumerate(zip(self.scorers, features, strict=True)):
-            cells = scorer(feats)  # {type: (B, cells)}
-            per_level.append({score_type: distances.amax(dim=1) for score_type, distances in cells.items()})
-            maps = maps + self.standardise(map_type, i, cells[map_type])
-        columns = level_columns(self.levels, per_level)
-        self._last_maps = maps.reshape(-1, self.grid_size, self.grid_size)
-        return columns
-
     def maps(self, images: Tensor) -> Tensor:
         """Coarse anomaly maps ``(B, k, k)``: per-cell Mahalanobis distances summed over levels."""
-        if self.pooling != "cells":
-            raise UserError("anomaly maps need pooling cells")
-        self.score_images(images)
-        return self._last_maps
+        return self.detector.maps(images)
 
     # ------------------------------------------------------------------- test
     def on_test_epoch_start(self) -> None:
@@ -265,14 +153,15 @@ class SpatialGaussianAD(GaussianAD):
         self.pixel_auroc = None
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        super().test_step(batch, batch_idx)
-        if self.pooling == "cells":
+        columns, maps = self.detector.score(self.batch_features(batch))
+        self.record_test_rows(batch, columns)
+        if maps is not None:
             masks = batch["mask"].cpu() if "mask" in batch else None
-            self._test_maps.append((batch["index"].cpu(), self._last_maps.float().cpu(), masks))
+            self._test_maps.append((batch["index"].cpu(), maps.float().cpu(), masks))
 
     def on_test_epoch_end(self) -> None:
         maps = None
-        if self.pooling == "cells" and self._test_maps:
+        if self._test_maps:
             parts = {"index": torch.cat([i for i, _, _ in self._test_maps])}
             parts["map"] = torch.cat([m for _, m, _ in self._test_maps])
             parts["score"] = torch.cat(self._test_rows[self.primary_score])
@@ -299,7 +188,7 @@ class SpatialGaussianAD(GaussianAD):
             )
 
     def test_results(self, rows: dict[str, Tensor], labels: Tensor) -> dict:
-        if self.pooling != "cells":
+        if self.pooling.chi2_calibratable:
             results = super().test_results(rows, labels)
         else:  # a max over cells has no chi-squared working point: empirical ones only
             results = {
@@ -311,7 +200,7 @@ class SpatialGaussianAD(GaussianAD):
         return results
 
     def extra_results(self) -> dict:
-        if self.pooling != "cells":
+        if not self.pooling.makes_maps:
             results = super().extra_results()
         else:  # per-cell shrinkage intensities
             per_level = list(zip(self.levels, self.scorers, strict=True))
@@ -323,7 +212,9 @@ class SpatialGaussianAD(GaussianAD):
                 "n_fit_vectors": self.moments[0].n,
                 "epochs": self.fit_epochs,
             }
-        results.update(pooling=self.pooling, grid_size=self.grid_size, level_weighting=self.level_weighting)
+        results.update(
+            pooling=self.pooling.name, grid_size=self.grid_size, level_weighting=self.level_weighting
+        )
         if self.level_weighting != "none":
             results["level_stats"] = {
                 score_type: {str(lv): self.level_stats[t, i].tolist() for i, lv in enumerate(self.levels)}
@@ -349,4 +240,4 @@ def pixel_auroc(maps: Tensor, masks: Tensor) -> float:
     return float(binary_auroc(to_unit_interval(preds), target).item())
 
 
-__all__ = ["POOLINGS", "SpatialGaussianAD", "pixel_auroc", "state_bytes", "upsample_maps"]
+__all__ = ["LEVEL_WEIGHTINGS", "POOLINGS", "SpatialGaussianAD", "pixel_auroc", "state_bytes", "upsample_maps"]

@@ -1,0 +1,123 @@
+"""Saving a :class:`~anomaly.detector.model.GaussianDetectorModel` to its file, and loading it back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from anomaly.detector.file import (
+    LEVEL_STATS,
+    file_pooling,
+    level_in_dims,
+    level_tensors,
+    read_detector,
+    write_detector,
+)
+from anomaly.detector.inputs import recorded_resize
+from anomaly.detector.model import GaussianDetectorModel
+from anomaly.detector.weights import embedded_tensors, rebuild_backbone, weights_reference
+from anomaly.errors import UserError
+from anomaly.stats.distances import SCORE_TYPES
+
+
+def model_tensors(model: GaussianDetectorModel, embed_weights: bool) -> dict[str, Tensor]:
+    """Every tensor the file holds: each level's fitted buffers (by level number), weights if asked."""
+    unfitted = [level for level, s in zip(model.levels, model.scorers, strict=True) if not bool(s.fitted)]
+    if unfitted:
+        raise UserError(
+            f"the detector is not fitted (no Gaussian for level(s) {unfitted}): fit it before saving"
+        )
+    tensors: dict[str, Tensor] = {}
+    for level, scorer in zip(model.levels, model.scorers, strict=True):
+        for name, value in scorer.named_buffers():
+            if name == "fitted" or (name == "projection" and not scorer.reduced):
+                continue
+            tensors[f"level.{level}.{name}"] = value.to(torch.float64)
+    if model.level_weighting != "none":
+        tensors[LEVEL_STATS] = model.level_stats
+    if embed_weights:
+        tensors.update(embedded_tensors(model.extractor))
+    return tensors
+
+
+def model_metadata(model: GaussianDetectorModel, weights: str | None, embed_weights: bool) -> dict:
+    """The file's metadata for ``model`` (the caller adds fpr, thresholds, source, precision)."""
+    extractor = model.extractor
+    spec = extractor.spec if extractor is not None else None
+    return {
+        "backbone": spec.name if spec is not None else None,
+        "weights": None if extractor is None else weights_reference(extractor, weights, embed_weights),
+        "preprocessing": None
+        if spec is None
+        else {
+            "image_size": model.image_size,
+            "input": "RGB (grey replicated), made square by anomaly.data.transforms.resize_square",
+            "resize": model.resize,
+            "dtype": "uint8 0..255 (or float 0..1)",
+            "normalise_mean": list(spec.mean),
+            "normalise_std": list(spec.std),
+        },
+        "levels": model.levels,
+        "pooling": model.pooling.options(),
+        "level_weighting": model.level_weighting,
+        "in_dims": model.in_dims,
+        "dims": model.dims,
+        "score_types": list(SCORE_TYPES),
+        "decision_score": str(model.decision_score),
+        "threshold": model.threshold,
+        "decision": "anomalous (1) when the decision_score column > threshold, else normal (0)",
+        "precision": model.precision,
+    }
+
+
+def save_model(
+    model: GaussianDetectorModel, path: str | Path, extra: dict, weights: str | None = None, embed=False
+) -> Path:
+    """Write ``model`` to ``path`` (+ ``.json``); ``extra`` adds metadata fields (fpr, source, ...)."""
+    embed = embed or (model.extractor is not None and model.extractor.weights_source is None)
+    tensors = model_tensors(model, embed)
+    return write_detector(path, tensors, {**model_metadata(model, weights, embed), **extra})
+
+
+def load_model(
+    path: str | Path, weights: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[GaussianDetectorModel, dict]:
+    """The model of a detector file (checked, see :mod:`anomaly.detector.file`) and its metadata."""
+    tensors, meta = read_detector(path)
+    extractor = None
+    if meta["backbone"] is not None:
+        try:
+            extractor = rebuild_backbone(meta["backbone"], meta["weights"], tensors, weights)
+        except RuntimeError as exc:  # embedded weights of the wrong names or shapes
+            reason = " ".join(str(exc).split())[:200]
+            raise UserError(
+                f"{path}: the embedded backbone weights do not fit {meta['backbone']}: {reason}"
+            ) from exc
+    pooling = file_pooling(meta)
+    scorers = [
+        pooling.scorer_from_tensors(level_tensors(tensors, level), in_dim)
+        for level, in_dim in zip(meta["levels"], level_in_dims(meta), strict=True)
+    ]
+    model = GaussianDetectorModel(
+        extractor,
+        meta["levels"],
+        scorers,
+        pooling,
+        decision_score=meta["decision_score"],
+        level_weighting=meta.get("level_weighting", "none"),
+        threshold=meta.get("threshold"),
+        image_size=(meta["preprocessing"] or {}).get("image_size"),
+        resize=recorded_resize(meta["preprocessing"]),
+        precision=meta.get("precision"),
+    )
+    if LEVEL_STATS in tensors:
+        stats = tensors[LEVEL_STATS]
+        if not bool(torch.isfinite(stats).all()) or not bool((stats[..., 1] > 0).all()):
+            raise UserError(f"{path}: {LEVEL_STATS} must be finite with positive scales: the file was edited")
+        model.level_stats.copy_(stats)
+    return model.to(device), meta
+
+
+__all__ = ["load_model", "model_metadata", "model_tensors", "save_model"]

@@ -1,0 +1,126 @@
+"""What every pooling strategy answers: how a level's feature map becomes the vectors a Gaussian models.
+
+A pooling turns each level's ``(B, C, H, W)`` map into the rows the level's
+Gaussian(s) model, says how wide they are and how much float64 state their fit
+needs, builds the level's accumulator and scorer, and turns the scorer's
+distances into the level's image score and, when it can, an anomaly map.
+Adding a pooling is one new module with a :class:`Pooling` subclass, and its
+name in :data:`anomaly.pooling.POOLINGS`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from anomaly.backbones import FeatureExtractor
+from anomaly.errors import UserError
+from anomaly.stats.moments import Moments, RunningMoments
+
+GIB = 1024**3
+FLOAT64_BYTES = 8
+MAX_GRID_SIZE = 64  # cells per side; beyond it every backbone level is smaller than its grid
+
+
+def check_grid_size(grid_size: object, pooling: str) -> int:
+    """``grid_size`` as a whole number of cells per side in ``1..MAX_GRID_SIZE``."""
+    if isinstance(grid_size, bool) or not isinstance(grid_size, int) or not 1 <= grid_size <= MAX_GRID_SIZE:
+        raise UserError(
+            f"grid_size of pooling {pooling} must be a whole number of cells per side in "
+            f"1..{MAX_GRID_SIZE}, got {grid_size!r}"
+        )
+    return grid_size
+
+
+def check_memory_budget(budget_gb: object) -> float:
+    """``memory_budget_gb`` as a finite positive number of GiB."""
+    if isinstance(budget_gb, bool) or not isinstance(budget_gb, (int, float)) or not math.isfinite(budget_gb):
+        raise UserError(f"memory_budget_gb must be a finite positive number of GiB, got {budget_gb!r}")
+    if budget_gb <= 0:
+        raise UserError(f"memory_budget_gb must be a finite positive number of GiB, got {budget_gb!r}")
+    return float(budget_gb)
+
+
+class Pooling(ABC):
+    """A level's feature map -> the vectors its Gaussian(s) model -> image score (and map)."""
+
+    #: The name used in configs (``pooling: grid``) and in the detector file.
+    name: ClassVar[str]
+    #: Whether :meth:`to_map` gives a spatial anomaly map.
+    makes_maps: ClassVar[bool] = False
+    #: Whether PCA/NPCA (Table III) can project the modelled vectors.
+    supports_reduction: ClassVar[bool] = True
+    #: Whether a level's Mahalanobis score is chi-squared distributed (eq. 8).
+    chi2_calibratable: ClassVar[bool] = True
+
+    def options(self) -> dict:
+        """The constructor's arguments, as saved in the detector file (``name`` included)."""
+        return {"name": self.name}
+
+    # ---------------------------------------------------------------- features
+    @abstractmethod
+    def pool(self, extractor: FeatureExtractor, images: Tensor, levels: Sequence[int]) -> list[Tensor]:
+        """The modelled rows of each level for a batch of images."""
+
+    @abstractmethod
+    def modelled_dim(self, channels: int) -> int:
+        """The width of the vectors a level of ``channels`` channels gives."""
+
+    @abstractmethod
+    def state_bytes(self, channels: Sequence[int]) -> int:
+        """Float64 bytes of the streamed second moments and the precisions of levels of these widths."""
+
+    def check_budget(self, channels: Sequence[int], budget_gb: float) -> None:
+        """:class:`UserError` naming the need and the fix when the fit would exceed ``budget_gb``."""
+        budget_gb = check_memory_budget(budget_gb)
+        need = self.state_bytes(channels) / GIB
+        if need > budget_gb:
+            raise UserError(
+                f"pooling {self.name}{self.describe_size()} needs {need:.3g} GiB of statistics for "
+                f"levels of widths {list(channels)}, over memory_budget_gb {budget_gb:g}: lower grid_size, "
+                "choose fewer or narrower levels, or raise memory_budget_gb"
+            )
+
+    def describe_size(self) -> str:
+        return ""
+
+    # ---------------------------------------------------------------- the fit
+    @abstractmethod
+    def accumulator(self, dim: int) -> RunningMoments:
+        """An empty streamed accumulator for one level of modelled width ``dim``."""
+
+    @abstractmethod
+    def scorer(self, dim: int) -> nn.Module:
+        """An unfitted scorer for one level (``forward(rows) -> {kind: distances}``)."""
+
+    @abstractmethod
+    def fit(self, scorer: nn.Module, moments: Moments, projection: Tensor | None = None) -> None:
+        """Fit ``scorer`` from a level's streamed moments (in the projected space, if given)."""
+
+    @abstractmethod
+    def scorer_from_tensors(self, tensors: dict[str, Tensor], in_dim: int) -> nn.Module:
+        """A fitted scorer from the saved tensors (shapes already checked by :meth:`expected_shapes`)."""
+
+    @abstractmethod
+    def expected_shapes(self, in_dim: int, tensors: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """The shape each saved tensor of a level must have, given the shapes found (``tensors``)."""
+
+    # ---------------------------------------------------------------- scoring
+    def image_distances(self, distances: Tensor) -> Tensor:
+        """A level's image score from the scorer's distances of one kind (``(B,)`` here)."""
+        return distances
+
+    def to_map(self, distances: Tensor) -> Tensor:
+        """An anomaly map ``(B, h, w)`` from the scorer's distances of one kind (map-capable poolings)."""
+        raise UserError(f"pooling {self.name} gives no anomaly maps: use pooling cells")
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.options().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+__all__ = ["GIB", "MAX_GRID_SIZE", "Pooling", "check_grid_size", "check_memory_budget"]

@@ -1,0 +1,61 @@
+"""The paper's pooling (Sec. III-A): each level's map averaged over space to one C-dim vector."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from anomaly.backbones import FeatureExtractor
+from anomaly.pooling.base import FLOAT64_BYTES, Pooling
+from anomaly.stats.gaussian import fit_gaussian
+from anomaly.stats.moments import Moments, RunningMoments
+from anomaly.stats.scorer import GaussianScorer
+
+
+class VectorPooling(Pooling):
+    """One Gaussian per level over one vector per image (global and grid pooling share this)."""
+
+    def state_bytes(self, channels: Sequence[int]) -> int:
+        return sum(2 * self.modelled_dim(c) ** 2 * FLOAT64_BYTES for c in channels)
+
+    def accumulator(self, dim: int) -> RunningMoments:
+        return RunningMoments(dim)
+
+    def scorer(self, dim: int) -> GaussianScorer:
+        return GaussianScorer(dim)
+
+    def fit(self, scorer: nn.Module, moments: Moments, projection: Tensor | None = None) -> None:
+        scorer.set_fit(fit_gaussian(moments), projection)
+
+    def expected_shapes(self, in_dim: int, tensors: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        projection = tensors.get("projection")
+        dim = projection[1] if projection is not None and len(projection) == 2 else in_dim
+        shapes = {"mean": (dim,), "precision": (dim, dim), "std": (dim,), "shrinkage": ()}
+        if projection is not None:
+            shapes["projection"] = (in_dim, dim)
+        return shapes
+
+    def scorer_from_tensors(self, tensors: dict[str, Tensor], in_dim: int) -> GaussianScorer:
+        scorer = GaussianScorer(1)  # placeholders, replaced below without allocating a D x D identity
+        for name in ("mean", "precision", "std", "shrinkage"):
+            setattr(scorer, name, tensors[name].clone())
+        scorer.projection = tensors.get("projection", torch.zeros(in_dim, 0, dtype=torch.float64)).clone()
+        scorer.fitted = torch.ones((), dtype=torch.bool)
+        return scorer
+
+
+class Global(VectorPooling):
+    """Global average pooling: a level of C channels gives one C-dim vector per image."""
+
+    name = "global"
+
+    def pool(self, extractor: FeatureExtractor, images: Tensor, levels: Sequence[int]) -> list[Tensor]:
+        return extractor(images, levels)
+
+    def modelled_dim(self, channels: int) -> int:
+        return channels
+
+
+__all__ = ["Global", "VectorPooling"]

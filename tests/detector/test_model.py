@@ -1,0 +1,204 @@
+"""The one detector module: every Gaussian configuration saves, loads, predicts (with maps) and exports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from anomaly.cli import main as fit_main
+from anomaly.columns import SUM, ScoreColumn
+from anomaly.detector import GaussianDetector, read_detector
+from anomaly.detector.file import tensors_sha256
+from anomaly.errors import UserError
+from anomaly.methods.spatial import SpatialGaussianAD
+from anomaly.pooling import Cells, Grid, build_pooling
+from predict import main as predict_main
+
+FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
+
+
+def test_score_column_is_the_one_parser():
+    assert ScoreColumn.parse("mahalanobis/7") == ScoreColumn("mahalanobis", 7)
+    assert ScoreColumn.parse("sed") == ScoreColumn.parse(f"sed/{SUM}") == ScoreColumn("sed")
+    assert str(ScoreColumn("l2", 3)) == "l2/3" and ScoreColumn("l2").csv_name == "l2_sum"
+    for bad in ("mahalanobis/x", "mahalanobis/0", "/sum", "a/b/c"):
+        with pytest.raises(UserError):
+            ScoreColumn.parse(bad)
+    with pytest.raises(UserError, match="level in 2, sum"):
+        ScoreColumn.parse("l2/3").validate(["l2"], [2])
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: build_pooling("cells", grid_size=100000), "grid_size of pooling cells"),
+        (lambda: Grid(0), "grid_size"),
+        (lambda: Cells(True), "grid_size"),
+        (lambda: build_pooling("pixels"), "pooling must be one of"),
+        (lambda: Cells(4).check_budget([24], math.nan), "finite positive"),
+        (lambda: Cells(4).check_budget([24], -1.0), "finite positive"),
+    ],
+)
+def test_pooling_options_are_checked_in_the_constructors(make, message):
+    with pytest.raises(UserError, match=message):
+        make()
+
+
+def test_spatial_options_fail_before_any_allocation():
+    with pytest.raises(UserError, match="memory_budget_gb must be a finite positive"):
+        SpatialGaussianAD("efficientnet-lite0", levels=[2], pretrained=False, memory_budget_gb=float("nan"))
+    with pytest.raises(UserError, match="grid_size of pooling cells"):
+        SpatialGaussianAD(
+            "efficientnet-lite0", levels=[2], pretrained=False, pooling="cells", grid_size=100000
+        )
+
+
+def fit_run(root: Path, tiny_mvtec: Path, *extra: str) -> Path:
+    args = ["--data.root", str(tiny_mvtec), "--data.category", "widget", "--config", "configs/spatial_cells.yaml",
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+            "--model.levels", "[2, 4]", "--model.grid_size", "2", "--model.overlays", "0", *extra]  # fmt: skip
+    assert fit_main([*FAST, *args]) == 0
+    (run_dir,) = {p.parent for p in root.rglob("detector.safetensors")}
+    return run_dir
+
+
+def test_cells_run_detector_reproduces_the_run_and_predict_writes_maps(tiny_mvtec: Path, tmp_path: Path):
+    run_dir = fit_run(tmp_path / "runs", tiny_mvtec)
+    meta = json.loads((run_dir / "detector.json").read_text())
+    assert meta["pooling"] == {"name": "cells", "grid_size": 2} and meta["version"] == 2
+    assert meta["precision"] == "32-true" and meta["tensors_sha256"] == tensors_sha256(
+        read_detector(run_dir)[0]
+    )
+    with open(run_dir / "scores.csv") as file:
+        rows = list(csv.DictReader(file))
+    shutil.rmtree(tiny_mvtec / "widget" / "train")  # loading needs no training image
+
+    out, maps = tmp_path / "predicted.csv", tmp_path / "maps"
+    paths = [row["path"] for row in rows]
+    listed = tmp_path / "inputs"
+    listed.mkdir()
+    for i, path in enumerate(paths):  # one flat folder, in the run's order
+        shutil.copy(path, listed / f"{i:03d}_{Path(path).name}")
+    args = ["--detector", str(run_dir), "--input", str(listed), "--out", str(out), "--maps", str(maps)]
+    assert predict_main([*args, "--batch-size", "8", "--no-progress"]) == 0
+    with open(out) as file:
+        predicted = list(csv.DictReader(file))
+    assert len(predicted) == len(rows)
+    for row, new in zip(rows, predicted, strict=True):
+        for level in ("2", "4"):
+            assert float(new[f"mahalanobis_{level}"]) == pytest.approx(
+                float(row[f"mahalanobis_{level}"]), rel=1e-6
+            )
+        assert float(new["score"]) == pytest.approx(float(row["mahalanobis_sum"]), rel=1e-6)
+        assert new["decision"] == row["decision"]
+    # one overlay and one raw map per image, at the image's own size, with the maximum where the CSV says
+    assert len(list(maps.glob("*.png"))) == len(list(maps.glob("*.npy"))) == len(rows)
+    first = np.load(maps / f"{Path(predicted[0]['path']).stem}.npy")
+    from anomaly.data.images import load_rgb
+
+    assert first.dtype == np.float32 and first.shape == load_rgb(predicted[0]["path"]).shape[:2]
+    y, x = np.unravel_index(int(np.argmax(first)), first.shape)
+    assert (int(predicted[0]["map_max_x"]), int(predicted[0]["map_max_y"])) == (x, y)
+
+    detector = GaussianDetector.load(run_dir)
+    columns = detector.score_columns(paths[:3])
+    coarse = detector.anomaly_maps(paths[:3])
+    assert coarse.shape == (3, 2, 2)
+    np.testing.assert_allclose(
+        columns["mahalanobis/sum"], [float(r["mahalanobis_sum"]) for r in rows[:3]], rtol=1e-6
+    )
+
+
+def test_cells_export_outputs_the_map(tiny_mvtec: Path, tmp_path: Path):
+    ort = pytest.importorskip("onnxruntime")
+    from anomaly.detector.inputs import image_batch
+    from anomaly.export import export_onnx
+
+    detector = GaussianDetector.load(fit_run(tmp_path / "runs", tiny_mvtec))
+    images = image_batch(sorted((tiny_mvtec / "widget" / "test").rglob("*.png"))[:3], detector.image_size_)
+    session = ort.InferenceSession(
+        str(export_onnx(detector, tmp_path / "d.onnx")), providers=["CPUExecutionProvider"]
+    )
+    score, level_scores, maps = session.run(None, {"images": images.numpy()})
+    columns, expected_maps = detector.model_(images)
+    np.testing.assert_allclose(score, columns["mahalanobis/sum"].numpy(), rtol=1e-4)
+    np.testing.assert_allclose(maps, expected_maps.numpy(), rtol=1e-4)
+    assert level_scores.shape == (3, 2)
+
+
+def rewrite(path: Path, out: Path, edit_tensors=None, edit_meta=None, checksum: bool = True) -> Path:
+    tensors, meta = read_detector(path)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    if checksum:
+        meta["tensors_sha256"] = tensors_sha256(tensors)
+    save_file(tensors, str(out), metadata={"detector": json.dumps(meta)})
+    return out
+
+
+# fmt: off
+# ruff: noqa: E501
+HOSTILE = {
+    "precision (32, 33)": ("level.2.precision is F64 (32, 33)", lambda t: t.update({"level.2.precision": torch.zeros(32, 33, dtype=torch.float64)}), None),
+    "int64 precision": ("I64", lambda t: t.update({"level.2.precision": t["level.2.precision"].long()}), None),
+    "float16 precision": ("F16", lambda t: t.update({"level.2.precision": t["level.2.precision"].half()}), None),
+    "0-d mean": ("level.2.mean is F64 ()", lambda t: t.update({"level.2.mean": torch.zeros((), dtype=torch.float64)}), None),
+    "1-D projection": ("projection has shape", lambda t: t.update({"level.2.projection": torch.zeros(32, dtype=torch.float64)}), None),
+    "30000-dim mean": ("level.2.mean is F64 (30000,)", lambda t: t.update({"level.2.mean": torch.zeros(30000, dtype=torch.float64)}), None),
+    "levels reordered": ("'levels'", None, lambda m: m.update(levels=m["levels"][::-1])),
+    "infinite threshold": ("'threshold'", None, lambda m: m.update(threshold=float("inf"))),
+    "huge image size": ("'preprocessing.image_size'", None, lambda m: m["preprocessing"].update(image_size=100000)),
+    "embedded without weights": ("embedded", None, lambda m: m.update(weights={"kind": "embedded"})),
+    "cells grid 100000": ("'pooling'", None, lambda m: m.update(pooling={"name": "cells", "grid_size": 100000})),
+    "unknown precision": ("'precision'", None, lambda m: m.update(precision="64-true")),
+}
+# fmt: on
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_files_are_one_user_error_before_anything_is_built(case: str, tmp_path: Path):
+    from tests.detector.helpers import fit_demo_detector
+
+    detector = fit_demo_detector()
+    good = detector.save(tmp_path / "good.safetensors")
+    message, edit_tensors, edit_meta = HOSTILE[case]
+    path = rewrite(good, tmp_path / "bad.safetensors", edit_tensors, edit_meta)
+    with pytest.raises(UserError, match=re.escape(message)) as info:
+        GaussianDetector.load(path)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_tensors_must_match_their_checksum(tmp_path: Path):
+    from tests.detector.helpers import fit_demo_detector
+
+    good = fit_demo_detector().save(tmp_path / "good.safetensors")
+    edit = lambda t: t["level.2.mean"].add_(1.0)  # noqa: E731
+    path = rewrite(good, tmp_path / "bad.safetensors", edit, checksum=False)
+    with pytest.raises(UserError, match="checksum"):
+        GaussianDetector.load(path)
+
+
+def test_version_1_files_still_load(tmp_path: Path):
+    from tests.detector.helpers import demo_images, fit_demo_detector
+
+    detector = fit_demo_detector()
+    tensors, meta = read_detector(detector.save(tmp_path / "v2.safetensors"))
+    old = {k.replace("level.2.", "level.0.").replace("level.4.", "level.1."): v for k, v in tensors.items()}
+    for key in ("pooling", "level_weighting", "precision", "tensors_sha256"):
+        meta.pop(key)
+    meta["version"] = 1
+    save_file(old, str(tmp_path / "v1.safetensors"), metadata={"detector": json.dumps(meta)})
+    _, good, _ = demo_images()
+    loaded = GaussianDetector.load(tmp_path / "v1.safetensors")
+    np.testing.assert_allclose(loaded.score_samples(good), detector.score_samples(good), rtol=1e-9)
