@@ -60,9 +60,10 @@ from anomaly.data.folder import FolderDataModule
 from anomaly.data.transforms import ImagePipeline
 from anomaly.evaluation.aggregate import sem
 from anomaly.evaluation.metrics import image_auroc
+from anomaly.evaluation.pro import pixel_auroc_and_pro
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.spatial import SpatialGaussianAD
-from anomaly.methods.spatial.module import pixel_auroc, pixel_pro
+from anomaly.methods.spatial.module import upsample_maps
 
 BACKBONE = "efficientnet-lite0"
 TIMM_NAME = "efficientnet_lite0"
@@ -343,12 +344,13 @@ def mean_sem(values: list[float]) -> tuple[float, float]:
 def pixel_metrics(maps: Tensor, masks: Tensor, size: int) -> tuple[float, float]:
     """(pixel AUROC, PRO up to FPR 0.3) of maps ``(N, h, w)`` against masks ``(N, 1, S, S)``.
 
-    Both are computed at ``size`` px: maps are upsampled bilinearly to it, masks resized by
-    nearest neighbour when ``size`` is below their own.
+    Both are computed at ``size`` px from one sort of the pixels: maps are resized bilinearly
+    to it; below the masks' own size, a pixel is anomalous if any mask pixel it covers is
+    (max pooling, so that no thin defect disappears).
     """
     if masks.shape[-1] != size:
-        masks = F.interpolate(masks.float(), size=(size, size), mode="nearest").to(torch.uint8)
-    return pixel_auroc(maps.float(), masks), pixel_pro(maps.float(), masks)
+        masks = F.adaptive_max_pool2d(masks.float(), size).to(torch.uint8)
+    return pixel_auroc_and_pro(upsample_maps(maps.float(), size), masks[:, 0])
 
 
 def throughput(methods: list[Method], images: Tensor, repeats: int) -> dict[str, float]:

@@ -43,7 +43,18 @@ def pro_curve(maps: Array, masks: Array) -> tuple[np.ndarray, np.ndarray]:
     ``masks`` (N, H, W) (or (N, 1, H, W)): nonzero = anomalous. :class:`ValueError` if the
     masks hold no region or no normal pixel, or the shapes differ.
     """
-    maps = _as_array(maps).astype(np.float64, copy=False)
+    fpr, pro, _ = pixel_curves(maps, masks)
+    return fpr, pro
+
+
+def pixel_curves(maps: Array, masks: Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(FPR, PRO, TPR) at every distinct map value, from one sort of the pixels (see :func:`pro_curve`).
+
+    FPR and TPR are the pixel ROC curve (TPR: the fraction of all anomalous pixels above the
+    threshold), PRO the per-region overlap.
+    """
+    maps = _as_array(maps)
+    maps = maps.astype(np.float64 if maps.dtype == np.float64 else np.float32, copy=False)
     masks = _as_array(masks)
     if masks.ndim == 4:
         masks = masks[:, 0]
@@ -68,10 +79,11 @@ def pro_curve(maps: Array, masks: Array) -> tuple[np.ndarray, np.ndarray]:
     scores = maps.ravel()[order]
     fpr = np.cumsum(normal_weight.ravel()[order]) / normal_pixels
     pro = np.cumsum(region_weight.ravel()[order]) / regions
+    anomalous = region_weight.ravel()[order] > 0
+    tpr = np.cumsum(anomalous) / anomalous.sum()
     last_of_ties = np.append(scores[1:] != scores[:-1], True)
-    fpr = np.concatenate([[0.0], np.clip(fpr[last_of_ties], 0.0, 1.0)])
-    pro = np.concatenate([[0.0], np.clip(pro[last_of_ties], 0.0, 1.0)])
-    return fpr, pro
+    curves = [np.concatenate([[0.0], np.clip(c[last_of_ties], 0.0, 1.0)]) for c in (fpr, pro, tpr)]
+    return curves[0], curves[1], curves[2]
 
 
 def area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -95,11 +107,16 @@ def pro_score(
     """
     if not 0.0 < max_fpr <= 1.0:
         raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
+    return pixel_auroc_and_pro(maps, masks, max_fpr)[1]
+
+
+def pixel_auroc_and_pro(maps: Array, masks: Array, max_fpr: float = MAX_FPR) -> tuple[float, float]:
+    """(pixel AUROC, :func:`pro_score`) from one sort of the pixels; NaNs without a region."""
     anomalous = _as_array(masks) > 0
     if not anomalous.any() or anomalous.all():
-        return math.nan
-    fpr, pro = pro_curve(maps, masks)
-    return area_up_to(fpr, pro, max_fpr) / max_fpr
+        return math.nan, math.nan
+    fpr, pro, tpr = pixel_curves(maps, masks)
+    return area_up_to(fpr, tpr, 1.0), area_up_to(fpr, pro, max_fpr) / max_fpr
 
 
-__all__ = ["MAX_FPR", "area_up_to", "pro_curve", "pro_score"]
+__all__ = ["MAX_FPR", "area_up_to", "pixel_auroc_and_pro", "pixel_curves", "pro_curve", "pro_score"]

@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage
+from sklearn.metrics import roc_auc_score
 
-from anomaly.evaluation.pro import area_up_to, pro_curve, pro_score
+from anomaly.evaluation.pro import area_up_to, pixel_auroc_and_pro, pro_curve, pro_score
 
 EIGHT = np.ones((3, 3), dtype=int)
 
@@ -81,3 +82,12 @@ def test_area_interpolates_at_the_limit():
     # up to 0.3: triangle to 0.2 (0.05) plus trapezoid 0.2..0.3 from 0.5 to 0.75 (0.0625)
     assert area_up_to(x, y, 0.3) == pytest.approx(0.1125)
     assert area_up_to(x, y, 1.0) == pytest.approx(0.05 + 0.15 + 0.6)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_pixel_auroc_from_the_same_sort_matches_sklearn(seed):
+    maps, masks = hand_made(seed)
+    auroc, pro = pixel_auroc_and_pro(maps.astype(np.float32), masks)
+    assert auroc == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert pro == pytest.approx(pro_score(maps, masks), abs=1e-12)
+    assert all(math.isnan(v) for v in pixel_auroc_and_pro(maps, np.zeros_like(masks)))
