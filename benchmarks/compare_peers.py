@@ -524,7 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
-            json.dumps({"results": results, "best": f"ours: {BEST}", "fine": f"ours: {FINE}", "table": table}, indent=2)
+            json.dumps(
+                {"results": results, "best": f"ours: {BEST}", "fine": f"ours: {FINE}", "table": table},
+                indent=2,
+            )
         )
     return 0
 
