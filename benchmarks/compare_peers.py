@@ -3,15 +3,17 @@
 One process, two datasets, every method on the same fitting / held-out / test images:
 
 * MVTec AD ``bottle``: the paper's 5-fold protocol (four fifths of ``train/good`` fit, the
-  fifth is held out, the whole test set is scored); this category ships without masks here.
+  fifth is held out, the whole test set is scored); its defective test images have masks.
 * Magnetic-Tile-Defect: a seeded 20% of ``MT_Free`` plus every defect image is the test set
-  (``FolderDataModule``, ``test_normal_fraction 0.2``, ``split_seed 0``), the other 80% is
-  split into the same 5 folds; masks lie beside the images, so pixel AUROC is reported.
+  (``FolderDataModule``, ``test_normal_fraction 0.2``), the other 80% is split into the same
+  5 folds; masks lie beside the images. The protocol is repeated for every ``--split-seeds``
+  seed, and means and SEMs are over all (seed, fold) runs.
 
 Methods:
 
 * ``ours: paper default``: :class:`GaussianAD`, global pooling, all nine levels, sum mode.
-* ``ours: ...``: :class:`SpatialGaussianAD` configurations (pooling, level weighting).
+* ``ours: ...``: :class:`SpatialGaussianAD` configurations (pooling, level weighting), among
+  them the fine-map one (``cells 14x14, levels 3-6``: one Gaussian per position).
 * ``anomalib DFM`` / ``anomalib PaDiM`` (``pip install -e .[bench]``), their torch models
   with their default settings, except that their timm feature extractor is replaced by our
   efficientnet-lite0 extractor (the same ImageNet weights as ours; timm's lite0 checkpoint
@@ -21,12 +23,13 @@ Methods:
   ``blocks.4`` by 4 (its default ``layer3``-like stride-16 layer) and scores by feature
   reconstruction error at 97% PCA variance.
 
-Every image passes the backbone once; the pooled features (global and k x k) and the three
-unpooled maps the peers need are cached in memory (and on disk with ``--cache``), and every
-method fits and scores from the same cached features. Throughput (images/s) is measured
-separately end to end, from uint8 images through the backbone to the image scores (and the
-maps for the methods that make them), on one batch of test images, each method in turn,
-best of ``--repeats``. AUROC is the 5-fold mean +- standard error of the mean.
+Every image passes the backbone once; the pooled features (global and 4 x 4) and the unpooled
+maps of levels 3-8 are cached in memory (and on disk with ``--cache``), and every method and
+split fits and scores from them. For every method that makes a map, pixel AUROC and PRO (up to
+FPR 0.3, :mod:`anomaly.evaluation.pro`) are computed at ``--pixel-size`` px on the
+``--pixel-folds`` folds. Throughput (images/s) is measured separately end to end, from uint8
+images through the backbone to the image scores (and the maps for the methods that make them),
+on one batch of test images, the methods interleaved, best of ``--repeats``.
 
     /opt/venv-bench/bin/python benchmarks/compare_peers.py \\
         --mvtec ../shared/data/mvtec_ad --magnetic-tile ../shared/data/magnetic_tile \\
