@@ -8,11 +8,10 @@ FPR(t) the fraction of normal pixels (outside every region, normal images includ
 with ``map >= t``. The score is the area under PRO over FPR from 0 to ``max_fpr``
 (0.3), divided by ``max_fpr`` so that a perfect map scores 1.
 
-The curve is exact at every distinct map value, computed as in the dataset's
-evaluation code: each anomalous pixel carries ``1 / (region size)`` and each normal
-pixel 1; sorting the pixels by decreasing score and taking cumulative sums gives
-PRO and FPR at every threshold at once. Regions are 8-connected (OpenCV), as
-there and in :mod:`anomaly.evaluation.connected_components`.
+The curve is exact at every distinct map value: each anomalous pixel carries
+``1 / (region size)`` and each normal pixel 1; sorting the pixels by decreasing
+score and taking cumulative sums gives PRO and FPR at every threshold at once.
+Regions are 8-connected (OpenCV), as in :mod:`anomaly.evaluation.connected_components`.
 """
 
 from __future__ import annotations
