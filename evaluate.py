@@ -1,13 +1,19 @@
-"""Tables of mean ± SEM image AUROC from finished runs.
+"""Tables of mean ± SEM image AUROC from finished runs: the same as ``anomaly evaluate``.
 
 python evaluate.py runs                          # Markdown tables on the console
 python evaluate.py runs --format latex --out tables.tex
-python evaluate.py runs/gaussian --format csv
 """
+
+from __future__ import annotations
 
 import sys
 
-from anomaly.evaluation.evaluate import main
+from anomaly import commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    return commands.main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
     sys.exit(main())

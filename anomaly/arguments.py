@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 import re
 from pathlib import Path
 
@@ -47,6 +48,24 @@ def unknown_option_message(message: str) -> str | None:
     return text + (f" (did you mean {prefix}.{close[0]}?)" if close else "") + "; see --help for the options"
 
 
+#: Options whose numbers have a range, named when a non-finite value is given.
+NUMBER_RANGES = {"target_fpr": "in (0, 1)", "fpr": "in (0, 1)"}
+#: The most items a command-line value may expand to through YAML anchors and aliases.
+MAX_EXPANDED_ITEMS = 10_000
+
+
+def non_finite_message(keys: list[str], given: str | None) -> str | None:
+    """``--model.target_fpr: must be a finite number in (0, 1) (given: nan)``, or None."""
+    try:
+        value = float(given) if given is not None else 0.0
+    except ValueError:
+        return None
+    if math.isfinite(value):
+        return None
+    span = NUMBER_RANGES.get(keys[-1].rpartition(".")[2] if keys else "", "")
+    return f"--{'.'.join(keys)}: must be a finite number{' ' + span if span else ''} (given: {given})"
+
+
 def one_line_parse_error(message: str) -> str:
     """jsonargparse's nested, multi-line complaint as ``--<key>: <what> (given: <value>)``."""
     unknown = unknown_option_message(message)
@@ -58,6 +77,10 @@ def one_line_parse_error(message: str) -> str:
     detail = next((line for line in lines if any(w in line for w in wanted)), lines[0] if lines else "")
     detail = re.sub(r'^Parser key "[^"]+":\s*', "", detail)
     given = re.search(r"Given value: (?!NestedArg)(.+)", message)
+    got = re.search(r"Got value: (\S+)", message)
+    non_finite = non_finite_message(keys, (given or got).group(1).strip() if (given or got) else None)
+    if non_finite:
+        return f"{non_finite}; see --help for the options"
     text = f"--{'.'.join(keys)}: {detail}" if keys else detail
     if "collections.abc.Sequence" in detail:
         text += ', e.g. "[7]" or "[5, 7]"'
@@ -88,3 +111,43 @@ def check_config_file(path: str) -> None:
     if not isinstance(content, dict):
         found = "is empty" if content is None else f"holds a {type(content).__name__}"
         raise ArgumentsError(f"--config {path} {found}: it must map options to values (model:, data:, ...)")
+
+
+def expanded_items(node: yaml.Node, sizes: dict[int, int] | None = None) -> int:
+    """How many scalars, lists and mappings ``node`` becomes once its aliases are expanded.
+
+    An alias is the same node object as its anchor, so each node is counted once and
+    reused: the count of an anchor bomb is computed without expanding it.
+    """
+    sizes = {} if sizes is None else sizes
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a node that refers to itself counts once
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        sizes[id(node)] = 1 + sum(expanded_items(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+def check_expanded_values(argv: list[str]) -> None:
+    """Refuse a command-line value that YAML anchors and aliases blow up (the parser would expand it)."""
+    option = ""
+    for token in argv:
+        name, equals, value = token.partition("=") if token.startswith("--") else ("", "", token)
+        if token.startswith("--") and not equals:
+            option = token
+            continue
+        if "*" not in value or "&" not in value:
+            continue
+        try:
+            node = yaml.compose(value, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:
+            continue
+        items = 0 if node is None else expanded_items(node)
+        if items > MAX_EXPANDED_ITEMS:
+            raise ArgumentsError(
+                f"{name or option}: the value expands to {items:,} items through YAML anchors and aliases "
+                f"(at most {MAX_EXPANDED_ITEMS:,}): write the value out"
+            )

@@ -1,7 +1,7 @@
 """The command line: LightningCLI that fits and then tests one (category, fold).
 
-``python train.py`` with no arguments runs the embedded offline demo
-(``configs/default.yaml``). Every option can be set in a YAML file
+``anomaly fit`` (or ``python train.py``) with no arguments runs the embedded offline demo
+(``anomaly/configs/default.yaml``). Every option can be set in a YAML file
 (``--config FILE``) or with dotted overrides (``--model.backbone resnet18``).
 Runs are written to ``<trainer.default_root_dir>/<method>/<name>/<category>/fold_<k>/``.
 """
@@ -10,28 +10,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import logging
 import sys
 import warnings
 from pathlib import Path
 
+import yaml
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from anomaly.arguments import check_config_file, config_files, one_line_parse_error
+from anomaly.arguments import check_config_file, check_expanded_values, config_files, one_line_parse_error
+from anomaly.configs import CONFIG_DIR, DEFAULT_CONFIG, resolve_config_args  # noqa: F401 (CONFIG_DIR: grids)
 from anomaly.console import run_command
 from anomaly.data.datamodule import AnomalyDataModule
+from anomaly.data.images import list_images
 from anomaly.detector.run import remove_stale_detector, save_run_detector
 from anomaly.errors import ArgumentsError
 from anomaly.evaluation.report import format_run_table
 from anomaly.evaluation.results import remove_stale_results
 from anomaly.methods.base import AnomalyMethod
 from anomaly.methods.distributed import resolve_strategy, statistics_replacement
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+from anomaly.runfolder import hold_run_folder, remove_empty_folders
 
 
 def run_dir_parts(
@@ -91,6 +93,7 @@ class AnomalyCLI(LightningCLI):
             reason = str(error).rstrip(".!")
             raise ArgumentsError(f"--trainer: {reason}; check the --trainer options") from None
         refuse_partial_runs(trainer)
+        refuse_substituted_precision(precision, trainer)
         return trainer
 
 
@@ -104,6 +107,16 @@ def refuse_partial_runs(trainer: Trainer) -> None:
             raise ArgumentsError(f"--trainer.{name} {value} would leave images out of the run: keep 1.0")
 
 
+def refuse_substituted_precision(requested: object, trainer: Trainer) -> None:
+    """Lightning runs ``16-mixed`` as ``bf16-mixed`` on CPU; the run's name and config would say otherwise."""
+    if str(requested).startswith("16") and str(trainer.precision).startswith("bf16"):
+        raise ArgumentsError(
+            f"--trainer.precision {requested} is not available on {type(trainer.accelerator).__name__} "
+            f"(Lightning would run {trainer.precision} instead): ask for --trainer.precision "
+            f"{trainer.precision} or 32"
+        )
+
+
 def quiet_lightning() -> None:
     """Keep the console to what a user needs: progress and the result table."""
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
@@ -114,8 +127,10 @@ def quiet_lightning() -> None:
         ".*Checkpoint directory.*exists and is not empty.*",
         ".*smaller than the logging interval.*",
         ".*GPU available but not used.*",
+        ".*AMP with fp16 is not supported on CPU.*",  # refused: see refuse_substituted_precision
         ".*is an invalid version and will not be supported.*",
         ".*You passed in a `val_dataloader` but have no `validation_step`.*",
+        ".*LightningCLI's args parameter is intended.*",  # `anomaly fit` hands over its own argv
         ".*module\\(s\\) in eval mode at the start of training.*",
         ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
         # test metrics are computed from every process's gathered scores, so there is nothing to sync
@@ -124,9 +139,77 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+FOLDER_DATA = "anomaly.data.folder.FolderDataModule"
+
+
+def option_value(args: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` (the last one given), or None."""
+    value = None
+    for at, token in enumerate(args):
+        if token == name and at + 1 < len(args):
+            value = args[at + 1]
+        elif token.startswith(name + "="):
+            value = token.split("=", 1)[1]
+    return value
+
+
+def chooses_data_class(args: list[str]) -> bool:
+    """Whether the arguments (or a ``--config`` file) pick the data module themselves."""
+    if any(
+        token in ("--data", "--data.class_path") or token.startswith(("--data=", "--data.class_path="))
+        for token in args
+    ):
+        return True
+    for path in config_files(args):
+        with contextlib.suppress(OSError, yaml.YAMLError, AttributeError):
+            data = (yaml.safe_load(Path(path).read_text()) or {}).get("data") or {}
+            if "class_path" in data:
+                return True
+    return False
+
+
+def folder_only_options() -> set[str]:
+    """``--data.<name>`` options that only the folder data module has (``test_dirs``, ``masks``, ...)."""
+    from anomaly.data.folder import FolderDataModule
+    from anomaly.data.mvtec import MVTecDataModule
+
+    names = set(inspect.signature(FolderDataModule).parameters) - set(
+        inspect.signature(MVTecDataModule).parameters
+    )
+    return {f"--data.{name}" for name in names}
+
+
+def own_images_args(args: list[str]) -> list[str]:
+    """``--data.root DIR`` on a folder of images (not of categories) fits on those images.
+
+    With no data module chosen, the default (MVTec AD layout) would look for category folders in
+    ``DIR``; a folder that holds images, or any option only the folder data module has
+    (``--data.test_dirs``), selects :class:`~anomaly.data.folder.FolderDataModule` instead, whose
+    normal images are ``DIR``'s: normal-only unless ``--data.test_dirs`` names test folders.
+    """
+    root = option_value(args, "--data.root")
+    if root is None or option_value(args, "--data.category") is not None or chooses_data_class(args):
+        return args
+    folder = Path(root).expanduser()
+    holds_images = folder.is_dir() and bool(list_images(folder))
+    holds_categories = folder.is_dir() and any(p.is_dir() for p in folder.glob("*/train"))
+    folder_options = any(token.split("=", 1)[0] in folder_only_options() for token in args)
+    if holds_categories or not (holds_images or folder_options):
+        return args
+    first = next(at for at, token in enumerate(args) if token.startswith("--data."))
+    return [*args[:first], "--data", FOLDER_DATA, *args[first:]]
+
+
 def build_cli(args: list[str] | None = None) -> AnomalyCLI:
-    """The CLI, parsed; an option the parser rejects raises :class:`ArgumentsError` (one line)."""
-    for path in config_files(list(sys.argv[1:] if args is None else args)):
+    """The CLI, parsed; an option the parser rejects raises :class:`ArgumentsError` (one line).
+
+    ``--config`` takes a file or a shipped config's name; ``--data.root`` alone, on a folder of
+    images rather than of categories, fits on those images (:func:`own_images_args`).
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    check_expanded_values(args)
+    args = own_images_args(resolve_config_args(args))
+    for path in config_files(args):
         if Path(path).is_file():  # a missing file is the parser's own message
             check_config_file(path)
     try:
@@ -140,6 +223,7 @@ def build_cli(args: list[str] | None = None) -> AnomalyCLI:
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
+                "prog": "anomaly fit",
                 "default_config_files": [str(DEFAULT_CONFIG)],
                 "parser_mode": "omegaconf",
                 "exit_on_error": False,
@@ -161,39 +245,118 @@ def remove_failed_run(run_dir: Path, root: Path) -> None:
     remove_run_outputs(run_dir)
     for name in ("config.yaml", "hparams.yaml"):
         (run_dir / name).unlink(missing_ok=True)
-    folder = run_dir
-    while folder != root and root in folder.parents:
-        with contextlib.suppress(OSError):
-            folder.rmdir()  # only an empty folder
-        folder = folder.parent
+    remove_empty_folders(run_dir, root)
 
 
 def fit_and_test(args: list[str] | None = None) -> dict:
-    """Parse the arguments, fit, test, and return the run's results."""
+    """Parse the arguments, fit, test, and return the run's results.
+
+    Data without test images (a folder of normal images only) are fitted and calibrated on the
+    fold's held-out normal images, and saved, but not tested: ``results["tested"]`` is False.
+    """
     quiet_lightning()
     cli = build_cli(args)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     model.report_figures = bool(cli.config.get("figures", True))
-    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-    if trainer.is_global_zero:
-        remove_run_outputs(run_dir)
-    try:
-        trainer.fit(model, datamodule=data)
-        trainer.test(model, datamodule=data, verbose=False)
+    run_dir, root = Path(trainer.log_dir or trainer.default_root_dir), Path(trainer.default_root_dir)
+    detector = None
+    with hold_run_folder(run_dir, root, data.dataset, enabled=trainer.is_global_zero):
         if trainer.is_global_zero:
-            save_run_detector(model, data.image_size, run_dir)  # detector.safetensors + detector.json
-    except BaseException:
-        if trainer.is_global_zero:
-            remove_failed_run(run_dir, Path(trainer.default_root_dir))
-        raise
+            remove_run_outputs(run_dir)
+        try:
+            trainer.fit(model, datamodule=data)
+            if data.test_samples:
+                trainer.test(model, datamodule=data, verbose=False)
+            if trainer.is_global_zero:
+                detector = save_run_detector(model, data.image_size, run_dir)  # .safetensors + .json
+        except BaseException:
+            if trainer.is_global_zero:
+                remove_failed_run(run_dir, root)
+            raise
+    if not data.test_samples:
+        return normal_only_summary(model, data, run_dir, detector)
     results = dict(model.test_summary or {})
     results["run_dir"] = str(run_dir)
     return results
 
 
+def normal_only_summary(model, data: AnomalyDataModule, run_dir: Path, detector: Path | None) -> dict:
+    """What a fit on normal images only produced: no AUROC, a calibrated detector."""
+    threshold = getattr(model, "threshold", None)
+    return {
+        "tested": False,
+        "category": data.category,
+        "n_fit": len(data.fit_samples),
+        "n_holdout": len(data.holdout_samples),
+        "threshold": threshold,
+        "decision_score": getattr(model, "decision_score", None),
+        "target_fpr": getattr(model, "target_fpr", None),
+        "detector": None if detector is None else str(detector),
+        "run_dir": str(run_dir),
+    }
+
+
+def format_normal_only(summary: dict) -> str:
+    """The console report of a fit without test images."""
+    lines = [
+        f"{summary['category']}: fitted on {summary['n_fit']} normal images, "
+        f"{summary['n_holdout']} held out for the threshold",
+    ]
+    if summary["threshold"] is not None:
+        lines.append(
+            f"threshold: {summary['threshold']:.6g} on {summary['decision_score']} (aims at "
+            f"{summary['target_fpr']:.2%} false positives on normal images)"
+        )
+    else:
+        lines.append("threshold: none (no held-out images: use --data.fold 0..4, or set --model.threshold)")
+    lines.append(
+        "no AUROC: the data hold no anomalous images to measure it on; add test folders with "
+        "--data.test_dirs (e.g. [test/*]) for the full report"
+    )
+    if summary["detector"]:
+        lines.append(f"detector: {summary['detector']}   (anomaly predict --detector FILE --input IMAGES)")
+    else:
+        lines.append(f"run folder: {summary['run_dir']} (this method saves no detector)")
+    return "\n".join(lines)
+
+
+def print_help(args: list[str]) -> None:
+    """Lightning's help, then the options of the model and data module the arguments select.
+
+    In subclass mode Lightning's own help shows ``--model``/``--data`` only, not their options.
+    """
+    plain = [token for token in args if token not in ("-h", "--help")]
+    with contextlib.suppress(SystemExit):
+        build_cli(args)
+    for group in ("model", "data"):
+        class_path = selected_class(plain, group)
+        print(f"\n=== --{group}.* options of {class_path} ===")
+        with contextlib.suppress(SystemExit):
+            build_cli([*plain, f"--{group}.help", class_path])
+
+
+def selected_class(args: list[str], group: str) -> str:
+    """The class path that ``--model``/``--data`` (or the last config setting it) selects."""
+    chosen = None
+    for path in [str(DEFAULT_CONFIG), *config_files(resolve_config_args(args))]:
+        with contextlib.suppress(OSError, yaml.YAMLError, AttributeError):
+            section = (yaml.safe_load(Path(path).read_text()) or {}).get(group) or {}
+            chosen = section.get("class_path", chosen)
+    own = own_images_args(resolve_config_args(args))
+    for name in (f"--{group}", f"--{group}.class_path"):
+        chosen = option_value(own, name) or chosen
+    return chosen
+
+
 def main(args: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if args is None else args)
+
     def command() -> int:
-        print(format_run_table(fit_and_test(args)))
+        if "-h" in args or "--help" in args:
+            print_help(args)
+            return 0
+        results = fit_and_test(args)
+        print(format_run_table(results) if results.get("tested", True) else format_normal_only(results))
         return 0
 
     return run_command(command, on_interrupt="no results were written")

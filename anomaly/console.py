@@ -1,18 +1,34 @@
-"""How every command-line entry point reports bad input: one line, non-zero exit."""
+"""How every command-line entry point reports bad input, interruption and failed writes: one line.
+
+Exit codes: 0 success, 2 bad input or a file that cannot be read or written
+(``error: <one line>``), 130 Ctrl-C and 143 SIGTERM (``interrupted: <what is kept>``).
+Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from anomaly.errors import UserError
 
 USER_ERROR_EXIT = 2
-INTERRUPTED_EXIT = 130
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+TERMINATED_EXIT = 143  # 128 + SIGTERM, as a job scheduler expects
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _plain_format = warnings.formatwarning
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised in the main thread so that the run cleans up as on Ctrl-C."""
 
 
 def format_warning(message, category, filename, lineno, line=None) -> str:
@@ -22,15 +38,18 @@ def format_warning(message, category, filename, lineno, line=None) -> str:
     return _plain_format(message, category, filename, lineno, line)
 
 
-def find_user_error(error: BaseException | None) -> UserError | None:
-    """The UserError behind ``error`` (argument parsing and loader workers wrap it)."""
+def _causes(error: BaseException | None) -> Iterator[BaseException]:
+    """``error`` and the exceptions behind it (``raise ... from``, and those being handled)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, UserError):
-            return error
+        yield error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
-    return None
+
+
+def find_user_error(error: BaseException | None) -> UserError | None:
+    """The UserError behind ``error`` (argument parsing and loader workers wrap it)."""
+    return next((e for e in _causes(error) if isinstance(e, UserError)), None)
 
 
 def user_message(error: UserError) -> str:
@@ -41,20 +60,89 @@ def user_message(error: UserError) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+#: Reasons a file cannot be read or written that are the system's or the user's, never a bug.
+SYSTEM_ERRNOS = {
+    errno.ENAMETOOLONG, errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+    errno.EROFS, errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EMFILE, errno.EIO,
+}  # fmt: skip
+#: How safetensors (Rust) words the same reasons: ``I/O error: File too large (os error 27)``.
+RUST_OS_ERROR = re.compile(r"(?:os error |Os \{ code: )(\d+)")
+
+
+def system_error_message(error: BaseException) -> str | None:
+    """``cannot read or write <file>: <reason>`` for an OSError (or safetensors' one) behind ``error``."""
+    for cause in _causes(error):
+        code, name = None, None
+        if isinstance(cause, OSError):
+            code, name = cause.errno, cause.filename
+        elif type(cause).__name__ == "SafetensorError":
+            found = RUST_OS_ERROR.search(str(cause))
+            code = int(found.group(1)) if found else None
+        if code in (errno.EEXIST, errno.ENOTDIR) and name is not None and Path(name).is_file():
+            return f"{name} is a file, not a folder: give a path in a folder"
+        if code in SYSTEM_ERRNOS:
+            where = f" {name}" if name is not None else ""
+            shown = where if len(where) <= 120 else f" {str(name)[:60]}...{str(name)[-40:]}"
+            return f"cannot read or write{shown}: {os.strerror(code)}"
+    return None
+
+
+def interrupted_exit(error: BaseException) -> int | None:
+    """130 for Ctrl-C, 143 for SIGTERM, also when Lightning turned them into ``sys.exit``; else None."""
+    if isinstance(error, Terminated) or type(error).__name__ == "SIGTERMException":
+        return TERMINATED_EXIT
+    if isinstance(error, KeyboardInterrupt):
+        return INTERRUPTED_EXIT
+    if isinstance(error, SystemExit):  # Lightning: sys.exit(1) while handling KeyboardInterrupt
+        for cause in _causes(error.__context__):
+            found = interrupted_exit(cause)
+            if found is not None:
+                return found
+    return None
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread (Lightning chains to it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_command(command: Callable[[], int], on_interrupt: str = "stopped") -> int:
     """Run ``command``; a UserError anywhere behind a failure becomes ``error: <one line>`` and exit 2.
 
-    Any other exception is a bug and keeps its traceback. The package's warnings print as one line.
+    A file that cannot be read or written (name too long, disk or ``ulimit -f`` full,
+    no permission) is one ``error:`` line too. Ctrl-C exits 130 and SIGTERM 143, each
+    with an ``interrupted:`` line. Any other exception is a bug and keeps its
+    traceback. The package's warnings print as one line.
     """
     warnings.formatwarning = format_warning
     try:
-        return command()
-    except KeyboardInterrupt:
+        with sigterm_raises():
+            return command()
+    except (KeyboardInterrupt, Terminated, SystemExit) as error:
+        code = interrupted_exit(error)
+        if code is None:
+            raise
         print(f"interrupted: {on_interrupt}", file=sys.stderr)
-        return INTERRUPTED_EXIT
+        return code
     except Exception as error:
         user_error = find_user_error(error)
-        if user_error is None:
+        if user_error is not None:
+            print(f"error: {user_message(user_error)}", file=sys.stderr)
+            return USER_ERROR_EXIT
+        system = system_error_message(error)
+        if system is None:
             raise
-        print(f"error: {user_message(user_error)}", file=sys.stderr)
+        print(f"error: {system}", file=sys.stderr)
         return USER_ERROR_EXIT

@@ -1,11 +1,12 @@
 """The one exception type for bad user input.
 
 Command-line entry points catch :class:`UserError` and print its message as a
-single line (no traceback) before exiting with a non-zero status.
+single line (no traceback) before exiting with a non-zero status. It is a
+:class:`ValueError`, so library callers may catch either.
 """
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Bad input from the user: the message says what is wrong and what to do."""
 
 

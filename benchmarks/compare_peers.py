@@ -32,7 +32,7 @@ images through the backbone to the image scores (and the maps for the methods th
 on one batch of test images, the methods interleaved, best of ``--repeats``.
 
     /opt/venv-bench/bin/python benchmarks/compare_peers.py \\
-        --mvtec ../shared/data/mvtec_ad --magnetic-tile ../shared/data/magnetic_tile \\
+        --mvtec /data/mvtec_ad --magnetic-tile /data/magnetic_tile \\
         --cache runs/compare_peers_cache --out runs/compare_peers.json
 """
 
@@ -481,8 +481,8 @@ def markdown(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mvtec", default="../shared/data/mvtec_ad", help="MVTec AD root (bottle is used)")
-    parser.add_argument("--magnetic-tile", default="../shared/data/magnetic_tile")
+    parser.add_argument("--mvtec", help="MVTec AD root (bottle is used); needed for the bottle dataset")
+    parser.add_argument("--magnetic-tile", help="Magnetic-Tile-Defect root; needed for magnetic_tile")
     parser.add_argument("--datasets", nargs="+", default=["bottle", "magnetic_tile"])
     parser.add_argument("--folds", nargs="+", type=int, default=list(range(FOLDS)))
     parser.add_argument(
@@ -503,6 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="folder for the extracted features")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    roots = {"bottle": ("--mvtec", args.mvtec), "magnetic_tile": ("--magnetic-tile", args.magnetic_tile)}
+    missing = [roots[name][0] for name in args.datasets if name in roots and roots[name][1] is None]
+    if missing:
+        print(f"error: give {' and '.join(missing)}: the folder of each dataset compared", file=sys.stderr)
+        return 2
     try:
         import anomalib  # noqa: F401
     except ImportError:

@@ -1,4 +1,4 @@
-"""The benchmark script runs and writes its table (a smoke test; the numbers are not judged here)."""
+"""`anomaly benchmark` runs and writes its table (a smoke test; the numbers are not judged here)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def test_throughput_and_finalisation_rows(tiny_mvtec: Path, tmp_path: Path):
     out.mkdir()
     table = out / "table.md"
     done = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--root", str(tiny_mvtec), "--category", "widget",
+        [sys.executable, "-m", "anomaly", "benchmark", "--root", str(tiny_mvtec), "--category", "widget",
          "--only", "14", "--images", "16", "--batch-size", "8", "--workers", "0", "--out", str(table)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -32,7 +32,7 @@ def test_the_gpu_recipes_backbone_runs_offline_with_random_weights(tiny_mvtec: P
     """efficientnet-b4 at 380 px, as on a GPU, on a machine without the weights download."""
     table = tmp_path / "table.md"
     done = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--root", str(tiny_mvtec), "--category", "widget",
+        [sys.executable, "-m", "anomaly", "benchmark", "--root", str(tiny_mvtec), "--category", "widget",
          "--backbone", "efficientnet-b4", "--random-weights", "--only", "1", "--images", "4",
          "--batch-size", "4", "--workers", "0", "--out", str(table)],
         cwd=REPO, capture_output=True, text=True, timeout=600,

@@ -9,11 +9,13 @@ albumentations 0.4             here (albumentations 2.x)
 IAASharpen                     Sharpen
 IAAEmboss                      Emboss
 IAAAdditiveGaussianNoise       GaussNoise(std_range=(0.01, 0.03))
-ShiftScaleRotate               Affine(translate, scale, rotate; reflect-101 border)
+ShiftScaleRotate               Affine(translate, scale, rotate; reflect-101 border by default)
 =============================  ==========================================
 
-Each category's switches live in :data:`CATEGORY_SWITCHES`; adding a category
-is one line there. Augmentation is seeded per image and epoch (see
+Each MVTec AD category's switches live in :data:`CATEGORY_SWITCHES`; any of them
+(flips, 90° turns, the largest rotation, noise, edge handling) can be set for a run
+with :class:`AugmentOptions` (``--data.augment_options.rotate90 false``), so a new
+category needs no source edit. Augmentation is seeded per image and epoch (see
 :func:`augmentation_seed`), so the same seed gives the same statistics whatever
 the number of loader workers or processes.
 """
@@ -26,6 +28,15 @@ from dataclasses import dataclass
 import albumentations as A
 import cv2
 
+from anomaly.errors import UserError
+
+BORDERS = {
+    "reflect": cv2.BORDER_REFLECT_101,
+    "replicate": cv2.BORDER_REPLICATE,
+    "constant": cv2.BORDER_CONSTANT,
+    "wrap": cv2.BORDER_WRAP,
+}
+
 
 @dataclass(frozen=True)
 class Switches:
@@ -37,6 +48,38 @@ class Switches:
     shift: float = 0.05
     scale: tuple[float, float] = (0.95, 1.10)
     noise: bool = True
+    border: str = "reflect"
+
+
+@dataclass(frozen=True)
+class AugmentOptions:
+    """Your own switches (``--data.augment_options.flip false``); unset ones keep the category's.
+
+    Args:
+        flip: random horizontal flips.
+        rotate90: random 90° turns.
+        max_rotation: largest small rotation in degrees (0 turns them off; the paper: 45 or 15).
+        noise: additive Gaussian noise.
+        border: how shifted and rotated images are filled at the edges: ``reflect``,
+            ``replicate``, ``constant`` (black) or ``wrap``.
+    """
+
+    flip: bool | None = None
+    rotate90: bool | None = None
+    max_rotation: float | None = None
+    noise: bool | None = None
+    border: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_rotation is not None and not 0 <= self.max_rotation <= 180:
+            raise UserError(f"augment_options.max_rotation must be 0..180 degrees, got {self.max_rotation}")
+        if self.border is not None and self.border not in BORDERS:
+            raise UserError(
+                f"augment_options.border must be one of {', '.join(BORDERS)}, got '{self.border}'"
+            )
+
+    def given(self) -> dict:
+        return {name: value for name, value in self.__dict__.items() if value is not None}
 
 
 SMALL_ROTATION = Switches(max_rotation=15.0)
@@ -60,22 +103,30 @@ CATEGORY_SWITCHES: dict[str, Switches] = {
 }
 
 
-def switches_for(category: str, noise: bool = True) -> Switches:
-    """The category's switches (defaults for unknown categories); ``noise=False`` for the autoencoder."""
-    if category not in CATEGORY_SWITCHES:
+def switches_for(category: str, noise: bool = True, options: AugmentOptions | None = None) -> Switches:
+    """The category's switches with ``options`` over them; ``noise=False`` for the autoencoder.
+
+    A category outside the MVTec table starts from the defaults, with a warning unless
+    ``options`` sets every switch.
+    """
+    options = options or AugmentOptions()
+    if category not in CATEGORY_SWITCHES and len(options.given()) < len(AugmentOptions.__dataclass_fields__):
         warnings.warn(
             f"category '{category}' has no augmentation switches of its own: using the defaults (flips, "
-            "90° turns, up to ±45°); if one of them can make a normal part look defective, add a line "
-            "for it to CATEGORY_SWITCHES in anomaly/data/augment.py",
+            "90° turns, up to ±45°, noise, reflected edges); if one of them can make a normal part look "
+            "defective, turn it off, e.g. --data.augment_options.rotate90 false (see docs/own-data.md)",
             stacklevel=2,
         )
     base = CATEGORY_SWITCHES.get(category, Switches())
-    return Switches(**{**base.__dict__, "noise": base.noise and noise})
+    merged = {**base.__dict__, **options.given()}
+    return Switches(**{**merged, "noise": merged["noise"] and noise})
 
 
-def build_augmentation(category: str, noise: bool = True, seed: int | None = None) -> A.Compose:
+def build_augmentation(
+    category: str, noise: bool = True, seed: int | None = None, options: AugmentOptions | None = None
+) -> A.Compose:
     """The Appendix Fig. 2 pipeline for ``category``, applied as a whole with p = 0.5."""
-    s = switches_for(category, noise)
+    s = switches_for(category, noise, options)
     transforms: list[A.BasicTransform] = [
         A.OneOf([A.MotionBlur(p=0.2), A.MedianBlur(blur_limit=3, p=0.1), A.Blur(blur_limit=3, p=0.1)], p=0.2),
         A.OneOf(
@@ -108,7 +159,7 @@ def build_augmentation(category: str, noise: bool = True, seed: int | None = Non
             translate_percent=(-s.shift, s.shift),
             scale=s.scale,
             rotate=(-s.max_rotation, s.max_rotation),
-            border_mode=cv2.BORDER_REFLECT_101,
+            border_mode=BORDERS[s.border],
             p=0.2,
         )
     )

@@ -15,12 +15,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from anomaly.data.augment import build_augmentation
+from anomaly.data.augment import AugmentOptions, build_augmentation
 from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.folds import check_fold, kfold_split
 from anomaly.data.image_cache import ResizedImageCache
 from anomaly.data.samplers import EpochShardSampler
-from anomaly.data.transforms import ImagePipeline
+from anomaly.data.transforms import ImagePipeline, check_image_size
 from anomaly.errors import UserError
 
 
@@ -47,6 +47,9 @@ class AnomalyDataModule(pl.LightningDataModule):
         image_cache: a folder for decoded, resized images
             (:mod:`anomaly.data.image_cache`): every later epoch and run at the same
             resolution reads them instead of decoding the files again.
+        augment_options: switches of the augmentation (flips, 90° turns, largest rotation,
+            noise, edge handling) over the category's defaults (the paper's table for MVTec AD
+            categories), e.g. ``--data.augment_options.rotate90 false``.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         seed: int = 0,
         feature_cache: str | None = None,
         image_cache: str | None = None,
+        augment_options: AugmentOptions | None = None,
     ) -> None:
         super().__init__()
         check_fold(fold)
@@ -66,8 +70,8 @@ class AnomalyDataModule(pl.LightningDataModule):
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
         if num_workers is not None and num_workers < 0:
             raise UserError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}")
-        if image_size is not None and image_size < 1:
-            raise UserError(f"image_size must be a positive number of pixels or null, got {image_size}")
+        if image_size is not None:
+            check_image_size(image_size, batch_size)
         self.fold = fold
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
@@ -76,6 +80,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.seed = seed
         self.shuffle_train = False  # methods trained by gradient descent switch this on
         self.augment_noise = True  # the autoencoder switches this off (Appendix Fig. 2)
+        self.augment_options = augment_options or AugmentOptions()
         self._scanned: tuple[list[Sample], list[Sample]] | None = None
         self.feature_cache = feature_cache
         self.feature_source = None  # a FeatureCache, attached by a feature-based method
@@ -94,6 +99,11 @@ class AnomalyDataModule(pl.LightningDataModule):
         """The collection the category belongs to (its resolved root folder): tables average
         categories of one dataset only."""
 
+    @property
+    def normal_only(self) -> bool:
+        """Data with normal images only (no test set): fit and calibrate, but no AUROC."""
+        return False
+
     @abstractmethod
     def scan(self) -> tuple[list[Sample], list[Sample]]:
         """(training samples, all normal, sorted by path; test samples)."""
@@ -103,7 +113,7 @@ class AnomalyDataModule(pl.LightningDataModule):
             train, test = self.scan()
             if not train:
                 raise UserError(f"no training images found for category '{self.category}'")
-            if not test:
+            if not test and not self.normal_only:
                 raise UserError(f"no test images found for category '{self.category}'")
             self._scanned = (train, test)
         return self._scanned
@@ -135,7 +145,11 @@ class AnomalyDataModule(pl.LightningDataModule):
     def _pipeline(self, augment: bool) -> ImagePipeline:
         if self.image_size is None:
             raise RuntimeError("image_size is unknown: set it, or let the model call set_image_size()")
-        augmentation = build_augmentation(self.category, noise=self.augment_noise) if augment else None
+        augmentation = (
+            build_augmentation(self.category, noise=self.augment_noise, options=self.augment_options)
+            if augment
+            else None
+        )
         return ImagePipeline(self.image_size, augmentation)
 
     def resized_images(self) -> ResizedImageCache | None:

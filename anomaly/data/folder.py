@@ -5,13 +5,14 @@ Unlike MVTec AD, nothing about the layout is fixed:
 * ``normal_dir``: the normal (defect-free) images; training uses them with the
   same 5-fold split as MVTec. ``test_normal_fraction`` first moves a seeded
   random share of them into the test set, for data without an official split.
-* ``test_dirs``: folders (or globs such as ``MT_*/Imgs``) of test images. A
+* ``test_dirs``: optional folders (or globs such as ``MT_*/Imgs``) of test images. A
   folder's *class name* is its last path component that not all image folders
   share (``MT_Crack/Imgs`` -> ``MT_Crack``, ``test/scratch`` -> ``scratch``).
   Its label comes from ``labels`` (class name -> 0 normal / 1 anomalous) or
   else from the name: ``good``, ``normal`` or ``ok`` (``normal_names``) are 0,
   anything else 1. A test folder equal to ``normal_dir`` is skipped: its test
-  images are the held-out share.
+  images are the held-out share. Without test folders the data are normal-only:
+  the detector is fitted and its threshold calibrated, but no AUROC can be measured.
 * ``masks``: ``None``; ``"beside"`` (``X.jpg`` has its mask ``X<suffix><ext>``
   in the same folder, and mask files are not taken for images); or a folder
   holding ``<class name>/<stem><suffix><ext>`` or ``<stem><suffix><ext>``.
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from anomaly.data.augment import AugmentOptions
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import Sample
 from anomaly.data.images import list_images
@@ -61,8 +63,10 @@ class FolderDataModule(AnomalyDataModule):
     """Normal images in one folder, labelled test images in others (see the module docstring).
 
     Args:
-        normal_dir: folder of normal images (relative to ``root`` when given).
-        test_dirs: folders or globs of test images.
+        normal_dir: folder of normal images (relative to ``root`` when given; default: ``root``).
+        test_dirs: folders or globs of test images. With none (and no ``test_normal_fraction``)
+            the data are normal-only: fitted, and calibrated on the fold's held-out normal
+            images, but with no test set there is no AUROC.
         root: base folder of the relative paths above.
         name: the dataset's name in run folders and results (default: ``root``'s
             folder name, else ``normal_dir``'s class name).
@@ -70,13 +74,14 @@ class FolderDataModule(AnomalyDataModule):
         normal_names: class names that mean normal (default ``good``, ``normal``, ``ok``).
         masks, mask_suffix, mask_extension: where the ground-truth masks are.
         test_normal_fraction: share of ``normal_dir`` held out for testing (seeded by ``split_seed``).
-        fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache: see
+        fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache,
+            augment_options: see
             :class:`~anomaly.data.datamodule.AnomalyDataModule`.
     """
 
     def __init__(
         self,
-        normal_dir: str,
+        normal_dir: str = ".",
         test_dirs: list[str] | None = None,
         root: str | None = None,
         name: str | None = None,
@@ -95,8 +100,19 @@ class FolderDataModule(AnomalyDataModule):
         seed: int = 0,
         feature_cache: str | None = None,
         image_cache: str | None = None,
+        augment_options: AugmentOptions | None = None,
     ) -> None:
-        super().__init__(fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache)
+        super().__init__(
+            fold,
+            batch_size,
+            num_workers,
+            image_size,
+            augment,
+            seed,
+            feature_cache,
+            image_cache,
+            augment_options,
+        )
         if labels and any(value not in (0, 1) for value in labels.values()):
             raise UserError(f"labels must map class names to 0 (normal) or 1 (anomalous), got {labels}")
         split_normals(0, test_normal_fraction, split_seed)  # validate early
@@ -191,11 +207,16 @@ class FolderDataModule(AnomalyDataModule):
         test = [self._sample(normals[i], names[0], 0) for i in test_idx]
         for folder, class_name in zip(folders, names[1:], strict=True):
             test += [self._sample(p, class_name, self._label(class_name)) for p in self._images(folder)]
-        if not test:
+        if not test and not self.normal_only:
             raise UserError(
-                "no test images: set test_dirs, or test_normal_fraction to hold out normal images"
+                f"no test images in {', '.join(self.test_patterns)}: fix test_dirs, or leave it out to fit "
+                "on normal images only"
             )
         return train, test
+
+    @property
+    def normal_only(self) -> bool:
+        return not self.test_patterns and self.test_normal_fraction == 0
 
     def _sample(self, path: Path, class_name: str, label: int) -> Sample:
         mask = self._mask_for(path, class_name)

@@ -29,8 +29,8 @@ from anomaly.data.transforms import RESIZE_RULE, resize_square
 from anomaly.errors import UserError
 
 #: Bumped whenever decoding (:func:`~anomaly.data.images.load_rgb`), resizing or the layout changes.
-FORMAT_VERSION = 1
-DECODING = "8-bit RGB; 16-bit and float greyscale rescaled; alpha composited on black"
+FORMAT_VERSION = 2
+DECODING = "8-bit RGB; 16-bit and float greyscale rescaled; any alpha (RGBA, LA, palette) composited on black"
 
 
 def file_key(path: str | Path) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from anomaly.data.augment import AugmentOptions
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import Sample
 from anomaly.data.demo import DEMO_CATEGORY, ensure_demo_dataset
@@ -60,7 +61,8 @@ class MVTecDataModule(AnomalyDataModule):
         root: the folder that holds the category folders. ``None`` uses the
             small embedded demo dataset (category ``demo``), built on first use.
         category: e.g. ``bottle``.
-        fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache: see
+        fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache,
+            augment_options: see
             :class:`~anomaly.data.datamodule.AnomalyDataModule`.
     """
 
@@ -76,8 +78,19 @@ class MVTecDataModule(AnomalyDataModule):
         seed: int = 0,
         feature_cache: str | None = None,
         image_cache: str | None = None,
+        augment_options: AugmentOptions | None = None,
     ) -> None:
-        super().__init__(fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache)
+        super().__init__(
+            fold,
+            batch_size,
+            num_workers,
+            image_size,
+            augment,
+            seed,
+            feature_cache,
+            image_cache,
+            augment_options,
+        )
         if root is None and category != DEMO_CATEGORY:
             raise UserError(
                 f"category '{category}' needs --data.root: the folder holding your MVTec AD download"

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from anomaly.backbones import FeatureExtractor, build_backbone
 from anomaly.detector.file import level_tensors, read_detector, write_detector
-from anomaly.detector.inputs import image_batch
+from anomaly.detector.inputs import feature_list, image_batch, image_items
 from anomaly.detector.model import DetectorModel, scorer_from_tensors
 from anomaly.detector.weights import embedded_tensors, rebuild_backbone, weights_reference
 from anomaly.errors import UserError
@@ -196,19 +196,7 @@ class GaussianDetector:
     # ------------------------------------------------------------------ input
     @staticmethod
     def _as_feature_list(X) -> list[Tensor]:
-        parts = list(X) if isinstance(X, (list, tuple)) else [X]
-        arrays = [p if isinstance(p, Tensor) else np.asarray(p) for p in parts]
-        if any(isinstance(a, np.ndarray) and a.dtype.kind not in "biuf" for a in arrays):
-            raise UserError(
-                "this detector was fitted on features (backbone=None): give numbers, an (n, D) array "
-                "or a list of them, not images or paths"
-            )
-        tensors = [torch.as_tensor(a) for a in arrays]
-        if not tensors or any(t.ndim != 2 for t in tensors):
-            raise UserError("features must be an (n, D) array or a list of (n, D_l) arrays, one per level")
-        if len({t.shape[0] for t in tensors}) != 1:
-            raise UserError("every level's features must have the same number of rows")
-        return [t.to(torch.float64) for t in tensors]
+        return feature_list(X)  # checked: see anomaly.detector.inputs
 
     def _feature_batches(self, X, extractor: FeatureExtractor | None) -> Iterator[list[Tensor]]:
         """Per-level feature batches of ``X``: sliced features, or backbone features of image batches."""
@@ -217,9 +205,7 @@ class GaussianDetector:
             for start in range(0, features[0].shape[0], self.batch_size):
                 yield [f[start : start + self.batch_size] for f in features]
             return
-        X = single_path_as_list(X)
-        if isinstance(X, np.ndarray) and X.ndim in (3, 4):
-            X = list(X)
+        X = image_items(X)
         for start in range(0, len(X), self.batch_size):
             images = image_batch(X[start : start + self.batch_size], self.image_size_)
             yield extractor(images.to(self.device), self.levels_)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from anomaly.data.images import IMAGE_EXTENSIONS, is_image_file, load_rgb
+from anomaly.data.images import IMAGE_EXTENSIONS, load_rgb, scan_images, warn_skipped
 from anomaly.data.transforms import ImagePipeline
 from anomaly.errors import UserError
+
+#: Feature values beyond this magnitude overflow float64 once squared into a covariance.
+LARGEST_FEATURE = 1e150
+MEMORY_BUDGET_VARIABLE = "ANOMALY_MEMORY_BUDGET_GB"
+DEFAULT_MEMORY_BUDGET_GB = 16.0
+#: A level of D features holds about this many D x D float64 matrices while it is fitted
+#: (scatter, covariance, precision, and the factorisation's workspace).
+MATRICES_PER_LEVEL = 4
 
 
 def expand_input(spec: str | Path, exclude: Sequence[str] = ()) -> Iterator[Path]:
@@ -32,12 +41,15 @@ def expand_input(spec: str | Path, exclude: Sequence[str] = ()) -> Iterator[Path
 def _expand(spec: str | Path) -> Iterator[Path]:
     path = Path(spec).expanduser()
     if path.is_dir():
-        yield from sorted(p for p in path.rglob("*") if is_image_file(p))
+        images, skipped = scan_images(path.rglob("*"))
+        warn_skipped(spec, skipped)
+        yield from images
     elif path.is_file():
         yield path
     elif glob.has_magic(str(spec)):
-        matches = sorted(Path(p) for p in glob.iglob(str(path), recursive=True))
-        yield from (p for p in matches if is_image_file(p))
+        images, skipped = scan_images(Path(p) for p in glob.iglob(str(path), recursive=True))
+        warn_skipped(spec, skipped)
+        yield from images
     else:
         raise UserError(
             f"input not found: {spec} (give a folder, a glob such as 'dir/*.png', or an image file)"
@@ -56,6 +68,18 @@ def rgb_array(image: np.ndarray) -> np.ndarray:
     raise UserError(f"an image must be (H, W) or (H, W, 3), got shape {image.shape}")
 
 
+def check_unit_range(images: Tensor) -> None:
+    """Float images must be finite and in [0, 1] (uint8 ones are 0..255 by their type)."""
+    if not images.is_floating_point() or images.numel() == 0:
+        return
+    if not bool(torch.isfinite(images).all()):
+        raise UserError("float image tensors hold NaN or infinite values: give finite values in [0, 1]")
+    low, high = float(images.min()), float(images.max())
+    if low < 0.0 or high > 1.0:
+        hint = ": divide by 255, or pass uint8 tensors" if high > 1.0 else ""
+        raise UserError(f"float image tensors must lie in [0, 1], got values from {low:g} to {high:g}{hint}")
+
+
 def image_batch(items, image_size: int) -> Tensor:
     """(B, 3, S, S) uint8 from paths, (H, W[, 3]) uint8 arrays, or a ready (B, 3, S, S) tensor."""
     if isinstance(items, Tensor):
@@ -63,12 +87,114 @@ def image_batch(items, image_size: int) -> Tensor:
             raise UserError(
                 f"image tensors must be (B, 3, {image_size}, {image_size}), got {tuple(items.shape)}"
             )
+        check_unit_range(items)
         return items
     pipeline = ImagePipeline(image_size)
     images = [
         pipeline(load_rgb(item) if isinstance(item, (str, Path)) else rgb_array(item)) for item in items
     ]
     return torch.stack(images)
+
+
+def image_items(X) -> Sequence:
+    """Images as a sequence that can be sliced: one path becomes a list of one; a generator, a list."""
+    if isinstance(X, (str, Path)):
+        return [X]
+    if isinstance(X, np.ndarray) and X.ndim in (3, 4):
+        return list(X)
+    if isinstance(X, (Tensor, np.ndarray, Sequence)):
+        return X
+    if isinstance(X, Iterable):
+        return list(X)
+    raise UserError(f"images must be paths, arrays or a tensor, got {type(X).__name__}")
+
+
+# --------------------------------------------------------------- features
+def memory_budget_bytes() -> float:
+    """``ANOMALY_MEMORY_BUDGET_GB`` (GiB; default 16) in bytes: the most a Gaussian fit may hold."""
+    text = os.environ.get(MEMORY_BUDGET_VARIABLE, "").strip()
+    try:
+        budget = float(text) if text else DEFAULT_MEMORY_BUDGET_GB
+    except ValueError:
+        budget = float("nan")
+    if not (np.isfinite(budget) and budget > 0):
+        raise UserError(f"{MEMORY_BUDGET_VARIABLE}={text} must be a positive number of GiB, e.g. 16")
+    return budget * 2**30
+
+
+def check_gaussian_size(dims: Sequence[int]) -> None:
+    """Refuse, before allocating, a fit whose D x D matrices would pass the memory budget."""
+    need = MATRICES_PER_LEVEL * 8 * max(dims) ** 2
+    budget = memory_budget_bytes()
+    if need > budget:
+        raise UserError(
+            f"a Gaussian of {max(dims)} features needs about {need / 2**30:.1f} GiB ({MATRICES_PER_LEVEL} "
+            f"{max(dims)}x{max(dims)} float64 matrices), over the budget of {budget / 2**30:g} GiB: "
+            f"reduce the features (e.g. PCA or pooling), or raise {MEMORY_BUDGET_VARIABLE}"
+        )
+
+
+FEATURES_ONLY = (
+    "this detector was fitted on features (backbone=None): give numbers, an (n, D) array or a list "
+    "of them, not images or paths"
+)
+
+
+def _is_one_array(X) -> bool:
+    """Whether ``X`` is one (n, D) table rather than a list of per-level tables."""
+    if not isinstance(X, (list, tuple)):
+        return True
+    return not any(np.ndim(p) == 2 for p in X)
+
+
+def _rows(mask: np.ndarray) -> str:
+    rows = np.flatnonzero(mask)
+    shown = ", ".join(str(r) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
+    return f"row(s) {shown} ({len(rows)} of {len(mask)})"
+
+
+def feature_list(X) -> list[Tensor]:
+    """Feature input as float64 (n, D_l) tensors, one per level, checked.
+
+    ``X`` is an (n, D) array, tensor or list of rows (one level), or a list of
+    (n, D_l) arrays (one per level). :class:`UserError` (a ``ValueError``) names the
+    rows holding NaN, infinite or overflowing values, and refuses empty or too wide input.
+    """
+    if not isinstance(X, (list, tuple, np.ndarray, Tensor)):
+        raise UserError(f"{FEATURES_ONLY} (got {type(X).__name__})")
+    parts = [X] if _is_one_array(X) else list(X)
+    try:
+        arrays = [p if isinstance(p, Tensor) else np.asarray(p) for p in parts]
+    except ValueError as error:  # ragged rows
+        raise UserError(f"features must be an (n, D) array of numbers: {error}") from None
+    if any(isinstance(a, np.ndarray) and a.dtype.kind not in "biuf" for a in arrays):
+        raise UserError(FEATURES_ONLY)
+    tensors = [torch.as_tensor(a) for a in arrays]
+    if not tensors or any(t.ndim != 2 for t in tensors):
+        shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+        raise UserError(
+            f"features must be an (n, D) array or a list of (n, D_l) arrays, one per level, got {shapes}"
+        )
+    if len({t.shape[0] for t in tensors}) != 1:
+        raise UserError("every level's features must have the same number of rows")
+    if any(t.shape[1] == 0 for t in tensors):
+        raise UserError(
+            f"features have no columns (shapes {[tuple(t.shape) for t in tensors]}): D must be >= 1"
+        )
+    tensors = [t.to(torch.float64) for t in tensors]
+    for level, t in enumerate(tensors, start=1):
+        where = f" (level {level})" if len(tensors) > 1 else ""
+        finite = torch.isfinite(t).all(dim=1).numpy()
+        if not finite.all():
+            raise UserError(f"features{where} hold NaN or infinite values in {_rows(~finite)}: remove them")
+        huge = (t.abs() > LARGEST_FEATURE).any(dim=1).numpy()
+        if huge.any():
+            raise UserError(
+                f"features{where} hold values beyond ±{LARGEST_FEATURE:g} in {_rows(huge)}: their squares "
+                "overflow float64; rescale the features"
+            )
+    check_gaussian_size([t.shape[1] for t in tensors])
+    return tensors
 
 
 class PredictionDataset(Dataset):

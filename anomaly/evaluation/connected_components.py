@@ -7,7 +7,7 @@ Here that becomes an image score without a fixed pixel threshold:
 * **minimum anomaly size**: over the category's ground-truth masks, the
   smallest *largest 8-connected component*, as a fraction of the mask's area
   (:func:`min_anomaly_fraction`, written to JSON by
-  ``python -m anomaly.tools.min_anomaly_size``);
+  ``anomaly min-anomaly-size``);
 * **CCA score**: the highest threshold ``t`` at which the largest 8-connected
   component of ``{map >= t}`` covers at least that fraction of the map
   (:func:`cca_score`). Lowering ``t`` only adds pixels, so the largest

@@ -1,4 +1,4 @@
-"""``python evaluate.py RUNS_DIR``: tables of mean ± SEM from every ``results.json`` below a folder.
+"""``anomaly evaluate RUNS_DIR``: tables of mean ± SEM from every ``results.json`` below a folder.
 
 Runs are grouped by (method, backbone, settings, run name). For each group a
 level table (levels × score types, Table I layout); across groups a per-category
@@ -99,7 +99,7 @@ def build_tables(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python evaluate.py",
+        prog="anomaly evaluate",
         description="Aggregate every results.json below RUNS_DIR into tables of mean ± SEM "
         "(per category: mean over folds; overall: mean ± SEM over the per-category means).",
     )
@@ -124,7 +124,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"warning: {line}", file=sys.stderr)
     if not records:
         raise UserError(
-            f"no complete results.json below '{root}': run train.py (or python -m anomaly.experiments) first"
+            f"no complete results.json below '{root}': run anomaly fit (or anomaly reproduce) first"
         )
     groups = {}
     for key, group in group_runs(records).items():

@@ -1,1 +1,1 @@
-"""The paper's tables as run grids: ``python -m anomaly.experiments table1 --data.root ROOT``."""
+"""The paper's tables as run grids: ``anomaly reproduce table1 --data.root ROOT``."""

@@ -1,12 +1,12 @@
-"""``python -m anomaly.experiments TABLE --data.root ROOT``: run a paper table's grid, then print it.
+"""``anomaly reproduce TABLE --data.root ROOT``: run a paper table's grid, then print it.
 
 Examples::
 
-    python -m anomaly.experiments table1 --data.root /data/mvtec_ad
-    python -m anomaly.experiments table1 --data.root /data/mvtec_ad --categories bottle \\
+    anomaly reproduce table1 --data.root /data/mvtec_ad
+    anomaly reproduce table1 --data.root /data/mvtec_ad --categories bottle \\
         --backbone efficientnet-lite0                      # a quick look on one category
-    python -m anomaly.experiments table3 --data.root /data/mvtec_ad --dry-run
-    python -m anomaly.experiments table2 --data.root /data/mvtec_ad -- --data.num_workers 4
+    anomaly reproduce table3 --data.root /data/mvtec_ad --dry-run
+    anomaly reproduce table2 --data.root /data/mvtec_ad -- --data.num_workers 4
 
 Arguments after ``--`` go to every training run unchanged.
 """
@@ -31,7 +31,7 @@ PAPER_FOLDS = (0, 1, 2, 3, 4)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m anomaly.experiments",
+        prog="anomaly reproduce",
         description="Run the grid (categories × folds × settings) of one of the paper's tables, resumably, "
         "then print the table with the paper's values beside the measured ones.",
         epilog="Arguments after '--' are passed to every training run (e.g. -- --data.num_workers 4).",
@@ -120,7 +120,7 @@ def dry_run_lines(
     done = [index.record(c) is not None for c in cells]
     lines = [f"{table}: {len(cells)} runs, {sum(done)} done, {len(cells) - sum(done)} to run"]
     for cell, finished in zip(cells, done, strict=True):
-        command = shlex.join(["python", "train.py", *cell.command(root, runs_dir, extra, cache)])
+        command = shlex.join(["anomaly", "fit", *cell.command(root, runs_dir, extra, cache)])
         lines.append(f"[{'done' if finished else 'todo'}] {command}")
     return lines
 

@@ -1,4 +1,4 @@
-"""python -m anomaly.export --detector detector.safetensors --format onnx --out detector.onnx"""
+"""anomaly export --detector detector.safetensors --format onnx --out detector.onnx"""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ EXPORTERS = {"onnx": export_onnx, "torchscript": export_torchscript}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a saved detector to ONNX or TorchScript.")
+    parser = argparse.ArgumentParser(
+        prog="anomaly export", description="Export a saved detector to ONNX or TorchScript."
+    )
     parser.add_argument("--detector", required=True, help="detector.safetensors (or its run folder)")
     parser.add_argument("--format", choices=sorted(EXPORTERS), default="onnx")
     parser.add_argument("--out", required=True, help="file to write, e.g. detector.onnx or detector.pt")

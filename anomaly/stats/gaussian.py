@@ -104,6 +104,26 @@ def invert_spd(matrix: Tensor) -> Tensor:
     return (eigvec * inv_val) @ eigvec.T
 
 
+#: Total variance below this fraction of the mean's squared norm counts as none (rounding only).
+NO_VARIANCE = 1e-12
+
+
+def warn_if_no_variance(emp_cov: Tensor, mean: Tensor) -> None:
+    """A specific warning when the training samples are (almost) all the same (identical or blank images).
+
+    Every distance is then about 0, so the AUROC is chance and a threshold flags nothing.
+    """
+    total = float(torch.diagonal(emp_cov).sum())
+    if total <= NO_VARIANCE * float(mean.square().sum()) or total == 0.0:
+        warnings.warn(
+            f"the training data have (almost) no variance (total {total:.3g} over {emp_cov.shape[0]} "
+            "features): every score will be about 0 and nothing will be flagged; check that the training "
+            "images differ (identical, blank or all-black images?)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def fit_gaussian(moments: Moments) -> GaussianFit:
     """Mean, Ledoit-Wolf covariance and precision from streamed moments."""
     n = moments.n
@@ -112,6 +132,7 @@ def fit_gaussian(moments: Moments) -> GaussianFit:
     scatter = moments.scatter()
     scatter = 0.5 * (scatter + scatter.T)
     emp_cov = scatter / n
+    warn_if_no_variance(emp_cov, moments.mean)
     shrinkage = ledoit_wolf_shrinkage(emp_cov, moments.centred_quartic(), n)
     covariance = shrink_covariance(emp_cov, shrinkage)
     std = torch.sqrt(torch.clamp(torch.diagonal(scatter) / (n - 1), min=0.0))

@@ -1,6 +1,6 @@
 """The category's minimum anomaly size for the autoencoder's CCA score (Table V, VIII).
 
-python -m anomaly.tools.min_anomaly_size --data.root /data/mvtec_ad --data.category screw
+anomaly min-anomaly-size --data.root /data/mvtec_ad --data.category screw
 
 reads every ground-truth mask of the category's test set, takes each mask's
 largest 8-connected component as a fraction of the image area, and writes the
@@ -36,6 +36,8 @@ def compute(root: Path, category: str) -> tuple[float, int]:
         )
     try:
         return min_anomaly_fraction(load_mask(path) for path in masks)
+    except UserError:  # an unreadable mask (a ValueError too) is an error, not an empty one
+        raise
     except ValueError:
         raise UserError(
             f"every ground-truth mask of category '{category}' is empty: "
@@ -44,9 +46,7 @@ def compute(root: Path, category: str) -> tuple[float, int]:
 
 
 def parse_args(args: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m anomaly.tools.min_anomaly_size", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="anomaly min-anomaly-size", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data.root", dest="root", required=True, help="folder holding the categories")
     parser.add_argument("--data.category", dest="category", required=True, help="e.g. screw")
     parser.add_argument(

@@ -117,7 +117,7 @@ def test_labels_from_mapping_names_and_mask_folder(tmp_path: Path):
         ({"labels": {"MT_Dent": 1}}, "not test folders"),
         ({"labels": {"MT_Crack": 2}}, "to 0"),
         ({"test_normal_fraction": 1.0}, "test_normal_fraction"),
-        ({"test_dirs": None, "test_normal_fraction": 0.0}, "no test images"),
+        ({"test_dirs": ["MT_Free"], "test_normal_fraction": 0.0}, "no test images"),
     ],
 )
 def test_bad_settings_are_user_errors(tmp_path: Path, kwargs: dict, message: str):
@@ -129,7 +129,7 @@ def test_bad_settings_are_user_errors(tmp_path: Path, kwargs: dict, message: str
 def test_train_cli_on_folder_config_writes_results_and_detector(tmp_path: Path, capsys):
     root = make_tiles(tmp_path / "tiles", n_free=10)
     runs = tmp_path / "runs"
-    code = main(["--config", "configs/magnetic_tile.yaml", "--data.root", str(root),
+    code = main(["--config", "magnetic_tile", "--data.root", str(root),
                  "--data.num_workers", "0", "--data.batch_size", "8", "--model.levels", "[3]",
                  "--trainer.default_root_dir", str(runs),
                  "--trainer.enable_progress_bar", "false"])  # fmt: skip
@@ -157,3 +157,11 @@ def test_magnetic_tile_seeded_split():
     assert sum(s.label for s in test) == 392
     batch = next(iter(data.test_dataloader()))
     assert batch["image"].shape == (8, 3, 64, 64) and bool(batch["has_mask"].all())
+
+
+def test_normal_only_folder_has_no_test_set(tmp_path: Path):
+    root = make_tiles(tmp_path / "tiles")
+    module = tiles_module(root, test_dirs=None, test_normal_fraction=0.0)
+    train, test = module.samples()
+    assert module.normal_only and test == [] and len(train) == 16  # 15 MT_Free + extra.png
+    assert not tiles_module(root).normal_only

@@ -47,7 +47,7 @@ class PixelShuffleAutoencoder(TrainedMethod):
         pretrained: start the encoder from ImageNet weights; ``False`` (tests only) starts at random.
         weights: a local ResNet-18 state-dict file instead of torchvision's download.
         min_anomaly_size: the category's minimum anomaly size as a fraction of the image, by hand.
-        min_anomaly_size_file: the JSON written by ``python -m anomaly.tools.min_anomaly_size``;
+        min_anomaly_size_file: the JSON written by ``anomaly min-anomaly-size``;
             ``{category}`` is replaced by the data's category. Ignored when ``min_anomaly_size`` is set.
             With neither, the size is computed from the data module's test masks (DESIGN: from the
             masks, not hard-coded), for any data module whose samples carry masks.
@@ -111,6 +111,8 @@ class PixelShuffleAutoencoder(TrainedMethod):
         masks = [s.mask for s in test_samples if s.label == 1 and s.mask is not None]
         try:
             return min_anomaly_fraction(load_mask(mask) for mask in masks)[0]
+        except UserError:  # an unreadable mask (a ValueError too) is an error, not a missing one
+            raise
         except ValueError:
             warnings.warn(
                 f"category '{category}' has no ground-truth masks: the CCA score is left out (pass "

@@ -1,0 +1,101 @@
+"""The ``anomaly`` command: one entry point, one subcommand per task.
+
+    anomaly fit [--config NAME|FILE] [--data.root DIR] ...   fit a detector and test it
+    anomaly predict --detector FILE --input DIR|GLOB|IMAGE    score new images
+    anomaly export --detector FILE --out FILE                 ONNX or TorchScript
+    anomaly evaluate RUNS_DIR                                 tables of mean ± SEM over runs
+    anomaly reproduce TABLE --data.root DIR                   a table of the paper, resumably
+    anomaly benchmark --root DIR                              scale benchmarks
+    anomaly min-anomaly-size --data.root DIR --data.category C
+    anomaly configs                                           the shipped configs
+
+``anomaly <subcommand> --help`` lists the subcommand's options. Option names accept
+``-`` or ``_`` between words alike (``--batch_size`` = ``--batch-size``), so one
+spelling works everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from anomaly.console import USER_ERROR_EXIT
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """``module.main(argv)`` behind ``anomaly <name>``; ``separator`` joins the words of its options."""
+
+    module: str
+    summary: str
+    separator: str = "-"  # argparse commands; Lightning's options join words with "_"
+
+    def run(self, argv: list[str]) -> int:
+        main = importlib.import_module(self.module).main  # imported on use: `anomaly --help` stays fast
+        return main(one_flag_style(argv, self.separator))
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "fit": Subcommand("anomaly.cli", "fit a detector on one category and fold, then test it", "_"),
+    "predict": Subcommand("anomaly.commands.predict", "score new images with a saved detector"),
+    "export": Subcommand("anomaly.export.__main__", "export a saved detector to ONNX or TorchScript"),
+    "evaluate": Subcommand("anomaly.evaluation.evaluate", "tables of mean ± SEM from finished runs"),
+    "reproduce": Subcommand("anomaly.experiments.cli", "run the grid of one of the paper's tables"),
+    "benchmark": Subcommand("anomaly.tools.benchmark", "scale benchmarks (throughput, memory, time)"),
+    "min-anomaly-size": Subcommand(
+        "anomaly.tools.min_anomaly_size", "a category's minimum anomaly size (autoencoder CCA score)"
+    ),
+    "configs": Subcommand("anomaly.configs", "list the shipped configs (for --config NAME)"),
+}
+
+
+def one_flag_style(argv: Sequence[str], separator: str) -> list[str]:
+    """Option names with ``separator`` between words, so ``--batch_size`` and ``--batch-size`` both work.
+
+    Only option names change (``--a_b=value`` keeps its value); everything after ``--`` is left alone.
+    """
+    other = "_" if separator == "-" else "-"
+    out: list[str] = []
+    for at, token in enumerate(argv):
+        if token == "--":
+            return out + list(argv[at:])
+        if token.startswith("--") and len(token) > 2:
+            name, equals, value = token[2:].partition("=")
+            token = "--" + name.replace(other, separator) + equals + value
+        out.append(token)
+    return out
+
+
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = [f"  {name:<{width}}  {sub.summary}" for name, sub in SUBCOMMANDS.items()]
+    return "\n".join(
+        [
+            "usage: anomaly <subcommand> [options]      (anomaly <subcommand> --help: its options)",
+            "",
+            "Image anomaly detection with Gaussians on pretrained deep features (Rippel et al., ICPR 2020).",
+            "",
+            "subcommands:",
+            *lines,
+            "",
+            "`anomaly fit` with no options fits and tests the offline demo.",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(
+            f"error: unknown subcommand '{name}': choose one of {', '.join(SUBCOMMANDS)} "
+            "(anomaly --help describes them)",
+            file=sys.stderr,
+        )
+        return USER_ERROR_EXIT
+    return SUBCOMMANDS[name].run(rest)

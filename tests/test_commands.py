@@ -1,0 +1,116 @@
+"""The `anomaly` command: subcommands, one flag style, shipped configs, and fits on normal images only."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+
+from anomaly.commands import SUBCOMMANDS, main, one_flag_style
+from anomaly.configs import CONFIG_DIR, resolve_config, resolve_config_args
+from anomaly.errors import ArgumentsError
+
+FAST = ["--data.num_workers", "0", "--data.batch_size", "8", "--model.levels", "[3, 5]",
+        "--trainer.enable_progress_bar", "false"]  # fmt: skip
+
+
+def test_both_word_separators_reach_each_parser():
+    assert one_flag_style(["--batch_size", "8", "--no_progress", "--input=a_b.png"], "-") == [
+        "--batch-size", "8", "--no-progress", "--input=a_b.png",
+    ]  # fmt: skip
+    fit_args = ["--data.num-workers", "0", "--print-config", "--", "--keep-me"]
+    assert one_flag_style(fit_args, "_") == ["--data.num_workers", "0", "--print_config", "--", "--keep-me"]
+
+
+def test_overview_and_unknown_subcommand(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SUBCOMMANDS)
+    assert main(["trian"]) == 2
+    assert "unknown subcommand 'trian'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [n for n in SUBCOMMANDS if n not in ("fit", "configs")])
+def test_every_subcommand_has_its_own_help(name: str, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([name, "--help"])
+    assert done.value.code == 0
+    assert f"usage: anomaly {name}" in capsys.readouterr().out
+
+
+def test_fit_help_lists_the_model_and_data_options(capsys):
+    assert main(["fit", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: anomaly fit" in out and "--trainer.max_epochs" in out
+    assert "--model.backbone" in out and "--model.threshold_method" in out
+    assert "--data.root" in out and "--data.augment_options" in out
+    assert main(["fit", "--config", "spatial_grid", "--config", "folder", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "options of anomaly.methods.spatial.SpatialGaussianAD" in out and "--model.grid_size" in out
+    assert "options of anomaly.data.folder.FolderDataModule" in out and "--data.test_dirs" in out
+
+
+def test_configs_resolve_by_name(tmp_path: Path, monkeypatch, capsys):
+    assert resolve_config("spatial_grid") == str(CONFIG_DIR / "spatial_grid.yaml")
+    assert resolve_config("spatial_grid.yaml") == str(CONFIG_DIR / "spatial_grid.yaml")
+    assert resolve_config("configs/spatial_grid.yaml") == str(CONFIG_DIR / "spatial_grid.yaml")
+    own = tmp_path / "spatial_grid.yaml"
+    own.write_text("model: {}\n")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config("spatial_grid.yaml") == "spatial_grid.yaml"  # a file beats a shipped name
+    assert resolve_config_args(["--config=ocsvm", "--x", "1"]) == [
+        f"--config={CONFIG_DIR / 'ocsvm.yaml'}",
+        "--x",
+        "1",
+    ]
+    with pytest.raises(ArgumentsError, match=r"no shipped config of that name.*spatial_grid"):
+        resolve_config("spatial_gird")
+    assert main(["fit", "--config", "nope"]) == 2
+    assert "error: --config nope: no such file" in capsys.readouterr().err
+    assert main(["configs"]) == 0
+    assert "spatial_grid" in capsys.readouterr().out
+
+
+def good_images(tiny_mvtec: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "good_parts"
+    shutil.copytree(tiny_mvtec / "widget" / "train" / "good", folder)
+    return folder
+
+
+def test_fit_on_normal_images_only_saves_a_calibrated_detector(tiny_mvtec: Path, tmp_path: Path, capsys):
+    folder, runs = good_images(tiny_mvtec, tmp_path), tmp_path / "runs"
+    code = main(["fit", "--data.root", str(folder), "--trainer.default_root_dir", str(runs), *FAST])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    run_dir = runs / "gaussian" / "efficientnet-lite0_levels-3-5" / "good_parts" / "fold_0"
+    detector = run_dir / "detector.safetensors"
+    assert detector.is_file() and not (run_dir / "results.json").exists()
+    assert "fitted on 9 normal images, 3 held out for the threshold" in out
+    assert "no AUROC" in out and str(detector) in out and "threshold: " in out
+    scores = tmp_path / "scores.csv"
+    code = main(["predict", "--detector", str(detector), "--input", str(tiny_mvtec / "widget" / "test"),
+                 "--out", str(scores), "--no_progress"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    rows = list(csv.DictReader(scores.open()))
+    assert len(rows) == 8 and all(row["decision"] in ("0", "1") for row in rows)
+
+
+def test_normal_images_with_a_test_folder_give_the_full_report(tiny_mvtec: Path, tmp_path: Path, capsys):
+    folder, runs = good_images(tiny_mvtec, tmp_path), tmp_path / "runs"
+    tests = str(tiny_mvtec / "widget" / "test" / "*")
+    code = main(["fit", "--data.root", str(folder), "--data.test_dirs", f"[{tests}]",
+                 "--trainer.default_root_dir", str(runs), *FAST])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "image AUROC (%)" in out and "4 test images" not in out and "8 test images" in out
+    assert (
+        runs / "gaussian" / "efficientnet-lite0_levels-3-5" / "good_parts" / "fold_0" / "results.json"
+    ).is_file()
+
+
+def test_a_root_of_categories_is_still_mvtec(tiny_mvtec: Path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--data.root", str(tiny_mvtec), "--print_config"])
+    assert "anomaly.data.MVTecDataModule" in capsys.readouterr().out

@@ -1,0 +1,81 @@
+"""The run-folder lock, the data-root check, and how a failed run leaves its folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from anomaly.errors import UserError
+from anomaly.runfolder import LOCK_FILE, RunLock, check_folder_names, check_same_dataset, hold_run_folder
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(tmp_path: Path):
+    """Bug 12: two runs into one folder mixed their config, hparams, events and results."""
+    first = RunLock.acquire(tmp_path / "run")
+    with pytest.raises(UserError, match=rf"run folder .* is in use by another run \(process {os.getpid()}\)"):
+        RunLock.acquire(tmp_path / "run")
+    first.release()
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+    RunLock.acquire(tmp_path / "run").release()  # free again
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'%d' % os.getpid()); print('locked', flush=True); "
+        "time.sleep(60)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", holder, str(run_dir / LOCK_FILE)], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "locked"
+    with pytest.raises(UserError, match=f"process {process.pid}"):
+        RunLock.acquire(run_dir)
+    process.send_signal(signal.SIGKILL)  # no clean-up: the file stays, the lock goes with the process
+    process.wait()
+    assert (run_dir / LOCK_FILE).exists()
+    lock = RunLock.acquire(run_dir)
+    assert (run_dir / LOCK_FILE).read_text().strip() == str(os.getpid())
+    lock.release()
+
+
+def test_results_of_another_data_root_are_not_replaced(tmp_path: Path):
+    """Minor 5: a run on another root with the same category deleted the first dataset's results."""
+    (tmp_path / "results.json").write_text(json.dumps({"dataset": "/data/a"}))
+    check_same_dataset(tmp_path, "/data/a")
+    with pytest.raises(UserError, match="holds the results of data root /data/a, not /data/b"):
+        check_same_dataset(tmp_path, "/data/b")
+
+
+def test_names_longer_than_the_file_system_allows_are_refused(tmp_path: Path):
+    """Bug 5: a 300-character category became an OSError traceback and empty run folders."""
+    check_folder_names(tmp_path / ("x" * 255), "the category")
+    with pytest.raises(
+        UserError, match="is 256 bytes, over the file system's limit of 255: shorten the category"
+    ):
+        check_folder_names(tmp_path / ("x" * 256) / "fold_0", "the category")
+
+
+def test_a_failed_run_removes_the_folders_it_created_and_no_others(tmp_path: Path):
+    root = tmp_path / "runs"
+    (root / "other").mkdir(parents=True)
+    run_dir = root / "gaussian" / "name" / "widget" / "fold_0"
+    with pytest.raises(RuntimeError), hold_run_folder(run_dir, root, "/data"):
+        assert (run_dir / LOCK_FILE).is_file()
+        raise RuntimeError
+    assert sorted(p.name for p in root.iterdir()) == ["other"]
+    fresh = tmp_path / "fresh_runs"
+    with pytest.raises(RuntimeError), hold_run_folder(fresh / "a" / "fold_0", fresh, "/data"):
+        raise RuntimeError
+    assert not fresh.exists()  # the run created its root folder: nothing is left
+    with hold_run_folder(run_dir, root, "/data"):
+        (run_dir / "results.json").write_text("{}")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["results.json"]
