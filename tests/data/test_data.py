@@ -143,3 +143,11 @@ def test_every_category_has_switches_and_builds():
     assert len(CATEGORY_SWITCHES) == 15
     with pytest.warns(UserWarning, match="category 'my_parts' has no augmentation switches of its own"):
         build_augmentation("my_parts")
+
+
+def test_bottle_test_set_has_a_mask_for_every_defective_image():
+    dm = MVTecDataModule(str(require(BOTTLE).parent), "bottle", num_workers=0)
+    _, test = dm.samples()
+    defective = [s for s in test if s.label == 1]
+    assert len(defective) == 63 and all(s.mask is not None and Path(s.mask).is_file() for s in defective)
+    assert all(s.mask is None for s in test if s.label == 0)

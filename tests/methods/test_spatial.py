@@ -14,9 +14,10 @@ from sklearn.metrics import roc_auc_score
 from anomaly.backbones import build_backbone
 from anomaly.data import MVTecDataModule
 from anomaly.errors import UserError
+from anomaly.evaluation.pro import pro_score
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.spatial import SpatialGaussianAD
-from anomaly.methods.spatial.module import pixel_auroc, upsample_maps
+from anomaly.methods.spatial.module import pixel_auroc, pixel_pro, upsample_maps
 from tests.conftest import fit_and_test
 
 SIZE = 64  # small inputs keep the backbone cheap; level 6 is then a 4x4 map
@@ -122,6 +123,7 @@ def test_cells_streamed_fit_equals_sklearn_on_stored_features(tiny_mvtec: Path, 
     torch.testing.assert_close(maps.reshape(len(images), 4), cell_scores[0] + cell_scores[1])
     # the tiny category has masks: pixel AUROC and overlays of the top-scoring images
     assert 0.0 <= model.test_summary["pixel_auroc"] <= 1.0
+    assert 0.0 <= model.test_summary["pro"] <= 1.0
     overlays = sorted((Path(trainer.default_root_dir) / "anomaly_maps").glob("*.png"))
     assert len(overlays) == 3 and overlays[0].name.startswith("00_")
 
@@ -160,3 +162,11 @@ def test_pixel_auroc_of_known_maps_matches_sklearn():
     expected = roc_auc_score(masks.reshape(-1).numpy(), upsample_maps(random_maps, 8).reshape(-1).numpy())
     assert pixel_auroc(random_maps, masks) == pytest.approx(expected, rel=1e-6)
     assert np.isnan(pixel_auroc(random_maps, torch.zeros_like(masks)))
+
+
+def test_pixel_pro_upsamples_like_pixel_auroc():
+    masks = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    masks[0, 0, :4, :4] = 1
+    maps = torch.rand(2, 2, 2, generator=torch.Generator().manual_seed(1))
+    assert pixel_pro(maps, masks) == pytest.approx(pro_score(upsample_maps(maps, 8).numpy(), masks[:, 0]))
+    assert np.isnan(pixel_pro(maps, torch.zeros_like(masks)))

@@ -11,7 +11,7 @@ exactly) and adds, opt-in:
 * ``pooling: cells``: one Gaussian per cell and level (:mod:`anomaly.stats.cells`).
   A level's image score is the largest distance over its cells; the sum over levels
   is the paper's sum mode. The per-cell distances summed over levels form a coarse
-  ``k x k`` anomaly map, upsampled to the image for pixel AUROC and overlays.
+  ``k x k`` anomaly map, upsampled to the image for pixel AUROC, PRO and overlays.
 * ``level_weighting: holdout``: every level's distance is standardised by its
   mean and standard deviation on the fold's held-out normal fifth before the
   levels are summed. Only normal training images are used, never test labels.
@@ -36,6 +36,7 @@ from anomaly.columns import SUM
 from anomaly.detector.model import LEVEL_WEIGHTINGS, check_weighting
 from anomaly.errors import UserError
 from anomaly.evaluation.metrics import to_unit_interval
+from anomaly.evaluation.pro import pro_score
 from anomaly.evaluation.results import OVERLAYS_DIR
 from anomaly.methods.base import gather_rows
 from anomaly.methods.features import resolve_levels
@@ -105,6 +106,7 @@ class SpatialGaussianAD(GaussianAD):
         self.overlays = overlays
         self._test_maps: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self.pixel_auroc: float | None = None
+        self.pro: float | None = None
 
     def make_pooling(self) -> Pooling:
         return self._strategy
@@ -150,7 +152,7 @@ class SpatialGaussianAD(GaussianAD):
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
         self._test_maps = []
-        self.pixel_auroc = None
+        self.pixel_auroc = self.pro = None
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         columns, maps = self.detector.score(self.batch_features(batch))
@@ -172,7 +174,9 @@ class SpatialGaussianAD(GaussianAD):
             maps = {k: v[order] for k, v in parts.items()}
             if "mask" in maps:
                 self.pixel_auroc = pixel_auroc(maps["map"], maps["mask"])
+                self.pro = pixel_pro(maps["map"], maps["mask"])
                 self.log("test/pixel_auroc", self.pixel_auroc, rank_zero_only=True)
+                self.log("test/pro", self.pro, rank_zero_only=True)
         super().on_test_epoch_end()
         if maps is not None and self.trainer.is_global_zero and self.overlays > 0 and self.report_figures:
             run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
@@ -196,7 +200,7 @@ class SpatialGaussianAD(GaussianAD):
                     [], [], rows, labels, self.holdout_scores, self.target_fpr
                 )
             }
-        results["pixel_auroc"] = self.pixel_auroc
+        results["pixel_auroc"], results["pro"] = self.pixel_auroc, self.pro
         return results
 
     def extra_results(self) -> dict:
@@ -240,4 +244,18 @@ def pixel_auroc(maps: Tensor, masks: Tensor) -> float:
     return float(binary_auroc(to_unit_interval(preds), target).item())
 
 
-__all__ = ["LEVEL_WEIGHTINGS", "POOLINGS", "SpatialGaussianAD", "pixel_auroc", "state_bytes", "upsample_maps"]
+def pixel_pro(maps: Tensor, masks: Tensor) -> float:
+    """PRO up to FPR 0.3 (:func:`~anomaly.evaluation.pro.pro_score`) of maps ``(N, k, k)`` upsampled
+    to masks ``(N, 1, S, S)`` as for :func:`pixel_auroc`. NaN without an anomalous region."""
+    return pro_score(upsample_maps(maps, masks.shape[-1]).to(torch.float32), masks[:, 0] > 0)
+
+
+__all__ = [
+    "LEVEL_WEIGHTINGS",
+    "POOLINGS",
+    "SpatialGaussianAD",
+    "pixel_auroc",
+    "pixel_pro",
+    "state_bytes",
+    "upsample_maps",
+]
