@@ -202,3 +202,21 @@ def test_bottle_fold0_summed_mahalanobis_auroc(tmp_path: Path):
     labels = [int(r["label"]) for r in scores]
     summed = [float(r["mahalanobis_sum"]) for r in scores]
     assert roc_auc_score(labels, summed) == pytest.approx(results["image_auroc"])
+
+
+def test_runs_that_differ_in_their_working_point_get_folders_of_their_own():
+    def name(**options) -> str:
+        return GaussianAD(backbone="efficientnet-lite0", levels=[7], pretrained=False, **options).run_name()
+
+    default = name()
+    names = {
+        default,
+        name(threshold=50.0),
+        name(threshold=400.0),
+        name(target_fpr=0.05),
+        name(threshold_method="chi2", decision_score="mahalanobis/7"),
+        name(decision_score="mahalanobis/7"),
+    }
+    assert len(names) == 6
+    assert default == "efficientnet-lite0_random-init_levels-7"
+    assert name(threshold=50.0) == default + "_threshold50"

@@ -34,7 +34,9 @@ from anomaly.stats.moments import RunningMoments, synchronise
 from anomaly.stats.pca import check_reduction
 from anomaly.stats.threshold import check_fpr, chi2_threshold, empirical_threshold
 
-THRESHOLD_METHODS = ("empirical", "chi2")
+THRESHOLD_METHODS = ("empirical", "chi2")  # the first is the default
+DEFAULT_TARGET_FPR = 0.01
+DEFAULT_DECISION_SCORE = f"mahalanobis/{SUM}"
 
 
 class GaussianAD(FeatureMethod):
@@ -68,9 +70,9 @@ class GaussianAD(FeatureMethod):
         pretrained: bool = True,
         reduction: str = "none",
         variance_threshold: float | None = None,
-        target_fpr: float = 0.01,
-        decision_score: str = f"mahalanobis/{SUM}",
-        threshold_method: str = "empirical",
+        target_fpr: float = DEFAULT_TARGET_FPR,
+        decision_score: str = DEFAULT_DECISION_SCORE,
+        threshold_method: str = THRESHOLD_METHODS[0],
         threshold: float | None = None,
     ) -> None:
         super().__init__(backbone, levels, weights, pretrained)
@@ -144,9 +146,23 @@ class GaussianAD(FeatureMethod):
         return self.detector.decision_threshold
 
     def run_name(self) -> str:
+        """Besides the base's name: the reduction, and a working point other than the default one.
+
+        The working point changes the run's decisions and ``results.json``, so runs that differ
+        only in it get folders of their own instead of replacing each other's files.
+        """
         name = super().run_name()
         if self.reduction != "none":
             name += f"_{self.reduction}-{self.variance_threshold:g}"
+        if self.hparams.get("threshold") is not None:
+            name += f"_threshold{self.hparams['threshold']:g}"
+        else:
+            if self.threshold_method != THRESHOLD_METHODS[0]:
+                name += f"_{self.threshold_method}"
+            if self.target_fpr != DEFAULT_TARGET_FPR:
+                name += f"_fpr{self.target_fpr:g}"
+        if str(self.decision_score) != DEFAULT_DECISION_SCORE:
+            name += f"_decide-{str(self.decision_score).replace('/', '-')}"
         return name
 
     def configure_optimizers(self) -> None:

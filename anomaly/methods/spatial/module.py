@@ -32,7 +32,6 @@ from torch.nn import functional as F
 from torchmetrics.functional.classification import binary_auroc
 
 from anomaly.backbones import backbone_spec
-from anomaly.columns import SUM
 from anomaly.detector.model import LEVEL_WEIGHTINGS, check_weighting
 from anomaly.errors import UserError
 from anomaly.evaluation.metrics import to_unit_interval
@@ -40,7 +39,7 @@ from anomaly.evaluation.pro import pro_score
 from anomaly.evaluation.results import OVERLAYS_DIR
 from anomaly.methods.base import gather_rows
 from anomaly.methods.features import resolve_levels
-from anomaly.methods.gaussian.module import GaussianAD
+from anomaly.methods.gaussian.module import DEFAULT_DECISION_SCORE, DEFAULT_TARGET_FPR, GaussianAD
 from anomaly.methods.gaussian.working_point import working_point_report
 from anomaly.methods.spatial.overlays import write_overlays
 from anomaly.pooling import POOLINGS, Pooling, build_pooling
@@ -76,8 +75,8 @@ class SpatialGaussianAD(GaussianAD):
         pretrained: bool = True,
         reduction: str = "none",
         variance_threshold: float | None = None,
-        target_fpr: float = 0.01,
-        decision_score: str = f"mahalanobis/{SUM}",
+        target_fpr: float = DEFAULT_TARGET_FPR,
+        decision_score: str = DEFAULT_DECISION_SCORE,
         threshold_method: str = "empirical",
         threshold: float | None = None,
         pooling: str = "global",
