@@ -202,3 +202,42 @@ def test_version_1_files_still_load(tmp_path: Path):
     _, good, _ = demo_images()
     loaded = GaussianDetector.load(tmp_path / "v1.safetensors")
     np.testing.assert_allclose(loaded.score_samples(good), detector.score_samples(good), rtol=1e-9)
+
+
+LOAD_AND_MEASURE = """
+import resource, sys
+from anomaly.detector import GaussianDetector
+from anomaly.errors import UserError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for path in sys.argv[1:]:
+    try:
+        GaussianDetector.load(path)
+    except UserError:
+        pass
+    else:
+        raise SystemExit(f"{path} loaded")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # MiB (Linux: KiB)
+"""
+
+
+@pytest.mark.slow
+def test_loading_crafted_files_keeps_peak_memory_bounded(tmp_path: Path):
+    """Files that claim huge sizes (a 30000-dim level, a 100000 px input, 100000 x 100000 cells)
+    are refused from their header: the peak memory of a process loading them barely moves.
+    Before the header checks, the 30000-dim level alone built a 7.2 GB identity."""
+    import subprocess
+    import sys
+
+    from tests.detector.helpers import fit_demo_detector
+
+    good = fit_demo_detector().save(tmp_path / "good.safetensors")
+    crafted = [
+        rewrite(good, tmp_path / f"{case.replace(' ', '_')}.safetensors", *HOSTILE[case][1:])
+        for case in ("30000-dim mean", "huge image size", "cells grid 100000")
+    ]
+    assert all(path.stat().st_size < good.stat().st_size + 2**20 for path in crafted)  # small files
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_MEASURE, *map(str, crafted)],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert int(done.stdout.strip()) < 200, f"peak memory grew by {done.stdout.strip()} MiB"
