@@ -46,7 +46,8 @@ def run_dir_parts(
     ``area`` ``_resize-<rule>``, a precision other than
     float32 ``_<precision>``. Augmented runs end in ``_augment``; for methods that
     stream every augmented pass into their fit (Gaussian, oc-SVM) the number of passes
-    follows (``_augment100``), and a seed other than 0 ``_seed<k>``.
+    follows (``_augment100``), a seed other than 0 ``_seed<k>``, and each augmentation switch
+    given by hand ``_<switch>-<value>`` (e.g. ``_rotate90-false``).
     """
     fold = "fold_all" if data.fold is None else f"fold_{data.fold}"
     name = model.run_name()
@@ -60,6 +61,9 @@ def run_dir_parts(
         counted = model.epochs_are_samples and epochs is not None and epochs > 0
         name += f"_augment{epochs}" if counted else "_augment"
         name += f"_seed{data.seed}" if data.seed else ""
+        given = data.augment_options.given() if getattr(data, "augment_options", None) else {}
+        name += "".join(f"_{key}-{value:g}" if isinstance(value, float) else f"_{key}-{str(value).lower()}"
+                        for key, value in sorted(given.items()))  # fmt: skip
     return f"{model.method_name}/{name}/{data.category}", fold
 
 

@@ -13,6 +13,7 @@ import anomaly
 from anomaly.cli import main, run_dir_parts
 from anomaly.console import format_warning
 from anomaly.data import MVTecDataModule
+from anomaly.data.augment import AugmentOptions
 from anomaly.evaluation.results import OVERLAYS_DIR
 from anomaly.methods.gaussian import GaussianAD
 
@@ -216,5 +217,10 @@ def test_run_folders_name_what_changes_the_numbers(tmp_path: Path):
     assert name(precision="32-true") == "efficientnet-lite0_levels-5-7"
     assert name(epochs=100, augment=True) == "efficientnet-lite0_levels-5-7_augment100"
     assert name(epochs=100, augment=True, seed=3) == "efficientnet-lite0_levels-5-7_augment100_seed3"
+    switches = AugmentOptions(rotate90=False, max_rotation=15.0)
+    assert (
+        name(epochs=100, augment=True, augment_options=switches)
+        == "efficientnet-lite0_levels-5-7_augment100_max_rotation-15_rotate90-false"
+    )
     random = GaussianAD("efficientnet-lite0", pretrained=False)
     assert name(random) == "efficientnet-lite0_random-init"
