@@ -54,7 +54,7 @@ def test_folder_with_corrupt_file(detector_file: Path, new_images: Path, tmp_pat
     from anomaly.detector import GaussianDetector
 
     detector = GaussianDetector.load(detector_file)
-    expected = detector.score_samples([row["path"] for row in scored])
+    expected = detector.decision_function([row["path"] for row in scored])
     scores = np.array([float(row["score"]) for row in scored])
     np.testing.assert_allclose(scores, expected, rtol=1e-6)
     levels = np.array([[float(row["mahalanobis_2"]), float(row["mahalanobis_4"])] for row in scored])

@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
             Path(args.maps) if args.maps else None,
         )  # fmt: skip
     decided = "" if detector.threshold_ is None else f", {summary.anomalous} anomalous"
-    threshold = "none" if detector.threshold_ is None else f"{detector.threshold_:.6g} on {detector.score}"
+    score = detector.decision_score_
+    threshold = "none" if detector.threshold_ is None else f"{detector.threshold_:.6g} on {score}"
     print(
         f"scored {summary.scored} images{decided}, {summary.failed} unreadable (threshold: {threshold})",
         file=sys.stderr,

@@ -1,8 +1,9 @@
 """A scikit-learn-like detector for people who already have features or images.
 
 >>> detector = GaussianDetector(backbone="efficientnet-lite0").fit(normal_images)
->>> detector.score_samples(new_images)   # higher = more anomalous
->>> detector.predict(new_images)         # 1 = anomalous (score > threshold_), 0 = normal
+>>> detector.decision_function(new_images)   # the distance: higher = more anomalous (PyOD)
+>>> detector.score_samples(new_images)       # its negation: higher = more normal (scikit-learn)
+>>> detector.predict(new_images)             # 1 = anomalous (distance > threshold_), 0 = normal
 >>> detector.save("detector.safetensors"); GaussianDetector.load("detector.safetensors")
 
 With ``backbone=None`` it models feature vectors directly: ``fit(X)`` with ``X``
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, OutlierMixin
 from torch import Tensor
 
 from anomaly.backbones import build_backbone
@@ -29,7 +31,7 @@ from anomaly.methods.features import resolve_levels
 from anomaly.pooling import Global
 from anomaly.stats.distances import SCORE_TYPES
 from anomaly.stats.moments import RunningMoments
-from anomaly.stats.threshold import check_fpr, chi2_threshold, empirical_threshold
+from anomaly.stats.threshold import DEFAULT_TARGET_FPR, check_fpr, chi2_threshold, empirical_threshold
 
 
 def primary_column(score: str) -> str:
@@ -67,8 +69,14 @@ def single_path_as_list(X):
     return [X] if isinstance(X, (str, Path)) else X
 
 
-class GaussianDetector:
-    """Multivariate Gaussian anomaly detector (Rippel et al., ICPR 2020) with a scikit-learn-like API.
+class GaussianDetector(OutlierMixin, BaseEstimator):
+    """Multivariate Gaussian anomaly detector (Rippel et al., ICPR 2020), a scikit-learn estimator.
+
+    ``__init__`` only stores its parameters (so ``get_params``, ``set_params`` and
+    ``sklearn.base.clone`` work); they are checked by ``fit`` and ``load``. Signs:
+    :meth:`decision_function` is the distance (higher = more anomalous, as PyOD's),
+    :meth:`score_samples` its negation (higher = more normal, as scikit-learn's),
+    :meth:`predict` 1 = anomalous, 0 = normal (PyOD's labels).
 
     Args:
         backbone: ImageNet backbone that turns images into pooled features per
@@ -80,9 +88,9 @@ class GaussianDetector:
             :mod:`anomaly.data.transforms`), as in the run that made the detector.
         score: score type (``mahalanobis``, ``l2``, ``sed``) summed over levels,
             or one column such as ``mahalanobis/7``.
-        fpr: working point. ``threshold_`` is the score that a fraction ``fpr`` of
-            normal data exceeds: eq. (8)'s χ² closed form for Mahalanobis on one
-            level; otherwise the empirical ``1 - fpr`` quantile of the training
+        fpr: working point (default: the training runs' and the CLI's 0.01). ``threshold_``
+            is the distance that a fraction ``fpr`` of normal data exceeds: eq. (8)'s χ² closed
+            form for Mahalanobis on one level; otherwise the empirical ``1 - fpr`` quantile of the training
             scores (in-sample, so optimistic when there are few images per
             feature dimension: then better set ``threshold_`` from held-out
             normal images). ``None`` leaves ``threshold_`` unset.
@@ -90,7 +98,9 @@ class GaussianDetector:
         device: where the backbone and the scoring run.
 
     Attributes (after ``fit`` or ``load``):
-        threshold_: decision threshold on :meth:`score_samples` (``None`` if unset).
+        threshold_: decision threshold on :meth:`decision_function` (``None`` if unset).
+        decision_score_: the checked score column (e.g. ``mahalanobis/sum``). device_: the
+        checked :class:`torch.device`. resize_: the resize rule's name.
         levels_: the fitted levels. model_: the :class:`~anomaly.detector.model.GaussianDetectorModel`
         that scores (the same module a training run, ``predict`` and the exports use).
     """
@@ -103,29 +113,36 @@ class GaussianDetector:
         image_size: int | None = None,
         resize: str = DEFAULT_RESIZE,
         score: str = "mahalanobis",
-        fpr: float | None = 0.05,
+        fpr: float | None = DEFAULT_TARGET_FPR,
         batch_size: int = 32,
         device: str | torch.device = "cpu",
     ) -> None:
-        if fpr is not None:
-            check_fpr(fpr)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.backbone = backbone
         self.levels = levels
         self.weights = weights
         self.image_size = image_size
-        self.resize = resize_rule(resize).name
-        self.score = primary_column(score)
+        self.resize = resize
+        self.score = score
         self.fpr = fpr
         self.batch_size = batch_size
-        self.device = check_device(device)
-        self.model_: GaussianDetectorModel | None = None
-        self.threshold_: float | None = None
-        self.thresholds_: dict | None = None
-        self.levels_: list[int] | None = None
-        self.image_size_: int | None = None
-        self.source_: dict = {}
+        self.device = device
+
+    def _validate_params(self) -> None:
+        """Check the parameters; set ``decision_score_``, ``resize_`` and ``device_`` (by fit and load)."""
+        if self.fpr is not None:
+            check_fpr(self.fpr)
+        batch_size = self.batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.decision_score_ = primary_column(self.score)
+        self.resize_ = resize_rule(self.resize).name
+        self.device_ = check_device(self.device)
+
+    def _fitted_model(self) -> GaussianDetectorModel:
+        model = getattr(self, "model_", None)
+        if model is None:
+            raise UserError("this detector is not fitted yet: call fit(X) first")
+        return model
 
     # -------------------------------------------------------------------- fit
     def fit(self, X, y=None) -> GaussianDetector:
@@ -134,20 +151,24 @@ class GaussianDetector:
         Images: a sequence of file paths or (H, W[, 3]) uint8 arrays, an (n, H, W[, 3])
         uint8 array, or an (n, 3, S, S) tensor. ``y`` is ignored (all of ``X`` is normal).
         """
+        self._validate_params()
+        self.thresholds_ = None
         extractor = None
         if self.backbone is not None:
-            extractor = build_backbone(self.backbone, weights=self.weights).to(self.device)
+            extractor = build_backbone(self.backbone, weights=self.weights).to(self.device_)
             levels = resolve_levels(self.levels, extractor.num_levels, self.backbone)
             self.image_size_ = self.image_size or extractor.image_size
             self.levels_ = levels
         else:
+            self.image_size_ = None
             self.levels_ = list(range(1, len(self._as_feature_list(X)) + 1))
         self._check_score_column()
         accumulators: list[RunningMoments] | None = None
         # The training features are kept only for an empirical threshold (their scores' quantile).
         keep = self.fpr is not None and self._chi2_level() is None
         kept: list[list[Tensor]] = [[] for _ in self.levels_]
-        pool = None if extractor is None else (lambda images: extractor(images.to(self.device), self.levels_))
+        device, levels = self.device_, self.levels_
+        pool = None if extractor is None else (lambda images: extractor(images.to(device), levels))
         for features in self._feature_batches(X, pool):
             if accumulators is None:
                 accumulators = [RunningMoments(f.shape[1]) for f in features]
@@ -163,19 +184,19 @@ class GaussianDetector:
             self.levels_,
             [pooling.scorer(a.dim) for a in accumulators],
             pooling,
-            decision_score=self.score,
+            decision_score=self.decision_score_,
             image_size=self.image_size_,
-            resize=self.resize,
+            resize=self.resize_,
         )
         self.model_.finalise([a.moments() for a in accumulators])
-        self.model_.to(self.device)
+        self.model_.to(self.device_)
         self.threshold_ = self._working_point(kept)
         self.source_ = {"fitted_with": "GaussianDetector.fit", "n_fit": accumulators[0].n}
         return self
 
     def _chi2_level(self) -> int | None:
         """Index of the level whose Mahalanobis distance has eq. (8)'s χ² threshold, if the score is one."""
-        column = ScoreColumn.parse(self.score)
+        column = ScoreColumn.parse(self.decision_score_)
         if column.kind == "mahalanobis" and (not column.is_sum or len(self.levels_) == 1):
             return 0 if column.is_sum else self.levels_.index(column.level)
         return None
@@ -188,12 +209,14 @@ class GaussianDetector:
         if index is not None:
             return chi2_threshold(self.model_.scorers[index].dim, self.fpr)
         train_scores = self.model_.score_features([torch.cat(batches) for batches in train_features])
-        return empirical_threshold(train_scores[self.score].cpu(), self.fpr)
+        return empirical_threshold(train_scores[self.decision_score_].cpu(), self.fpr)
 
     def _check_score_column(self) -> None:
-        level = ScoreColumn.parse(self.score).level
+        level = ScoreColumn.parse(self.decision_score_).level
         if level is not None and level not in self.levels_:
-            raise UserError(f"score {self.score!r} names a level that is not fitted (levels {self.levels_})")
+            raise UserError(
+                f"score {self.decision_score_!r} names a level that is not fitted (levels {self.levels_})"
+            )
 
     # ------------------------------------------------------------------ input
     @staticmethod
@@ -209,7 +232,7 @@ class GaussianDetector:
             return
         X = image_items(X)
         for start in range(0, len(X), self.batch_size):
-            images = image_batch(X[start : start + self.batch_size], self.image_size_, self.resize)
+            images = image_batch(X[start : start + self.batch_size], self.image_size_, self.resize_)
             yield pool(images)
 
     # ------------------------------------------------------------------ score
@@ -218,26 +241,21 @@ class GaussianDetector:
 
         A single path (str or Path) counts as one image; an empty ``X`` is a :class:`UserError`.
         """
-        if self.model_ is None:
-            raise UserError("this detector is not fitted yet: call fit(X) first")
         columns, _ = self._score(X, maps=False)
         return columns
 
     def anomaly_maps(self, X) -> np.ndarray:
         """Anomaly maps ``(n, k, k)`` of ``X`` (detectors with a map-capable pooling, e.g. ``cells``):
         per-cell distances of the decision score's kind, summed over the levels."""
-        if self.model_ is not None and not self.model_.makes_maps:
-            raise UserError(
-                f"pooling {self.model_.pooling.name} gives no anomaly maps: fit with pooling cells"
-            )
+        model = getattr(self, "model_", None)
+        if model is not None and not model.makes_maps:
+            raise UserError(f"pooling {model.pooling.name} gives no anomaly maps: fit with pooling cells")
         return self._score(X, maps=True)[1]
 
     def _score(self, X, maps: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """Score columns (and maps) of ``X``, batch by batch, through the model's one forward."""
-        if self.model_ is None:
-            raise UserError("this detector is not fitted yet: call fit(X) first")
-        model = self.model_
-        pool = None if model.extractor is None else (lambda images: model.features(images.to(self.device)))
+        model = self._fitted_model()
+        pool = None if model.extractor is None else (lambda images: model.features(images.to(self.device_)))
         parts: dict[str, list[np.ndarray]] = {}
         map_parts: list[np.ndarray] = []
         for features in self._feature_batches(X, pool):
@@ -255,13 +273,15 @@ class GaussianDetector:
         columns = {name: np.concatenate(values) for name, values in parts.items()}
         return columns, np.concatenate(map_parts) if map_parts else None
 
-    def score_samples(self, X) -> np.ndarray:
-        """Anomaly score of each sample of ``X`` (the ``score`` column): HIGHER = MORE ANOMALOUS.
+    def decision_function(self, X) -> np.ndarray:
+        """The anomaly score of each sample of ``X``, its distance (the ``score`` column):
+        HIGHER = MORE ANOMALOUS, as PyOD's ``decision_function``; compared with ``threshold_``."""
+        return self.score_columns(X)[self.decision_score_]
 
-        Note the sign: scikit-learn's outlier detectors return the opposite
-        (lower = more abnormal); here the score is the distance to the normal data.
-        """
-        return self.score_columns(X)[self.score]
+    def score_samples(self, X) -> np.ndarray:
+        """The negated distance of each sample of ``X``: HIGHER = MORE NORMAL, as scikit-learn's
+        outlier detectors (``IsolationForest``, ``LocalOutlierFactor``) return it."""
+        return -self.decision_function(X)
 
     def calibrate(self, X, fpr: float | None = None) -> GaussianDetector:
         """Set ``threshold_`` from held-out NORMAL samples ``X`` (not those fitted on).
@@ -275,27 +295,25 @@ class GaussianDetector:
         if fpr is None:
             raise UserError("calibrate needs a target false-positive rate: pass fpr=...")
         check_fpr(fpr)
-        scores = torch.from_numpy(np.asarray(self.score_samples(X), dtype=np.float64))
+        scores = torch.from_numpy(np.asarray(self.decision_function(X), dtype=np.float64))
         self.fpr, self.threshold_ = fpr, empirical_threshold(scores, fpr)
         self.source_ = {**self.source_, "calibrated_on": int(scores.numel())}
         return self
 
     def decide(self, scores: np.ndarray) -> np.ndarray:
-        """0 (normal) or 1 (anomalous: score > ``threshold_``) for given scores."""
-        if self.threshold_ is None:
+        """0 (normal) or 1 (anomalous: distance > ``threshold_``) for :meth:`decision_function` values."""
+        if getattr(self, "threshold_", None) is None:
             raise UserError("this detector has no threshold: set threshold_ (or fit with fpr=...) first")
         return (np.asarray(scores) > self.threshold_).astype(np.int64)
 
     def predict(self, X) -> np.ndarray:
-        """1 for anomalous samples (score above ``threshold_``), 0 for normal ones."""
-        return self.decide(self.score_samples(X))
+        """1 for anomalous samples (distance above ``threshold_``), 0 for normal ones (PyOD's labels)."""
+        return self.decide(self.decision_function(X))
 
     # -------------------------------------------------------------- save/load
     def metadata(self, embed_weights: bool = False) -> dict:
         """All but the tensors: backbone, weights, preprocessing, levels, pooling, score, threshold."""
-        if self.model_ is None:
-            raise UserError("this detector is not fitted yet: call fit(X) first")
-        self.model_.set_threshold(self.threshold_)
+        self._fitted_model().set_threshold(self.threshold_)
         return {
             **model_metadata(self.model_, self.weights, embed_weights),
             "thresholds": self.thresholds_,
@@ -306,9 +324,7 @@ class GaussianDetector:
     def save(self, path: str | Path, embed_weights: bool = False) -> Path:
         """Write the detector file (see :mod:`anomaly.detector.file`); the backbone's weights are
         referenced, not stored, unless ``embed_weights`` (or the backbone was randomly initialised)."""
-        if self.model_ is None:
-            raise UserError("this detector is not fitted yet: call fit(X) first")
-        self.model_.set_threshold(self.threshold_)
+        self._fitted_model().set_threshold(self.threshold_)
         extra = {"thresholds": self.thresholds_, "fpr": self.fpr, "source": self.source_}
         return save_model(self.model_, path, extra, self.weights, embed_weights)
 
@@ -350,6 +366,7 @@ class GaussianDetector:
             fpr=fpr,
             device=device if device is not None else model.level_stats.device,
         )
+        detector._validate_params()
         detector.levels_ = list(model.levels)
         detector.image_size_ = model.image_size
         detector.model_ = model
@@ -375,11 +392,4 @@ class GaussianDetector:
             weights=hparams.get("weights"),
             thresholds=dict(thresholds) if isinstance(thresholds, dict) else None,
             source={"method": model.method_name, "settings": hparams},
-        )
-
-    def __repr__(self) -> str:
-        fitted = "fitted" if self.model_ is not None else "not fitted"
-        return (
-            f"GaussianDetector(backbone={self.backbone!r}, levels={self.levels_}, "
-            f"score={self.score!r}, {fitted})"
         )

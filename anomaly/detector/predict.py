@@ -42,7 +42,7 @@ class PredictionSummary:
 
 def output_columns(detector: GaussianDetector) -> tuple[list[str], list[str]]:
     """(CSV header, the score columns written after ``score``): the primary kind on every level."""
-    kind = ScoreColumn.parse(detector.score).kind
+    kind = ScoreColumn.parse(detector.decision_score_).kind
     per_level = [ScoreColumn(kind, level) for level in detector.levels_]
     location = ["map_max_x", "map_max_y"] if detector.model_.makes_maps else []
     header = ["path", "score", *(c.csv_name for c in per_level), *location, "decision", "error"]
@@ -76,7 +76,7 @@ def predict_files(
     paths = list(paths)
     if not paths:
         raise UserError("no image files found in the input")
-    dataset = PredictionDataset(paths, detector.image_size_, detector.resize)
+    dataset = PredictionDataset(paths, detector.image_size_, detector.resize_)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     header, per_level = output_columns(detector)
     writer = csv.writer(out)
@@ -89,13 +89,13 @@ def predict_files(
     with tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr) as bar:
         for batch in loader:
             ok = [i for i, error in enumerate(batch["error"]) if not error]
-            columns, maps = score_batch(model, batch["image"][ok].to(detector.device)) if ok else ({}, None)
+            columns, maps = score_batch(model, batch["image"][ok].to(detector.device_)) if ok else ({}, None)
             scored = {i: position for position, i in enumerate(ok)}
             for i, index in enumerate(batch["index"].tolist()):
                 row = [str(paths[index])]
                 error = batch["error"][i]
                 if i in scored:
-                    value = float(columns[detector.score][scored[i]])
+                    value = float(columns[detector.decision_score_][scored[i]])
                     if not math.isfinite(value):
                         error = f"the score is {value} (not a finite number): the image cannot be judged"
                 if not error:

@@ -39,7 +39,7 @@ class ExportedDetector(nn.Module):
                 "arithmetic only; fit it with --trainer.precision 32-true to export it"
             )
         self.model: GaussianDetectorModel = model
-        column = ScoreColumn.parse(detector.score)
+        column = ScoreColumn.parse(detector.decision_score_)
         self.score_column = str(column)
         self.level_columns = [str(ScoreColumn(column.kind, level)) for level in model.levels]
         self.image_size = detector.image_size_
@@ -73,4 +73,4 @@ def prepare_export(
     module = ExportedDetector(detector).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return module, path, example_input(module.image_size, input_dtype).to(detector.device)
+    return module, path, example_input(module.image_size, input_dtype).to(detector.device_)

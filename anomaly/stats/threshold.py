@@ -17,6 +17,7 @@ from torch import Tensor
 from anomaly.errors import UserError
 
 SIGMA_ROWS = (1, 2, 3, 4, 5)
+DEFAULT_TARGET_FPR = 0.01  # the working point of the training runs, the CLI and the Python API
 
 
 def sigma_fpr(n: float) -> float:

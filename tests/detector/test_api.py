@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import chi2
+from sklearn.base import clone
 from sklearn.covariance import LedoitWolf
 
 from anomaly.data.images import load_rgb
 from anomaly.detector import GaussianDetector
 from anomaly.detector.model import DetectorModel
 from anomaly.errors import UserError
+from anomaly.methods.gaussian.module import DEFAULT_TARGET_FPR
 from anomaly.stats.scorer import GaussianScorer
 from tests.detector.helpers import LEVELS, demo_images, fit_demo_detector
 
@@ -29,12 +31,44 @@ def test_feature_scores_are_ledoit_wolf_mahalanobis(features):
     train, new = features
     detector = GaussianDetector(backbone=None, batch_size=64).fit(train)
     expected = np.sqrt(LedoitWolf().fit(train).mahalanobis(new))
-    np.testing.assert_allclose(detector.score_samples(new), expected, rtol=1e-9)
-    # one level, Mahalanobis: eq. (8)'s closed form at the default fpr 0.05
-    assert detector.threshold_ == pytest.approx(np.sqrt(chi2.ppf(0.95, 6)), rel=1e-12)
-    scores = detector.score_samples(new)
-    np.testing.assert_array_equal(detector.predict(new), (scores > detector.threshold_).astype(int))
-    assert detector.score_samples(train).mean() < scores.mean()  # higher = more anomalous
+    distances = detector.decision_function(new)
+    np.testing.assert_allclose(distances, expected, rtol=1e-9)
+    # one level, Mahalanobis: eq. (8)'s closed form at the default fpr, the CLI's 0.01
+    assert detector.fpr == DEFAULT_TARGET_FPR == 0.01
+    assert detector.threshold_ == pytest.approx(np.sqrt(chi2.ppf(0.99, 6)), rel=1e-12)
+    np.testing.assert_array_equal(detector.predict(new), (distances > detector.threshold_).astype(int))
+    assert detector.decision_function(train).mean() < distances.mean()  # PyOD: higher = more anomalous
+
+
+def test_signs_follow_scikit_learn_and_pyod(features):
+    """score_samples: higher = more normal (sklearn); decision_function, score_columns: the distance."""
+    train, new = features
+    detector = GaussianDetector(backbone=None, score="l2", fpr=0.1).fit(train)
+    distances = detector.score_columns(new)["l2/sum"]
+    np.testing.assert_array_equal(detector.decision_function(new), distances)
+    np.testing.assert_array_equal(detector.score_samples(new), -distances)
+    assert detector.score_samples(train).mean() > detector.score_samples(new).mean()
+    labels = detector.predict(new)
+    np.testing.assert_array_equal(labels, (detector.decision_function(new) > detector.threshold_).astype(int))
+    assert 0 < labels.sum() < len(labels)
+    np.testing.assert_array_equal(clone(detector).fit_predict(train), detector.predict(train))
+
+
+def test_detector_is_a_clonable_scikit_learn_estimator(features):
+    params = dict(backbone=None, levels=[1], score="mahalanobis", resize="linear", fpr=0.2, batch_size=7)
+    detector = GaussianDetector(**params, device="cpu")
+    assert detector.get_params() == {**params, "weights": None, "image_size": None, "device": "cpu"}
+    detector.fit(features[0])
+    assert detector.decision_score_ == "mahalanobis/sum" and detector.device_ == torch.device("cpu")
+    copy = clone(detector)
+    assert copy.get_params() == detector.get_params() and not hasattr(copy, "model_")
+    with pytest.raises(UserError, match="not fitted"):
+        copy.decision_function(features[1])
+    assert copy.set_params(fpr=0.05, score="l2") is copy
+    assert copy.get_params()["fpr"] == 0.05 and copy.get_params()["score"] == "l2"
+    assert "fpr=0.2" in repr(detector) and repr(GaussianDetector()) == "GaussianDetector()"
+    loaded = GaussianDetector.from_model(detector.model_, fpr=detector.fpr)
+    assert clone(loaded).get_params() == loaded.get_params()
 
 
 def test_chi2_working_point_neither_keeps_nor_scores_the_training_features(features, monkeypatch):
@@ -45,7 +79,7 @@ def test_chi2_working_point_neither_keeps_nor_scores_the_training_features(featu
 
     monkeypatch.setattr(DetectorModel, "score_features", forbidden)
     detector = GaussianDetector(backbone=None, batch_size=64).fit(features[0])
-    assert detector.threshold_ == pytest.approx(np.sqrt(chi2.ppf(0.95, 6)), rel=1e-12)
+    assert detector.threshold_ == pytest.approx(np.sqrt(chi2.ppf(0.99, 6)), rel=1e-12)
     with pytest.raises(AssertionError, match="were scored"):
         GaussianDetector(backbone=None, score="l2", batch_size=64).fit(features[0])
 
@@ -61,7 +95,7 @@ def test_levels_are_summed_and_empirical_threshold_holds_fpr(features):
         rtol=1e-12,
     )
     # sum mode has no closed form: the threshold is the empirical 90% point of the training scores
-    train_scores = both.score_samples([train[:, :3], train[:, 3:]])
+    train_scores = both.decision_function([train[:, :3], train[:, 3:]])
     assert np.mean(train_scores > both.threshold_) <= 0.1
     assert np.mean(train_scores >= both.threshold_) > 0.1
 
@@ -71,7 +105,7 @@ def test_feature_detector_save_load(features, tmp_path: Path):
     detector = GaussianDetector(backbone=None, score="l2", fpr=0.2).fit(train)
     path = detector.save(tmp_path / "features.safetensors")
     loaded = GaussianDetector.load(path)
-    assert loaded.score == "l2/sum" and loaded.threshold_ == detector.threshold_
+    assert loaded.decision_score_ == "l2/sum" and loaded.threshold_ == detector.threshold_
     np.testing.assert_array_equal(loaded.score_samples(new), detector.score_samples(new))
     np.testing.assert_array_equal(loaded.predict(new), detector.predict(new))
 
@@ -89,12 +123,12 @@ def test_bad_use_raises_user_errors(features):
     with pytest.raises(UserError, match=r"shape \(n, 6\)"):
         detector.score_samples(train[:, :4])
     with pytest.raises(UserError, match="unknown score"):
-        GaussianDetector(score="cosine")
+        GaussianDetector(backbone=None, score="cosine").fit(train)
     with pytest.raises(UserError, match="fitted on features"):
         detector.score_samples("part.png")
     for column in ("mahalanobis/x", "l2/0"):
         with pytest.raises(UserError, match="names no level"):
-            GaussianDetector(score=column)
+            GaussianDetector(backbone=None, score=column).fit(train)
     with pytest.raises(UserError, match="at least 2"):
         GaussianDetector(backbone=None).fit(train[:1])
 
@@ -103,16 +137,16 @@ def test_images_as_paths_arrays_and_grey(tmp_path: Path):
     detector = fit_demo_detector()
     _, good, bad = demo_images()
     assert detector.levels_ == list(LEVELS) and detector.image_size_ == 224
-    from_paths = detector.score_samples(good + bad)
+    from_paths = detector.decision_function(good + bad)
     arrays = [load_rgb(p) for p in good + bad]
-    np.testing.assert_allclose(detector.score_samples(arrays), from_paths, rtol=1e-6)
+    np.testing.assert_allclose(detector.decision_function(arrays), from_paths, rtol=1e-6)
     grey = [a[:, :, 0] for a in arrays]  # (H, W) arrays are taken as grey images
     assert detector.score_samples(grey).shape == (8,)
     # the demo's scratches and stains score above its normal images
     assert from_paths[4:].mean() > from_paths[:4].mean()
     assert detector.predict(good + bad).dtype.kind == "i"
     loaded = GaussianDetector.load(detector.save(tmp_path / "images.safetensors"))
-    np.testing.assert_allclose(loaded.score_samples(good + bad), from_paths, rtol=1e-9)
+    np.testing.assert_allclose(loaded.decision_function(good + bad), from_paths, rtol=1e-9)
     assert loaded.threshold_ == detector.threshold_
 
 
@@ -132,15 +166,19 @@ def test_a_single_path_is_one_image_and_empty_input_is_a_user_error(features):
         on_features.score_samples(np.empty((0, 6)))
 
 
-def test_unavailable_or_malformed_device_is_a_user_error(monkeypatch):
+def test_unavailable_or_malformed_device_is_a_user_error(features, monkeypatch):
+    """Parameters are checked by fit (``__init__`` only stores them, as scikit-learn's estimators)."""
+    train = features[0]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
     with pytest.raises(UserError, match=r"'cuda' is not available.*device='cpu'"):
-        GaussianDetector(backbone=None, device="cuda")
+        GaussianDetector(backbone=None, device="cuda").fit(train)
     with pytest.raises(UserError, match="unknown device 'gpu!'"):
-        GaussianDetector(backbone=None, device="gpu!")
-    assert GaussianDetector(backbone=None, device="cpu").device == torch.device("cpu")
+        GaussianDetector(backbone=None, device="gpu!").fit(train)
+    assert GaussianDetector(backbone=None, device="cpu").fit(train).device_ == torch.device("cpu")
     with pytest.raises(UserError, match="batch_size"):
-        GaussianDetector(backbone=None, batch_size=0)
+        GaussianDetector(backbone=None, batch_size=0).fit(train)
+    with pytest.raises(UserError, match="fpr"):
+        GaussianDetector(backbone=None, fpr=1.5).fit(train)
 
 
 def test_unfitted_detector_is_not_saved(features, tmp_path: Path):
@@ -164,7 +202,7 @@ def test_calibrate_on_held_out_normal_data_keeps_the_false_positive_rate():
     in_sample_fpr = detector.predict(fresh).mean()
     held_out = normal(400)
     assert detector.calibrate(held_out) is detector
-    held_out_scores = detector.score_samples(held_out)
+    held_out_scores = detector.decision_function(held_out)
     assert detector.threshold_ == pytest.approx(np.sort(held_out_scores)[int(np.ceil(400 * 0.95)) - 1])
     assert (held_out_scores > detector.threshold_).mean() <= 0.05
     calibrated_fpr = detector.predict(fresh).mean()

@@ -68,12 +68,12 @@ def test_torchscript_matches_pytorch(detector, images, tmp_path: Path):
 
 def test_single_level_decision_and_every_score_kind(detector):
     detector = copy.copy(detector)
-    detector.score = "mahalanobis/4"
+    detector.decision_score_ = "mahalanobis/4"
     _, good, _ = demo_images()
     images = image_batch(good[:2], detector.image_size_)
     score, level_scores = ExportedDetector(detector)(images)
-    np.testing.assert_allclose(score.numpy(), detector.score_samples(good[:2]), rtol=1e-9)
+    np.testing.assert_allclose(score.numpy(), detector.decision_function(good[:2]), rtol=1e-9)
     assert level_scores.shape == (2, len(LEVELS))
-    detector.score = "sed/sum"  # the export runs the detector's own forward: every kind exports
+    detector.decision_score_ = "sed/sum"  # the export runs the detector's own forward: every kind exports
     score, _ = ExportedDetector(detector)(images)
-    np.testing.assert_allclose(score.numpy(), detector.score_samples(good[:2]), rtol=1e-9)
+    np.testing.assert_allclose(score.numpy(), detector.decision_function(good[:2]), rtol=1e-9)

@@ -61,10 +61,10 @@ def test_the_detector_records_bf16_and_prediction_reproduces_it(tiny_mvtec: Path
     assert read_detector(path)[1]["precision"] == "bf16-mixed"
     detector = GaussianDetector.load(path)
     detector.batch_size = 3  # the run's batches: the same bf16 arithmetic
-    scores = detector.score_samples([r["path"] for r in rows])
+    scores = detector.decision_function([r["path"] for r in rows])
     np.testing.assert_allclose(scores, [float(r["mahalanobis_sum"]) for r in rows], rtol=1e-6)
     detector.model_.precision = "32-true"  # fp32 features differ from the bf16 ones it was calibrated on
-    assert not np.allclose(detector.score_samples([r["path"] for r in rows]), scores, rtol=1e-6)
+    assert not np.allclose(detector.decision_function([r["path"] for r in rows]), scores, rtol=1e-6)
 
 
 def test_bf16_features_have_their_own_cache_entries_and_equal_uncached(tiny_mvtec: Path, tmp_path: Path):

@@ -32,10 +32,9 @@ from anomaly.pooling import Global, Pooling
 from anomaly.stats.distances import SCORE_TYPES
 from anomaly.stats.moments import RunningMoments, synchronise
 from anomaly.stats.pca import check_reduction
-from anomaly.stats.threshold import check_fpr, chi2_threshold, empirical_threshold
+from anomaly.stats.threshold import DEFAULT_TARGET_FPR, check_fpr, chi2_threshold, empirical_threshold
 
 THRESHOLD_METHODS = ("empirical", "chi2")  # the first is the default
-DEFAULT_TARGET_FPR = 0.01
 DEFAULT_DECISION_SCORE = f"mahalanobis/{SUM}"
 
 
