@@ -123,4 +123,26 @@ class Pooling(ABC):
         return f"{type(self).__name__}({args})"
 
 
-__all__ = ["GIB", "MAX_GRID_SIZE", "Pooling", "check_grid_size", "check_memory_budget"]
+class KGrid:
+    """What the poolings over a ``k x k`` grid share: the option, its description and the pooling
+    itself (adaptive average pooling of each level's map); ``arrange`` says how it is modelled."""
+
+    name: str
+
+    def __init__(self, grid_size: int = 4) -> None:
+        self.grid_size = check_grid_size(grid_size, self.name)
+
+    def options(self) -> dict:
+        return {"name": self.name, "grid_size": self.grid_size}
+
+    def describe_size(self) -> str:
+        return f" with grid_size {self.grid_size}"
+
+    def pool(self, extractor: FeatureExtractor, images: Tensor, levels: Sequence[int]) -> list[Tensor]:
+        return [self.arrange(grid) for grid in extractor(images, levels, grid=self.grid_size)]
+
+    def arrange(self, grid: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+__all__ = ["GIB", "MAX_GRID_SIZE", "KGrid", "Pooling", "check_grid_size", "check_memory_budget"]

@@ -7,13 +7,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from anomaly.backbones import FeatureExtractor
-from anomaly.pooling.base import Pooling, check_grid_size
+from anomaly.pooling.base import KGrid, Pooling
 from anomaly.stats.cells import CellGaussianScorer, CellMoments, cells_memory_bytes, fit_cells
 from anomaly.stats.moments import Moments, RunningMoments
 
 
-class Cells(Pooling):
+class Cells(KGrid, Pooling):
     """Each level's map pooled to ``k x k`` cells, every cell's C-dim feature with its own Gaussian.
 
     A level's image score is its largest cell distance; the per-cell distances
@@ -25,21 +24,9 @@ class Cells(Pooling):
     supports_reduction = False
     chi2_calibratable = False  # a max over cells is not chi-squared distributed
 
-    def __init__(self, grid_size: int = 4) -> None:
-        self.grid_size = check_grid_size(grid_size, self.name)
-
     @property
     def cells(self) -> int:
         return self.grid_size**2
-
-    def options(self) -> dict:
-        return {"name": self.name, "grid_size": self.grid_size}
-
-    def describe_size(self) -> str:
-        return f" with grid_size {self.grid_size}"
-
-    def pool(self, extractor: FeatureExtractor, images: Tensor, levels: Sequence[int]) -> list[Tensor]:
-        return [self.arrange(grid) for grid in extractor(images, levels, grid=self.grid_size)]
 
     def arrange(self, grid: Tensor) -> Tensor:
         """A level's ``(B, C, k, k)`` pooled map as modelled: ``(B, k^2, C)``, cell ``i * k + j`` is
