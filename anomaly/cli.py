@@ -27,7 +27,7 @@ from anomaly.configs import CONFIG_DIR, DEFAULT_CONFIG, resolve_config_args  # n
 from anomaly.console import run_command
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.images import list_images
-from anomaly.data.transforms import DEFAULT_RESIZE
+from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE
 from anomaly.detector.run import remove_stale_detector, save_run_detector
 from anomaly.errors import ArgumentsError
 from anomaly.evaluation.report import format_run_table
@@ -43,7 +43,8 @@ def run_dir_parts(
     """(``<method>/<name>/<category>``, ``fold_<k>``) of a run, relative to the root dir.
 
     A resolution other than the backbone's adds ``_<size>px``, a resize rule other than
-    ``area`` ``_resize-<rule>``, a precision other than
+    ``area`` ``_resize-<rule>``, a fit rule other than ``stretch`` ``_fit-<rule>``, tiles
+    ``_tiles-<rows>x<cols>``, a precision other than
     float32 ``_<precision>``. Augmented runs end in ``_augment``; for methods that
     stream every augmented pass into their fit (Gaussian, oc-SVM) the number of passes
     follows (``_augment100``), a seed other than 0 ``_seed<k>``, and each augmentation switch
@@ -55,6 +56,10 @@ def run_dir_parts(
         name += f"_{data.image_size}px"  # not the backbone's native resolution
     if getattr(data, "resize", DEFAULT_RESIZE) != DEFAULT_RESIZE:
         name += f"_resize-{data.resize}"
+    if getattr(data, "fit", DEFAULT_FIT) != DEFAULT_FIT:
+        name += f"_fit-{data.fit}"
+    if getattr(data, "tiles", "1x1") != "1x1":
+        name += f"_tiles-{data.tiles}"
     if precision is not None and str(precision) not in ("32", "32-true"):
         name += f"_{precision}"
     if data.augment:
@@ -276,7 +281,7 @@ def fit_and_test(args: list[str] | None = None) -> dict:
             if data.test_samples:
                 trainer.test(model, datamodule=data, verbose=False)
             if trainer.is_global_zero:
-                detector = save_run_detector(model, data.image_size, run_dir, data.resize)
+                detector = save_run_detector(model, data.image_size, run_dir, data.geometry)
         except BaseException:
             if trainer.is_global_zero:
                 remove_failed_run(run_dir, root)

@@ -20,7 +20,14 @@ from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.folds import check_fold, kfold_split
 from anomaly.data.image_cache import ResizedImageCache
 from anomaly.data.samplers import EpochShardSampler
-from anomaly.data.transforms import DEFAULT_RESIZE, ImagePipeline, check_image_size, resize_rule
+from anomaly.data.transforms import (
+    DEFAULT_FIT,
+    DEFAULT_RESIZE,
+    ImagePipeline,
+    check_image_size,
+    geometry,
+    resize_rule,
+)
 from anomaly.errors import UserError
 
 
@@ -54,6 +61,13 @@ class AnomalyDataModule(pl.LightningDataModule):
             test, cached images and features): ``area`` (default), ``linear`` (the paper's
             code: OpenCV bilinear without anti-aliasing) or ``cubic``; see
             :mod:`anomaly.data.transforms`.
+        fit: how an image of another aspect ratio fills the input: ``stretch`` (default), ``pad``
+            (aspect kept, padded with the ImageNet mean) or ``crop`` (aspect kept, centre-cropped);
+            masks follow the same geometry.
+        tiles: the input as ``ROWSxCOLS`` square tiles of ``image_size`` (e.g. ``1x3`` for long
+            strips): every tile is a sample of the fit, an image's score is its largest tile score
+            and maps are stitched (Gaussian methods; see
+            :class:`~anomaly.detector.model.GaussianDetectorModel`).
     """
 
     def __init__(
@@ -68,6 +82,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         image_cache: str | None = None,
         augment_options: AugmentOptions | None = None,
         resize: str = DEFAULT_RESIZE,
+        fit: str = DEFAULT_FIT,
+        tiles: str = "1x1",
     ) -> None:
         super().__init__()
         check_fold(fold)
@@ -93,6 +109,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         self._features_loaded = False
         self.image_cache = image_cache
         self.resize = resize_rule(resize).name
+        self.geometry = geometry(resize, fit, tiles)
+        self.fit, self.tiles = self.geometry.fit.name, str(self.geometry.tiles)
 
     # ----------------------------------------------------------------- files
     @property
@@ -157,14 +175,14 @@ class AnomalyDataModule(pl.LightningDataModule):
             if augment
             else None
         )
-        return ImagePipeline(self.image_size, augmentation, self.resize)
+        return ImagePipeline(self.image_size, augmentation, self.geometry)
 
     def resized_images(self) -> ResizedImageCache | None:
         """The resized-image cache at the current image size, if one is configured."""
         return (
             None
             if self.image_cache is None
-            else ResizedImageCache(self.image_cache, self.image_size, self.resize)
+            else ResizedImageCache(self.image_cache, self.image_size, self.geometry)
         )
 
     def _image_dataset(

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from anomaly.data.augment import augmentation_seed
 from anomaly.data.image_cache import ResizedImageCache
 from anomaly.data.images import load_mask, load_rgb
-from anomaly.data.transforms import ImagePipeline, resize_mask
+from anomaly.data.transforms import ImagePipeline
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class ImageDataset(Dataset):
     The key may encode an epoch as ``epoch * len(self) + index`` (see
     :class:`~anomaly.data.samplers.EpochShardSampler`); with augmentation, the
     image is augmented with a seed derived from (seed, epoch, index).
-    With ``with_masks`` every item carries a (1, S, S) uint8 mask, all zeros
+    With ``with_masks`` every item carries a (1, S, S) uint8 mask (on the pipeline's canvas), all zeros
     where no ground truth exists, and ``"has_mask"``. With ``image_cache`` (at
     the pipeline's size) images are decoded and resized once, then read back.
     """
@@ -70,11 +70,10 @@ class ImageDataset(Dataset):
             "path": sample.path,
         }
         if self.with_masks:
-            size = self.pipeline.image_size
             if sample.mask is not None:
-                mask = torch.from_numpy(resize_mask(load_mask(sample.mask), size))
+                mask = torch.from_numpy(self.pipeline.mask(load_mask(sample.mask)))
             else:
-                mask = torch.zeros(size, size, dtype=torch.bool)
+                mask = torch.zeros(self.pipeline.shape, dtype=torch.bool)
             item["mask"] = mask[None].to(torch.uint8)
             item["has_mask"] = sample.mask is not None
         return item

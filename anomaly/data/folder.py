@@ -33,7 +33,7 @@ from anomaly.data.augment import AugmentOptions
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import Sample
 from anomaly.data.images import list_images
-from anomaly.data.transforms import DEFAULT_RESIZE
+from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE
 from anomaly.errors import UserError
 
 NORMAL_NAMES = ("good", "normal", "ok")
@@ -76,7 +76,7 @@ class FolderDataModule(AnomalyDataModule):
         masks, mask_suffix, mask_extension: where the ground-truth masks are.
         test_normal_fraction: share of ``normal_dir`` held out for testing (seeded by ``split_seed``).
         fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache,
-            augment_options, resize: see
+            augment_options, resize, fit, tiles: see
             :class:`~anomaly.data.datamodule.AnomalyDataModule`.
     """
 
@@ -103,6 +103,8 @@ class FolderDataModule(AnomalyDataModule):
         image_cache: str | None = None,
         augment_options: AugmentOptions | None = None,
         resize: str = DEFAULT_RESIZE,
+        fit: str = DEFAULT_FIT,
+        tiles: str = "1x1",
     ) -> None:
         super().__init__(
             fold,
@@ -115,6 +117,8 @@ class FolderDataModule(AnomalyDataModule):
             image_cache,
             augment_options,
             resize,
+            fit,
+            tiles,
         )
         if labels and any(value not in (0, 1) for value in labels.values()):
             raise UserError(f"labels must map class names to 0 (normal) or 1 (anomalous), got {labels}")

@@ -25,7 +25,7 @@ import numpy as np
 
 from anomaly.data.images import load_rgb
 from anomaly.data.store import EntryFolder
-from anomaly.data.transforms import DEFAULT_RESIZE, ResizeRule, resize_rule
+from anomaly.data.transforms import DEFAULT_RESIZE, Geometry, ResizeRule, geometry
 from anomaly.errors import UserError
 
 #: Bumped whenever decoding (:func:`~anomaly.data.images.load_rgb`), resizing or the layout changes.
@@ -46,7 +46,8 @@ def file_key(path: str | Path) -> str:
 
 
 class ResizedImageCache:
-    """``(size, size, 3)`` uint8 images, decoded and resized once, read back verified.
+    """``(size, size, 3)`` uint8 images (the :class:`Geometry`'s canvas), decoded and resized once,
+    read back verified.
 
     Safe to share between loader worker processes and runs: entries are written
     atomically and checked on every read. Instances are cheap and picklable.
@@ -54,11 +55,13 @@ class ResizedImageCache:
 
     SUFFIX = ".img"
 
-    def __init__(self, root: str | Path, image_size: int, resize: str | ResizeRule = DEFAULT_RESIZE) -> None:
+    def __init__(
+        self, root: str | Path, image_size: int, resize: str | ResizeRule | Geometry = DEFAULT_RESIZE
+    ) -> None:
         self.root = Path(root).expanduser()
         self.image_size = int(image_size)
-        self.resize = resize_rule(resize)
-        self.shape = (self.image_size, self.image_size, 3)
+        self.resize = geometry(resize)
+        self.shape = (*self.resize.canvas(self.image_size), 3)
         identity = {
             "format": FORMAT_VERSION,
             "image_size": self.image_size,
@@ -68,7 +71,8 @@ class ResizedImageCache:
         self.entries = EntryFolder(self.root, identity, self.SUFFIX, "image cache")
 
     def load(self, path: str | Path) -> np.ndarray:
-        """The image at ``path`` resized to ``(size, size, 3)``: from the cache, else decoded and stored."""
+        """The image at ``path`` on its canvas (``(size, size, 3)`` by default): from the cache, else
+        decoded and stored."""
         try:
             key = file_key(path)
         except OSError as error:

@@ -15,7 +15,7 @@ from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import Sample
 from anomaly.data.demo import DEMO_CATEGORY, ensure_demo_dataset
 from anomaly.data.images import list_images
-from anomaly.data.transforms import DEFAULT_RESIZE
+from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE
 from anomaly.errors import UserError
 
 MVTEC_CATEGORIES = (
@@ -63,7 +63,7 @@ class MVTecDataModule(AnomalyDataModule):
             small embedded demo dataset (category ``demo``), built on first use.
         category: e.g. ``bottle``.
         fold, batch_size, num_workers, image_size, augment, seed, feature_cache, image_cache,
-            augment_options, resize: see
+            augment_options, resize, fit, tiles: see
             :class:`~anomaly.data.datamodule.AnomalyDataModule`.
     """
 
@@ -81,6 +81,8 @@ class MVTecDataModule(AnomalyDataModule):
         image_cache: str | None = None,
         augment_options: AugmentOptions | None = None,
         resize: str = DEFAULT_RESIZE,
+        fit: str = DEFAULT_FIT,
+        tiles: str = "1x1",
     ) -> None:
         super().__init__(
             fold,
@@ -93,6 +95,8 @@ class MVTecDataModule(AnomalyDataModule):
             image_cache,
             augment_options,
             resize,
+            fit,
+            tiles,
         )
         if root is None and category != DEMO_CATEGORY:
             raise UserError(

@@ -223,8 +223,9 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
     def _as_feature_list(X) -> list[Tensor]:
         return feature_list(X)  # checked: see anomaly.detector.inputs
 
-    def _feature_batches(self, X, pool) -> Iterator[list[Tensor]]:
-        """Per-level feature batches of ``X``: sliced features, or ``pool(images)`` of image batches."""
+    def _feature_batches(self, X, pool, geometry=None) -> Iterator[list[Tensor]]:
+        """Per-level feature batches of ``X``: sliced features, or ``pool(images)`` of image batches
+        (prepared by ``geometry``, a fitted model's resize/fit/tiles; default: the ``resize`` rule)."""
         if pool is None:
             features = self._as_feature_list(single_path_as_list(X))  # a path: "fitted on features"
             for start in range(0, features[0].shape[0], self.batch_size):
@@ -232,7 +233,8 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             return
         X = image_items(X)
         for start in range(0, len(X), self.batch_size):
-            images = image_batch(X[start : start + self.batch_size], self.image_size_, self.resize_)
+            batch = X[start : start + self.batch_size]
+            images = image_batch(batch, self.image_size_, geometry or self.resize_)
             yield pool(images)
 
     # ------------------------------------------------------------------ score
@@ -258,7 +260,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         pool = None if model.extractor is None else (lambda images: model.features(images.to(self.device_)))
         parts: dict[str, list[np.ndarray]] = {}
         map_parts: list[np.ndarray] = []
-        for features in self._feature_batches(X, pool):
+        for features in self._feature_batches(X, pool, model.geometry):
             if pool is None:
                 model.check_features(features)
             columns, batch_maps = model.score(features) if maps else (model.score_features(features), None)

@@ -33,6 +33,7 @@ from torch import Tensor
 from anomaly.atomic import replaced_atomically
 from anomaly.backbones import backbone_spec
 from anomaly.columns import ScoreColumn
+from anomaly.data.transforms import DEFAULT_FIT, FIT_RULES, TileGrid
 from anomaly.detector.model import LEVEL_WEIGHTINGS, PRECISIONS
 from anomaly.detector.weights import EMBEDDED_PREFIX
 from anomaly.errors import UserError
@@ -208,6 +209,12 @@ def check_metadata(path: Path, meta: dict) -> None:
     size = preprocessing.get("image_size")
     if not is_int(size) or not 1 <= size <= MAX_IMAGE_SIZE:
         raise bad("preprocessing.image_size", f"must be an integer in 1..{MAX_IMAGE_SIZE}, not {size!r}")
+    if preprocessing.get("fit", DEFAULT_FIT) not in FIT_RULES:
+        raise bad("preprocessing.fit", f"must be one of {', '.join(FIT_RULES)}, not {preprocessing['fit']!r}")
+    try:
+        TileGrid.parse(preprocessing.get("tiles", "1x1"))
+    except UserError as exc:
+        raise bad("preprocessing.tiles", str(exc)) from None
 
 
 def _check_v2(path: Path, meta: dict) -> None:

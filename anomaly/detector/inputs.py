@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from anomaly.data.images import IMAGE_EXTENSIONS, load_rgb, scan_images, warn_skipped
-from anomaly.data.transforms import DEFAULT_RESIZE, RESIZE_RULES, ImagePipeline
+from anomaly.data.transforms import DEFAULT_RESIZE, RESIZE_RULES, Geometry, ImagePipeline
 from anomaly.errors import UserError
 
 #: Feature values beyond this magnitude overflow float64 once squared into a covariance.
@@ -87,16 +87,16 @@ def check_unit_range(images: Tensor) -> None:
         raise UserError(f"float image tensors must lie in [0, 1], got values from {low:g} to {high:g}{hint}")
 
 
-def image_batch(items, image_size: int, resize: str = DEFAULT_RESIZE) -> Tensor:
-    """(B, 3, S, S) uint8 from paths, (H, W[, 3]) uint8 arrays, or a ready (B, 3, S, S) tensor."""
+def image_batch(items, image_size: int, resize: str | Geometry = DEFAULT_RESIZE) -> Tensor:
+    """(B, 3, S, S) uint8 from paths, (H, W[, 3]) uint8 arrays, or a ready (B, 3, S, S) tensor
+    (``(B, 3, rows*S, cols*S)`` for a :class:`~anomaly.data.transforms.Geometry` with tiles)."""
+    pipeline = ImagePipeline(image_size, resize=resize)
     if isinstance(items, Tensor):
-        if items.ndim != 4 or items.shape[1] != 3 or tuple(items.shape[2:]) != (image_size, image_size):
-            raise UserError(
-                f"image tensors must be (B, 3, {image_size}, {image_size}), got {tuple(items.shape)}"
-            )
+        height, width = pipeline.shape
+        if items.ndim != 4 or items.shape[1] != 3 or tuple(items.shape[2:]) != (height, width):
+            raise UserError(f"image tensors must be (B, 3, {height}, {width}), got {tuple(items.shape)}")
         check_unit_range(items)
         return items
-    pipeline = ImagePipeline(image_size, resize=resize)
     images = [
         pipeline(load_rgb(item) if isinstance(item, (str, Path)) else rgb_array(item)) for item in items
     ]
@@ -207,7 +207,7 @@ def feature_list(X) -> list[Tensor]:
 class PredictionDataset(Dataset):
     """Image files as the detector sees them; an unreadable file yields its error instead of an image."""
 
-    def __init__(self, paths: list[Path], image_size: int, resize: str = DEFAULT_RESIZE) -> None:
+    def __init__(self, paths: list[Path], image_size: int, resize: str | Geometry = DEFAULT_RESIZE) -> None:
         self.paths = paths
         self.pipeline = ImagePipeline(image_size, resize=resize)
 
@@ -216,7 +216,6 @@ class PredictionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
-        size = self.pipeline.image_size
         height = width = 0  # the original size, for maps at the image's own size
         try:
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -224,6 +223,6 @@ class PredictionDataset(Dataset):
             rgb = load_rgb(path)
             (height, width), image, error = rgb.shape[:2], self.pipeline(rgb), ""
         except Exception as exc:  # unreadable, truncated, wrong format: reported in the output
-            image = torch.zeros(3, size, size, dtype=torch.uint8)
+            image = torch.zeros(3, *self.pipeline.shape, dtype=torch.uint8)
             error = " ".join(str(exc).split()) or type(exc).__name__
         return {"image": image, "error": error, "index": index, "height": height, "width": width}

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from anomaly.data.transforms import DEFAULT_FIT
 from anomaly.detector.file import (
     LEVEL_STATS,
     file_pooling,
@@ -53,8 +54,11 @@ def model_metadata(model: GaussianDetectorModel, weights: str | None, embed_weig
         if spec is None
         else {
             "image_size": model.image_size,
-            "input": "RGB (grey replicated), made square by anomaly.data.transforms.resize_square",
+            "input": "RGB (grey replicated), placed on a (rows*S, cols*S) canvas by "
+            "anomaly.data.transforms.Geometry",
             "resize": model.resize,
+            "fit": model.fit,
+            "tiles": str(model.tiles),
             "dtype": "uint8 0..255 (or float 0..1)",
             "normalise_mean": list(spec.mean),
             "normalise_std": list(spec.std),
@@ -111,6 +115,8 @@ def load_model(
         image_size=(meta["preprocessing"] or {}).get("image_size"),
         resize=recorded_resize(meta["preprocessing"]),
         precision=meta.get("precision"),
+        fit=(meta["preprocessing"] or {}).get("fit", DEFAULT_FIT),  # files before fit rules: stretch
+        tiles=(meta["preprocessing"] or {}).get("tiles", "1x1"),
     )
     if LEVEL_STATS in tensors:
         stats = tensors[LEVEL_STATS]

@@ -11,12 +11,16 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from anomaly.data.images import load_rgb
+from anomaly.data.transforms import Geometry
 from anomaly.evaluation.plots import new_figure
 
 
-def map_at_size(coarse: Tensor, height: int, width: int) -> np.ndarray:
-    """A coarse ``(h, w)`` map bilinearly resized to ``(height, width)`` float32 (the detector's input
-    is the image stretched to a square, so this undoes the stretch)."""
+def map_at_size(coarse: Tensor, height: int, width: int, geometry: Geometry | None = None) -> np.ndarray:
+    """A coarse ``(h, w)`` map bilinearly resized to ``(height, width)`` float32: for a stretched
+    input (the default) this undoes the stretch; for a padded or cropped one
+    (:meth:`Geometry.map_to_image`) the padding is cut off and what a crop cut off is NaN."""
+    if geometry is not None and geometry.fit.scale is not None:
+        return geometry.map_to_image(coarse.float().numpy(), height, width)
     full = F.interpolate(
         coarse[None, None].float(), size=(height, width), mode="bilinear", align_corners=False
     )
@@ -24,8 +28,8 @@ def map_at_size(coarse: Tensor, height: int, width: int) -> np.ndarray:
 
 
 def argmax_xy(image_map: np.ndarray) -> tuple[int, int]:
-    """(x, y) pixel of a map's maximum (column, row; the first one on ties)."""
-    y, x = np.unravel_index(int(np.argmax(image_map)), image_map.shape)
+    """(x, y) pixel of a map's maximum (column, row; the first one on ties; NaN pixels ignored)."""
+    y, x = np.unravel_index(int(np.nanargmax(image_map)), image_map.shape)
     return int(x), int(y)
 
 

@@ -13,6 +13,12 @@ eq. 9); the pooling turns the distances into the level's image score (and map);
 ``<kind>/sum`` adds the levels with equal weights (the paper's sum mode) or, with
 ``holdout`` weighting, after standardising each level on held-out normal scores.
 
+Tiles (``tiles`` ``ROWSxCOLS``, for long or large images): the input is a
+``rows*S x cols*S`` canvas (:class:`~anomaly.data.transforms.Geometry`);
+:meth:`features` cuts it into its square tiles, so that every tile is one sample
+of the fit's streamed statistics, and :meth:`score` gives each image the largest
+score of its tiles, per score column, and stitches the tile maps back into one map.
+
 Fitting: :meth:`update` streams a batch into float64 accumulators (when the
 model was built by :meth:`for_fitting`), :meth:`finalise` fits the Gaussians
 (Ledoit-Wolf, eq. 6), :meth:`set_level_weights` and :meth:`set_threshold` finish it.
@@ -29,7 +35,7 @@ from torch import Tensor, nn
 
 from anomaly.backbones import FeatureExtractor
 from anomaly.columns import ScoreColumn, column_name
-from anomaly.data.transforms import DEFAULT_RESIZE
+from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE, Geometry, TileGrid, fit_rule, geometry
 from anomaly.errors import UserError
 from anomaly.pooling import Global, Pooling
 from anomaly.stats.distances import SCORE_TYPES, level_columns
@@ -60,8 +66,10 @@ class GaussianDetectorModel(nn.Module):
         decision_score: the column decisions are made on (and whose kind the map shows).
         level_weighting: ``none`` (equal-weight sum) or ``holdout`` (standardised levels).
         threshold: the decision threshold on ``decision_score`` (``None``: none yet).
-        image_size: the square input size the detector was fitted at.
+        image_size: the square input (tile) size the detector was fitted at.
         resize: how images were made square (``area``, ``linear``, ``cubic``: anomaly.data.transforms).
+        fit: how an image of another aspect ratio fills the input (``stretch``, ``pad``, ``crop``).
+        tiles: the input's tile grid, ``ROWSxCOLS`` (default ``1x1``: one tile).
         precision: the training precision (Lightning's name); a mixed one is reproduced.
     """
 
@@ -77,6 +85,8 @@ class GaussianDetectorModel(nn.Module):
         image_size: int | None = None,
         resize: str = DEFAULT_RESIZE,
         precision: str | None = None,
+        fit: str = DEFAULT_FIT,
+        tiles: str | TileGrid = "1x1",
     ) -> None:
         super().__init__()
         if len(levels) != len(scorers) or not levels:
@@ -96,6 +106,8 @@ class GaussianDetectorModel(nn.Module):
         self.image_size = image_size
         self.resize = resize
         self.precision = precision
+        self.fit = fit_rule(fit).name
+        self.tiles = TileGrid.parse(tiles)
         identity = torch.tensor([0.0, 1.0], dtype=torch.float64).repeat(len(SCORE_TYPES), len(self.levels), 1)
         #: Per score kind and level: location and scale of the held-out normal scores (holdout weighting).
         self.register_buffer("level_stats", identity)
@@ -142,6 +154,15 @@ class GaussianDetectorModel(nn.Module):
         value = float(self.decision_threshold)
         return None if math.isnan(value) else value
 
+    @property
+    def geometry(self) -> Geometry:
+        """How an image file becomes this detector's input (resize rule, fit rule, tiles)."""
+        return geometry(self.resize, self.fit, self.tiles)
+
+    def set_geometry(self, value: Geometry) -> None:
+        """Take the data's resize rule, fit rule and tiles (before fitting)."""
+        self.resize, self.fit, self.tiles = value.resize.name, value.fit.name, value.tiles
+
     def set_threshold(self, value: float | None) -> None:
         """Set the decision threshold (``None`` clears it); a non-finite one is refused."""
         if value is not None and not math.isfinite(value):
@@ -151,13 +172,47 @@ class GaussianDetectorModel(nn.Module):
     # ----------------------------------------------------------- features
     @torch.no_grad()
     def features(self, images: Tensor) -> list[Tensor]:
-        """The rows each level models, for (B, 3, S, S) uint8 or [0, 1] float images."""
+        """The rows each level models, for (B, 3, S, S) uint8 or [0, 1] float images; with tiles,
+        for (B, 3, rows*S, cols*S) images, the rows of their B*rows*cols tiles (image-major)."""
         if self.extractor is None:
             raise UserError("this detector was fitted on features, not images: pass features instead")
         dtype = MIXED_PRECISIONS.get(self.precision)
         device = self.level_stats.device.type
         with torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext():
-            return self.pooling.pool(self.extractor, images, self.levels)
+            return self.pooling.pool(self.extractor, self.split_tiles(images), self.levels)
+
+    def split_tiles(self, images: Tensor) -> Tensor:
+        """(B, C, rows*S, cols*S) -> (B*rows*cols, C, S, S): each image's tiles, row by row."""
+        rows, cols = self.tiles.rows, self.tiles.cols
+        if rows * cols == 1:
+            return images
+        channels, height, width = images.shape[1:]
+        if height % rows or width % cols or height // rows != width // cols:
+            raise UserError(
+                f"a detector with tiles {self.tiles} takes images of {rows}S x {cols}S pixels, "
+                f"got {height}x{width}"
+            )
+        size = height // rows
+        tiles = images.reshape(-1, channels, rows, size, cols, size).permute(0, 2, 4, 1, 3, 5)
+        return tiles.reshape(-1, channels, size, size)
+
+    def merge_tiles(
+        self, columns: dict[str, Tensor], maps: Tensor | None
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Per image: the largest tile score of every column, and the tile maps stitched together."""
+        rows, cols = self.tiles.rows, self.tiles.cols
+        count = rows * cols
+        if count == 1:
+            return columns, maps
+        n = next(iter(columns.values())).shape[0]
+        if n % count:
+            raise UserError(f"{n} rows are not whole images of {count} tiles ({self.tiles})")
+        merged = {name: values.reshape(-1, count).amax(dim=1) for name, values in columns.items()}
+        if maps is not None:
+            height, width = maps.shape[-2:]
+            grid = maps.reshape(-1, rows, cols, height, width).permute(0, 1, 3, 2, 4)
+            maps = grid.reshape(-1, rows * height, cols * width)
+        return merged, maps
 
     # ---------------------------------------------------------------- fit
     @torch.no_grad()
@@ -212,7 +267,9 @@ class GaussianDetectorModel(nn.Module):
         """(score columns ``{"<kind>/<level|sum>": (B,)}``, anomaly maps ``(B, h, w)`` or ``None``).
 
         The maps are the per-cell distances of the decision score's kind, summed over
-        the levels (standardised with ``holdout`` weighting).
+        the levels (standardised with ``holdout`` weighting). With tiles, ``features`` hold
+        the rows of whole images' tiles and every column is reduced by the max over an
+        image's tiles (:meth:`merge_tiles`).
         """
         if not self.fitted:
             raise UserError("the detector is not fitted yet: run fit before scoring")
@@ -234,10 +291,11 @@ class GaussianDetectorModel(nn.Module):
                     self.standardise(kind, i, columns[column_name(kind, level)])
                     for i, level in enumerate(self.levels)
                 )
-        return columns, None if maps is None else self.pooling.to_map(maps)
+        return self.merge_tiles(columns, None if maps is None else self.pooling.to_map(maps))
 
     def forward(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
-        """(score columns, anomaly maps or ``None``) for (B, 3, S, S) uint8 or [0, 1] float images."""
+        """(score columns, anomaly maps or ``None``) for (B, 3, S, S) uint8 or [0, 1] float images
+        (``(B, 3, rows*S, cols*S)`` with tiles)."""
         return self.score(self.features(images))
 
     def check_features(self, features: Sequence[Tensor]) -> None:

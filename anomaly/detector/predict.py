@@ -10,7 +10,8 @@ when not a single file can be scored, nothing is written and it is an error.
 Detectors with a map-capable pooling (``cells``) add the location of each map's
 maximum (``map_max_x``, ``map_max_y``: pixel column and row in the original
 image) and, with a maps folder, write per image the raw map at the image's size
-(``.npy`` float32) and a heat-map overlay (``.png``).
+(``.npy`` float32) and a heat-map overlay (``.png``). Images are prepared as the
+detector was fitted (resize rule, fit rule, tiles: its ``preprocessing``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -76,7 +78,7 @@ def predict_files(
     paths = list(paths)
     if not paths:
         raise UserError("no image files found in the input")
-    dataset = PredictionDataset(paths, detector.image_size_, detector.resize_)
+    dataset = PredictionDataset(paths, detector.image_size_, model.geometry)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     header, per_level = output_columns(detector)
     writer = csv.writer(out)
@@ -103,11 +105,11 @@ def predict_files(
                     location = []
                     if maps is not None:
                         size = int(batch["height"][i]), int(batch["width"][i])
-                        image_map = map_at_size(maps[scored[i]].cpu(), *size)
+                        image_map = map_at_size(maps[scored[i]].cpu(), *size, model.geometry)
                         location = list(argmax_xy(image_map))
                         if maps_dir is not None:
                             title = f"{paths[index].name}  score {value:.4g}"
-                            vmax = threshold if threshold is not None else float(image_map.max())
+                            vmax = threshold if threshold is not None else float(np.nanmax(image_map))
                             write_map(maps_dir, stems[index], paths[index], image_map, title, vmax)
                     decision = "" if threshold is None else int(value > threshold)
                     row += [f"{value:.10g}", *levels, *location, decision, ""]

@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> int:
         detector = GaussianDetector.load(args.detector, weights=args.weights)
         path = EXPORTERS[args.format](detector, args.out, args.input_dtype)
-        size = detector.image_size_
+        height, width = detector.model_.geometry.canvas(detector.image_size_)
         outputs = "score, level_scores" + (", map" if detector.model_.makes_maps else "")
-        print(f"wrote {path}: input (B, 3, {size}, {size}) {args.input_dtype} images; outputs {outputs}")
+        print(f"wrote {path}: input (B, 3, {height}, {width}) {args.input_dtype} images; outputs {outputs}")
         return 0
 
     return run_command(command)

@@ -2,7 +2,9 @@
 
 The backbone's TensorFlow-style "SAME" padding is computed from the input size
 at run time; tracing fixes it for the detector's own square size, so exported
-files take ``(B, 3, S, S)`` images with any batch size ``B`` and exactly that ``S``.
+files take ``(B, 3, S, S)`` images with any batch size ``B`` and exactly that ``S``
+(with tiles, ``(B, 3, rows*S, cols*S)``: the model cuts and merges the tiles itself;
+the caller resizes, pads or crops as the detector's ``preprocessing`` says).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class ExportedDetector(nn.Module):
         self.score_column = str(column)
         self.level_columns = [str(ScoreColumn(column.kind, level)) for level in model.levels]
         self.image_size = detector.image_size_
+        self.input_shape = model.geometry.canvas(self.image_size)
 
     @property
     def output_names(self) -> list[str]:
@@ -55,10 +58,14 @@ class ExportedDetector(nn.Module):
         return outputs if maps is None else (*outputs, maps)
 
 
-def example_input(image_size: int, input_dtype: str, batch: int = 2) -> Tensor:
-    """A fixed example batch of the exported input type (``uint8`` or ``float``)."""
+def example_input(
+    image_size: int, input_dtype: str, batch: int = 2, shape: tuple[int, int] | None = None
+) -> Tensor:
+    """A fixed example batch of the exported input type (``uint8`` or ``float``), of ``(height,
+    width)`` ``shape`` (default: square ``image_size``)."""
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
+    height, width = shape or (image_size, image_size)
+    images = torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8, generator=generator)
     if input_dtype == "uint8":
         return images
     if input_dtype == "float":
@@ -73,4 +80,8 @@ def prepare_export(
     module = ExportedDetector(detector).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return module, path, example_input(module.image_size, input_dtype).to(detector.device_)
+    return (
+        module,
+        path,
+        example_input(module.image_size, input_dtype, shape=module.input_shape).to(detector.device_),
+    )

@@ -30,7 +30,8 @@ from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.image_cache import ResizedImageCache
 from anomaly.data.samplers import process_rank_and_world
 from anomaly.data.store import EntryFolder
-from anomaly.data.transforms import DEFAULT_RESIZE, ImagePipeline, ResizeRule, resize_rule
+from anomaly.data.transforms import DEFAULT_RESIZE, Geometry, ImagePipeline, ResizeRule, geometry
+from anomaly.errors import UserError
 from anomaly.features.dataset import FeatureDataset
 from anomaly.features.keys import extractor_identity, file_digest
 
@@ -55,8 +56,9 @@ class FeatureCache:
             e.g. ``"cpu/32-true"`` or ``"cuda/bf16-mixed"``.
         forward_context: the autocast context the features are computed in (the
             trainer's precision context, so that cached and uncached features agree).
-        resize: the resize rule (a name of :data:`~anomaly.data.transforms.RESIZE_RULES`, part of
-            the identity).
+        resize: the resize rule (a name of :data:`~anomaly.data.transforms.RESIZE_RULES`) or a whole
+            :class:`~anomaly.data.transforms.Geometry` with its fit rule (part of the identity; tiles
+            are refused).
     """
 
     SUFFIX = ".feat"
@@ -68,13 +70,18 @@ class FeatureCache:
         image_size: int,
         compute: str = "cpu/32-true",
         forward_context: Callable[[], AbstractContextManager] = nullcontext,
-        resize: str | ResizeRule = DEFAULT_RESIZE,
+        resize: str | ResizeRule | Geometry = DEFAULT_RESIZE,
     ) -> None:
         self.root = Path(root).expanduser()
         self.extractor = extractor
         self.image_size = image_size
         self.forward_context = forward_context
-        self.resize = resize_rule(resize)
+        self.resize = geometry(resize)
+        if self.resize.tiles.count > 1:
+            raise UserError(
+                f"the feature cache holds one feature vector per image, not per tile: drop "
+                f"--data.feature_cache to fit with tiles {self.resize.tiles}"
+            )
         self.identity = extractor_identity(extractor, image_size, compute, self.resize)
         self.entries = EntryFolder(self.root, self.identity, self.SUFFIX, "feature cache")
         self.dims = list(extractor.level_dims)

@@ -3,7 +3,8 @@
 An entry is addressed by the image's *content* (SHA-256 of the file's bytes: a
 changed file gets a new key, a renamed or copied one keeps it) inside a folder
 named after the *extractor identity*: backbone, a fingerprint of the weights
-actually loaded, input resolution, resize rule, normalisation, pooling, and the
+actually loaded, input resolution, resize and fit rules (a
+:class:`~anomaly.data.transforms.Geometry`), normalisation, pooling, and the
 device type and precision the features are computed with.
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from anomaly.backbones.extractor import FeatureExtractor
 from anomaly.data.store import identity_key
-from anomaly.data.transforms import DEFAULT_RESIZE, ResizeRule, resize_rule
+from anomaly.data.transforms import DEFAULT_RESIZE, Geometry, ResizeRule, resize_rule
 
 __all__ = ["extractor_identity", "file_digest", "identity_key", "weights_fingerprint"]
 
@@ -54,7 +55,10 @@ def weights_fingerprint(extractor: FeatureExtractor) -> str:
 
 
 def extractor_identity(
-    extractor: FeatureExtractor, image_size: int, compute: str, resize: str | ResizeRule = DEFAULT_RESIZE
+    extractor: FeatureExtractor,
+    image_size: int,
+    compute: str,
+    resize: str | ResizeRule | Geometry = DEFAULT_RESIZE,
 ) -> dict:
     """Everything a pooled feature depends on besides the image (JSON-serialisable)."""
     spec = extractor.spec

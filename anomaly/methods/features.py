@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from anomaly.backbones import build_backbone
+from anomaly.data.transforms import Geometry
 from anomaly.errors import UserError
 from anomaly.features import FeatureCache
 from anomaly.methods.base import AnomalyMethod
@@ -29,6 +30,21 @@ def resolve_levels(levels: Sequence[int] | int | None, num_levels: int, backbone
             f"levels {list(levels)} are not valid for {backbone}, which has levels 1..{num_levels}"
         )
     return chosen
+
+
+def take_geometry(method: AnomalyMethod, geometry: Geometry | None) -> None:
+    """Hand the data's resize rule, fit rule and tiles to the method's fitted model, which cuts the
+    tiles (:class:`~anomaly.detector.model.GaussianDetectorModel`); tiles without one are refused."""
+    if geometry is None:
+        return
+    detector = getattr(method, "detector", None)
+    if detector is not None and hasattr(detector, "set_geometry"):
+        detector.set_geometry(geometry)
+    elif geometry.tiles.count > 1:
+        raise UserError(
+            f"--data.tiles {geometry.tiles} needs a Gaussian method (gaussian, spatial): "
+            f"{method.method_name} scores whole images; use --data.fit pad or crop instead"
+        )
 
 
 class FeatureMethod(AnomalyMethod):
@@ -70,9 +86,11 @@ class FeatureMethod(AnomalyMethod):
         return self.extractor(images, self.levels)
 
     def setup(self, stage: str) -> None:
-        """Besides the base's set-up, hand the extractor to the data module's feature cache, if any."""
+        """Besides the base's set-up, hand the data's geometry to the fitted model and the extractor
+        to the data module's feature cache, if any."""
         super().setup(stage)
         dm = self.datamodule
+        take_geometry(self, getattr(dm, "geometry", None))
         if dm is None or getattr(dm, "feature_cache", None) is None:
             return
         current = dm.feature_source
@@ -85,7 +103,7 @@ class FeatureMethod(AnomalyMethod):
                     dm.image_size,
                     compute=f"{trainer.strategy.root_device.type}/{trainer.precision}",
                     forward_context=trainer.precision_plugin.forward_context,
-                    resize=dm.resize,
+                    resize=dm.geometry,
                 )
             )
 

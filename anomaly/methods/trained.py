@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from anomaly.backbones import BackboneSpec, build_backbone
 from anomaly.backbones.extractor import normalise_images
 from anomaly.methods.base import AnomalyMethod
+from anomaly.methods.features import take_geometry
 
 
 def trainable_network(name: str, weights: str | None, pretrained: bool) -> tuple[nn.Module, BackboneSpec]:
@@ -59,6 +60,7 @@ class TrainedMethod(AnomalyMethod):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.datamodule is not None:
+            take_geometry(self, getattr(self.datamodule, "geometry", None))  # refuses tiles
             self.datamodule.shuffle_train = True
             self.datamodule.pad_train = True  # the same number of gradient steps on every process
 

@@ -188,6 +188,7 @@ class SpatialGaussianAD(GaussianAD):
                 maps["map"][top],
                 self.datamodule.image_size,
                 [float(primary[i]) for i in top],
+                geometry=getattr(self.datamodule, "geometry", None),
             )
 
     def test_results(self, rows: dict[str, Tensor], labels: Tensor) -> dict:
@@ -226,9 +227,10 @@ class SpatialGaussianAD(GaussianAD):
         return results
 
 
-def upsample_maps(maps: Tensor, size: int) -> Tensor:
-    """Coarse ``(N, k, k)`` maps bilinearly upsampled to ``(N, size, size)``."""
-    return F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+def upsample_maps(maps: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Coarse ``(N, h, w)`` maps bilinearly upsampled to ``(N, size, size)`` (or ``(N, *size)``)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 def pixel_auroc(maps: Tensor, masks: Tensor) -> float:
@@ -239,14 +241,14 @@ def pixel_auroc(maps: Tensor, masks: Tensor) -> float:
     target = (masks[:, 0] > 0).reshape(-1).to(torch.long)
     if target.min() == target.max():
         return math.nan
-    preds = upsample_maps(maps, masks.shape[-1]).reshape(-1)
+    preds = upsample_maps(maps, masks.shape[-2:]).reshape(-1)
     return float(binary_auroc(to_unit_interval(preds), target).item())
 
 
 def pixel_pro(maps: Tensor, masks: Tensor) -> float:
     """PRO up to FPR 0.3 (:func:`~anomaly.evaluation.pro.pro_score`) of maps ``(N, k, k)`` upsampled
     to masks ``(N, 1, S, S)`` as for :func:`pixel_auroc`. NaN without an anomalous region."""
-    return pro_score(upsample_maps(maps, masks.shape[-1]).to(torch.float32), masks[:, 0] > 0)
+    return pro_score(upsample_maps(maps, masks.shape[-2:]).to(torch.float32), masks[:, 0] > 0)
 
 
 __all__ = [
