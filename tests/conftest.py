@@ -16,14 +16,16 @@ MAGNETIC_TILE = SHARED_DATA / "magnetic_tile"
 
 def make_mvtec_category(
     root: Path, category: str = "widget", n_train: int = 12, n_good: int = 4, n_bad: int = 4,
-    size: int = 48, grey: bool = False, masks: bool = True, seed: int = 0,
+    size: int = 48, grey: bool = False, masks: bool = True, seed: int = 0, width: int | None = None,
 ) -> Path:  # fmt: skip
-    """A tiny MVTec-layout category: smooth random normals, bright square defects."""
+    """A tiny MVTec-layout category: smooth random normals, bright square defects; images are
+    ``size`` x ``size`` or, with ``width``, ``size`` high and ``width`` wide."""
     rng = np.random.default_rng(seed)
     base = root / category
+    width = width or size
 
     def normal() -> np.ndarray:
-        image = rng.normal(120, 10, size=(size, size, 1 if grey else 3))
+        image = rng.normal(120, 10, size=(size, width, 1 if grey else 3))
         return np.clip(image, 0, 255).astype(np.uint8)
 
     def save(array: np.ndarray, path: Path) -> None:
@@ -37,10 +39,11 @@ def make_mvtec_category(
     for i in range(n_bad):
         image = normal()
         y, x = rng.integers(0, size // 2, size=2)
+        x = x * (width - size // 2) // (size // 2)  # anywhere along a wider image
         image[y : y + size // 3, x : x + size // 3] = 250
         save(image, base / "test" / "square" / f"{i:03d}.png")
         if masks:
-            mask = np.zeros((size, size), np.uint8)
+            mask = np.zeros((size, width), np.uint8)
             mask[y : y + size // 3, x : x + size // 3] = 255
             save(mask, base / "ground_truth" / "square" / f"{i:03d}_mask.png")
     return root
