@@ -144,13 +144,22 @@ def test_tiles_need_a_gaussian_method_and_no_feature_cache(strips: Path, tmp_pat
         model.features(torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8))
 
 
-def test_a_tiled_detector_exports_to_onnx(strips: Path, tmp_path: Path):
-    ort = pytest.importorskip("onnxruntime")
-    from anomaly.export import export_onnx
+def test_a_tiled_detector_exports_to_torchscript_and_onnx(strips: Path, tmp_path: Path):
+    from anomaly.export import export_torchscript
 
     detector = GaussianDetector.load(fit_cells(strips, tmp_path / "runs", "--data.tiles", "1x3"))
     paths = sorted((strips / "widget" / "test").rglob("*.png"))[:3]
     images = image_batch(paths, SIZE, detector.model_.geometry)
+    traced = torch.jit.load(str(export_torchscript(detector, tmp_path / "d.pt")))
+    for batch in (images, images[:1]):  # the traced canvas input, any batch size
+        score, _, maps = traced(batch)
+        columns, expected_maps = detector.model_(batch)
+        torch.testing.assert_close(score, columns["mahalanobis/sum"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(maps, expected_maps, rtol=1e-4, atol=1e-4)
+
+    ort = pytest.importorskip("onnxruntime")
+    from anomaly.export import export_onnx
+
     session = ort.InferenceSession(
         str(export_onnx(detector, tmp_path / "d.onnx")), providers=["CPUExecutionProvider"]
     )
