@@ -29,6 +29,7 @@ detector scores every tile (:class:`~anomaly.detector.model.GaussianDetectorMode
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -278,8 +279,9 @@ class Geometry:
         bilinear; NaN where a crop cut the image off."""
         canvas_map = np.asarray(canvas_map, dtype=np.float32)
         if self.fit.scale is not None:
+            # the canvas at a tile size where the image keeps (at least) its own resolution
             rows, cols = self.tiles.rows, self.tiles.cols
-            size = max(canvas_map.shape[0] // rows, canvas_map.shape[1] // cols, 1)
+            size = math.ceil(max(height / rows, width / cols))
             canvas_map = cv2.resize(canvas_map, (cols * size, rows * size), interpolation=cv2.INTER_LINEAR)
             canvas_map = self.placement(height, width, size).take(canvas_map)
         return cv2.resize(canvas_map, (width, height), interpolation=cv2.INTER_LINEAR)
