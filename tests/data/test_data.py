@@ -15,6 +15,7 @@ from anomaly.data import MVTecDataModule
 from anomaly.data.augment import CATEGORY_SWITCHES, build_augmentation
 from anomaly.data.folds import kfold_split
 from anomaly.data.images import load_rgb
+from anomaly.data.needs import DataNeeds
 from anomaly.errors import UserError
 from tests.conftest import BOTTLE, make_mvtec_category, require
 
@@ -103,6 +104,7 @@ def test_greyscale_category_loads_as_three_channels(tmp_path: Path):
 
 def test_datamodule_splits_labels_and_masks(tiny_mvtec: Path):
     dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=2, batch_size=100, num_workers=0, image_size=24)
+    dm.configure(DataNeeds(masks=True))  # a model that asks for the test masks
     dm.setup("fit")
     assert len(dm.fit_samples) + len(dm.holdout_samples) == 12
     assert not {s.path for s in dm.fit_samples} & {s.path for s in dm.holdout_samples}
@@ -116,6 +118,7 @@ def test_datamodule_splits_labels_and_masks(tiny_mvtec: Path):
 def test_masks_are_optional(tmp_path: Path):
     root = make_mvtec_category(tmp_path, masks=False)
     dm = MVTecDataModule(str(root), "widget", num_workers=0, image_size=16)
+    dm.configure(DataNeeds(masks=True))
     dm.setup("test")
     assert "mask" not in next(iter(dm.test_dataloader()))
 
