@@ -154,3 +154,19 @@ def test_bottle_test_set_has_a_mask_for_every_defective_image():
     defective = [s for s in test if s.label == 1]
     assert len(defective) == 63 and all(s.mask is not None and Path(s.mask).is_file() for s in defective)
     assert all(s.mask is None for s in test if s.label == 0)
+
+
+def test_the_data_module_obeys_the_needs_it_is_configured_with(tiny_mvtec: Path):
+    dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=4, num_workers=0, augment=True)
+    dm.configure(DataNeeds(image_size=32, shuffle=True, pad=True, noise=False))
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert dm.image_size == 32 and loader.sampler.shuffle and loader.sampler.pad
+    assert not [t for t in loader.dataset.pipeline.augment.transforms if "GaussNoise" in repr(t)]
+    assert "mask" not in next(iter(dm.test_dataloader()))  # no model asked for the masks
+    given = MVTecDataModule(str(tiny_mvtec), "widget", num_workers=0, image_size=24)
+    given.configure(DataNeeds(image_size=32))
+    assert given.image_size == 24  # the user's size wins
+    plain = MVTecDataModule(str(tiny_mvtec), "widget", num_workers=0, augment=True, image_size=32)
+    plain.setup("fit")
+    assert not plain.train_dataloader().sampler.shuffle  # the default needs: in order, with noise

@@ -16,7 +16,8 @@ from sklearn.metrics import roc_auc_score
 from anomaly.data import MVTecDataModule
 from anomaly.errors import UserError
 from anomaly.methods.gaussian import GaussianAD
-from tests.conftest import BOTTLE, fit_and_test, make_mvtec_category, require, run_results
+from anomaly.methods.run import fit
+from tests.conftest import BOTTLE, cpu_trainer, fit_and_test, make_mvtec_category, require, run_results
 
 SMALL = 96  # below the native 224 px: real features at a fraction of the cost
 
@@ -218,3 +219,24 @@ def test_runs_that_differ_in_their_working_point_get_folders_of_their_own():
     assert len(names) == 6
     assert default == "efficientnet-lite0_random-init_levels-7"
     assert name(threshold=50.0) == default + "_threshold50"
+
+
+def test_the_module_returns_rows_and_writes_nothing_the_report_writes_the_files(
+    tiny_mvtec: Path, tmp_path: Path, monkeypatch
+):
+    """Without the report callback a test writes no file anywhere (also not in the current folder)."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    model = GaussianAD("efficientnet-lite0", levels=[5, 7])
+    dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=8, num_workers=0, image_size=SMALL)
+    trainer = cpu_trainer(tmp_path / "bare")
+    trainer.callbacks = [c for c in trainer.callbacks if type(c).__name__ != "RunReport"]
+    fit(trainer, model, dm)
+    assert model.threshold is not None  # the calibration step ran
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert not list((tmp_path / "cwd").iterdir()) and not (tmp_path / "bare").exists()
+    rows = model.test_step(next(iter(dm.test_dataloader())), 0)
+    assert set(rows) == {"scores"} and "mahalanobis/sum" in rows["scores"]
+    reported = fit_and_test(GaussianAD("efficientnet-lite0", levels=[5, 7]), dm, tmp_path / "reported")
+    assert {p.name for p in (tmp_path / "reported").iterdir()} >= {"results.json", "scores.csv"}
+    assert run_results(reported)["working_point"]["decision"]["threshold"] is not None
