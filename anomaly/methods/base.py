@@ -15,6 +15,7 @@ the code that wires a run hands it to the data module (:func:`anomaly.methods.ru
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -91,7 +92,7 @@ class AnomalyMethod(pl.LightningModule):
                 "(1, or e.g. 100 with --data.augment true)"
             )
 
-    def calibrate(self, score_holdout) -> None:
+    def calibrate(self, score_holdout: Callable[[], dict[str, Tensor] | None]) -> None:
         """The step after the fit that sets what the held-out normal images decide (nothing here).
 
         ``score_holdout()`` returns the score columns of the fold's held-out normal images, over

@@ -12,8 +12,10 @@
    of the images) and gathers the columns of all processes, so that every process sets the
    same threshold. A function rather than the scores themselves, because a model may need
    them more than once (level weighting standardises the levels on the held-out scores, and the
-   threshold is then set on the weighted scores) or not at all (a fixed threshold still reports
-   the held-out scores; a method without calibration never scores them).
+   threshold is then set on the weighted scores) or not at all (a method without calibration
+   never scores them). ``predict`` rather than ``validate``: validation hooks also run inside
+   ``trainer.fit`` (the trained baselines select their checkpoint on the held-out loss), before a
+   statistics method has finalised its fit.
 """
 
 from __future__ import annotations
