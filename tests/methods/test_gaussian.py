@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from anomaly.data import MVTecDataModule
 from anomaly.errors import UserError
+from anomaly.evaluation.callback import RunReport
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.run import fit
 from tests.conftest import BOTTLE, cpu_trainer, fit_and_test, make_mvtec_category, require, run_results
@@ -230,7 +231,7 @@ def test_the_module_returns_rows_and_writes_nothing_the_report_writes_the_files(
     model = GaussianAD("efficientnet-lite0", levels=[5, 7])
     dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=8, num_workers=0, image_size=SMALL)
     trainer = cpu_trainer(tmp_path / "bare")
-    trainer.callbacks = [c for c in trainer.callbacks if type(c).__name__ != "RunReport"]
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, RunReport)]
     fit(trainer, model, dm)
     assert model.threshold is not None  # the calibration step ran
     trainer.test(model, datamodule=dm, verbose=False)
