@@ -158,8 +158,10 @@ class RunReport(pl.Callback):
             "label": labels.tolist(),
             "defect": [samples[i].defect for i in indices.tolist()],
         }
-        for name, values in {**rows, **pl_module.decision_columns(rows)}.items():
-            columns[name.replace("/", "_")] = values.tolist()
+        for name, values in rows.items():
+            columns[ScoreColumn.parse(name).csv_name] = values.tolist()
+        for name, values in pl_module.decision_columns(rows).items():
+            columns[name] = values.tolist()
         write_scores_csv(run_dir, columns)
 
     def write_overlays(self, trainer, run_dir: Path, maps: Tensor, primary: Tensor, count: int) -> None:
