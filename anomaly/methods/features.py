@@ -7,9 +7,8 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from anomaly.backbones import build_backbone
-from anomaly.data.transforms import Geometry
+from anomaly.data.needs import DataNeeds
 from anomaly.errors import UserError
-from anomaly.features import FeatureCache
 from anomaly.methods.base import AnomalyMethod
 
 
@@ -30,21 +29,6 @@ def resolve_levels(levels: Sequence[int] | int | None, num_levels: int, backbone
             f"levels {list(levels)} are not valid for {backbone}, which has levels 1..{num_levels}"
         )
     return chosen
-
-
-def take_geometry(method: AnomalyMethod, geometry: Geometry | None) -> None:
-    """Hand the data's resize rule, fit rule and tiles to the method's fitted model, which cuts the
-    tiles (:class:`~anomaly.detector.model.GaussianDetectorModel`); tiles without one are refused."""
-    if geometry is None:
-        return
-    detector = getattr(method, "detector", None)
-    if detector is not None and hasattr(detector, "set_geometry"):
-        detector.set_geometry(geometry)
-    elif geometry.tiles.count > 1:
-        raise UserError(
-            f"--data.tiles {geometry.tiles} needs a Gaussian method (gaussian, spatial): "
-            f"{method.method_name} scores whole images; use --data.fit pad or crop instead"
-        )
 
 
 class FeatureMethod(AnomalyMethod):
@@ -68,10 +52,6 @@ class FeatureMethod(AnomalyMethod):
         self.levels = resolve_levels(levels, self.extractor.num_levels, backbone)
 
     @property
-    def input_size(self) -> int:
-        return self.extractor.image_size
-
-    @property
     def level_dims(self) -> list[int]:
         return [self.extractor.level_dims[level - 1] for level in self.levels]
 
@@ -85,27 +65,9 @@ class FeatureMethod(AnomalyMethod):
         """Pooled features of the chosen levels, one (B, C_l) tensor per level."""
         return self.extractor(images, self.levels)
 
-    def setup(self, stage: str) -> None:
-        """Besides the base's set-up, hand the data's geometry to the fitted model and the extractor
-        to the data module's feature cache, if any."""
-        super().setup(stage)
-        dm = self.datamodule
-        take_geometry(self, getattr(dm, "geometry", None))
-        if dm is None or getattr(dm, "feature_cache", None) is None:
-            return
-        current = dm.feature_source
-        if current is None or current.extractor is not self.extractor:
-            trainer = self.trainer
-            dm.attach_feature_cache(
-                FeatureCache(
-                    dm.feature_cache,
-                    self.extractor,
-                    dm.image_size,
-                    compute=f"{trainer.strategy.root_device.type}/{trainer.precision}",
-                    forward_context=trainer.precision_plugin.forward_context,
-                    resize=dm.geometry,
-                )
-            )
+    def data_needs(self) -> DataNeeds:
+        """The backbone's native input size, and its extractor for the data's feature cache."""
+        return DataNeeds(image_size=self.extractor.image_size, extractor=self.extractor)
 
     def batch_features(self, batch: dict) -> list[Tensor]:
         """The batch's features: precomputed ones when the loader supplies them, else a forward pass."""

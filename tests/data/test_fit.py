@@ -10,6 +10,7 @@ import pytest
 
 from anomaly.data import MVTecDataModule
 from anomaly.data.image_cache import ResizedImageCache
+from anomaly.data.needs import DataNeeds
 from anomaly.data.transforms import (
     PAD_FILL,
     RESIZE_RULES,
@@ -102,6 +103,7 @@ def test_the_data_module_yields_canvas_images_and_masks(tmp_path: Path):
         ("stretch", "2x1", (32, 16)),
     ):
         dm = MVTecDataModule(str(root), "widget", num_workers=0, image_size=16, fit=fit, tiles=tiles)
+        dm.configure(DataNeeds(masks=True, tiles=True))
         dm.setup("test")
         batch = next(iter(dm.test_dataloader()))
         assert tuple(batch["image"].shape[2:]) == tuple(batch["mask"].shape[2:]) == shape

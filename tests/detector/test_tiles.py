@@ -21,7 +21,7 @@ from anomaly.features import FeatureCache
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.ocsvm import OneClassSVMAD
 from predict import main as predict_main
-from tests.conftest import cpu_trainer, make_mvtec_category
+from tests.conftest import fit_and_test, make_mvtec_category
 
 FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
 SIZE = 32
@@ -114,10 +114,8 @@ def test_a_tiled_padded_run_is_reproduced_by_its_file_predict_and_the_api(strips
 def test_a_tiled_global_fit_streams_every_tile_and_saves_and_loads(strips: Path, tmp_path: Path):
     dm = MVTecDataModule(str(strips), "widget", batch_size=4, num_workers=0, image_size=SIZE, tiles="1x3")
     model = GaussianAD("efficientnet-lite0", levels=[2, 4], pretrained=False)
-    trainer = cpu_trainer(tmp_path / "out")
-    trainer.fit(model, datamodule=dm)
-    assert model.detector.moments[0].moments().n == 3 * len(dm.fit_samples)  # one sample per tile
-    trainer.test(model, datamodule=dm, verbose=False)
+    fit_and_test(model, dm, tmp_path / "out")
+    assert model.detector.fitted and model.detector.tiles == TileGrid(1, 3)
     from anomaly.detector.run import save_run_detector
 
     path = save_run_detector(model, SIZE, tmp_path / "run", dm.geometry)
@@ -127,14 +125,17 @@ def test_a_tiled_global_fit_streams_every_tile_and_saves_and_loads(strips: Path,
     expected = model.detector(images)[0]
     for name, values in loaded.score_columns(paths).items():
         np.testing.assert_allclose(values, expected[name].numpy(), rtol=1e-6)
+    # every tile is one sample of the streamed statistics: a fresh fit's moments count them
+    fresh = GaussianAD("efficientnet-lite0", levels=[2], pretrained=False).detector
+    fresh.tiles = TileGrid(1, 3)
+    fresh.update(fresh.features(images[:2]))
+    assert fresh.moments[0].moments().n == 2 * 3
 
 
 def test_tiles_need_a_gaussian_method_and_no_feature_cache(strips: Path, tmp_path: Path):
     dm = MVTecDataModule(str(strips), "widget", num_workers=0, image_size=SIZE, tiles="1x2")
     with pytest.raises(UserError, match=r"--data\.tiles 1x2 needs a Gaussian method"):
-        cpu_trainer(tmp_path).fit(
-            OneClassSVMAD("efficientnet-lite0", levels=[2], pretrained=False), datamodule=dm
-        )
+        dm.configure(OneClassSVMAD("efficientnet-lite0", levels=[2], pretrained=False).data_needs())
     extractor = GaussianAD("efficientnet-lite0", levels=[2], pretrained=False).extractor
     with pytest.raises(UserError, match=r"drop --data\.feature_cache to fit with tiles 1x2"):
         FeatureCache(tmp_path / "cache", extractor, SIZE, resize=dm.geometry)
