@@ -1,0 +1,41 @@
+"""Pooling grid_maps end to end: the run's detector file reloads, predicts maps and exports them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anomaly.detector import GaussianDetector
+from anomaly.detector.inputs import image_batch
+from tests.detector.test_model import fit_run
+
+GRID_MAPS = ["--model.pooling", "grid_maps"]
+
+
+def test_grid_maps_detector_reloads_and_exports_scores_and_maps(tiny_mvtec: Path, tmp_path: Path):
+    run_dir = fit_run(tmp_path / "runs", tiny_mvtec, *GRID_MAPS)
+    meta = json.loads((run_dir / "detector.json").read_text())
+    assert meta["pooling"] == {"name": "grid_maps", "grid_size": 2}
+    detector = GaussianDetector.load(run_dir)
+    paths = sorted((tiny_mvtec / "widget" / "test").rglob("*.png"))[:3]
+    images = image_batch(paths, detector.image_size_)
+    columns, maps = detector.model_(images)
+    assert maps.shape == (3, 2, 2)
+    # the map is the levels' cell shares of the squared distances: it sums to them
+    squared = sum(columns[f"mahalanobis/{level}"] ** 2 for level in (2, 4))
+    np.testing.assert_allclose(maps.sum(dim=(1, 2)), squared, rtol=1e-6)
+    np.testing.assert_allclose(detector.anomaly_maps(paths), maps, rtol=1e-6)
+
+    ort = pytest.importorskip("onnxruntime")
+    from anomaly.export import export_onnx
+
+    session = ort.InferenceSession(
+        str(export_onnx(detector, tmp_path / "d.onnx")), providers=["CPUExecutionProvider"]
+    )
+    score, level_scores, onnx_maps = session.run(None, {"images": images.numpy()})
+    np.testing.assert_allclose(score, columns["mahalanobis/sum"].numpy(), rtol=1e-4)
+    np.testing.assert_allclose(onnx_maps, maps.numpy(), rtol=1e-4)
+    assert level_scores.shape == (3, 2)
