@@ -88,7 +88,7 @@ OURS = [
     ("cells 4x4", {"pooling": "cells", "grid_size": 4}),
     ("cells 4x4, holdout weighting", {"pooling": "cells", "grid_size": 4, "level_weighting": "holdout"}),
     ("cells 14x14, levels 3-6", {"pooling": "cells", "grid_size": 14, "levels": [3, 4, 5, 6]}),
-    ("grid maps 4x4, levels 3-7", {"pooling": "grid_maps", "grid_size": 4, "levels": [3, 4, 5, 6, 7]}),
+    ("grid maps 7x7, levels 3-6", {"pooling": "grid_maps", "grid_size": 7, "levels": [3, 4, 5, 6]}),
 ]
 #: The configuration the README recommends: a 4x4 grid over every level whose k^2 C-dim Gaussian
 #: fits the default 4 GiB budget (level 9's 20480 dims do not).
@@ -97,8 +97,8 @@ BEST = "grid 4x4, levels 1-8"
 #: grid, the native stride-16 resolution of levels 5-6; levels 3-4 (strides 4, 8) average-pooled to it.
 FINE = "cells 14x14, levels 3-6"
 #: The grid configuration with maps (anomaly/configs/spatial_grid_maps.yaml): one joint Gaussian of the
-#: 4x4 grid per level, each cell's share of the squared distance is the map.
-GRID_MAPS = "grid maps 4x4, levels 3-7"
+#: 7x7 grid per level; the map is each cell's distance given the other cells.
+GRID_MAPS = "grid maps 7x7, levels 3-6"
 
 
 # ------------------------------------------------------------------------------------ features
