@@ -3,7 +3,9 @@
 ``anomaly fit`` (or ``python train.py``) with no arguments runs the embedded offline demo
 (``anomaly/configs/default.yaml``). Every option can be set in a YAML file
 (``--config FILE``) or with dotted overrides (``--model.backbone resnet18``).
-Runs are written to ``<trainer.default_root_dir>/<method>/<name>/<category>/fold_<k>/``.
+Runs are written to ``<trainer.default_root_dir>/<method>/<name>/<category>/fold_<k>/``: the
+trainer's :class:`~anomaly.evaluation.callback.RunReport` writes the test's files, and the fit is
+:func:`anomaly.methods.run.fit` (the data obey the model's needs; fit; calibrate).
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from anomaly.data.images import list_images
 from anomaly.data.transforms import DEFAULT_RESIZE
 from anomaly.detector.run import remove_stale_detector, save_run_detector
 from anomaly.errors import ArgumentsError
+from anomaly.evaluation.callback import RunReport
 from anomaly.evaluation.report import format_run_table
 from anomaly.evaluation.results import remove_stale_results
 from anomaly.methods.base import AnomalyMethod
 from anomaly.methods.distributed import resolve_strategy, statistics_replacement
+from anomaly.methods.run import fit
 from anomaly.runfolder import hold_run_folder, remove_empty_folders
 
 
@@ -51,7 +55,7 @@ def run_dir_parts(
     """
     fold = "fold_all" if data.fold is None else f"fold_{data.fold}"
     name = model.run_name()
-    if data.image_size is not None and data.image_size != getattr(model, "input_size", None):
+    if data.image_size is not None and data.image_size != model.data_needs().image_size:
         name += f"_{data.image_size}px"  # not the backbone's native resolution
     if getattr(data, "resize", DEFAULT_RESIZE) != DEFAULT_RESIZE:
         name += f"_resize-{data.resize}"
@@ -68,7 +72,10 @@ def run_dir_parts(
 
 
 class AnomalyCLI(LightningCLI):
-    """LightningCLI whose logger writes into the run's own directory."""
+    """LightningCLI whose logger writes into the run's own directory, and whose trainer reports the
+    test (:attr:`report`, a :class:`~anomaly.evaluation.callback.RunReport`)."""
+
+    report: RunReport
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -91,6 +98,9 @@ class AnomalyCLI(LightningCLI):
                 save_dir=root, name=name, version=version, default_hp_metric=False
             )
         kwargs["default_root_dir"] = root
+        self.report = RunReport(figures=bool(self.config.get("figures", True)))
+        given = config.get("callbacks") or []
+        kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), self.report]
         kwargs["strategy"] = resolve_strategy(config.get("strategy", "auto"), self.model)
         try:
             trainer = super().instantiate_trainer(**kwargs)
@@ -265,14 +275,13 @@ def fit_and_test(args: list[str] | None = None) -> dict:
     quiet_lightning()
     cli = build_cli(args)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    model.report_figures = bool(cli.config.get("figures", True))
     run_dir, root = Path(trainer.log_dir or trainer.default_root_dir), Path(trainer.default_root_dir)
     detector = None
     with hold_run_folder(run_dir, root, data.dataset, enabled=trainer.is_global_zero):
         if trainer.is_global_zero:
             remove_run_outputs(run_dir)
         try:
-            trainer.fit(model, datamodule=data)
+            fit(trainer, model, data)
             if data.test_samples:
                 trainer.test(model, datamodule=data, verbose=False)
             if trainer.is_global_zero:
@@ -283,7 +292,7 @@ def fit_and_test(args: list[str] | None = None) -> dict:
             raise
     if not data.test_samples:
         return normal_only_summary(model, data, run_dir, detector)
-    results = dict(model.test_summary or {})
+    results = dict(cli.report.results or {})
     results["run_dir"] = str(run_dir)
     return results
 

@@ -38,6 +38,15 @@ class ScoreColumn:
             raise UserError(f"score {name!r} names no level: use {kind}/{SUM} or {kind}/<level>")
         return cls(kind, int(level))
 
+    @classmethod
+    def from_csv_name(cls, header: str) -> ScoreColumn | None:
+        """The column of a CSV header (``mahalanobis_7``, ``mahalanobis_sum``); ``None`` for headers
+        that name no score column (``path``, ``decision``, ``map_max_x``)."""
+        kind, _, level = header.rpartition("_")
+        if not kind or not (level == SUM or (level.isdigit() and int(level) >= 1)):
+            return None
+        return cls(kind, None if level == SUM else int(level))
+
     @property
     def is_sum(self) -> bool:
         return self.level is None

@@ -60,13 +60,14 @@ from anomaly.data import MVTecDataModule
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.folder import FolderDataModule
+from anomaly.data.needs import DataNeeds
 from anomaly.data.transforms import ImagePipeline
 from anomaly.evaluation.aggregate import sem
 from anomaly.evaluation.metrics import image_auroc
+from anomaly.evaluation.pixel import upsample_maps
 from anomaly.evaluation.pro import pixel_auroc_and_pro
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.spatial import SpatialGaussianAD
-from anomaly.methods.spatial.module import upsample_maps
 
 BACKBONE = "efficientnet-lite0"
 TIMM_NAME = "efficientnet_lite0"
@@ -386,7 +387,7 @@ def run_dataset(
     every: dict[str, Sample] = {}
     for dms in splits.values():
         for dm in dms:
-            dm.set_image_size(extractor.image_size)
+            dm.configure(DataNeeds(image_size=extractor.image_size))
         train, test = dms[0].samples()
         every.update({s.path: s for s in train + test})
     images = [every[p] for p in sorted(every)]

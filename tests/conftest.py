@@ -9,6 +9,9 @@ import pytest
 import pytorch_lightning as pl
 from PIL import Image
 
+from anomaly.evaluation.callback import RunReport
+from anomaly.methods.run import fit
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BOTTLE = SHARED_DATA / "mvtec_ad" / "bottle"
 MAGNETIC_TILE = SHARED_DATA / "magnetic_tile"
@@ -58,12 +61,18 @@ def require(path: Path) -> Path:
 
 
 def cpu_trainer(out: Path, epochs: int = 1, precision: str = "32-true") -> pl.Trainer:
-    """A quiet single-process CPU trainer for method tests."""
+    """A quiet single-process CPU trainer for method tests, which reports its tests into ``out``."""
     return pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
-        use_distributed_sampler=False, precision=precision,
+        use_distributed_sampler=False, precision=precision, callbacks=[RunReport()],
     )  # fmt: skip
+
+
+def run_results(trainer: pl.Trainer) -> dict:
+    """The content of ``results.json`` of the trainer's last test."""
+    (report,) = [c for c in trainer.callbacks if isinstance(c, RunReport)]
+    return report.results
 
 
 def fit_and_test(
@@ -73,9 +82,9 @@ def fit_and_test(
     epochs: int = 1,
     precision: str = "32-true",
 ) -> pl.Trainer:
-    """Fit ``model`` on ``dm``, then test it; returns the trainer."""
+    """Fit ``model`` on ``dm`` (data configured, fit, calibrated), then test it; returns the trainer."""
     trainer = cpu_trainer(out, epochs, precision)
-    trainer.fit(model, datamodule=dm)
+    fit(trainer, model, dm)
     trainer.test(model, datamodule=dm, verbose=False)
     return trainer
 

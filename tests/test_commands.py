@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from anomaly.commands import SUBCOMMANDS, main, one_flag_style
+from anomaly.commands import BROKEN_PIPE_EXIT, SUBCOMMANDS, main, one_flag_style
 from anomaly.configs import CONFIG_DIR, resolve_config, resolve_config_args
 from anomaly.errors import ArgumentsError
 
@@ -30,6 +33,18 @@ def test_overview_and_unknown_subcommand(capsys):
     assert all(name in out for name in SUBCOMMANDS)
     assert main(["trian"]) == 2
     assert "unknown subcommand 'trian'" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_the_output_quietly(tmp_path: Path):
+    """``anomaly configs | head -1``: the reader has left; no traceback, and the shell's SIGPIPE status."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    command = [sys.executable, "-m", "anomaly", "configs"]
+    run = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    os.close(write_end)
+    assert run.stderr == ""
+    assert run.returncode == BROKEN_PIPE_EXIT
 
 
 @pytest.mark.parametrize("name", [n for n in SUBCOMMANDS if n not in ("fit", "configs")])

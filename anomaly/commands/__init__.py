@@ -17,11 +17,15 @@ spelling works everywhere.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from anomaly.console import USER_ERROR_EXIT
+
+#: What a shell reports for a process whose reader went away (128 + SIGPIPE), as ``yes | head`` does.
+BROKEN_PIPE_EXIT = 141
 
 
 @dataclass(frozen=True)
@@ -98,4 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return USER_ERROR_EXIT
-    return SUBCOMMANDS[name].run(rest)
+    try:
+        return SUBCOMMANDS[name].run(rest)
+    except BrokenPipeError:
+        # The reader of our output closed it (``anomaly configs | head``): stop quietly, as Unix
+        # tools do. Python would otherwise also fail flushing stdout at exit, so point it at devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT

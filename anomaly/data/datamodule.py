@@ -3,13 +3,15 @@
 A concrete data module only says which files exist (:meth:`scan`); this class
 does the rest: the paper's 5-fold split of the training images, the image
 pipeline at the backbone's resolution, optional seeded augmentation of the
-fitting images, and the loaders.
+fitting images, and the loaders. What the model needs (its input size, shuffling,
+...) it is told once, before set-up, by :meth:`AnomalyDataModule.configure`.
 """
 
 from __future__ import annotations
 
 import os
 from abc import abstractmethod
+from contextlib import nullcontext
 
 import pytorch_lightning as pl
 import torch
@@ -19,9 +21,11 @@ from anomaly.data.augment import AugmentOptions, build_augmentation
 from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.folds import check_fold, kfold_split
 from anomaly.data.image_cache import ResizedImageCache
+from anomaly.data.needs import DataNeeds
 from anomaly.data.samplers import EpochShardSampler
 from anomaly.data.transforms import DEFAULT_RESIZE, ImagePipeline, check_image_size, resize_rule
 from anomaly.errors import UserError
+from anomaly.features import FeatureCache
 
 
 def default_num_workers() -> int:
@@ -36,14 +40,14 @@ class AnomalyDataModule(pl.LightningDataModule):
             fits on all of them.
         batch_size: images per batch.
         num_workers: loader worker processes (``None``: up to 4).
-        image_size: square input size; ``None`` lets the model set its backbone's
-            native resolution.
+        image_size: square input size; ``None``: the model's native resolution
+            (see :meth:`configure`).
         augment: apply the category's augmentation to the fitting images.
         seed: seed of the augmentation stream (reproducible statistics).
         feature_cache: a folder for the on-disk cache of pooled features
             (:mod:`anomaly.features`); the un-augmented loaders then yield cached
             ``"features"`` instead of images, extracted once for every fold. Needs
-            a feature-based method, which attaches its extractor in ``setup``.
+            a feature-based method, whose extractor :meth:`configure` is given.
         image_cache: a folder for decoded, resized images
             (:mod:`anomaly.data.image_cache`): every later epoch and run at the same
             resolution reads them instead of decoding the files again.
@@ -83,13 +87,11 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.image_size = image_size
         self.augment = augment
         self.seed = seed
-        self.shuffle_train = False  # methods trained by gradient descent switch this on
-        self.pad_train = False  # ... and this: equal training steps on every process under DDP
-        self.augment_noise = True  # the autoencoder switches this off (Appendix Fig. 2)
+        self.needs = DataNeeds()  # what the model asks for: see configure()
         self.augment_options = augment_options or AugmentOptions()
         self._scanned: tuple[list[Sample], list[Sample]] | None = None
         self.feature_cache = feature_cache
-        self.feature_source = None  # a FeatureCache, attached by a feature-based method
+        self.feature_source = None  # a FeatureCache of the model's extractor (see configure)
         self._features_loaded = False
         self.image_cache = image_cache
         self.resize = resize_rule(resize).name
@@ -144,16 +146,34 @@ class AnomalyDataModule(pl.LightningDataModule):
         return self.samples()[1]
 
     # ------------------------------------------------------------- pipeline
-    def set_image_size(self, size: int) -> None:
-        """Called by the model with its backbone's native resolution, unless set by the user."""
+    def configure(self, needs: DataNeeds, trainer=None) -> None:
+        """Take what the model asks for, once, before set-up (called by the code that wires a run).
+
+        The model's input size applies unless ``image_size`` was given; with ``feature_cache`` and a
+        feature extractor, the cache is opened for the ``trainer``'s device and precision.
+        """
+        self.needs = needs
         if self.image_size is None:
-            self.image_size = size
+            self.image_size = needs.image_size
+        if self.feature_cache is None or needs.extractor is None:
+            return
+        if self.feature_source is None or self.feature_source.extractor is not needs.extractor:
+            compute, forward_context = "cpu/32-true", nullcontext
+            if trainer is not None:
+                compute = f"{trainer.strategy.root_device.type}/{trainer.precision}"
+                forward_context = trainer.precision_plugin.forward_context
+            self.feature_source = FeatureCache(
+                self.feature_cache, needs.extractor, self.image_size, compute, forward_context, self.resize
+            )
+            self._features_loaded = False
 
     def _pipeline(self, augment: bool) -> ImagePipeline:
         if self.image_size is None:
-            raise RuntimeError("image_size is unknown: set it, or let the model call set_image_size()")
+            raise RuntimeError(
+                "image_size is unknown: set it, or configure() the data with the model's needs"
+            )
         augmentation = (
-            build_augmentation(self.category, noise=self.augment_noise, options=self.augment_options)
+            build_augmentation(self.category, noise=self.needs.noise, options=self.augment_options)
             if augment
             else None
         )
@@ -207,11 +227,6 @@ class AnomalyDataModule(pl.LightningDataModule):
         )
 
     # ---------------------------------------------------------- feature cache
-    def attach_feature_cache(self, cache) -> None:
-        """Called by a feature-based method with a :class:`~anomaly.features.FeatureCache`."""
-        self.feature_source = cache
-        self._features_loaded = False
-
     def _feature_loader(self, samples: list[Sample], shuffle: bool = False) -> DataLoader:
         """Cached features of ``samples``; the first call fills the cache for all train and test images."""
         if self.feature_source is None:
@@ -228,9 +243,9 @@ class AnomalyDataModule(pl.LightningDataModule):
     # ---------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
         if self.feature_cache is not None and not self.augment:
-            return self._feature_loader(self.fit_samples, shuffle=self.shuffle_train)
+            return self._feature_loader(self.fit_samples, shuffle=self.needs.shuffle)
         dataset = self._image_dataset(self.fit_samples, self.augment)
-        return self._loader(dataset, shuffle=self.shuffle_train, pad=self.pad_train)
+        return self._loader(dataset, shuffle=self.needs.shuffle, pad=self.needs.pad)
 
     def holdout_dataloader(self) -> DataLoader:
         """The fold's held-out normal fifth, never augmented."""
@@ -244,7 +259,7 @@ class AnomalyDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         if self.feature_cache is not None:
             return self._feature_loader(self.test_samples)
-        has_masks = any(s.mask is not None for s in self.test_samples)
+        has_masks = self.needs.masks and any(s.mask is not None for s in self.test_samples)
         return self._loader(self._image_dataset(self.test_samples, with_masks=has_masks), shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:

@@ -8,10 +8,13 @@
 
 With ``backbone=None`` it models feature vectors directly: ``fit(X)`` with ``X``
 of shape (n, D), or a list of such arrays (one per level, scores summed).
+
+>>> GaussianDetector(pooling=Cells(grid_size=8)).fit(normal_images).anomaly_maps(new_images)
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -28,9 +31,8 @@ from anomaly.detector.io import load_model, model_metadata, save_model
 from anomaly.detector.model import GaussianDetectorModel
 from anomaly.errors import UserError
 from anomaly.methods.features import resolve_levels
-from anomaly.pooling import Global
+from anomaly.pooling import Global, Pooling, build_pooling
 from anomaly.stats.distances import SCORE_TYPES
-from anomaly.stats.moments import RunningMoments
 from anomaly.stats.threshold import DEFAULT_TARGET_FPR, check_fpr, chi2_threshold, empirical_threshold
 
 
@@ -64,6 +66,17 @@ def check_device(device: str | torch.device, hint: str = "device='cpu'") -> torc
     return resolved
 
 
+#: The statistics the API's fit may hold, as the training runs' default ``memory_budget_gb``.
+DEFAULT_MEMORY_BUDGET_GB = 4.0
+
+
+def check_pooling(pooling: str | Pooling) -> Pooling:
+    """A pooling strategy from its name (with its default options) or as given."""
+    if isinstance(pooling, Pooling):
+        return pooling
+    return build_pooling(pooling)
+
+
 def single_path_as_list(X):
     """A single file path (str or Path) as a one-element list; anything else unchanged."""
     return [X] if isinstance(X, (str, Path)) else X
@@ -83,6 +96,10 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             level; ``None`` fits the Gaussian on the features you pass.
         levels: backbone levels (1-based) to fit and sum; ``None``: all.
         weights: a local state-dict file for the backbone instead of its ImageNet weights.
+        pooling: how each level's feature map becomes the modelled vectors: ``"global"`` (the
+            paper), ``"grid"``, ``"cells"`` (anomaly maps), ... by name with default options, or a
+            :mod:`anomaly.pooling` object such as ``Cells(grid_size=8)``. Features passed with
+            ``backbone=None`` are already pooled: only ``global`` applies to them.
         image_size: square input size; ``None``: the backbone's native resolution.
         resize: how images are made square (``area``, ``linear``, ``cubic``: see
             :mod:`anomaly.data.transforms`), as in the run that made the detector.
@@ -96,11 +113,13 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             normal images). ``None`` leaves ``threshold_`` unset.
         batch_size: images per backbone pass.
         device: where the backbone and the scoring run.
+        memory_budget_gb: the most float64 statistics the fit may hold (fine grids need much).
 
     Attributes (after ``fit`` or ``load``):
         threshold_: decision threshold on :meth:`decision_function` (``None`` if unset).
         decision_score_: the checked score column (e.g. ``mahalanobis/sum``). device_: the
-        checked :class:`torch.device`. resize_: the resize rule's name.
+        checked :class:`torch.device`. resize_: the resize rule's name. pooling_: the checked
+        pooling strategy. fpr_: the false-positive rate ``threshold_`` was set for.
         levels_: the fitted levels. model_: the :class:`~anomaly.detector.model.GaussianDetectorModel`
         that scores (the same module a training run, ``predict`` and the exports use).
     """
@@ -110,27 +129,34 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         backbone: str | None = "efficientnet-lite0",
         levels: Sequence[int] | None = None,
         weights: str | None = None,
+        pooling: str | Pooling = "global",
         image_size: int | None = None,
         resize: str = DEFAULT_RESIZE,
         score: str = "mahalanobis",
         fpr: float | None = DEFAULT_TARGET_FPR,
         batch_size: int = 32,
         device: str | torch.device = "cpu",
+        memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
     ) -> None:
         self.backbone = backbone
         self.levels = levels
         self.weights = weights
+        self.pooling = pooling
         self.image_size = image_size
         self.resize = resize
         self.score = score
         self.fpr = fpr
         self.batch_size = batch_size
         self.device = device
+        self.memory_budget_gb = memory_budget_gb
 
     def _validate_params(self) -> None:
-        """Check the parameters; set ``decision_score_``, ``resize_`` and ``device_`` (by fit and load)."""
+        """Check the parameters; set ``decision_score_``, ``resize_``, ``pooling_``, ``fpr_`` and
+        ``device_`` (by fit and load)."""
         if self.fpr is not None:
             check_fpr(self.fpr)
+        self.fpr_ = self.fpr
+        self.pooling_ = check_pooling(self.pooling)
         batch_size = self.batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -153,50 +179,63 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         """
         self._validate_params()
         self.thresholds_ = None
-        extractor = None
+        pooling, extractor = self.pooling_, None
         if self.backbone is not None:
             extractor = build_backbone(self.backbone, weights=self.weights).to(self.device_)
-            levels = resolve_levels(self.levels, extractor.num_levels, self.backbone)
+            self.levels_ = resolve_levels(self.levels, extractor.num_levels, self.backbone)
             self.image_size_ = self.image_size or extractor.image_size
-            self.levels_ = levels
+            channels = [extractor.level_dims[level - 1] for level in self.levels_]
         else:
+            if not isinstance(pooling, Global):
+                raise UserError(
+                    f"pooling {pooling.name} needs feature maps, but features passed with backbone=None "
+                    "are already pooled vectors: use pooling='global', or pass images with a backbone"
+                )
             self.image_size_ = None
-            self.levels_ = list(range(1, len(self._as_feature_list(X)) + 1))
+            batches = self._feature_batches(X, None)
+            first = next(batches, None)
+            if first is None:
+                raise UserError("fit needs at least 2 normal samples")
+            self.levels_ = list(range(1, len(first) + 1))
+            channels = [f.shape[1] for f in first]
+            batches = itertools.chain([first], batches)
+        pooling.check_budget(channels, self.memory_budget_gb)
         self._check_score_column()
-        accumulators: list[RunningMoments] | None = None
-        # The training features are kept only for an empirical threshold (their scores' quantile).
-        keep = self.fpr is not None and self._chi2_level() is None
-        kept: list[list[Tensor]] = [[] for _ in self.levels_]
-        device, levels = self.device_, self.levels_
-        pool = None if extractor is None else (lambda images: extractor(images.to(device), levels))
-        for features in self._feature_batches(X, pool):
-            if accumulators is None:
-                accumulators = [RunningMoments(f.shape[1]) for f in features]
-            for accumulator, store, feats in zip(accumulators, kept, features, strict=True):
-                accumulator.update(feats.cpu())
-                if keep:
-                    store.append(feats.cpu())
-        if accumulators is None or accumulators[0].n < 2:
-            raise UserError("fit needs at least 2 normal samples")
-        pooling = Global()
-        self.model_ = GaussianDetectorModel(
+        model = GaussianDetectorModel.for_fitting(
             extractor,
             self.levels_,
-            [pooling.scorer(a.dim) for a in accumulators],
+            channels,
             pooling,
             decision_score=self.decision_score_,
             image_size=self.image_size_,
             resize=self.resize_,
         )
-        self.model_.finalise([a.moments() for a in accumulators])
-        self.model_.to(self.device_)
+        if extractor is not None:
+            batches = self._feature_batches(X, lambda images: model.features(images.to(self.device_)))
+        # The training rows are kept only for an empirical threshold (their scores' quantile).
+        keep = self.fpr is not None and self._chi2_level(pooling) is None
+        kept: list[list[Tensor]] = [[] for _ in self.levels_]
+        for features in batches:
+            features = [f.cpu() for f in features]  # the float64 statistics are accumulated on the CPU
+            model.update(features)
+            if keep:
+                for store, feats in zip(kept, features, strict=True):
+                    store.append(feats)
+        fitted_on = model.moments[0].n
+        if fitted_on < 2:
+            raise UserError("fit needs at least 2 normal samples")
+        model.finalise()
+        model.moments = torch.nn.ModuleList()  # the accumulators are not part of the fitted detector
+        self.model_ = model.to(self.device_)
         self.threshold_ = self._working_point(kept)
-        self.source_ = {"fitted_with": "GaussianDetector.fit", "n_fit": accumulators[0].n}
+        self.source_ = {"fitted_with": "GaussianDetector.fit", "n_fit": fitted_on}
         return self
 
-    def _chi2_level(self) -> int | None:
+    def _chi2_level(self, pooling: Pooling) -> int | None:
         """Index of the level whose Mahalanobis distance has eq. (8)'s χ² threshold, if the score is one."""
         column = ScoreColumn.parse(self.decision_score_)
+        if not pooling.chi2_calibratable:
+            return None
         if column.kind == "mahalanobis" and (not column.is_sum or len(self.levels_) == 1):
             return 0 if column.is_sum else self.levels_.index(column.level)
         return None
@@ -205,7 +244,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         """The threshold at ``fpr``: χ² closed form, or the quantile of the training features' scores."""
         if self.fpr is None:
             return None
-        index = self._chi2_level()
+        index = self._chi2_level(self.model_.pooling)
         if index is not None:
             return chi2_threshold(self.model_.scorers[index].dim, self.fpr)
         train_scores = self.model_.score_features([torch.cat(batches) for batches in train_features])
@@ -245,11 +284,14 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         return columns
 
     def anomaly_maps(self, X) -> np.ndarray:
-        """Anomaly maps ``(n, k, k)`` of ``X`` (detectors with a map-capable pooling, e.g. ``cells``):
+        """Anomaly maps ``(n, h, w)`` of ``X`` (detectors with a map-capable pooling, e.g. ``cells``):
         per-cell distances of the decision score's kind, summed over the levels."""
-        model = getattr(self, "model_", None)
-        if model is not None and not model.makes_maps:
-            raise UserError(f"pooling {model.pooling.name} gives no anomaly maps: fit with pooling cells")
+        model = self._fitted_model()
+        if not model.makes_maps:
+            raise UserError(
+                f"pooling {model.pooling.name} gives no anomaly maps: fit with a map-capable pooling, "
+                "e.g. pooling='cells'"
+            )
         return self._score(X, maps=True)[1]
 
     def _score(self, X, maps: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -296,7 +338,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             raise UserError("calibrate needs a target false-positive rate: pass fpr=...")
         check_fpr(fpr)
         scores = torch.from_numpy(np.asarray(self.decision_function(X), dtype=np.float64))
-        self.fpr, self.threshold_ = fpr, empirical_threshold(scores, fpr)
+        self.fpr_, self.threshold_ = fpr, empirical_threshold(scores, fpr)
         self.source_ = {**self.source_, "calibrated_on": int(scores.numel())}
         return self
 
@@ -317,7 +359,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         return {
             **model_metadata(self.model_, self.weights, embed_weights),
             "thresholds": self.thresholds_,
-            "fpr": self.fpr,
+            "fpr": self.fpr_,
             "source": self.source_,
         }
 
@@ -325,7 +367,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         """Write the detector file (see :mod:`anomaly.detector.file`); the backbone's weights are
         referenced, not stored, unless ``embed_weights`` (or the backbone was randomly initialised)."""
         self._fitted_model().set_threshold(self.threshold_)
-        extra = {"thresholds": self.thresholds_, "fpr": self.fpr, "source": self.source_}
+        extra = {"thresholds": self.thresholds_, "fpr": self.fpr_, "source": self.source_}
         return save_model(self.model_, path, extra, self.weights, embed_weights)
 
     @classmethod
@@ -360,6 +402,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             backbone=None if extractor is None else extractor.spec.name,
             levels=list(model.levels),
             weights=weights,
+            pooling=model.pooling,
             image_size=model.image_size,
             resize=model.resize,
             score=str(model.decision_score),

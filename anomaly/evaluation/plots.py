@@ -233,10 +233,10 @@ def read_scores_csv(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         table = list(csv.DictReader(file))
     labels = np.array([int(row["label"]) for row in table])
     rows: dict[str, np.ndarray] = {}
-    for name in table[0] if table else []:
-        score_type, _, level = name.rpartition("_")
-        if score_type and (level.isdigit() or level == SUM) and "decision" not in name:
-            rows[f"{score_type}/{level}"] = np.array([float(row[name]) for row in table])
+    for header in table[0] if table else []:
+        column = ScoreColumn.from_csv_name(header)
+        if column is not None:
+            rows[str(column)] = np.array([float(row[header]) for row in table])
     return labels, rows
 
 

@@ -1,6 +1,7 @@
 """What a finished test adds to TensorBoard and to the run directory.
 
-Beside the AUROC scalars (``test/auroc/<type>/<level>``, logged by the method),
+Beside the AUROC scalars (``test/auroc/<type>/<level>``, logged by
+:class:`~anomaly.evaluation.callback.RunReport`),
 a run logs the ROC curve and the per-level AUROC bars as figures, histograms of
 the normal and anomalous test scores, its hyperparameters with the image AUROC
 as the hparams metric, and the test images with the highest and lowest scores;
@@ -126,6 +127,7 @@ def log_to_tensorboard(
 
 def report_run(
     module,
+    results: Mapping,
     run_dir: Path,
     labels: Tensor,
     rows: Mapping[str, Tensor],
@@ -134,12 +136,11 @@ def report_run(
 ) -> list[Path]:
     """Write the run's PNGs and log its figures, histograms, hparams and images to TensorBoard.
 
-    Called on global rank zero after ``results.json`` is written. ``indices``
+    Called on global rank zero after ``results.json`` (``results``) is written. ``indices``
     index the datamodule's test samples, whose files give the extreme images.
     Without ``figures`` (sweeps: drawing costs about a second a run) only the
     histograms and hparams are logged and no PNG is written.
     """
-    results = module.test_summary or {}
     labels_np = labels.detach().cpu().numpy().astype(int)
     rows_np = {k: v.detach().to(torch.float64).cpu().numpy() for k, v in rows.items()}
     written = write_run_plots(run_dir, labels_np, rows_np, results) if figures else []

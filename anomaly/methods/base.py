@@ -1,59 +1,31 @@
-"""What every method shares: test-time score collection, AUROC, and the run's files.
+"""What every method shares: the score columns it returns from a test, and what it asks of the data.
 
 A method implements :meth:`AnomalyMethod.score_batch`, which returns score
 columns named ``"<score type>/<level>"`` (e.g. ``"mahalanobis/7"``) and
-``"<score type>/sum"``; higher means more anomalous. This class gathers the
-columns over the test set (over all processes under DDP, each image once),
-computes the image AUROC of every column, logs it, and writes
-``results.json`` and ``scores.csv`` into the run directory.
+``"<score type>/sum"``; higher means more anomalous. ``test_step`` returns them
+(with anomaly maps, for map-capable methods); the run's evaluation callback
+(:class:`anomaly.evaluation.callback.RunReport`) gathers them over all processes,
+computes the metrics and writes the files, asking the method for its own entries
+(:meth:`~AnomalyMethod.extra_results`, :meth:`~AnomalyMethod.test_results`,
+:meth:`~AnomalyMethod.decision_columns`). What the method needs from the data
+(input size, shuffling, ...) it declares in :meth:`~AnomalyMethod.data_needs`;
+the code that wires a run hands it to the data module (:func:`anomaly.methods.run.fit`).
 """
 
 from __future__ import annotations
 
-import time
-import warnings
 from abc import abstractmethod
-from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from anomaly.columns import SUM, ScoreColumn
+from anomaly.columns import SUM
+from anomaly.data.needs import DataNeeds
 from anomaly.errors import UserError
-from anomaly.evaluation.metrics import image_auroc
-from anomaly.evaluation.results import write_results, write_scores_csv
-from anomaly.evaluation.tensorboard import report_run
 
-
-def split_column(name: str) -> tuple[str, str]:
-    """(kind, ``"<level>"`` or ``"sum"``) of a score column (see :class:`anomaly.columns.ScoreColumn`)."""
-    column = ScoreColumn.parse(name)
-    return column.kind, column.level_name
-
-
-def gather_rows(rows: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Concatenate every process's rows (of possibly different lengths) on every process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
-    gathered: list[dict[str, Tensor] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {k: v.cpu() for k, v in rows.items()})
-    return {k: torch.cat([g[k] for g in gathered if g is not None]) for k in rows}
-
-
-def summarise_aurocs(columns: dict[str, Tensor], labels: Tensor) -> dict[str, dict]:
-    """``{score_type: {"sum": auroc, "per_level": {level: auroc}}}`` for every column."""
-    summary: dict[str, dict] = defaultdict(lambda: {"sum": None, "per_level": {}})
-    for name, scores in columns.items():
-        score_type, level = split_column(name)
-        auroc = image_auroc(scores, labels)
-        if level == SUM:
-            summary[score_type]["sum"] = auroc
-        else:
-            summary[score_type]["per_level"][level] = auroc
-    return dict(summary)
+__all__ = ["SUM", "AnomalyMethod"]
 
 
 class AnomalyMethod(pl.LightningModule):
@@ -61,14 +33,9 @@ class AnomalyMethod(pl.LightningModule):
 
     method_name: str = "method"
     primary_score: str = "sum"  # the column reported as ``image_auroc``
-    report_figures: bool = True  # PNGs and TensorBoard figures after the test (``--figures``)
     epochs_are_samples: bool = False  # each augmented epoch adds one pass of samples to the fit
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._test_rows: dict[str, list[Tensor]] = defaultdict(list)
-        self._fit_started: float | None = None
-        self.test_summary: dict | None = None
+    reports_pixel_scores: bool = False  # results.json has pixel_auroc and pro (null without maps)
+    overlays: int = 0  # how many of the highest-scoring test images get an anomaly-map overlay
 
     # ------------------------------------------------------------- to implement
     @abstractmethod
@@ -109,12 +76,13 @@ class AnomalyMethod(pl.LightningModule):
     def datamodule(self):
         return self.trainer.datamodule if self.trainer is not None else None
 
+    def data_needs(self) -> DataNeeds:
+        """What this method asks of the data module (see :class:`~anomaly.data.needs.DataNeeds`)."""
+        return DataNeeds()
+
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
             self.check_fit_options(self.trainer.max_epochs)  # before any image is read
-        size = getattr(self, "input_size", None)
-        if self.datamodule is not None and size is not None:
-            self.datamodule.set_image_size(size)
 
     def check_fit_options(self, epochs: int | None) -> None:
         """:class:`UserError` for trainer settings that cannot give this method a proper fit."""
@@ -124,80 +92,18 @@ class AnomalyMethod(pl.LightningModule):
                 "(1, or e.g. 100 with --data.augment true)"
             )
 
-    def on_fit_start(self) -> None:
-        self._fit_started = time.perf_counter()
+    def calibrate(self, score_holdout: Callable[[], dict[str, Tensor] | None]) -> None:
+        """The step after the fit that sets what the held-out normal images decide (nothing here).
+
+        ``score_holdout()`` returns the score columns of the fold's held-out normal images, over
+        all processes (``None`` when the fold holds none out); see :func:`anomaly.methods.run.fit`.
+        """
 
     # ------------------------------------------------------------------- test
-    def on_test_epoch_start(self) -> None:
-        self._test_rows = defaultdict(list)
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        """The batch's rows: ``{"scores": {column: (B,)}}`` (map-capable methods add ``"maps"``)."""
+        return {"scores": self.score_batch(batch)}
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.record_test_rows(batch, self.score_batch(batch))
-
-    def record_test_rows(self, batch: dict, columns: dict[str, Tensor]) -> None:
-        """Keep a test batch's score columns (with its indices and labels) for the epoch's end."""
-        self._test_rows["index"].append(batch["index"].detach().cpu())
-        self._test_rows["label"].append(batch["label"].detach().cpu())
-        for name, value in columns.items():
-            self._test_rows[name].append(value.detach().to(torch.float64).cpu())
-
-    def on_test_epoch_end(self) -> None:
-        rows = gather_rows({k: torch.cat(v) for k, v in self._test_rows.items()})
-        order = torch.argsort(rows["index"])
-        rows = {k: v[order] for k, v in rows.items()}
-        if rows["index"].unique().numel() != rows["index"].numel():
-            raise RuntimeError("a test image was scored more than once")
-        labels = rows.pop("label")
-        indices = rows.pop("index")
-        if self.trainer.is_global_zero and labels.unique().numel() < 2:
-            only = "anomalous" if bool(labels.all()) else "normal"
-            warnings.warn(
-                f"the test set holds only {only} images: AUROC is undefined (null in results.json); "
-                "every image's score is in scores.csv",
-                stacklevel=1,
-            )
-        summary = summarise_aurocs(rows, labels)
-        for score_type, entry in summary.items():
-            for level, value in [(SUM, entry["sum"]), *entry["per_level"].items()]:
-                if value is not None:
-                    self.log(f"test/auroc/{score_type}/{level}", value, rank_zero_only=True)
-        self.test_summary = self._results(summary, indices, labels, rows)
-        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP
-        if self.trainer.is_global_zero:
-            self._write(run_dir, indices, labels, rows)
-            report_run(self, run_dir, labels, rows, indices, figures=self.report_figures)
-
-    def _results(self, summary: dict, indices: Tensor, labels: Tensor, rows: dict[str, Tensor]) -> dict:
-        dm = self.datamodule
-        primary_type, primary_level = split_column(self.primary_score)
-        primary = summary[primary_type]
-        return {
-            "method": self.method_name,
-            "backbone": self.backbone_name(),
-            "category": getattr(dm, "category", None),
-            "dataset": getattr(dm, "dataset", None),
-            "fold": getattr(dm, "fold", None),
-            "n_train": len(dm.fit_samples) if dm is not None else None,
-            "n_test": int(labels.numel()),
-            "n_test_anomalous": int(labels.sum().item()),
-            "primary_score": self.primary_score,
-            "image_auroc": primary["sum"] if primary_level == SUM else primary["per_level"][primary_level],
-            "per_level": primary["per_level"],
-            "scores": summary,
-            "settings": self.settings(),
-            "fit_seconds": None if self._fit_started is None else time.perf_counter() - self._fit_started,
-            **self.extra_results(),
-            **self.test_results(rows, labels),
-        }
-
-    def _write(self, run_dir: Path, indices: Tensor, labels: Tensor, rows: dict[str, Tensor]) -> None:
-        samples = self.datamodule.test_samples
-        columns: dict[str, list] = {
-            "path": [samples[i].path for i in indices.tolist()],
-            "label": labels.tolist(),
-            "defect": [samples[i].defect for i in indices.tolist()],
-        }
-        for name, values in {**rows, **self.decision_columns(rows)}.items():
-            columns[name.replace("/", "_")] = values.tolist()
-        write_scores_csv(run_dir, columns)
-        write_results(run_dir, self.test_summary)
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        """The batch's score columns."""
+        return self.score_batch(batch)

@@ -1,4 +1,4 @@
-"""Lightning's DDP for methods fitted by statistics rather than by gradients.
+"""Lightning's DDP for methods fitted by statistics rather than by gradients, and gathering rows.
 
 ``DistributedDataParallel`` refuses a module without trainable parameters, yet a
 statistics-only method (the Gaussian: frozen backbone, streamed moments) still
@@ -10,9 +10,11 @@ synchronises the module's state instead, as Lightning does outside fitting.
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from pytorch_lightning.strategies import DDPStrategy, Strategy
 from pytorch_lightning.strategies.ddp import _sync_module_states
-from torch import nn
+from torch import Tensor, nn
 
 # Lightning's registered DDP names and the process start method each one uses.
 DDP_START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
@@ -48,3 +50,17 @@ def resolve_strategy(strategy: str | Strategy, model: nn.Module) -> str | Strate
     if isinstance(strategy, str) and strategy in DDP_START_METHODS and not has_trainable_parameters(model):
         return StatisticsDDPStrategy(start_method=DDP_START_METHODS[strategy])
     return strategy
+
+
+def gather_rows(rows: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Concatenate every process's rows (of possibly different lengths) on every process.
+
+    Every process must call it; one that holds no rows (fewer images than processes) passes ``{}``
+    or empty tensors, and still receives everyone's rows.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    gathered: list[dict[str, Tensor] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {k: v.cpu() for k, v in rows.items()})
+    names = next((list(g) for g in gathered if g), list(rows))
+    return {k: torch.cat([g[k] for g in gathered if g and k in g]) for k in names}

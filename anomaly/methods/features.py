@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from anomaly.backbones import build_backbone
+from anomaly.data.needs import DataNeeds
 from anomaly.errors import UserError
-from anomaly.features import FeatureCache
 from anomaly.methods.base import AnomalyMethod
 
 
@@ -52,10 +52,6 @@ class FeatureMethod(AnomalyMethod):
         self.levels = resolve_levels(levels, self.extractor.num_levels, backbone)
 
     @property
-    def input_size(self) -> int:
-        return self.extractor.image_size
-
-    @property
     def level_dims(self) -> list[int]:
         return [self.extractor.level_dims[level - 1] for level in self.levels]
 
@@ -69,25 +65,9 @@ class FeatureMethod(AnomalyMethod):
         """Pooled features of the chosen levels, one (B, C_l) tensor per level."""
         return self.extractor(images, self.levels)
 
-    def setup(self, stage: str) -> None:
-        """Besides the base's set-up, hand the extractor to the data module's feature cache, if any."""
-        super().setup(stage)
-        dm = self.datamodule
-        if dm is None or getattr(dm, "feature_cache", None) is None:
-            return
-        current = dm.feature_source
-        if current is None or current.extractor is not self.extractor:
-            trainer = self.trainer
-            dm.attach_feature_cache(
-                FeatureCache(
-                    dm.feature_cache,
-                    self.extractor,
-                    dm.image_size,
-                    compute=f"{trainer.strategy.root_device.type}/{trainer.precision}",
-                    forward_context=trainer.precision_plugin.forward_context,
-                    resize=dm.resize,
-                )
-            )
+    def data_needs(self) -> DataNeeds:
+        """The backbone's native input size, and its extractor for the data's feature cache."""
+        return DataNeeds(image_size=self.extractor.image_size, extractor=self.extractor)
 
     def batch_features(self, batch: dict) -> list[Tensor]:
         """The batch's features: precomputed ones when the loader supplies them, else a forward pass."""

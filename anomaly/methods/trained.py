@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from anomaly.backbones import BackboneSpec, build_backbone
 from anomaly.backbones.extractor import normalise_images
+from anomaly.data.needs import DataNeeds
 from anomaly.methods.base import AnomalyMethod
 
 
@@ -56,11 +58,9 @@ class TrainedMethod(AnomalyMethod):
         self.selected_checkpoint: str | None = None
         self.selected_score: float | None = None
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if self.datamodule is not None:
-            self.datamodule.shuffle_train = True
-            self.datamodule.pad_train = True  # the same number of gradient steps on every process
+    def data_needs(self) -> DataNeeds:
+        """Shuffled training images, padded to the same number of gradient steps on every process."""
+        return replace(super().data_needs(), shuffle=True, pad=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)

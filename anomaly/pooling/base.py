@@ -122,6 +122,13 @@ class Pooling(ABC):
         args = ", ".join(f"{k}={v!r}" for k, v in self.options().items() if k != "name")
         return f"{type(self).__name__}({args})"
 
+    def __eq__(self, other: object) -> bool:
+        """Poolings are values: equal when of one kind with equal options (``sklearn.base.clone`` copies)."""
+        return type(self) is type(other) and self.options() == other.options()
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(self.options().items()))))
+
 
 class KGrid:
     """What the poolings over a ``k x k`` grid share: the option, its description and the pooling

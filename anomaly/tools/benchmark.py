@@ -38,7 +38,9 @@ from anomaly.data.datasets import ImageDataset
 from anomaly.data.image_cache import ResizedImageCache
 from anomaly.data.images import load_rgb
 from anomaly.data.transforms import ImagePipeline, resize_square
+from anomaly.evaluation.callback import RunReport
 from anomaly.methods.gaussian import GaussianAD
+from anomaly.methods.run import fit
 from anomaly.stats.gaussian import fit_gaussian
 from anomaly.stats.moments import RunningMoments
 
@@ -215,7 +217,6 @@ def protocol(args, root: Path, cache: Path | None, out: Path, figures: bool = Fa
                 reduction=reduction,
                 variance_threshold=0.99 if reduction == "npca" else None,
             )
-            model.report_figures = figures
             dm = MVTecDataModule(
                 str(root), args.category, fold=fold, batch_size=args.batch_size, num_workers=args.workers,
                 feature_cache=None if cache is None else str(cache),
@@ -223,9 +224,9 @@ def protocol(args, root: Path, cache: Path | None, out: Path, figures: bool = Fa
             trainer = pl.Trainer(
                 max_epochs=1, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, default_root_dir=out / f"{fold}-{reduction}",
-                use_distributed_sampler=False, **trainer_options,
+                use_distributed_sampler=False, callbacks=[RunReport(figures)], **trainer_options,
             )  # fmt: skip
-            trainer.fit(model, datamodule=dm)
+            fit(trainer, model, dm)
             trainer.test(model, datamodule=dm, verbose=False)
     return time.perf_counter() - start
 

@@ -15,6 +15,7 @@ from anomaly.data import MVTecDataModule
 from anomaly.data.augment import CATEGORY_SWITCHES, build_augmentation
 from anomaly.data.folds import kfold_split
 from anomaly.data.images import load_rgb
+from anomaly.data.needs import DataNeeds
 from anomaly.errors import UserError
 from tests.conftest import BOTTLE, make_mvtec_category, require
 
@@ -103,6 +104,7 @@ def test_greyscale_category_loads_as_three_channels(tmp_path: Path):
 
 def test_datamodule_splits_labels_and_masks(tiny_mvtec: Path):
     dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=2, batch_size=100, num_workers=0, image_size=24)
+    dm.configure(DataNeeds(masks=True))  # a model that asks for the test masks
     dm.setup("fit")
     assert len(dm.fit_samples) + len(dm.holdout_samples) == 12
     assert not {s.path for s in dm.fit_samples} & {s.path for s in dm.holdout_samples}
@@ -116,6 +118,7 @@ def test_datamodule_splits_labels_and_masks(tiny_mvtec: Path):
 def test_masks_are_optional(tmp_path: Path):
     root = make_mvtec_category(tmp_path, masks=False)
     dm = MVTecDataModule(str(root), "widget", num_workers=0, image_size=16)
+    dm.configure(DataNeeds(masks=True))
     dm.setup("test")
     assert "mask" not in next(iter(dm.test_dataloader()))
 
@@ -151,3 +154,19 @@ def test_bottle_test_set_has_a_mask_for_every_defective_image():
     defective = [s for s in test if s.label == 1]
     assert len(defective) == 63 and all(s.mask is not None and Path(s.mask).is_file() for s in defective)
     assert all(s.mask is None for s in test if s.label == 0)
+
+
+def test_the_data_module_obeys_the_needs_it_is_configured_with(tiny_mvtec: Path):
+    dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=4, num_workers=0, augment=True)
+    dm.configure(DataNeeds(image_size=32, shuffle=True, pad=True, noise=False))
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert dm.image_size == 32 and loader.sampler.shuffle and loader.sampler.pad
+    assert not [t for t in loader.dataset.pipeline.augment.transforms if "GaussNoise" in repr(t)]
+    assert "mask" not in next(iter(dm.test_dataloader()))  # no model asked for the masks
+    given = MVTecDataModule(str(tiny_mvtec), "widget", num_workers=0, image_size=24)
+    given.configure(DataNeeds(image_size=32))
+    assert given.image_size == 24  # the user's size wins
+    plain = MVTecDataModule(str(tiny_mvtec), "widget", num_workers=0, augment=True, image_size=32)
+    plain.setup("fit")
+    assert not plain.train_dataloader().sampler.shuffle  # the default needs: in order, with noise

@@ -13,6 +13,7 @@ from PIL import Image
 from anomaly.cli import main
 from anomaly.data.folder import FolderDataModule, class_names
 from anomaly.data.folds import kfold_split
+from anomaly.data.needs import DataNeeds
 from anomaly.errors import UserError
 from tests.conftest import MAGNETIC_TILE, require
 
@@ -82,6 +83,7 @@ def test_tiles_layout_labels_masks_split_and_folds(tmp_path: Path):
     fit_idx, holdout_idx = kfold_split(len(train), 0)
     assert data.fit_samples == [train[i] for i in fit_idx]
     assert data.holdout_samples == [train[i] for i in holdout_idx]
+    data.configure(DataNeeds(masks=True))  # a model that asks for the test masks
     batch = next(iter(data.test_dataloader()))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype.is_floating_point is False
     assert batch["mask"].shape == (4, 1, 32, 32)
@@ -155,6 +157,7 @@ def test_magnetic_tile_seeded_split():
         "MT_Blowhole": 115, "MT_Break": 85, "MT_Crack": 57, "MT_Fray": 32, "MT_Uneven": 103}  # fmt: skip
     assert all(s.path.endswith(".jpg") and s.mask.endswith(".png") for s in test)
     assert sum(s.label for s in test) == 392
+    data.configure(DataNeeds(masks=True))
     batch = next(iter(data.test_dataloader()))
     assert batch["image"].shape == (8, 3, 64, 64) and bool(batch["has_mask"].all())
 

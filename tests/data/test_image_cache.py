@@ -19,7 +19,7 @@ from anomaly.data.images import load_rgb
 from anomaly.data.transforms import resize_square
 from anomaly.errors import UserError
 from anomaly.methods.gaussian import GaussianAD
-from tests.conftest import ENTRY_DAMAGES, damage_entry, fit_and_test, write_noise_images
+from tests.conftest import ENTRY_DAMAGES, damage_entry, fit_and_test, run_results, write_noise_images
 
 SIZE = 32
 
@@ -164,9 +164,9 @@ def test_fit_and_test_with_the_image_cache_equal_the_plain_run(tiny_mvtec, tmp_p
             feature_cache=None if features is None else str(features),
         )  # fmt: skip
         model = GaussianAD("efficientnet-lite0")
-        fit_and_test(model, dm, out)
+        results = run_results(fit_and_test(model, dm, out))
         with open(out / "scores.csv", newline="") as handle:
-            return list(csv.DictReader(handle)), model.test_summary["scores"]
+            return list(csv.DictReader(handle)), results["scores"]
 
     plain = run(None, tmp_path / "plain")
     assert run(tmp_path / "cache", tmp_path / "cold") == plain

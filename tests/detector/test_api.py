@@ -13,9 +13,11 @@ from sklearn.covariance import LedoitWolf
 
 from anomaly.data.images import load_rgb
 from anomaly.detector import GaussianDetector
+from anomaly.detector.inputs import image_batch
 from anomaly.detector.model import DetectorModel
 from anomaly.errors import UserError
 from anomaly.methods.gaussian.module import DEFAULT_TARGET_FPR
+from anomaly.pooling import Cells, Global, Grid
 from anomaly.stats.scorer import GaussianScorer
 from tests.detector.helpers import LEVELS, demo_images, fit_demo_detector
 
@@ -57,7 +59,8 @@ def test_signs_follow_scikit_learn_and_pyod(features):
 def test_detector_is_a_clonable_scikit_learn_estimator(features):
     params = dict(backbone=None, levels=[1], score="mahalanobis", resize="linear", fpr=0.2, batch_size=7)
     detector = GaussianDetector(**params, device="cpu")
-    assert detector.get_params() == {**params, "weights": None, "image_size": None, "device": "cpu"}
+    defaults = {"weights": None, "pooling": "global", "image_size": None, "memory_budget_gb": 4.0}
+    assert detector.get_params() == {**params, **defaults, "device": "cpu"}
     detector.fit(features[0])
     assert detector.decision_score_ == "mahalanobis/sum" and detector.device_ == torch.device("cpu")
     copy = clone(detector)
@@ -68,7 +71,7 @@ def test_detector_is_a_clonable_scikit_learn_estimator(features):
     assert copy.get_params()["fpr"] == 0.05 and copy.get_params()["score"] == "l2"
     assert "fpr=0.2" in repr(detector) and repr(GaussianDetector()) == "GaussianDetector()"
     loaded = GaussianDetector.from_model(detector.model_, fpr=detector.fpr)
-    assert clone(loaded).get_params() == loaded.get_params()
+    assert clone(loaded).get_params() == loaded.get_params() and loaded.get_params()["pooling"] == Global()
 
 
 def test_chi2_working_point_neither_keeps_nor_scores_the_training_features(features, monkeypatch):
@@ -208,5 +211,68 @@ def test_calibrate_on_held_out_normal_data_keeps_the_false_positive_rate():
     calibrated_fpr = detector.predict(fresh).mean()
     assert in_sample_fpr > 0.3 and abs(calibrated_fpr - 0.05) < 0.03, (in_sample_fpr, calibrated_fpr)
     assert detector.source_["calibrated_on"] == 400
+    detector.calibrate(held_out, fpr=0.1)  # a working point of the fitted state, not a parameter
+    assert detector.fpr == 0.05 and detector.fpr_ == 0.1 and clone(detector).get_params()["fpr"] == 0.05
     with pytest.raises(UserError, match="fpr"):
         GaussianDetector(backbone=None, fpr=None).fit(normal(80)).calibrate(held_out)
+
+
+def grid_features(detector: GaussianDetector, paths: list[Path], k: int) -> list[np.ndarray]:
+    """Each level's map average-pooled to k x k by the backbone alone: (n, C, k, k) float64 arrays."""
+    images = image_batch(paths, detector.image_size_, detector.resize_)
+    return [g.double().numpy() for g in detector.model_.extractor(images, detector.levels_, grid=k)]
+
+
+def test_cells_pooling_fits_one_sklearn_gaussian_per_cell_and_maps_them(tmp_path: Path):
+    """pooling=Cells(k): per cell and level a Ledoit-Wolf Gaussian; a level's score is its largest
+    cell distance, the levels are summed, and the map holds the per-cell distances summed over levels."""
+    train, good, bad = demo_images()
+    detector = fit_demo_detector(pooling=Cells(grid_size=2), fpr=0.25)
+    assert detector.pooling_ == Cells(grid_size=2) and detector.model_.makes_maps
+    expected_scores, expected_maps = 0.0, 0.0
+    for fit_level, new_level in zip(
+        grid_features(detector, train, 2), grid_features(detector, good + bad, 2), strict=True
+    ):
+        per_cell = np.stack(
+            [
+                np.sqrt(LedoitWolf().fit(fit_level[:, :, y, x]).mahalanobis(new_level[:, :, y, x]))
+                for y in range(2)
+                for x in range(2)
+            ],
+            axis=1,
+        )  # (n, 4): cell i * 2 + j is row i, column j
+        expected_scores = expected_scores + per_cell.max(axis=1)
+        expected_maps = expected_maps + per_cell.reshape(-1, 2, 2)
+    np.testing.assert_allclose(detector.decision_function(good + bad), expected_scores, rtol=1e-5)
+    maps = detector.anomaly_maps(good + bad)
+    np.testing.assert_allclose(maps, expected_maps, rtol=1e-5)
+    # a max over cells is not chi-squared: the empirical 1 - fpr quantile of the training scores
+    assert (detector.decision_function(train) > detector.threshold_).mean() <= 0.25
+    loaded = GaussianDetector.load(detector.save(tmp_path / "cells.safetensors"))
+    assert loaded.pooling_ == Cells(grid_size=2) and clone(loaded).get_params()["pooling"] == Cells(
+        grid_size=2
+    )
+    np.testing.assert_allclose(loaded.anomaly_maps(good + bad), maps, rtol=1e-9)
+    assert loaded.threshold_ == detector.threshold_
+
+
+def test_grid_pooling_by_name_models_the_whole_grid_as_one_vector():
+    train, good, bad = demo_images()
+    detector = GaussianDetector(backbone="efficientnet-lite0", levels=[4], pooling="grid", batch_size=8)
+    detector.fit(train)
+    assert detector.pooling_ == Grid(grid_size=4)
+    (fit_level,), (new_level,) = grid_features(detector, train, 4), grid_features(detector, good + bad, 4)
+    fit_level, new_level = fit_level.reshape(len(train), -1), new_level.reshape(len(good + bad), -1)
+    expected = np.sqrt(LedoitWolf().fit(fit_level).mahalanobis(new_level))
+    np.testing.assert_allclose(detector.decision_function(good + bad), expected, rtol=1e-5)
+    with pytest.raises(UserError, match="gives no anomaly maps"):
+        detector.anomaly_maps(good)
+
+
+def test_spatial_pooling_options_are_checked_in_fit(features):
+    with pytest.raises(UserError, match="pooling cells needs feature maps"):
+        GaussianDetector(backbone=None, pooling="cells").fit(features[0])
+    with pytest.raises(UserError, match="pooling must be one of"):
+        GaussianDetector(backbone=None, pooling="patches").fit(features[0])
+    with pytest.raises(UserError, match="over memory_budget_gb"):
+        GaussianDetector(levels=[9], pooling=Cells(grid_size=32), memory_budget_gb=0.01).fit(demo_images()[0])

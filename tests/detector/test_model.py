@@ -35,6 +35,9 @@ def test_score_column_is_the_one_parser():
             ScoreColumn.parse(bad)
     with pytest.raises(UserError, match="level in 2, sum"):
         ScoreColumn.parse("l2/3").validate(["l2"], [2])
+    for column in (ScoreColumn("mahalanobis", 7), ScoreColumn("l2"), ScoreColumn("cca_score", 2)):
+        assert ScoreColumn.from_csv_name(column.csv_name) == column
+    assert [ScoreColumn.from_csv_name(h) for h in ("path", "decision", "map_max_x", "l2_0")] == [None] * 4
 
 
 @pytest.mark.parametrize(

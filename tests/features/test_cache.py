@@ -13,11 +13,12 @@ from PIL import Image
 from anomaly.backbones import build_backbone
 from anomaly.data import MVTecDataModule, Sample
 from anomaly.data.images import load_rgb
+from anomaly.data.needs import DataNeeds
 from anomaly.data.transforms import ImagePipeline
 from anomaly.errors import UserError
 from anomaly.features import FeatureCache, file_digest
 from anomaly.methods.gaussian import GaussianAD
-from tests.conftest import ENTRY_DAMAGES, damage_entry, fit_and_test, write_noise_images
+from tests.conftest import ENTRY_DAMAGES, damage_entry, fit_and_test, run_results, write_noise_images
 
 SIZE = 64  # a small input resolution keeps the unit tests fast
 
@@ -110,7 +111,7 @@ def run(root: Path, out: Path, fold: int, cache: Path | None, augment: bool = Fa
         feature_cache=None if cache is None else str(cache),
     )  # fmt: skip
     model = GaussianAD("efficientnet-lite0")
-    fit_and_test(model, dm, out)
+    results = run_results(fit_and_test(model, dm, out))
     with open(out / "scores.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     state = {
@@ -118,21 +119,21 @@ def run(root: Path, out: Path, fold: int, cache: Path | None, augment: bool = Fa
         for k, v in model.state_dict().items()
         if k.startswith(("detector.scorers.", "detector.moments."))
     }
-    return model, dm, rows, state
+    return results, dm, rows, state
 
 
 def test_cached_fit_and_test_equal_uncached_exactly_and_folds_share_one_extraction(tiny_mvtec, tmp_path):
     cache_dir = tmp_path / "cache"
     plain, _, rows, state = run(tiny_mvtec, tmp_path / "plain", 0, None)
-    model, dm, cached_rows, cached_state = run(tiny_mvtec, tmp_path / "cached", 0, cache_dir)
+    results, dm, cached_rows, cached_state = run(tiny_mvtec, tmp_path / "cached", 0, cache_dir)
     stats = dm.feature_source.stats
     assert (stats.hits, stats.misses) == (0, 20)  # all 12 training and 8 test images, once
     assert cached_rows == rows  # every score column of every test image, as text
     assert cached_state.keys() == state.keys()
     for key in state:
         assert torch.equal(cached_state[key], state[key]), key
-    assert model.test_summary["scores"] == plain.test_summary["scores"]  # every AUROC
-    assert model.test_summary["n_test"] == 8
+    assert results["scores"] == plain["scores"]  # every AUROC
+    assert results["n_test"] == 8
     _, other_fold, _, _ = run(tiny_mvtec, tmp_path / "fold1", 1, cache_dir)
     stats = other_fold.feature_source.stats
     assert (stats.hits, stats.misses, stats.rejected) == (20, 0, 0)  # another fold: no extraction
@@ -144,7 +145,7 @@ def test_augmented_training_reads_images_while_test_reads_the_cache(tiny_mvtec, 
         feature_cache=str(tmp_path / "cache"), image_size=SIZE,
     )  # fmt: skip
     dm.setup("fit")
-    dm.attach_feature_cache(FeatureCache(tmp_path / "cache", build_backbone("efficientnet-lite0"), SIZE))
+    dm.configure(DataNeeds(extractor=build_backbone("efficientnet-lite0")))
     train_batch = next(iter(dm.train_dataloader()))
     assert "image" in train_batch and "features" not in train_batch
     test_batch = next(iter(dm.test_dataloader()))

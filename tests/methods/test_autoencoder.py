@@ -17,9 +17,11 @@ from torch import nn
 from anomaly.cli import CONFIG_DIR, main
 from anomaly.data import MVTecDataModule
 from anomaly.errors import UserError
+from anomaly.evaluation.callback import RunReport
 from anomaly.evaluation.connected_components import CCAScorer
 from anomaly.methods.autoencoder import PixelShuffleAutoencoder
 from anomaly.methods.autoencoder.module import error_map
+from anomaly.methods.run import fit
 from anomaly.tools.min_anomaly_size import main as min_size_main
 from tests.conftest import make_mvtec_category
 
@@ -45,13 +47,14 @@ def test_fit_selects_the_best_checkpoint_and_scores_both_ways(tmp_path: Path):
     dm = MVTecDataModule(str(root), "widget", fold=0, batch_size=4, num_workers=0, augment=True)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/loss", mode="min", save_top_k=1)
     trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", devices=1, callbacks=[checkpoint], enable_progress_bar=False,
-        enable_model_summary=False, logger=TensorBoardLogger(tmp_path, name="tb", version="v"),
-        num_sanity_val_steps=0, use_distributed_sampler=False, log_every_n_steps=1,
+        max_epochs=2, accelerator="cpu", devices=1, callbacks=[checkpoint, RunReport()],
+        enable_progress_bar=False, enable_model_summary=False,
+        logger=TensorBoardLogger(tmp_path, name="tb", version="v"), num_sanity_val_steps=0,
+        use_distributed_sampler=False, log_every_n_steps=1,
     )  # fmt: skip
-    trainer.fit(model, datamodule=dm)
+    fit(trainer, model, dm)
     # training batches are shuffled and augmented without noise
-    assert dm.shuffle_train and not dm.augment_noise
+    assert dm.needs.shuffle and not dm.needs.noise
     augmentation = dm.train_dataloader().dataset.pipeline.augment
     assert augmentation is not None
     assert not [t for t in augmentation.transforms if "GaussNoise" in repr(t)], "noise must be off"
@@ -94,10 +97,10 @@ def test_without_masks_the_cca_score_is_left_out_with_a_warning(tmp_path: Path):
     trainer = pl.Trainer(
         max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
         logger=TensorBoardLogger(tmp_path, name="tb", version="v"), num_sanity_val_steps=0,
-        use_distributed_sampler=False, enable_checkpointing=False,
+        use_distributed_sampler=False, enable_checkpointing=False, callbacks=[RunReport()],
     )  # fmt: skip
     with pytest.warns(UserWarning, match="no ground-truth masks: the CCA score is left out"):
-        trainer.fit(model, datamodule=dm)
+        fit(trainer, model, dm)
     trainer.test(model, datamodule=dm, verbose=False)
     results = json.loads((tmp_path / "tb" / "v" / "results.json").read_text())
     assert set(results["scores"]) == {"map_mean"} and results["min_anomaly_size"] is None
@@ -114,6 +117,7 @@ def test_each_data_module_gets_its_own_minimum_anomaly_size(tmp_path: Path):
     )
     for root, expected in ((masked, (10 * 10) / (32 * 32)), (plain, None)):
         dm = MVTecDataModule(str(root), "widget", fold=0, num_workers=0)
+        dm.configure(model.data_needs())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer.test(model, datamodule=dm, verbose=False)
@@ -126,7 +130,7 @@ def test_data_image_size_must_suit_the_encoder(tmp_path: Path):
     dm = MVTecDataModule(str(root), "widget", fold=0, num_workers=0, image_size=48)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False)
     with pytest.raises(UserError, match=r"--data\.image_size must be a multiple of 32, got 48"):
-        trainer.fit(model, datamodule=dm)
+        fit(trainer, model, dm)
 
 
 def test_command_line_run_with_the_autoencoder_config(tmp_path: Path, capsys):

@@ -15,8 +15,10 @@ from sklearn.metrics import roc_auc_score
 
 from anomaly.data import MVTecDataModule
 from anomaly.errors import UserError
+from anomaly.evaluation.callback import RunReport
 from anomaly.methods.gaussian import GaussianAD
-from tests.conftest import BOTTLE, fit_and_test, make_mvtec_category, require
+from anomaly.methods.run import fit
+from tests.conftest import BOTTLE, cpu_trainer, fit_and_test, make_mvtec_category, require, run_results
 
 SMALL = 96  # below the native 224 px: real features at a fraction of the cost
 
@@ -129,18 +131,18 @@ def test_reduction_equals_sklearn_pca_then_ledoit_wolf(tmp_path: Path, reduction
     root = make_mvtec_category(tmp_path / "data", n_train=60, n_good=6, n_bad=6, size=64)
     model = GaussianAD("efficientnet-lite0", levels=[2, 3, 9], reduction=reduction, variance_threshold=t)
     dm = MVTecDataModule(str(root), "widget", fold=0, batch_size=16, num_workers=0, image_size=SMALL)
-    fit_and_test(model, dm, tmp_path)
+    results = run_results(fit_and_test(model, dm, tmp_path))
     train = stacked_features(model, dm.train_dataloader())
     test = stacked_features(model, dm.test_dataloader())
     labels = torch.tensor([s.label for s in dm.test_samples])
     ours = model.score_features([torch.from_numpy(x) for x in test])
     for i, level in enumerate(model.levels):
         expected, (start, stop, _) = sklearn_reduced_mahalanobis(train[i], test[i], reduction, t)
-        assert model.scorers[i].dim == stop - start == model.test_summary["level_dims"][str(level)]
+        assert model.scorers[i].dim == stop - start == results["level_dims"][str(level)]
         # n <= D too (level 9: 1280 dims, 48 images): no kept direction is arbitrary
         np.testing.assert_allclose(ours[f"mahalanobis/{level}"].numpy(), expected, rtol=1e-6)
         expected_auroc = roc_auc_score(labels.numpy(), expected)
-        assert model.test_summary["per_level"][str(level)] == pytest.approx(expected_auroc, abs=1e-9)
+        assert results["per_level"][str(level)] == pytest.approx(expected_auroc, abs=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -161,8 +163,7 @@ def test_bad_options_are_user_errors(options, message):
 def test_working_point_and_decisions(tiny_mvtec: Path, tmp_path: Path):
     model = GaussianAD("efficientnet-lite0", levels=[5, 7], target_fpr=0.2)
     dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=8, num_workers=0, image_size=SMALL)
-    fit_and_test(model, dm, tmp_path)
-    report = model.test_summary["working_point"]
+    report = run_results(fit_and_test(model, dm, tmp_path))["working_point"]
     rows = report["levels"]["7"]["rows"]
     assert [r["n_sigma"] for r in rows] == [1, 2, 3, 4, 5, None]
     assert rows[-1]["target_fpr"] == 0.2
@@ -193,8 +194,7 @@ def test_bottle_fold0_summed_mahalanobis_auroc(tmp_path: Path):
     root = require(BOTTLE).parent
     model = GaussianAD("efficientnet-lite0")
     dm = MVTecDataModule(str(root), "bottle", fold=0, batch_size=32, num_workers=2)
-    fit_and_test(model, dm, tmp_path)
-    results = model.test_summary
+    results = run_results(fit_and_test(model, dm, tmp_path))
     assert results["n_train"] == 167 and results["n_test"] == 83
     assert results["image_auroc"] >= 0.98, results["per_level"]
     # the logged AUROC agrees with sklearn on the written scores
@@ -220,3 +220,24 @@ def test_runs_that_differ_in_their_working_point_get_folders_of_their_own():
     assert len(names) == 6
     assert default == "efficientnet-lite0_random-init_levels-7"
     assert name(threshold=50.0) == default + "_threshold50"
+
+
+def test_the_module_returns_rows_and_writes_nothing_the_report_writes_the_files(
+    tiny_mvtec: Path, tmp_path: Path, monkeypatch
+):
+    """Without the report callback a test writes no file anywhere (also not in the current folder)."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    model = GaussianAD("efficientnet-lite0", levels=[5, 7])
+    dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=8, num_workers=0, image_size=SMALL)
+    trainer = cpu_trainer(tmp_path / "bare")
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, RunReport)]
+    fit(trainer, model, dm)
+    assert model.threshold is not None  # the calibration step ran
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert not list((tmp_path / "cwd").iterdir()) and not (tmp_path / "bare").exists()
+    rows = model.test_step(next(iter(dm.test_dataloader())), 0)
+    assert set(rows) == {"scores"} and "mahalanobis/sum" in rows["scores"]
+    reported = fit_and_test(GaussianAD("efficientnet-lite0", levels=[5, 7]), dm, tmp_path / "reported")
+    assert {p.name for p in (tmp_path / "reported").iterdir()} >= {"results.json", "scores.csv"}
+    assert run_results(reported)["working_point"]["decision"]["threshold"] is not None

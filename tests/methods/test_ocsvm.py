@@ -15,7 +15,8 @@ from anomaly.cli import CONFIG_DIR, main
 from anomaly.data import MVTecDataModule
 from anomaly.errors import UserError
 from anomaly.methods.ocsvm import OneClassSVMAD
-from tests.conftest import BOTTLE, cpu_trainer, require
+from anomaly.methods.run import fit
+from tests.conftest import BOTTLE, cpu_trainer, require, run_results
 
 LEVELS = [3, 6]
 
@@ -32,7 +33,7 @@ def test_scores_equal_sklearn_one_class_svm_on_the_same_features(tiny_mvtec: Pat
     model = OneClassSVMAD("efficientnet-lite0", levels=LEVELS)
     dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=1, batch_size=4, num_workers=0, image_size=96)
     run = cpu_trainer(tmp_path)
-    run.fit(model, datamodule=dm)
+    fit(run, model, dm)
     run.test(model, datamodule=dm, verbose=False)
     train_features = stacked(model, dm.train_dataloader())
     test_features = stacked(model, dm.test_dataloader())
@@ -71,7 +72,7 @@ def test_memory_limit_stops_before_training(tiny_mvtec: Path, tmp_path: Path):
     assert model.required_bytes(9, 3) == n * 1280 * 4 + n * 1280 * 12 + n * 1280 * 8 + 200 * 2**20
     dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=4, num_workers=0)
     with pytest.raises(UserError, match=r"memory_limit_gb"):
-        cpu_trainer(tmp_path, epochs=3).fit(model, datamodule=dm)
+        fit(cpu_trainer(tmp_path, epochs=3), model, dm)
 
 
 @pytest.mark.slow
@@ -81,8 +82,8 @@ def test_bottle_fold0_summed_ocsvm_auroc(tmp_path: Path):
     model = OneClassSVMAD("efficientnet-lite0")
     dm = MVTecDataModule(str(root), "bottle", fold=0, batch_size=32, num_workers=2)
     run = cpu_trainer(tmp_path)
-    run.fit(model, datamodule=dm)
+    fit(run, model, dm)
     run.test(model, datamodule=dm, verbose=False)
-    results = model.test_summary
+    results = run_results(run)
     assert results["n_train"] == 167 and results["n_test"] == 83
     assert results["image_auroc"] >= 0.9, results["per_level"]  # Table VIII, oc-SVM on bottle: 98.4 (EN-B0)

@@ -14,11 +14,11 @@ from sklearn.metrics import roc_auc_score
 from anomaly.backbones import build_backbone
 from anomaly.data import MVTecDataModule
 from anomaly.errors import UserError
+from anomaly.evaluation.pixel import pixel_auroc, pixel_pro, upsample_maps
 from anomaly.evaluation.pro import pro_score
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.spatial import SpatialGaussianAD
-from anomaly.methods.spatial.module import pixel_auroc, pixel_pro, upsample_maps
-from tests.conftest import fit_and_test
+from tests.conftest import fit_and_test, run_results
 
 SIZE = 64  # small inputs keep the backbone cheap; level 6 is then a 4x4 map
 
@@ -86,13 +86,13 @@ def test_global_default_reproduces_the_paper_method(tiny_mvtec: Path, tmp_path: 
 def test_grid_pooling_models_k2c_vector_with_npca(tiny_mvtec: Path, tmp_path: Path):
     model = spatial(pooling="grid", grid_size=2, reduction="npca")
     assert model.level_dims == [4 * 24, 4 * 112]
-    fit_and_test_on(model, tiny_mvtec, tmp_path)
+    results = run_results(fit_and_test_on(model, tiny_mvtec, tmp_path))
     assert [s.projection.shape[0] for s in model.scorers] == [96, 448]  # NPCA of the k^2 C vector
     assert all(0 < s.dim < s.projection.shape[0] for s in model.scorers)
     images = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8)
     assert [tuple(f.shape) for f in model.features(images)] == [(2, 96), (2, 448)]
-    assert 0.0 <= model.test_summary["image_auroc"] <= 1.0
-    assert model.test_summary["pooling"] == "grid"
+    assert 0.0 <= results["image_auroc"] <= 1.0
+    assert results["pooling"] == "grid"
 
 
 def test_cells_streamed_fit_equals_sklearn_on_stored_features(tiny_mvtec: Path, tmp_path: Path):
@@ -122,15 +122,15 @@ def test_cells_streamed_fit_equals_sklearn_on_stored_features(tiny_mvtec: Path, 
     torch.testing.assert_close(columns["mahalanobis/3"], cell_scores[0].amax(dim=1))
     torch.testing.assert_close(maps.reshape(len(images), 4), cell_scores[0] + cell_scores[1])
     # the tiny category has masks: pixel AUROC and overlays of the top-scoring images
-    assert 0.0 <= model.test_summary["pixel_auroc"] <= 1.0
-    assert 0.0 <= model.test_summary["pro"] <= 1.0
+    assert 0.0 <= run_results(trainer)["pixel_auroc"] <= 1.0
+    assert 0.0 <= run_results(trainer)["pro"] <= 1.0
     overlays = sorted((Path(trainer.default_root_dir) / "anomaly_maps").glob("*.png"))
     assert len(overlays) == 3 and overlays[0].name.startswith("00_")
 
 
 def test_holdout_weighting_standardises_levels_on_held_out_normals(tiny_mvtec: Path, tmp_path: Path):
     model = spatial(level_weighting="holdout")
-    fit_and_test_on(model, tiny_mvtec, tmp_path)
+    trainer = fit_and_test_on(model, tiny_mvtec, tmp_path)
     holdout = model.holdout_scores
     expected = sum(
         (holdout[f"mahalanobis/{lv}"] - holdout[f"mahalanobis/{lv}"].mean())
@@ -139,7 +139,7 @@ def test_holdout_weighting_standardises_levels_on_held_out_normals(tiny_mvtec: P
     )
     torch.testing.assert_close(holdout["mahalanobis/sum"], expected)
     assert holdout["mahalanobis/sum"].mean().abs() < 1e-9
-    assert model.test_summary["level_weighting"] == "holdout"
+    assert run_results(trainer)["level_weighting"] == "holdout"
     with pytest.raises(UserError, match="held-out normal images"):
         fit_and_test_on(spatial(level_weighting="holdout"), tiny_mvtec, tmp_path / "nofold", fold=None)
 

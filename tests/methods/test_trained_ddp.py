@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 from anomaly.data import MVTecDataModule
 from anomaly.data.samplers import EpochShardSampler
 from anomaly.data.supervised import StratifiedMVTecDataModule
+from anomaly.evaluation.callback import RunReport
 from anomaly.methods.autoencoder import PixelShuffleAutoencoder
 from anomaly.methods.classifier import FineTunedClassifier
 from tests.conftest import make_mvtec_category
@@ -70,13 +71,15 @@ def run_ddp(args: list[str], out: Path, batch_size: int) -> dict:
 def single_process(model: pl.LightningModule, dm, checkpoint: str, out: Path) -> tuple[dict, float]:
     """The checkpoint's test summary and validation metric in one process."""
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    report = RunReport()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=out, use_distributed_sampler=False,
+        enable_model_summary=False, default_root_dir=out, use_distributed_sampler=False, callbacks=[report],
     )  # fmt: skip
+    dm.configure(model.data_needs(), trainer)
     (validated,) = trainer.validate(model, datamodule=dm, verbose=False)
     trainer.test(model, datamodule=dm, verbose=False)
-    return model.test_summary, validated
+    return report.results, validated
 
 
 def assert_same_test(ddp: dict, summary: dict, rows_dir: Path, columns: list[str]) -> None:

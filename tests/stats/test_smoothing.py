@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from anomaly.methods.spatial.module import upsample_maps
+from anomaly.evaluation.pixel import upsample_maps
 from anomaly.stats.smoothing import MapSmoothing, blur_kernel_size
 
 

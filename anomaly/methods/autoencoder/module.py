@@ -20,6 +20,7 @@ masks (and without a size given by hand) the CCA score is left out, with a warni
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +28,12 @@ from torch import Tensor
 
 from anomaly.backbones.extractor import unit_images
 from anomaly.data.images import load_mask
+from anomaly.data.needs import DataNeeds
 from anomaly.errors import UserError
 from anomaly.evaluation.connected_components import CCAScorer, min_anomaly_fraction, read_min_anomaly_size
 from anomaly.methods.autoencoder.network import PixelShuffleAE
-from anomaly.methods.base import SUM, gather_rows
+from anomaly.methods.base import SUM
+from anomaly.methods.distributed import gather_rows
 from anomaly.methods.trained import Normalise, TrainedMethod, trainable_network
 
 ENCODER = "resnet18"
@@ -79,9 +82,9 @@ class PixelShuffleAutoencoder(TrainedMethod):
         self._logged_batch: dict[str, Tensor] | None = None
         self._val_losses: list[Tensor] = []
 
-    @property
-    def input_size(self) -> int:
-        return self.hparams.image_size
+    def data_needs(self) -> DataNeeds:
+        """Its own input size, and an augmentation without noise (Appendix Fig. 2)."""
+        return replace(super().data_needs(), image_size=self.hparams.image_size, noise=False)
 
     def backbone_name(self) -> str:
         return ENCODER
@@ -96,7 +99,6 @@ class PixelShuffleAutoencoder(TrainedMethod):
         dm = self.datamodule
         if dm is not None:
             check_image_size(dm.image_size, "--data.image_size")
-            dm.augment_noise = False
             fraction = self.resolve_min_anomaly_size(dm.category, dm.test_samples)  # this data's own
             self.cca = CCAScorer(fraction) if fraction is not None else False
 

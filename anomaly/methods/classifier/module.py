@@ -11,13 +11,17 @@ selected by the validation part's AUROC (``val/auroc``, via the trainer's
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anomaly.data.needs import DataNeeds
 from anomaly.errors import UserError
 from anomaly.evaluation.metrics import image_auroc
-from anomaly.methods.base import SUM, gather_rows
+from anomaly.methods.base import SUM
+from anomaly.methods.distributed import gather_rows
 from anomaly.methods.trained import Normalise, TrainedMethod, trainable_network
 
 SCORE_TYPE = "logit"
@@ -63,9 +67,8 @@ class FineTunedClassifier(TrainedMethod):
         self.network = replace_head(net, backbone)
         self._val_rows: dict[str, list[Tensor]] = {"logit": [], "label": []}
 
-    @property
-    def input_size(self) -> int:
-        return self.spec.image_size
+    def data_needs(self) -> DataNeeds:
+        return replace(super().data_needs(), image_size=self.spec.image_size)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

@@ -7,8 +7,10 @@
   Ledoit-Wolf Gaussian per level (mean, shrunk covariance, precision). With a
   PCA/NPCA reduction (Table III) the projection comes from the first pass and
   the Gaussian is fitted again in the reduced space from a second pass over the
-  same training stream. Finally the fold's held-out normal images calibrate
-  empirical thresholds.
+  same training stream.
+* :meth:`GaussianAD.calibrate`, the step the wiring runs after the fit
+  (:func:`anomaly.methods.run.fit`), sets the empirical threshold on the fold's
+  held-out normal images.
 * ``test_step`` scores each image per level by Mahalanobis (eq. 2), L2 and SED
   (eq. 9) from one forward pass; ``<type>/sum`` is the paper's sum mode.
 """
@@ -16,7 +18,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -25,7 +27,6 @@ from torch import Tensor, nn
 from anomaly.columns import SUM, ScoreColumn
 from anomaly.detector.model import GaussianDetectorModel
 from anomaly.errors import UserError
-from anomaly.methods.base import gather_rows
 from anomaly.methods.features import FeatureMethod
 from anomaly.methods.gaussian.working_point import working_point_report
 from anomaly.pooling import Global, Pooling
@@ -206,14 +207,13 @@ class GaussianAD(FeatureMethod):
         self.fit_epochs += 1
 
     def on_train_end(self) -> None:
-        """Merge the moments of all processes, fit each level's Gaussian, calibrate thresholds."""
+        """Merge the moments of all processes and fit each level's Gaussian."""
         synchronise(list(self.moments))
         self.detector.precision = str(self.trainer.precision) if self._trainer is not None else None
         if self.reduction == "none":
             self.detector.finalise()
         else:
             self.finalise_reduced()
-        self.calibrate()
 
     def finalise_reduced(self) -> None:
         """PCA/NPCA: project, then fit in the reduced space from a second pass.
@@ -246,20 +246,9 @@ class GaussianAD(FeatureMethod):
             for batch in loader:
                 yield self.batch_features(self.transfer_batch_to_device(batch, self.device, 0))
 
-    def score_holdout(self) -> dict[str, Tensor] | None:
-        """Score columns of the fold's held-out normal fifth, over all processes (None if it has none)."""
-        dm = self.datamodule
-        if dm is None or not dm.holdout_samples:
-            return None
-        columns: dict[str, list[Tensor]] = {}
-        for features in self._stream(dm.holdout_dataloader()):
-            for name, values in self.score_features(features).items():
-                columns.setdefault(name, []).append(values.cpu())
-        return gather_rows({k: torch.cat(v) for k, v in columns.items()})
-
-    def calibrate(self) -> None:
-        """Score the held-out normal fifth and set the decision threshold."""
-        self.holdout_scores = self.score_holdout()
+    def calibrate(self, score_holdout: Callable[[], dict[str, Tensor] | None]) -> None:
+        """Score the held-out normal fifth (``score_holdout()``) and set the decision threshold."""
+        self.holdout_scores = score_holdout()
         if self.hparams.threshold is not None:
             return
         value = None

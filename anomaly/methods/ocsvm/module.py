@@ -20,7 +20,8 @@ from sklearn.svm import OneClassSVM
 from torch import Tensor
 
 from anomaly.errors import UserError
-from anomaly.methods.base import SUM, gather_rows
+from anomaly.methods.base import SUM
+from anomaly.methods.distributed import gather_rows
 from anomaly.methods.features import FeatureMethod
 from anomaly.stats.distances import level_columns
 

@@ -11,7 +11,8 @@ exactly) and adds, opt-in:
 * ``pooling: cells``: one Gaussian per cell and level (:mod:`anomaly.stats.cells`).
   A level's image score is the largest distance over its cells; the sum over levels
   is the paper's sum mode. The per-cell distances summed over levels form a coarse
-  ``k x k`` anomaly map, upsampled to the image for pixel AUROC, PRO and overlays.
+  ``k x k`` anomaly map, which ``test_step`` returns beside the scores (the run's
+  evaluation upsamples it for pixel AUROC, PRO and overlays).
 * ``level_weighting: holdout``: every level's distance is standardised by its
   mean and standard deviation on the fold's held-out normal fifth before the
   levels are summed. Only normal training images are used, never test labels.
@@ -22,26 +23,18 @@ checked against ``memory_budget_gb`` before anything is allocated.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
-import torch
 from torch import Tensor
-from torch.nn import functional as F
-from torchmetrics.functional.classification import binary_auroc
 
 from anomaly.backbones import backbone_spec
+from anomaly.data.needs import DataNeeds
 from anomaly.detector.model import LEVEL_WEIGHTINGS, check_weighting
 from anomaly.errors import UserError
-from anomaly.evaluation.metrics import to_unit_interval
-from anomaly.evaluation.pro import pro_score
-from anomaly.evaluation.results import OVERLAYS_DIR
-from anomaly.methods.base import gather_rows
 from anomaly.methods.features import resolve_levels
 from anomaly.methods.gaussian.module import DEFAULT_DECISION_SCORE, DEFAULT_TARGET_FPR, GaussianAD
 from anomaly.methods.gaussian.working_point import working_point_report
-from anomaly.methods.spatial.overlays import write_overlays
 from anomaly.pooling import POOLINGS, Pooling, build_pooling
 from anomaly.stats.distances import SCORE_TYPES
 
@@ -66,6 +59,7 @@ class SpatialGaussianAD(GaussianAD):
     """
 
     method_name = "spatial"
+    reports_pixel_scores = True
 
     def __init__(
         self,
@@ -103,9 +97,6 @@ class SpatialGaussianAD(GaussianAD):
         self.grid_size = grid_size
         self.level_weighting = level_weighting
         self.overlays = overlays
-        self._test_maps: list[tuple[Tensor, Tensor, Tensor | None]] = []
-        self.pixel_auroc: float | None = None
-        self.pro: float | None = None
 
     def make_pooling(self) -> Pooling:
         return self._strategy
@@ -126,18 +117,22 @@ class SpatialGaussianAD(GaussianAD):
             name += f"_weighting-{self.level_weighting}"
         return name
 
+    def data_needs(self) -> DataNeeds:
+        """Besides the base's needs, the test masks for a map-capable pooling (pixel AUROC, PRO)."""
+        return replace(super().data_needs(), masks=self.pooling.makes_maps)
+
     # -------------------------------------------------------------------- fit
-    def calibrate(self) -> None:
+    def calibrate(self, score_holdout: Callable[[], dict[str, Tensor] | None]) -> None:
         """Standardise the levels on the held-out normal fifth (if asked), then set thresholds."""
         if self.level_weighting == "holdout":
             self.detector.reset_level_weights()
-            holdout = self.score_holdout()
+            holdout = score_holdout()
             if holdout is None:
                 raise UserError(
                     "level_weighting holdout needs the fold's held-out normal images: set data.fold to 0..4"
                 )
             self.detector.set_level_weights(holdout)
-        super().calibrate()
+        super().calibrate(score_holdout)
 
     def set_level_weights(self, holdout_columns: dict[str, Tensor]) -> None:
         self.detector.set_level_weights(holdout_columns)
@@ -148,59 +143,17 @@ class SpatialGaussianAD(GaussianAD):
         return self.detector.maps(images)
 
     # ------------------------------------------------------------------- test
-    def on_test_epoch_start(self) -> None:
-        super().on_test_epoch_start()
-        self._test_maps = []
-        self.pixel_auroc = self.pro = None
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        """The batch's score columns and, for a map-capable pooling, its coarse maps."""
         columns, maps = self.detector.score(self.batch_features(batch))
-        self.record_test_rows(batch, columns)
-        if maps is not None:
-            masks = batch["mask"].cpu() if "mask" in batch else None
-            self._test_maps.append((batch["index"].cpu(), maps.float().cpu(), masks))
-
-    def on_test_epoch_end(self) -> None:
-        maps = None
-        if self._test_maps:
-            parts = {"index": torch.cat([i for i, _, _ in self._test_maps])}
-            parts["map"] = torch.cat([m for _, m, _ in self._test_maps])
-            parts["score"] = torch.cat(self._test_rows[self.primary_score])
-            if self._test_maps[0][2] is not None:
-                parts["mask"] = torch.cat([k for _, _, k in self._test_maps])
-            parts = gather_rows(parts)
-            order = torch.argsort(parts["index"])
-            maps = {k: v[order] for k, v in parts.items()}
-            if "mask" in maps:
-                self.pixel_auroc = pixel_auroc(maps["map"], maps["mask"])
-                self.pro = pixel_pro(maps["map"], maps["mask"])
-                self.log("test/pixel_auroc", self.pixel_auroc, rank_zero_only=True)
-                self.log("test/pro", self.pro, rank_zero_only=True)
-        super().on_test_epoch_end()
-        if maps is not None and self.trainer.is_global_zero and self.overlays > 0 and self.report_figures:
-            run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            primary = maps["score"]
-            top = torch.argsort(primary, descending=True)[: self.overlays].tolist()
-            samples = self.datamodule.test_samples
-            write_overlays(
-                run_dir / OVERLAYS_DIR,
-                [samples[i] for i in top],
-                maps["map"][top],
-                self.datamodule.image_size,
-                [float(primary[i]) for i in top],
-            )
+        return {"scores": columns} if maps is None else {"scores": columns, "maps": maps}
 
     def test_results(self, rows: dict[str, Tensor], labels: Tensor) -> dict:
         if self.pooling.chi2_calibratable:
-            results = super().test_results(rows, labels)
-        else:  # a max over cells has no chi-squared working point: empirical ones only
-            results = {
-                "working_point": working_point_report(
-                    [], [], rows, labels, self.holdout_scores, self.target_fpr
-                )
-            }
-        results["pixel_auroc"], results["pro"] = self.pixel_auroc, self.pro
-        return results
+            return super().test_results(rows, labels)
+        # a max over cells has no chi-squared working point: empirical ones only
+        report = working_point_report([], [], rows, labels, self.holdout_scores, self.target_fpr)
+        return {"working_point": report}
 
     def extra_results(self) -> dict:
         if not self.pooling.makes_maps:
@@ -226,35 +179,9 @@ class SpatialGaussianAD(GaussianAD):
         return results
 
 
-def upsample_maps(maps: Tensor, size: int) -> Tensor:
-    """Coarse ``(N, k, k)`` maps bilinearly upsampled to ``(N, size, size)``."""
-    return F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-
-
-def pixel_auroc(maps: Tensor, masks: Tensor) -> float:
-    """Pixel-level AUROC of coarse maps ``(N, k, k)`` against masks ``(N, 1, S, S)`` (torchmetrics).
-
-    NaN when every pixel has the same label.
-    """
-    target = (masks[:, 0] > 0).reshape(-1).to(torch.long)
-    if target.min() == target.max():
-        return math.nan
-    preds = upsample_maps(maps, masks.shape[-1]).reshape(-1)
-    return float(binary_auroc(to_unit_interval(preds), target).item())
-
-
-def pixel_pro(maps: Tensor, masks: Tensor) -> float:
-    """PRO up to FPR 0.3 (:func:`~anomaly.evaluation.pro.pro_score`) of maps ``(N, k, k)`` upsampled
-    to masks ``(N, 1, S, S)`` as for :func:`pixel_auroc`. NaN without an anomalous region."""
-    return pro_score(upsample_maps(maps, masks.shape[-1]).to(torch.float32), masks[:, 0] > 0)
-
-
 __all__ = [
     "LEVEL_WEIGHTINGS",
     "POOLINGS",
     "SpatialGaussianAD",
-    "pixel_auroc",
-    "pixel_pro",
     "state_bytes",
-    "upsample_maps",
 ]
