@@ -13,7 +13,9 @@ Methods:
 
 * ``ours: paper default``: :class:`GaussianAD`, global pooling, all nine levels, sum mode.
 * ``ours: ...``: :class:`SpatialGaussianAD` configurations (pooling, level weighting), among
-  them the fine-map one (``cells 14x14, levels 3-6``: one Gaussian per position).
+  them the fine-map one (``cells 14x14, levels 3-6``: one Gaussian per position) and the
+  grid-maps one (``grid maps 7x7, levels 3-6``: one joint Gaussian of the 7x7 grid per level,
+  each cell scored given the others). anomalib is needed only when one of its methods is run.
 * ``anomalib DFM`` / ``anomalib PaDiM`` (``pip install -e .[bench]``), their torch models
   with their default settings, except that their timm feature extractor is replaced by our
   efficientnet-lite0 extractor (the same ImageNet weights as ours; timm's lite0 checkpoint
