@@ -1,6 +1,7 @@
 """Pooling strategies: how each level's feature map becomes the vectors its Gaussian(s) model.
 
-``global`` is the paper's; ``grid`` and ``cells`` keep where a feature was. A new
+``global`` is the paper's; ``grid``, ``cells`` and ``grid_maps`` keep where a feature was
+(``cells`` and ``grid_maps`` give anomaly maps). A new
 pooling is one module with a :class:`~anomaly.pooling.base.Pooling` subclass,
 listed in :data:`POOLINGS`.
 """
@@ -14,8 +15,9 @@ from anomaly.pooling.base import Pooling, check_grid_size, check_memory_budget
 from anomaly.pooling.cells import Cells
 from anomaly.pooling.global_ import Global
 from anomaly.pooling.grid import Grid
+from anomaly.pooling.grid_maps import GridMaps
 
-POOLINGS: dict[str, type[Pooling]] = {cls.name: cls for cls in (Global, Grid, Cells)}
+POOLINGS: dict[str, type[Pooling]] = {cls.name: cls for cls in (Global, Grid, Cells, GridMaps)}
 
 
 def pooling_options(name: object) -> list[str]:
@@ -37,6 +39,7 @@ __all__ = [
     "Cells",
     "Global",
     "Grid",
+    "GridMaps",
     "Pooling",
     "build_pooling",
     "check_grid_size",

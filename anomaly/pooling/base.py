@@ -116,7 +116,7 @@ class Pooling(ABC):
 
     def to_map(self, distances: Tensor) -> Tensor:
         """An anomaly map ``(B, h, w)`` from the scorer's distances of one kind (map-capable poolings)."""
-        raise UserError(f"pooling {self.name} gives no anomaly maps: use pooling cells")
+        raise UserError(f"pooling {self.name} gives no anomaly maps: use pooling cells or grid_maps")
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.options().items() if k != "name")

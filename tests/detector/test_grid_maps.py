@@ -1,0 +1,58 @@
+"""Pooling grid_maps end to end: the run's detector file reloads, predicts maps and exports them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly.detector import GaussianDetector
+from anomaly.detector.inputs import image_batch
+from predict import main as predict_main
+from tests.detector.test_model import fit_run
+
+GRID_MAPS = ["--model.pooling", "grid_maps"]
+
+
+def test_grid_maps_detector_reloads_and_exports_scores_and_maps(tiny_mvtec: Path, tmp_path: Path):
+    run_dir = fit_run(tmp_path / "runs", tiny_mvtec, *GRID_MAPS)
+    meta = json.loads((run_dir / "detector.json").read_text())
+    assert meta["pooling"] == {"name": "grid_maps", "grid_size": 2}
+    detector = GaussianDetector.load(run_dir)
+    paths = sorted((tiny_mvtec / "widget" / "test").rglob("*.png"))[:3]
+    images = image_batch(paths, detector.image_size_)
+    columns, maps = detector.model_(images)
+    assert maps.shape == (3, 2, 2)
+    assert bool((maps >= 0).all()) and bool(maps.flatten(1).std(dim=1).gt(0).all())
+    np.testing.assert_allclose(detector.anomaly_maps(paths), maps, rtol=1e-6)
+
+    # predict --maps writes one raw map per image
+    out, maps_dir = tmp_path / "predicted.csv", tmp_path / "maps"
+    listed = tmp_path / "inputs"
+    listed.mkdir()
+    for i, path in enumerate(paths):
+        shutil.copy(path, listed / f"{i:03d}_{path.name}")
+    args = ["--detector", str(run_dir), "--input", str(listed), "--out", str(out), "--maps", str(maps_dir)]
+    assert predict_main([*args, "--batch-size", "8", "--no-progress"]) == 0
+    assert len(list(maps_dir.glob("*.npy"))) == 3
+
+    from anomaly.export import export_onnx, export_torchscript
+
+    scripted = torch.jit.load(str(export_torchscript(detector, tmp_path / "d.pt")))
+    ts_score, _, ts_maps = scripted(images)
+    np.testing.assert_allclose(ts_score, columns["mahalanobis/sum"], rtol=1e-4)
+    np.testing.assert_allclose(ts_maps, maps, rtol=1e-4)
+
+    ort = pytest.importorskip("onnxruntime")
+
+    session = ort.InferenceSession(
+        str(export_onnx(detector, tmp_path / "d.onnx")), providers=["CPUExecutionProvider"]
+    )
+    score, level_scores, onnx_maps = session.run(None, {"images": images.numpy()})
+    np.testing.assert_allclose(score, columns["mahalanobis/sum"].numpy(), rtol=1e-4)
+    np.testing.assert_allclose(onnx_maps, maps.numpy(), rtol=1e-4)
+    assert level_scores.shape == (3, 2)
