@@ -25,7 +25,7 @@ from torch import Tensor
 
 from anomaly.backbones import build_backbone
 from anomaly.columns import ScoreColumn
-from anomaly.data.transforms import DEFAULT_RESIZE, resize_rule
+from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE, TileGrid, fit_rule, resize_rule
 from anomaly.detector.inputs import feature_list, image_batch, image_items
 from anomaly.detector.io import load_model, model_metadata, save_model
 from anomaly.detector.model import GaussianDetectorModel
@@ -103,6 +103,10 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         image_size: square input size; ``None``: the backbone's native resolution.
         resize: how images are made square (``area``, ``linear``, ``cubic``: see
             :mod:`anomaly.data.transforms`), as in the run that made the detector.
+        fit_rule: how an image of another aspect ratio fills the input: ``stretch`` (default),
+            ``pad`` or ``crop`` (``--data.fit``; docs/own-data.md, long and large images).
+        tiles: ``"ROWSxCOLS"`` square tiles of ``image_size`` per image (``--data.tiles``): every
+            tile is one fitted sample, an image scores the max over its tiles, maps are stitched.
         score: score type (``mahalanobis``, ``l2``, ``sed``) summed over levels,
             or one column such as ``mahalanobis/7``.
         fpr: working point (default: the training runs' and the CLI's 0.01). ``threshold_``
@@ -132,6 +136,8 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         pooling: str | Pooling = "global",
         image_size: int | None = None,
         resize: str = DEFAULT_RESIZE,
+        fit_rule: str = DEFAULT_FIT,
+        tiles: str = "1x1",
         score: str = "mahalanobis",
         fpr: float | None = DEFAULT_TARGET_FPR,
         batch_size: int = 32,
@@ -144,6 +150,8 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         self.pooling = pooling
         self.image_size = image_size
         self.resize = resize
+        self.fit_rule = fit_rule
+        self.tiles = tiles
         self.score = score
         self.fpr = fpr
         self.batch_size = batch_size
@@ -162,6 +170,8 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.decision_score_ = primary_column(self.score)
         self.resize_ = resize_rule(self.resize).name
+        self.fit_rule_ = fit_rule(self.fit_rule).name
+        self.tiles_ = TileGrid.parse(self.tiles)
         self.device_ = check_device(self.device)
 
     def _fitted_model(self) -> GaussianDetectorModel:
@@ -186,6 +196,11 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             self.image_size_ = self.image_size or extractor.image_size
             channels = [extractor.level_dims[level - 1] for level in self.levels_]
         else:
+            if self.tiles_.count > 1:
+                raise UserError(
+                    f"tiles {self.tiles_} cut images, but features passed with backbone=None are "
+                    "already pooled vectors: use tiles='1x1', or pass images with a backbone"
+                )
             if not isinstance(pooling, Global):
                 raise UserError(
                     f"pooling {pooling.name} needs feature maps, but features passed with backbone=None "
@@ -209,9 +224,11 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             decision_score=self.decision_score_,
             image_size=self.image_size_,
             resize=self.resize_,
+            fit=self.fit_rule_,
+            tiles=self.tiles_,
         )
         if extractor is not None:
-            batches = self._feature_batches(X, lambda images: model.features(images.to(self.device_)))
+            batches = self._feature_batches(X, model.features, model.geometry)
         # The training rows are kept only for an empirical threshold (their scores' quantile).
         keep = self.fpr is not None and self._chi2_level(pooling) is None
         kept: list[list[Tensor]] = [[] for _ in self.levels_]
@@ -234,7 +251,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
     def _chi2_level(self, pooling: Pooling) -> int | None:
         """Index of the level whose Mahalanobis distance has eq. (8)'s χ² threshold, if the score is one."""
         column = ScoreColumn.parse(self.decision_score_)
-        if not pooling.chi2_calibratable:
+        if not pooling.chi2_calibratable or self.tiles_.count > 1:  # a max is not chi-squared
             return None
         if column.kind == "mahalanobis" and (not column.is_sum or len(self.levels_) == 1):
             return 0 if column.is_sum else self.levels_.index(column.level)
@@ -274,7 +291,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         for start in range(0, len(X), self.batch_size):
             batch = X[start : start + self.batch_size]
             images = image_batch(batch, self.image_size_, geometry or self.resize_)
-            yield pool(images)
+            yield pool(images.to(self.device_))
 
     # ------------------------------------------------------------------ score
     def score_columns(self, X) -> dict[str, np.ndarray]:
@@ -299,7 +316,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
     def _score(self, X, maps: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """Score columns (and maps) of ``X``, batch by batch, through the model's one forward."""
         model = self._fitted_model()
-        pool = None if model.extractor is None else (lambda images: model.features(images.to(self.device_)))
+        pool = None if model.extractor is None else model.features
         parts: dict[str, list[np.ndarray]] = {}
         map_parts: list[np.ndarray] = []
         for features in self._feature_batches(X, pool, model.geometry):
@@ -407,6 +424,8 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             pooling=model.pooling,
             image_size=model.image_size,
             resize=model.resize,
+            fit_rule=model.fit,
+            tiles=str(model.tiles),
             score=str(model.decision_score),
             fpr=fpr,
             device=device if device is not None else model.level_stats.device,

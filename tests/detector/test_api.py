@@ -12,6 +12,7 @@ from sklearn.base import clone
 from sklearn.covariance import LedoitWolf
 
 from anomaly.data.images import load_rgb
+from anomaly.data.transforms import TileGrid
 from anomaly.detector import GaussianDetector
 from anomaly.detector.inputs import image_batch
 from anomaly.detector.model import DetectorModel
@@ -60,6 +61,7 @@ def test_detector_is_a_clonable_scikit_learn_estimator(features):
     params = dict(backbone=None, levels=[1], score="mahalanobis", resize="linear", fpr=0.2, batch_size=7)
     detector = GaussianDetector(**params, device="cpu")
     defaults = {"weights": None, "pooling": "global", "image_size": None, "memory_budget_gb": 4.0}
+    defaults |= {"fit_rule": "stretch", "tiles": "1x1"}
     assert detector.get_params() == {**params, **defaults, "device": "cpu"}
     detector.fit(features[0])
     assert detector.decision_score_ == "mahalanobis/sum" and detector.device_ == torch.device("cpu")
@@ -274,5 +276,29 @@ def test_spatial_pooling_options_are_checked_in_fit(features):
         GaussianDetector(backbone=None, pooling="cells").fit(features[0])
     with pytest.raises(UserError, match="pooling must be one of"):
         GaussianDetector(backbone=None, pooling="patches").fit(features[0])
+    with pytest.raises(UserError, match="tiles 1x2 cut images"):
+        GaussianDetector(backbone=None, tiles="1x2").fit(features[0])
     with pytest.raises(UserError, match="over memory_budget_gb"):
         GaussianDetector(levels=[9], pooling=Cells(grid_size=32), memory_budget_gb=0.01).fit(demo_images()[0])
+
+
+def test_tiles_fit_every_tile_and_score_an_image_by_its_worst_tile(tmp_path: Path):
+    """tiles='1x2': a tiled detector equals a plain one fitted on the canvases' halves, and an
+    image's score is the larger of its two halves' scores."""
+    train, good, bad = demo_images()
+    tiled = fit_demo_detector(tiles="1x2", fit_rule="pad", fpr=0.2)
+    assert tiled.tiles_ == TileGrid(1, 2) and tiled.fit_rule_ == "pad"
+
+    def halves(paths):
+        canvas = image_batch(paths, 224, tiled.model_.geometry)  # (n, 3, 224, 448)
+        return canvas[..., :224], canvas[..., 224:]
+
+    left, right = halves(train)
+    plain = fit_demo_detector(fpr=None).fit(torch.cat([left, right]))
+    new_left, new_right = halves(good + bad)
+    expected = np.maximum(plain.decision_function(new_left), plain.decision_function(new_right))
+    np.testing.assert_allclose(tiled.decision_function(good + bad), expected, rtol=1e-6)
+    assert (tiled.decision_function(train) > tiled.threshold_).mean() <= 0.2  # the training quantile
+    loaded = GaussianDetector.load(tiled.save(tmp_path / "tiles.safetensors"))
+    assert loaded.get_params()["tiles"] == "1x2" and loaded.get_params()["fit_rule"] == "pad"
+    np.testing.assert_allclose(loaded.decision_function(good + bad), expected, rtol=1e-6)
