@@ -9,7 +9,7 @@ Writes one CSV row per image: path, score (higher = more anomalous), the score
 of every level, decision (1 = anomalous at the detector's saved threshold,
 0 = normal; empty when the detector has none) and error (why an image could not
 be read, or its score is not finite; the run goes on). Detectors with anomaly
-maps (pooling cells) add map_max_x and map_max_y, the pixel of the map's maximum
+maps (pooling cells or grid_maps) add map_max_x and map_max_y, the pixel of the map's maximum
 in the original image; --maps DIR writes per image the map at the image's size
 (.npy, float32) and a heat-map overlay (.png). When not a single image can be
 read, that is an error and no CSV is written; --out is replaced only when the
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--maps",
         metavar="DIR",
-        help="write each image's anomaly map (.npy) and overlay (.png) here (pooling cells)",
+        help="write each image's anomaly map (.npy) and overlay (.png) here (pooling cells or grid_maps)",
     )
     parser.add_argument("--weights", help="backbone weights file, if it moved since the detector was saved")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -303,13 +303,13 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         return columns
 
     def anomaly_maps(self, X) -> np.ndarray:
-        """Anomaly maps ``(n, h, w)`` of ``X`` (detectors with a map-capable pooling, e.g. ``cells``):
-        per-cell distances of the decision score's kind, summed over the levels."""
+        """Anomaly maps ``(n, h, w)`` of ``X`` (detectors with a map-capable pooling: ``cells``,
+        ``grid_maps``): per-cell distances of the decision score's kind, summed over the levels."""
         model = self._fitted_model()
         if not model.makes_maps:
             raise UserError(
                 f"pooling {model.pooling.name} gives no anomaly maps: fit with a map-capable pooling, "
-                "e.g. pooling='cells'"
+                "pooling='cells' or 'grid_maps'"
             )
         return self._score(X, maps=True)[1]
 

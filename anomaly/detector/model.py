@@ -319,7 +319,9 @@ class GaussianDetectorModel(nn.Module):
     def maps(self, images: Tensor) -> Tensor:
         """Anomaly maps ``(B, h, w)`` (map-capable poolings only)."""
         if not self.makes_maps:
-            raise UserError(f"pooling {self.pooling.name} gives no anomaly maps: use pooling cells")
+            raise UserError(
+                f"pooling {self.pooling.name} gives no anomaly maps: use pooling cells or grid_maps"
+            )
         return self(images)[1]
 
 

@@ -73,7 +73,8 @@ def predict_files(
         raise UserError("this detector was fitted on features, not images: it cannot score image files")
     if maps_dir is not None and not model.makes_maps:
         raise UserError(
-            f"--maps needs a detector with anomaly maps (pooling cells), not pooling {model.pooling.name}"
+            "--maps needs a detector with anomaly maps (pooling cells or grid_maps), "
+            f"not pooling {model.pooling.name}"
         )
     paths = list(paths)
     if not paths:
