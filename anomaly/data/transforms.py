@@ -125,24 +125,26 @@ class Placement:
     top: int
     left: int
 
-    def paste(self, resized: np.ndarray, canvas: np.ndarray) -> np.ndarray:
-        """Copy the part of ``resized`` (already ``(height, width)``) that falls on ``canvas`` into it."""
+    def overlap(self, canvas_shape: tuple[int, ...]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """(canvas region, image region): the slices where the placed image and the canvas overlap."""
         y0, x0 = max(self.top, 0), max(self.left, 0)
         sy, sx = max(-self.top, 0), max(-self.left, 0)
-        h = min(canvas.shape[0] - y0, self.height - sy)
-        w = min(canvas.shape[1] - x0, self.width - sx)
-        canvas[y0 : y0 + h, x0 : x0 + w] = resized[sy : sy + h, sx : sx + w]
+        h = min(canvas_shape[0] - y0, self.height - sy)
+        w = min(canvas_shape[1] - x0, self.width - sx)
+        return (slice(y0, y0 + h), slice(x0, x0 + w)), (slice(sy, sy + h), slice(sx, sx + w))
+
+    def paste(self, resized: np.ndarray, canvas: np.ndarray) -> np.ndarray:
+        """Copy the part of ``resized`` (already ``(height, width)``) that falls on ``canvas`` into it."""
+        on_canvas, on_image = self.overlap(canvas.shape)
+        canvas[on_canvas] = resized[on_image]
         return canvas
 
     def take(self, canvas: np.ndarray, fill: float = np.nan) -> np.ndarray:
         """The inverse of :meth:`paste`: the ``(height, width)`` image region read from ``canvas``
         (``fill`` where the canvas does not cover it, i.e. what a crop cut off)."""
         region = np.full((self.height, self.width, *canvas.shape[2:]), fill, dtype=canvas.dtype)
-        y0, x0 = max(self.top, 0), max(self.left, 0)
-        sy, sx = max(-self.top, 0), max(-self.left, 0)
-        h = min(canvas.shape[0] - y0, self.height - sy)
-        w = min(canvas.shape[1] - x0, self.width - sx)
-        region[sy : sy + h, sx : sx + w] = canvas[y0 : y0 + h, x0 : x0 + w]
+        on_canvas, on_image = self.overlap(canvas.shape)
+        region[on_image] = canvas[on_canvas]
         return region
 
 
