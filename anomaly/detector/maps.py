@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,10 +35,15 @@ def argmax_xy(image_map: np.ndarray) -> tuple[int, int]:
 
 
 def map_file_stems(paths: Sequence[Path]) -> list[str]:
-    """A distinct file stem per input path: its path below the inputs' common folder, ``/`` as ``__``."""
+    """A distinct file stem per input path: its path below the inputs' common folder, ``/`` as ``__``,
+    without its extension, unless another input shares the rest of the name (``a.jpg`` and
+    ``a.png`` keep theirs: ``a.jpg``, ``a.png``), so that no map overwrites another."""
     resolved = [p.resolve() for p in paths]
     root = Path(os.path.commonpath([p.parent for p in resolved])) if resolved else Path()
-    return [str(p.relative_to(root).with_suffix("")).replace(os.sep, "__") for p in resolved]
+    relative = [str(p.relative_to(root)).replace(os.sep, "__") for p in resolved]
+    short = [str(Path(name).with_suffix("")) for name in relative]
+    repeated = {stem for stem, count in Counter(short).items() if count > 1}
+    return [name if stem in repeated else stem for name, stem in zip(relative, short, strict=True)]
 
 
 def write_map(

@@ -18,6 +18,7 @@ from anomaly.cli import main as fit_main
 from anomaly.columns import SUM, ScoreColumn
 from anomaly.detector import GaussianDetector, read_detector
 from anomaly.detector.file import tensors_sha256
+from anomaly.detector.maps import map_file_stems
 from anomaly.errors import UserError
 from anomaly.methods.spatial import SpatialGaussianAD
 from anomaly.pooling import Cells, Grid, build_pooling
@@ -244,3 +245,14 @@ def test_loading_crafted_files_keeps_peak_memory_bounded(tmp_path: Path):
         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     assert int(done.stdout.strip()) < 200, f"peak memory grew by {done.stdout.strip()} MiB"
+
+
+def test_map_files_of_inputs_that_differ_only_in_extension_do_not_overwrite_each_other(tmp_path: Path):
+    """An image and its mask side by side (Magnetic-Tile's X.jpg, X.png) get one map file each."""
+    paths = [
+        tmp_path / "a" / "x.jpg",
+        tmp_path / "a" / "x.png",
+        tmp_path / "b" / "x.jpg",
+        tmp_path / "a" / "y.jpg",
+    ]
+    assert map_file_stems(paths) == ["a__x.jpg", "a__x.png", "b__x", "a__y"]
