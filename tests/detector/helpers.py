@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from anomaly.data.demo import ensure_demo_dataset
 from anomaly.data.images import list_images
 from anomaly.detector import GaussianDetector
@@ -34,3 +37,17 @@ def fit_demo_detector(**kwargs) -> GaussianDetector:
 def _default_detector() -> GaussianDetector:
     train, _, _ = demo_images()
     return GaussianDetector(backbone="efficientnet-lite0", levels=LEVELS, batch_size=8).fit(train)
+
+
+def onnx_outputs_match_pytorch(detector: GaussianDetector, images, path: Path) -> tuple:
+    """Export ``detector`` to ONNX at ``path``, run it on ``images`` and assert that its score and map
+    equal the PyTorch model's (rtol 1e-4); return the session and its outputs (score, levels, maps)."""
+    ort = pytest.importorskip("onnxruntime")
+    from anomaly.export import export_onnx
+
+    session = ort.InferenceSession(str(export_onnx(detector, path)), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"images": images.numpy()})
+    columns, maps = detector.model_(images)
+    np.testing.assert_allclose(outputs[0], columns["mahalanobis/sum"].numpy(), rtol=1e-4)
+    np.testing.assert_allclose(outputs[2], maps.numpy(), rtol=1e-4)
+    return session, outputs
