@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import anomaly.cli
+from anomaly.console import Terminated
 from anomaly.errors import UserError
 from anomaly.evaluation.paper_values import paper_level_value, paper_table
 from anomaly.experiments.cli import main
@@ -156,3 +157,28 @@ def test_batch_size_counts_only_for_methods_trained_by_gradient_descent(tmp_path
     root = str(tmp_path.resolve())
     assert run_context(tmp_path, extra, feature_based=True) == [root, "--data.image_size", "160"]
     assert run_context(tmp_path, extra) == [root, "--data.batch_size", "4", "--data.image_size", "160"]
+
+
+def lightning_exit_on(interrupt: type[BaseException]):
+    """A training command that stops as Lightning's trainer does on ``interrupt``: Ctrl-C becomes
+    ``sys.exit(1)`` raised while handling the KeyboardInterrupt; anything else is re-raised."""
+
+    def fit_and_test(args):
+        try:
+            raise interrupt()
+        except KeyboardInterrupt:
+            raise SystemExit(1) from None  # Lightning's _call_and_handle_interrupt: plain exit(1)
+
+    return fit_and_test
+
+
+@pytest.mark.parametrize(("interrupt", "code"), [(KeyboardInterrupt, 130), (Terminated, 143)])
+def test_interrupted_reproduce_is_an_interrupt_not_an_argument_error(
+    tiny_mvtec: Path, tmp_path: Path, capsys, monkeypatch, interrupt, code
+):
+    monkeypatch.setattr(anomaly.cli, "fit_and_test", lightning_exit_on(interrupt))
+    args = ["table1", "--data.root", str(tiny_mvtec), "--folds", "0", "--runs-dir", str(tmp_path), *LITE]
+    assert main(args) == code
+    err = capsys.readouterr().err
+    assert "rejected the arguments" not in err and "Traceback" not in err
+    assert "interrupted: finished runs are kept" in err

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from anomaly.console import interrupted_exit
 from anomaly.errors import ArgumentsError, UserError
 from anomaly.evaluation.aggregate import IncompleteResults, RunRecord, completeness_warnings, load_run
 from anomaly.evaluation.results import RESULTS_FILE, write_atomic
@@ -159,7 +160,11 @@ def quiet_run() -> Iterator[None]:
 
 
 def run_cell(cell: Cell, command: list[str], fit_and_test: Callable[[list[str]], dict]) -> dict:
-    """One training run; an argument the training command rejects becomes one clear error line."""
+    """One training run; an argument the training command rejects becomes one clear error line.
+
+    Ctrl-C and SIGTERM pass through as interrupts (exit 130 and 143), also when Lightning turned
+    them into ``sys.exit(1)``.
+    """
     try:
         with quiet_run():
             return fit_and_test(command)
@@ -168,8 +173,8 @@ def run_cell(cell: Cell, command: list[str], fit_and_test: Callable[[list[str]],
             f"the training command rejected the arguments of run '{cell.describe()}': {error}"
         ) from None
     except SystemExit as error:
-        if error.code in (0, None):
-            raise
+        if error.code in (0, None) or interrupted_exit(error) is not None:
+            raise  # Lightning exits 1 on Ctrl-C: that is an interrupt, not a rejected argument
         raise UserError(
             f"the training command rejected the arguments of run '{cell.describe()}' "
             "(see the message above); this version may not offer one of its options"
