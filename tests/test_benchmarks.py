@@ -41,3 +41,15 @@ def test_the_gpu_recipes_backbone_runs_offline_with_random_weights(tiny_mvtec: P
     text = table.read_text()
     assert "efficientnet-b4" in text and "random weights" in text
     assert len([line for line in text.splitlines() if line.startswith("| 1 ")]) == 3
+
+
+def test_a_wrong_root_or_category_is_one_line(tiny_mvtec: Path, tmp_path: Path, capsys):
+    from anomaly.tools.benchmark import main
+
+    assert main(["--root", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --root '{tmp_path / 'nope'}' does not exist: give the folder holding the MVTec AD categories"
+    ]
+    assert main(["--root", str(tiny_mvtec), "--category", "nut", "--quick"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: unknown category 'nut'")

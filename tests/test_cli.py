@@ -56,6 +56,7 @@ def test_fit_and_test_writes_results(tiny_mvtec: Path, tmp_path: Path, capsys):
 
 BAD_INPUT = [
     "missing root",
+    "root is a file",
     "unknown category",
     "empty train",
     "unreadable",
@@ -103,6 +104,7 @@ def bad(tmp_path: Path, tiny_mvtec: Path) -> dict[str, tuple[list[str], str]]:
     broken.write_bytes(b"not a png")
     return {
         "missing root": (["--data.root", str(tmp_path / "nowhere"), "--data.category", "x"], "not exist"),
+        "root is a file": (["--data.root", str(tmp_path / "empty.yaml")], "is a file, not a folder"),
         "unknown category": (["--data.root", str(tiny_mvtec), "--data.category", "nut"], "category 'nut'"),
         "empty train": (["--data.root", str(tmp_path / "empty_root"), "--data.category", "widget"],
                         "no training images"),

@@ -32,7 +32,7 @@ import numpy as np
 from anomaly.data.augment import AugmentOptions
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import Sample
-from anomaly.data.images import list_images
+from anomaly.data.images import list_images, require_folder
 from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE
 from anomaly.errors import UserError
 
@@ -150,10 +150,8 @@ class FolderDataModule(AnomalyDataModule):
                 if not matches:
                     raise UserError(f"test_dirs pattern '{pattern}' matches no folder under '{path.parent}'")
                 folders += matches
-            elif path.is_dir():
-                folders.append(path)
             else:
-                raise UserError(f"test folder '{path}' does not exist: fix test_dirs (or root)")
+                folders.append(require_folder(path, "test folder", "fix test_dirs (or root)"))
         normal = self.normal_dir.resolve()
         return sorted({f for f in folders if f.resolve() != normal})
 
@@ -195,10 +193,7 @@ class FolderDataModule(AnomalyDataModule):
         return 0 if class_name.lower() in self.normal_names else 1
 
     def scan(self) -> tuple[list[Sample], list[Sample]]:
-        if not self.normal_dir.is_dir():
-            raise UserError(
-                f"normal image folder '{self.normal_dir}' does not exist: set normal_dir (or root)"
-            )
+        require_folder(self.normal_dir, "normal image folder", "set normal_dir (or root)")
         folders = self.test_folders()
         names = class_names([self.normal_dir, *folders])
         unknown = sorted(set(self.labels) - set(names))

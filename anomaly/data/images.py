@@ -60,6 +60,16 @@ def check_pixels(path: str | Path, width: int, height: int) -> None:
 
 
 # ----------------------------------------------------------------- folders
+def require_folder(path: str | Path, what: str, fix: str) -> Path:
+    """``path`` if it is a folder; else :class:`UserError` ``<what> '<path>' does not exist: <fix>``
+    (or ``is a file, not a folder``)."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    problem = "is a file, not a folder" if path.exists() else "does not exist"
+    raise UserError(f"{what} '{path}' {problem}: {fix}")
+
+
 class SkippedFiles(Counter):
     """Why files in an image folder were not taken: reason -> count."""
 

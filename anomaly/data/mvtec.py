@@ -14,7 +14,7 @@ from anomaly.data.augment import AugmentOptions
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import Sample
 from anomaly.data.demo import DEMO_CATEGORY, ensure_demo_dataset
-from anomaly.data.images import list_images
+from anomaly.data.images import list_images, require_folder
 from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE
 from anomaly.errors import UserError
 
@@ -26,10 +26,7 @@ MVTEC_CATEGORIES = (
 
 def scan_mvtec(root: Path, category: str) -> tuple[list[Sample], list[Sample]]:
     """(sorted normal training samples, test samples) of one MVTec-layout category."""
-    if not root.is_dir():
-        raise UserError(
-            f"data root '{root}' does not exist: set --data.root to the folder holding the categories"
-        )
+    require_folder(root, "data root", "set --data.root to the folder holding the categories")
     folder = root / category
     if not folder.is_dir():
         found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())

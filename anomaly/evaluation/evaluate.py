@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from anomaly.console import run_command
+from anomaly.data.images import require_folder
 from anomaly.errors import UserError
 from anomaly.evaluation.aggregate import (
     ALL_FOLDS,
@@ -135,11 +136,7 @@ def runs_folders(patterns: Sequence[str]) -> list[Path]:
         if not matches:
             raise UserError(f"no runs folder matches '{pattern}': give the folders your runs were written to")
         for folder in matches:
-            if not folder.is_dir():
-                raise UserError(
-                    f"runs folder '{folder}' does not exist: give the folder your runs were written to"
-                )
-            folders.append(folder)
+            folders.append(require_folder(folder, "runs folder", "give the folder your runs were written to"))
     resolved = [f.resolve() for f in folders]
     kept = []
     for folder, path in zip(folders, resolved, strict=True):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from anomaly.console import run_command
 from anomaly.data import MVTEC_CATEGORIES
+from anomaly.data.images import require_folder
 from anomaly.errors import UserError
 from anomaly.evaluation.tables import FORMATS, emit, format_table
 from anomaly.experiments.grids import TABLES
@@ -103,10 +104,7 @@ def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def resolve_categories(root: Path, requested: Sequence[str] | None) -> list[str]:
     """The requested categories, checked; by default the MVTec AD categories found under ``root``."""
-    if not root.is_dir():
-        raise UserError(
-            f"data root '{root}' does not exist: set --data.root to the folder holding the categories"
-        )
+    require_folder(root, "data root", "set --data.root to the folder holding the categories")
     present = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
     if requested:
         unknown = [c for c in requested if c not in present]

@@ -33,10 +33,12 @@ from torch.utils.data import DataLoader
 
 from anomaly.backbones import backbone_spec, build_backbone
 from anomaly.cli import quiet_lightning
+from anomaly.console import run_command
 from anomaly.data import MVTecDataModule
 from anomaly.data.datasets import ImageDataset
 from anomaly.data.image_cache import ResizedImageCache
-from anomaly.data.images import load_rgb
+from anomaly.data.images import load_rgb, require_folder
+from anomaly.data.mvtec import scan_mvtec
 from anomaly.data.transforms import ImagePipeline, resize_square
 from anomaly.evaluation.callback import RunReport
 from anomaly.methods.gaussian import GaussianAD
@@ -273,7 +275,7 @@ def finalisation(device: torch.device) -> list[tuple[str, str, str]]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="anomaly benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -293,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="1234", help="which measurements to run, e.g. 14")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
+    root = Path(args.root).expanduser()
+    require_folder(root, "--root", "give the folder holding the MVTec AD categories")
+    scan_mvtec(root, args.category)  # a wrong root or category: one line, before any work
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.backbone = args.backbone or ("efficientnet-b4" if device.type == "cuda" else "efficientnet-lite0")
     quiet_lightning()
@@ -328,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(table + "\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -128,6 +128,15 @@ def test_bad_settings_are_user_errors(tmp_path: Path, kwargs: dict, message: str
         tiles_module(root, **kwargs).samples()
 
 
+def test_a_file_given_as_a_folder_is_named_as_such(tmp_path: Path):
+    root = make_tiles(tmp_path / "tiles")
+    (root / "notes.txt").write_text("")
+    with pytest.raises(UserError, match=r"normal image folder '.*notes\.txt' is a file, not a folder"):
+        tiles_module(root, normal_dir="notes.txt").samples()
+    with pytest.raises(UserError, match=r"test folder '.*notes\.txt' is a file, not a folder"):
+        tiles_module(root, test_dirs=["notes.txt"]).samples()
+
+
 def test_train_cli_on_folder_config_writes_results_and_detector(tmp_path: Path, capsys):
     root = make_tiles(tmp_path / "tiles", n_free=10)
     runs = tmp_path / "runs"
