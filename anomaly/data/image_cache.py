@@ -12,13 +12,14 @@ verified entry (:mod:`anomaly.data.store`). An image's key is the SHA-256 of its
 absolute path, inode, size, and modification and change times, so a changed or
 replaced file gets a new entry without its bytes being read to check. A missing,
 truncated, corrupted or mismatched entry is decoded again and rewritten, never used.
+A read-only or full cache folder costs speed, not the run: its entries are used, one
+warning says so, and images it lacks are decoded every time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +82,5 @@ class ResizedImageCache:
         if arrays is not None:
             return arrays[0]
         image = self.resize(load_rgb(path), self.image_size)
-        try:
-            self.entries.write(key, [image])
-        except OSError as error:  # a full or read-only disk costs speed, not the run
-            warnings.warn(f"image cache '{self.root}' is not writable: {error}", stacklevel=2)
+        self.entries.write(key, [image])  # a full or read-only disk costs speed, not the run
         return image

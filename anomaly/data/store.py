@@ -15,9 +15,11 @@ that the caller recomputes it; nothing unverified is ever returned.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import struct
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -101,13 +103,17 @@ class EntryFolder:
         self.key = identity_key(identity)
         self.path = self.root / self.key
         self.suffix = suffix
+        self.what = what
+        self.writable = True
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             identity_file = self.path / "identity.json"
             if not identity_file.is_file():
                 identity_file.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
         except OSError as error:
-            raise UserError(f"cannot use {what} folder '{self.root}': {error}") from error
+            if error.errno in (errno.ENOTDIR, errno.EEXIST):  # a file where the folder should be
+                raise UserError(f"cannot use {what} folder '{self.root}': {error}") from error
+            self.stop_writing(error)
 
     def entry_path(self, image_key: str) -> Path:
         return self.path / image_key[:2] / f"{image_key}{self.suffix}"
@@ -119,4 +125,20 @@ class EntryFolder:
         return read_entry(self.entry_path(image_key), image_key, self.key, dtype, shapes)
 
     def write(self, image_key: str, arrays: Sequence[np.ndarray]) -> None:
-        write_entry(self.entry_path(image_key), image_key, self.key, arrays)
+        """Store the entry; a read-only or full disk costs speed, not the run (one warning)."""
+        if not self.writable:
+            return
+        try:
+            write_entry(self.entry_path(image_key), image_key, self.key, arrays)
+        except OSError as error:
+            self.stop_writing(error)
+
+    def stop_writing(self, error: OSError) -> None:
+        """Use the entries already there, store no more: warn once."""
+        self.writable = False
+        reason = error.strerror or str(error)
+        warnings.warn(
+            f"{self.what} '{self.root}' cannot be written ({reason}): entries already there are used, "
+            "new ones are computed on every run but not stored (slower)",
+            stacklevel=3,
+        )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +110,45 @@ def test_unusable_cache_folder_is_a_user_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(UserError, match="cannot use image cache folder"):
         ResizedImageCache(blocker / "cache", SIZE)
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """``folder`` as on a read-only mount (tests may run as root, for whom permissions do not bind)."""
+    real_mkdir, real_replace = Path.mkdir, os.replace
+
+    def refuse(path) -> None:
+        if Path(path).is_relative_to(folder):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def mkdir(self, mode=0o777, parents=False, exist_ok=False):
+        if not (exist_ok and self.is_dir()):
+            refuse(self)
+        return real_mkdir(self, mode, parents, exist_ok)
+
+    def replace(source, target, *args, **kwargs):
+        refuse(target)
+        return real_replace(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("known_resolution", [True, False])
+def test_read_only_cache_reads_what_it_holds_and_warns_once(images, tmp_path, monkeypatch, known_resolution):
+    root = tmp_path / "cache"
+    ResizedImageCache(root, SIZE).load(images[0])  # an entry made before the folder became read-only
+    before = sorted(root.rglob("*"))
+    read_only(monkeypatch, root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache = ResizedImageCache(root, SIZE if known_resolution else 2 * SIZE)
+        loaded = [cache.load(p) for p in images]
+    expected = [resize_square(load_rgb(p), SIZE if known_resolution else 2 * SIZE) for p in images]
+    for image, wanted in zip(loaded, expected, strict=True):
+        np.testing.assert_array_equal(image, wanted)
+    (warning,) = [str(w.message) for w in caught]
+    assert "cannot be written" in warning and "slower" in warning
+    assert sorted(root.rglob("*")) == before
 
 
 def test_missing_image_is_a_user_error_naming_it(tmp_path):
