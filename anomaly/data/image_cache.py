@@ -24,14 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from anomaly.data.images import load_rgb
+from anomaly.data.images import DECODING, load_rgb
 from anomaly.data.store import EntryFolder
 from anomaly.data.transforms import DEFAULT_RESIZE, Geometry, ResizeRule, geometry
 from anomaly.errors import UserError
 
 #: Bumped whenever decoding (:func:`~anomaly.data.images.load_rgb`), resizing or the layout changes.
 FORMAT_VERSION = 2
-DECODING = "8-bit RGB; 16-bit and float greyscale rescaled; any alpha (RGBA, LA, palette) composited on black"
 
 
 def file_key(path: str | Path) -> str:

@@ -13,6 +13,13 @@ Limits and rules, the same for every decoder:
 * **Alpha.** Every image with transparency (RGBA, LA, palette with a transparent
   colour) is composited onto black: a fully transparent pixel reads as black
   whatever its colour values.
+* **Orientation.** An EXIF orientation tag is applied (the image as a viewer shows it), by
+  both decoders, to images and masks alike.
+* **Bit depth.** Integer greyscale images are scaled by their type's full range, as
+  scikit-image's ``img_as_ubyte``: 65535 is white in a 16-bit image, 2**32 - 1 in an
+  unsigned 32-bit one and 2**31 - 1 in a signed one (whose negative values are black).
+* **Damaged files.** A PNG whose chunks fail their checksums is left to Pillow, whose
+  error is reported in one line: the native decoder prints nothing of its own.
 """
 
 from __future__ import annotations
@@ -21,18 +28,25 @@ import errno
 import os
 import struct
 import warnings
+import zlib
 from collections import Counter
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from anomaly.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_PIXELS_VARIABLE = "ANOMALY_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_PIXELS = 100_000_000
+#: How files become arrays; part of the identity of cached images and features, so that a change
+#: here recomputes them.
+DECODING = (
+    "8-bit RGB; EXIF orientation applied; integer greyscale scaled by its type's range, float by 255 "
+    "or 65535; any alpha (RGBA, LA, palette) composited on black"
+)
 
 
 def max_image_pixels() -> int:
@@ -133,13 +147,44 @@ def list_images(folder: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------- decoding
-def _to_uint8(image: Image.Image) -> Image.Image:
-    """16-bit and float greyscale images are rescaled to 8 bits before RGB conversion."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+TIFF_SAMPLE_FORMAT, TIFF_SIGNED = 339, 2
+
+
+def _signed(image: Image.Image) -> bool:
+    """Whether 32-bit integer pixels are signed: Pillow holds them as signed ``I``, but an
+    unsigned TIFF (the default sample format) stores them unsigned."""
+    tags = getattr(image, "tag_v2", None)
+    return tags is None or int(np.atleast_1d(tags.get(TIFF_SAMPLE_FORMAT, 1))[0]) == TIFF_SIGNED
+
+
+def _grey_levels(image: Image.Image, signed: bool) -> tuple[np.ndarray, float] | None:
+    """(values, full-scale value) of a greyscale image deeper than 8 bits; None for other modes.
+
+    Float images keep their rule: 0..255, or 0..65535 when they exceed 255.
+    """
+    if image.mode.startswith("I;16"):
+        return np.asarray(image, dtype=np.float64), 65535.0
+    if image.mode == "I":
+        raw = np.asarray(image, dtype=np.int32)
+        if signed:
+            return raw.astype(np.float64), float(2**31 - 1)
+        return raw.view(np.uint32).astype(np.float64), float(2**32 - 1)
+    if image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        return Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), mode="L")
-    return image
+        return array, 65535.0 if array.max() > 255 else 255.0
+    return None
+
+
+def _upright_8bit(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it (its EXIF orientation applied), greyscale deeper than 8 bits
+    rescaled to 8 bits (see :func:`_grey_levels`)."""
+    signed = _signed(image)
+    image = ImageOps.exif_transpose(image)
+    levels = _grey_levels(image, signed)
+    if levels is None:
+        return image
+    array, top = levels
+    return Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), mode="L")
 
 
 def _on_black(image: Image.Image) -> Image.Image:
@@ -157,34 +202,58 @@ PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 PNG_GREY, PNG_RGB = 0, 2  # IHDR colour types without alpha or palette
 
 
-def _plain_png_size(path: str | Path) -> tuple[int, int] | None:
-    """(width, height) of a complete 8-bit greyscale or RGB PNG, else None.
+#: Ancillary chunks about which libpng prints warnings of its own (an ICC profile it dislikes).
+PNG_NOISY_CHUNKS = {b"iCCP"}
+
+
+def _png_chunks_intact(data: bytes) -> bool:
+    """Whether every chunk after the signature is whole, passes its CRC and is not a noisy one."""
+    at = len(PNG_SIGNATURE)
+    while at + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind, end = data[at + 4 : at + 8], at + 12 + length
+        if end > len(data) or kind in PNG_NOISY_CHUNKS:
+            return False
+        (crc,) = struct.unpack(">I", data[end - 4 : end])
+        if zlib.crc32(data[at + 4 : end - 4]) != crc:
+            return False
+        if kind == b"IEND":
+            return end == len(data)
+        at = end
+    return False
+
+
+def _plain_png(path: str | Path) -> tuple[bytes, tuple[int, int]] | None:
+    """(the file's bytes, (width, height)) of an intact 8-bit greyscale or RGB PNG, else None.
 
     The IHDR chunk holds width and height at bytes 16..24, bit depth at byte 24 and
-    colour type at byte 25. A truncated file (no IEND chunk at the end) goes to
-    Pillow, whose error is clearer.
+    colour type at byte 25. A truncated or damaged file (a chunk failing its CRC) goes
+    to Pillow, whose error is reported in one line; OpenCV's libpng would also print
+    its own ``libpng error`` line.
     """
     try:
         with open(path, "rb") as handle:
             head = handle.read(26)
-            handle.seek(-len(PNG_END), 2)
-            tail = handle.read()
+            plain = (
+                len(head) == 26
+                and head[:8] == PNG_SIGNATURE
+                and head[12:16] == b"IHDR"
+                and head[24] == 8
+                and head[25] in (PNG_GREY, PNG_RGB)
+            )
+            if not plain:
+                return None
+            size = struct.unpack(">II", head[16:24])
+            check_pixels(path, *size)  # before the whole file is read
+            data = head + handle.read()
     except OSError:
         return None
-    plain = (
-        len(head) == 26
-        and tail == PNG_END
-        and head[:8] == PNG_SIGNATURE
-        and head[12:16] == b"IHDR"
-        and head[24] == 8
-        and head[25] in (PNG_GREY, PNG_RGB)
-    )
-    return struct.unpack(">II", head[16:24]) if plain else None
+    return (data, size) if data.endswith(PNG_END) and _png_chunks_intact(data) else None
 
 
-def _load_plain_png(path: str | Path) -> np.ndarray | None:
-    """OpenCV's decoding of a plain PNG as RGB (no EXIF rotation, as Pillow); None if it fails."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+def _decode_plain_png(data: bytes) -> np.ndarray | None:
+    """OpenCV's decoding of a plain PNG as RGB, EXIF orientation applied (as for Pillow's)."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -213,16 +282,15 @@ def _open_checked(path: str | Path) -> Image.Image:
 
 def load_rgb(path: str | Path) -> np.ndarray:
     """An image as an (H, W, 3) uint8 array; greyscale, palette and alpha images become RGB."""
-    size = _plain_png_size(path)
-    if size is not None:
-        check_pixels(path, *size)
-        image = _load_plain_png(path)
+    plain = _plain_png(path)
+    if plain is not None:
+        image = _decode_plain_png(plain[0])
         if image is not None:
             return image
     try:
         with _open_checked(path) as image, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = _on_black(_to_uint8(image))
+            image = _on_black(_upright_8bit(image))
             return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         if isinstance(error, UserError):
@@ -234,7 +302,7 @@ def load_mask(path: str | Path) -> np.ndarray:
     """A ground-truth mask as an (H, W) bool array (any non-zero pixel is anomalous)."""
     try:
         with _open_checked(path) as image:
-            return np.asarray(_to_uint8(image).convert("L")) > 0
+            return np.asarray(_upright_8bit(image).convert("L")) > 0
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         if isinstance(error, UserError):
             raise

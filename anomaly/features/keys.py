@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from anomaly.backbones.extractor import FeatureExtractor
+from anomaly.data.images import DECODING
 from anomaly.data.store import identity_key
 from anomaly.data.transforms import DEFAULT_RESIZE, Geometry, ResizeRule, resize_rule
 
@@ -64,6 +65,7 @@ def extractor_identity(
     spec = extractor.spec
     return {
         "format": FORMAT_VERSION,
+        "decoding": DECODING,
         "backbone": spec.name,
         "weights": weights_fingerprint(extractor),
         "image_size": int(image_size),

@@ -14,7 +14,7 @@ import anomaly.data.images as images_module
 from anomaly.data import MVTecDataModule
 from anomaly.data.augment import CATEGORY_SWITCHES, build_augmentation
 from anomaly.data.folds import kfold_split
-from anomaly.data.images import load_rgb
+from anomaly.data.images import load_mask, load_rgb
 from anomaly.data.needs import DataNeeds
 from anomaly.errors import UserError
 from tests.conftest import BOTTLE, make_mvtec_category, require
@@ -91,6 +91,55 @@ def test_truncated_png_is_one_user_error_and_nothing_else_on_stderr(tmp_path: Pa
     with pytest.raises(UserError, match=r"cannot read image .*cut\.png"):
         load_rgb(path)
     assert capfd.readouterr().err == ""  # e.g. no "libpng error" from a native decoder
+
+
+def test_damaged_png_is_one_user_error_and_nothing_else_on_stderr(tmp_path: Path, capfd):
+    path = tmp_path / "flipped.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the image data: IEND is intact
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"cannot read image .*flipped\.png"):
+        load_rgb(path)
+    assert capfd.readouterr().err == ""  # no "libpng error: IDAT: CRC error"
+
+
+def with_orientation(image: Image.Image, path: Path, orientation: int) -> Path:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # EXIF Orientation
+    image.save(path, exif=exif.tobytes())
+    return path
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+@pytest.mark.parametrize(
+    ("orientation", "upright"), [(3, lambda a: np.rot90(a, 2)), (6, lambda a: np.rot90(a, -1))]
+)
+def test_exif_orientation_is_applied_by_both_decoders(tmp_path: Path, mode, orientation, upright):
+    rgb = np.random.default_rng(2).integers(1, 256, size=(12, 20, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb).convert(mode)  # RGB and L: OpenCV's path; RGBA: Pillow's
+    path = with_orientation(image, tmp_path / "turned.png", orientation)
+    expected = upright(np.asarray(image.convert("RGB")))
+    np.testing.assert_array_equal(load_rgb(path), expected)
+    jpeg = with_orientation(Image.fromarray(rgb), tmp_path / "turned.jpg", orientation)
+    assert load_rgb(jpeg).shape == expected.shape
+    mask = np.zeros((12, 20), np.uint8)
+    mask[:3, :5] = 255
+    mask_path = with_orientation(Image.fromarray(mask), tmp_path / "turned_mask.png", orientation)
+    np.testing.assert_array_equal(load_mask(mask_path), upright(mask > 0))
+
+
+def test_32_bit_integer_tiffs_are_scaled_by_their_range_not_clipped(tmp_path: Path):
+    values = np.array([[0, 100_000, 2**30, 2**31 - 1, -5]], dtype=np.int32)
+    path = tmp_path / "signed.tif"
+    Image.fromarray(values, mode="I").save(path)  # Pillow writes signed 32-bit samples
+    expected = (np.clip(values, 0, None) / (2**31 - 1) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(load_rgb(path)[..., 0], expected)  # 100000 is dark, not white
+    tifffile = pytest.importorskip("tifffile")
+    unsigned = np.array([[0, 70_000, 2**31, 2**32 - 1]], dtype=np.uint32)
+    tifffile.imwrite(tmp_path / "unsigned.tif", unsigned)
+    expected = (unsigned / (2**32 - 1) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(load_rgb(tmp_path / "unsigned.tif")[..., 0], expected)
 
 
 def test_greyscale_category_loads_as_three_channels(tmp_path: Path):
