@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
+
+import pytest
 
 from anomaly.evaluation.evaluate import main
 from tests.evaluation.fake_runs import fake_results, working_point_section, write_fake_run
@@ -68,3 +71,29 @@ def test_no_results_is_one_line(tmp_path: Path, capsys):
     assert err.startswith("error: no complete results.json below") and len(err.splitlines()) == 1
     assert main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("fold", "one", 'fold is "one", not an integer or null'),
+        ("fold", True, "fold is true, not an integer or null"),
+        ("fold", -1, "fold is -1, not a fold number"),
+        ("category", 7, "category is 7, not a string"),
+        ("image_auroc", "0.9", 'image_auroc is "0.9", not a number or null'),
+        ("scores", {"mahalanobis": {"sum": "x", "per_level": {}}}, "scores.mahalanobis.sum is"),
+        ("scores", {"mahalanobis": {"sum": 0.9, "per_level": {"7": [1]}}}, "scores.mahalanobis.per_level.7"),
+        ("settings", "fast", "settings is"),
+        ("working_point", {"levels": {"7": {"rows": [{"target_fpr": "1%"}]}}}, "target_fpr is"),
+    ],
+)
+def test_fields_of_the_wrong_type_skip_the_file_with_a_warning(tmp_path: Path, capsys, field, value, reason):
+    make_runs(tmp_path)
+    path = write_fake_run(tmp_path, fake_results("grid", 0, 0.5))
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    assert main([str(tmp_path), "--working-points"]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "grid" not in out
+    (line,) = [line for line in err.splitlines() if "skipped" in line]
+    assert line.startswith(f"warning: skipped {path}: ") and reason in line
+    assert "| sum | 83.5 ± 8.5 |" in out  # the good runs are still tabled

@@ -117,7 +117,85 @@ def metric_value(results: Mapping, score_type: str | None, level: str = SUM) -> 
     return float(value)
 
 
-REQUIRED = ("method", "backbone", "category", "fold", "image_auroc", "scores")
+#: The fields of ``results.json`` that the tables read: name -> (required, JSON types it may have).
+#: ``float`` takes integers too, ``int`` no booleans, and ``None`` stands for null.
+RESULTS_SCHEMA: dict[str, tuple[bool, tuple]] = {
+    "method": (True, (str,)),
+    "backbone": (True, (str, None)),
+    "category": (True, (str,)),
+    "fold": (True, (int, None)),
+    "image_auroc": (True, (float, None)),
+    "scores": (True, (dict,)),
+    "per_level": (False, (dict, None)),
+    "settings": (False, (dict, None)),
+    "dataset": (False, (str, None)),
+    "primary_score": (False, (str, None)),
+    "working_point": (False, (dict, None)),
+}
+#: Numbers a working point's row may hold (and ``n_sigma``, whose null marks the target-FPR row).
+WORKING_POINT_NUMBERS = ("n_sigma", "target_fpr", "chi2_fpr", "chi2_tpr", "empirical_fpr", "empirical_tpr")
+TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    dict: "an object",
+    list: "a list",
+    None: "null",
+}
+
+
+def has_type(value: object, types: tuple) -> bool:
+    """Whether a JSON ``value`` is one of ``types`` (see :data:`RESULTS_SCHEMA`)."""
+    for kind in types:
+        if kind is None and value is None:
+            return True
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if kind in (str, dict, list) and isinstance(value, kind):
+            return True
+    return False
+
+
+def check_type(where: str, value: object, types: tuple) -> None:
+    if not has_type(value, types):
+        expected = " or ".join(TYPE_NAMES[kind] for kind in types)
+        raise IncompleteResults(f"{where} is {json.dumps(value)[:40]}, not {expected}")
+
+
+def check_results_schema(results: object) -> None:
+    """:class:`IncompleteResults` naming the first field that is missing or of the wrong type."""
+    if not isinstance(results, dict):
+        raise IncompleteResults("not a JSON object")
+    missing = [name for name, (required, _) in RESULTS_SCHEMA.items() if required and name not in results]
+    if missing:
+        raise IncompleteResults(f"missing {', '.join(missing)}")
+    for name, (_, types) in RESULTS_SCHEMA.items():
+        if name in results:
+            check_type(name, results[name], types)
+    if results["fold"] is not None and results["fold"] < 0:
+        raise IncompleteResults(f"fold is {results['fold']}, not a fold number (0, 1, ...) or null")
+    if not results["scores"]:
+        raise IncompleteResults("no score columns")
+    for score_type, entry in results["scores"].items():
+        if not isinstance(entry, dict) or SUM not in entry or not isinstance(entry.get("per_level"), dict):
+            raise IncompleteResults(f"score type {score_type!r} lacks 'sum' or 'per_level'")
+        check_type(f"scores.{score_type}.sum", entry[SUM], (float, None))
+        for level, value in entry["per_level"].items():
+            check_type(f"scores.{score_type}.per_level.{level}", value, (float, None))
+    for level, value in (results.get("per_level") or {}).items():
+        check_type(f"per_level.{level}", value, (float, None))
+    levels = (results.get("working_point") or {}).get("levels") or {}
+    check_type("working_point.levels", levels, (dict,))
+    for level, entry in levels.items():
+        check_type(f"working_point.levels.{level}", entry, (dict,))
+        rows = entry.get("rows") or []
+        check_type(f"working_point.levels.{level}.rows", rows, (list,))
+        for row in rows:
+            check_type(f"a row of working_point.levels.{level}", row, (dict,))
+            for name in WORKING_POINT_NUMBERS:
+                check_type(f"working_point.levels.{level}.rows[].{name}", row.get(name), (float, None))
 
 
 def load_run(path: Path) -> RunRecord:
@@ -126,17 +204,7 @@ def load_run(path: Path) -> RunRecord:
         results = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise IncompleteResults(f"unreadable ({type(error).__name__}: {error})") from error
-    if not isinstance(results, dict):
-        raise IncompleteResults("not a JSON object")
-    missing = [k for k in REQUIRED if k not in results]
-    if missing:
-        raise IncompleteResults(f"missing {', '.join(missing)}")
-    scores = results["scores"]
-    if not isinstance(scores, dict) or not scores:
-        raise IncompleteResults("no score columns")
-    for score_type, entry in scores.items():
-        if not isinstance(entry, dict) or SUM not in entry or not isinstance(entry.get("per_level"), dict):
-            raise IncompleteResults(f"score type {score_type!r} lacks 'sum' or 'per_level'")
+    check_results_schema(results)
     return RunRecord(Path(path), results)
 
 
