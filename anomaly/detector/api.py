@@ -23,9 +23,16 @@ import torch
 from sklearn.base import BaseEstimator, OutlierMixin
 from torch import Tensor
 
-from anomaly.backbones import build_backbone
+from anomaly.backbones import backbone_spec, build_backbone
 from anomaly.columns import ScoreColumn
-from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE, TileGrid, fit_rule, resize_rule
+from anomaly.data.transforms import (
+    DEFAULT_FIT,
+    DEFAULT_RESIZE,
+    TileGrid,
+    check_image_size,
+    fit_rule,
+    resize_rule,
+)
 from anomaly.detector.inputs import feature_list, image_batch, image_items
 from anomaly.detector.io import load_model, model_metadata, save_model
 from anomaly.detector.model import GaussianDetectorModel
@@ -64,6 +71,43 @@ def check_device(device: str | torch.device, hint: str = "device='cpu'") -> torc
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device {str(device)!r} is not available on this machine; use {hint}")
     return resolved
+
+
+def check_backbone(backbone: object) -> str | None:
+    """A known backbone's name, or ``None`` (the detector models the feature vectors it is given)."""
+    if backbone is None:
+        return None
+    if not isinstance(backbone, str):
+        raise UserError(
+            f"backbone must be a backbone's name such as 'efficientnet-lite0', or None to fit on feature "
+            f"vectors, got {backbone!r}"
+        )
+    backbone_spec(backbone)  # unknown: lists the choices
+    return backbone
+
+
+def check_image_size_param(image_size: object) -> int | None:
+    """``image_size``: ``None`` (the backbone's resolution) or a positive whole number of pixels."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
+        raise UserError(
+            f"image_size must be a whole number of pixels (e.g. 224) or None, got {image_size!r} "
+            f"({type(image_size).__name__})"
+        )
+    check_image_size(int(image_size))
+    return int(image_size)
+
+
+def check_threshold(value: object, name: str = "threshold_") -> float | None:
+    """A decision threshold: ``None`` (unset) or a finite real number, as a float."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise UserError(f"{name} must be a number or None, got {value!r} ({type(value).__name__})")
+    if not np.isfinite(value):
+        raise UserError(f"{name} must be a finite number or None, got {value!r}")
+    return float(value)
 
 
 #: The statistics the API's fit may hold, as the training runs' default ``memory_budget_gb``.
@@ -168,6 +212,8 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         batch_size = self.batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_backbone(self.backbone)
+        check_image_size_param(self.image_size)
         self.decision_score_ = primary_column(self.score)
         self.resize_ = resize_rule(self.resize).name
         self.fit_rule_ = fit_rule(self.fit_rule).name
@@ -193,7 +239,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         if self.backbone is not None:
             extractor = build_backbone(self.backbone, weights=self.weights).to(self.device_)
             self.levels_ = resolve_levels(self.levels, extractor.num_levels, self.backbone)
-            self.image_size_ = self.image_size or extractor.image_size
+            self.image_size_ = check_image_size_param(self.image_size) or extractor.image_size
             channels = [extractor.level_dims[level - 1] for level in self.levels_]
         else:
             if self.tiles_.count > 1:
@@ -363,9 +409,10 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
 
     def decide(self, scores: np.ndarray) -> np.ndarray:
         """0 (normal) or 1 (anomalous: distance > ``threshold_``) for :meth:`decision_function` values."""
-        if getattr(self, "threshold_", None) is None:
+        threshold = check_threshold(getattr(self, "threshold_", None))
+        if threshold is None:
             raise UserError("this detector has no threshold: set threshold_ (or fit with fpr=...) first")
-        return (np.asarray(scores) > self.threshold_).astype(np.int64)
+        return (np.asarray(scores) > threshold).astype(np.int64)
 
     def predict(self, X) -> np.ndarray:
         """1 for anomalous samples (distance above ``threshold_``), 0 for normal ones (PyOD's labels)."""
@@ -374,7 +421,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
     # -------------------------------------------------------------- save/load
     def metadata(self, embed_weights: bool = False) -> dict:
         """All but the tensors: backbone, weights, preprocessing, levels, pooling, score, threshold."""
-        self._fitted_model().set_threshold(self.threshold_)
+        self._fitted_model().set_threshold(check_threshold(self.threshold_))
         return {
             **model_metadata(self.model_, self.weights, embed_weights),
             "thresholds": self.thresholds_,
@@ -385,7 +432,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
     def save(self, path: str | Path, embed_weights: bool = False) -> Path:
         """Write the detector file (see :mod:`anomaly.detector.file`); the backbone's weights are
         referenced, not stored, unless ``embed_weights`` (or the backbone was randomly initialised)."""
-        self._fitted_model().set_threshold(self.threshold_)
+        self._fitted_model().set_threshold(check_threshold(self.threshold_))
         extra = {"thresholds": self.thresholds_, "fpr": self.fpr_, "source": self.source_}
         return save_model(self.model_, path, extra, self.weights, embed_weights)
 

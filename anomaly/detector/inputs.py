@@ -17,8 +17,11 @@ from anomaly.data.images import IMAGE_EXTENSIONS, load_rgb, scan_images, warn_sk
 from anomaly.data.transforms import DEFAULT_RESIZE, RESIZE_RULES, Geometry, ImagePipeline
 from anomaly.errors import UserError
 
-#: Feature values beyond this magnitude overflow float64 once squared into a covariance.
-LARGEST_FEATURE = 1e150
+#: Feature values beyond this magnitude overflow float64 in the fourth moments of the Ledoit-Wolf
+#: shrinkage (sums of (2 * 1e70)**4 over a billion rows stay below float64's 1.8e308).
+LARGEST_FEATURE = 1e70
+#: Features all smaller than this underflow float64 in the covariance, whose inverse overflows.
+SMALLEST_FEATURE_SCALE = 1e-70
 MEMORY_BUDGET_VARIABLE = "ANOMALY_MEMORY_BUDGET_GB"
 DEFAULT_MEMORY_BUDGET_GB = 16.0
 #: A level of D features holds about this many D x D float64 matrices while it is fitted
@@ -56,11 +59,43 @@ def _expand(spec: str | Path) -> Iterator[Path]:
         )
 
 
+IMAGE_DTYPES = "uint8 (0..255)"
+
+
+def integer_pixels_as_uint8(image: np.ndarray | Tensor) -> np.ndarray | Tensor:
+    """Integer pixels as uint8: uint8 as given, other integer types when all values lie in 0..255
+    (a lossless cast); :class:`UserError` for values beyond, booleans and other types."""
+    is_tensor = isinstance(image, Tensor)
+    if image.dtype in (torch.uint8, np.uint8):
+        return image
+    if is_tensor:
+        integer = not (image.is_floating_point() or image.is_complex() or image.dtype == torch.bool)
+    else:
+        integer = image.dtype.kind in "iu"
+    if not integer:
+        raise UserError(f"images must be {IMAGE_DTYPES}, got {image.dtype}")
+    empty = (image.numel() if is_tensor else image.size) == 0
+    low, high = (0, 0) if empty else (int(image.min()), int(image.max()))
+    if low < 0 or high > 255:
+        raise UserError(
+            f"images must be {IMAGE_DTYPES}: got {image.dtype} with values from {low} to {high}; scale them "
+            "to 0..255 and convert to uint8 (16-bit images: divide by 257)"
+        )
+    return image.to(torch.uint8) if is_tensor else image.astype(np.uint8)
+
+
 def rgb_array(image: np.ndarray) -> np.ndarray:
-    """An (H, W) grey or (H, W, 3) RGB uint8 array as (H, W, 3) uint8."""
+    """An (H, W) grey or (H, W, 3) RGB uint8 array as (H, W, 3) uint8 (other integer types in
+    0..255 are cast); :class:`UserError` for other types, shapes and empty images."""
     image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise UserError(f"images must be uint8 arrays (0..255), got {image.dtype}")
+    if image.dtype.kind == "f":
+        raise UserError(
+            f"image arrays must be {IMAGE_DTYPES}, got {image.dtype}: scale [0, 1] floats by 255 and "
+            "convert to uint8, or pass them as a (B, 3, S, S) float tensor"
+        )
+    image = integer_pixels_as_uint8(image)
+    if image.ndim in (2, 3) and 0 in image.shape[:2]:
+        raise UserError(f"an image is empty (shape {image.shape}): every image needs at least one pixel")
     if image.ndim == 2:
         return np.repeat(image[:, :, None], 3, axis=2)
     if image.ndim == 3 and image.shape[2] == 3:
@@ -95,8 +130,10 @@ def image_batch(items, image_size: int, resize: str | Geometry = DEFAULT_RESIZE)
         height, width = pipeline.shape
         if items.ndim != 4 or items.shape[1] != 3 or tuple(items.shape[2:]) != (height, width):
             raise UserError(f"image tensors must be (B, 3, {height}, {width}), got {tuple(items.shape)}")
-        check_unit_range(items)
-        return items
+        if items.is_floating_point():
+            check_unit_range(items)
+            return items
+        return integer_pixels_as_uint8(items)
     images = [
         pipeline(load_rgb(item) if isinstance(item, (str, Path)) else rgb_array(item)) for item in items
     ]
@@ -179,8 +216,16 @@ def feature_list(X) -> list[Tensor]:
     tensors = [torch.as_tensor(a) for a in arrays]
     if not tensors or any(t.ndim != 2 for t in tensors):
         shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+        images = any(t.ndim in (3, 4) for t in tensors)
+        hint = (
+            " (these look like images: backbone=None models feature vectors; choose a backbone, e.g. "
+            "backbone='efficientnet-lite0', to fit on images)"
+            if images
+            else ""
+        )
         raise UserError(
-            f"features must be an (n, D) array or a list of (n, D_l) arrays, one per level, got {shapes}"
+            "features must be an (n, D) array or a list of (n, D_l) arrays, one per level, "
+            f"got {shapes}{hint}"
         )
     if len({t.shape[0] for t in tensors}) != 1:
         raise UserError("every level's features must have the same number of rows")
@@ -197,8 +242,14 @@ def feature_list(X) -> list[Tensor]:
         huge = (t.abs() > LARGEST_FEATURE).any(dim=1).numpy()
         if huge.any():
             raise UserError(
-                f"features{where} hold values beyond ±{LARGEST_FEATURE:g} in {_rows(huge)}: their squares "
-                "overflow float64; rescale the features"
+                f"features{where} hold values beyond ±{LARGEST_FEATURE:g} in {_rows(huge)}: their fourth "
+                "powers overflow float64; rescale the features (e.g. standardise them)"
+            )
+        largest = float(t.abs().max()) if t.numel() else 0.0
+        if 0.0 < largest < SMALLEST_FEATURE_SCALE:
+            raise UserError(
+                f"features{where} are all within ±{largest:.3g}: their covariance underflows float64; "
+                "rescale the features (e.g. standardise them)"
             )
     check_gaussian_size([t.shape[1] for t in tensors])
     return tensors

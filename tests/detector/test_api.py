@@ -138,6 +138,73 @@ def test_bad_use_raises_user_errors(features):
         GaussianDetector(backbone=None).fit(train[:1])
 
 
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"backbone": 5}, "backbone must be a backbone's name"),
+        ({"backbone": "efficientnet-b99"}, "unknown backbone 'efficientnet-b99'"),
+        ({"image_size": "224"}, r"image_size must be a whole number of pixels .* got '224' \(str\)"),
+        ({"image_size": 224.0}, "image_size must be a whole number"),
+        ({"image_size": 0}, "image_size must be a positive number"),
+        ({"image_size": -5}, "image_size must be a positive number"),
+    ],
+)
+def test_bad_parameters_are_a_value_error_naming_them_at_fit(params, message):
+    detector = GaussianDetector(**params)  # __init__ only stores
+    with pytest.raises(ValueError, match=message):
+        detector.fit(np.zeros((2, 32, 32, 3), np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("scale", "message"),
+    [(1e100, "fourth powers overflow"), (1e140, "fourth powers"), (1e-160, "underflows")],
+)
+def test_features_of_extreme_scale_are_a_value_error(features, scale, message):
+    with pytest.raises(ValueError, match=message):
+        GaussianDetector(backbone=None).fit(features[0] * scale)
+    GaussianDetector(backbone=None).fit(features[0] * 1e60)  # within the range: fitted
+
+
+def test_images_without_a_backbone_are_a_value_error_naming_it():
+    with pytest.raises(ValueError, match="these look like images: backbone=None models feature vectors"):
+        GaussianDetector(backbone=None).fit(np.zeros((4, 32, 32, 3), np.uint8))
+
+
+def test_a_threshold_that_is_not_a_number_is_a_value_error(features, tmp_path: Path):
+    detector = GaussianDetector(backbone=None).fit(features[0])
+    for value in ("3", True, float("nan")):
+        detector.threshold_ = value
+        with pytest.raises(ValueError, match="threshold_ must be a"):
+            detector.save(tmp_path / "d.safetensors")
+        with pytest.raises(ValueError, match="threshold_ must be a"):
+            detector.predict(features[1])
+    assert not (tmp_path / "d.safetensors").exists()
+    detector.threshold_ = np.float32(3)  # numpy numbers are numbers
+    assert GaussianDetector.load(detector.save(tmp_path / "d.safetensors")).threshold_ == 3.0
+
+
+def test_image_arrays_empty_integer_and_float(features):
+    detector = fit_demo_detector()
+    _, good, _ = demo_images()
+    arrays = [load_rgb(p) for p in good]
+    expected = detector.score_samples(arrays)
+    wide = [a.astype(np.int64) for a in arrays]  # e.g. np.array of Python ints: 0..255 is cast losslessly
+    np.testing.assert_array_equal(detector.score_samples(wide), expected)
+    batch = image_batch(arrays, 224)
+    np.testing.assert_array_equal(detector.score_samples(batch.to(torch.int64)), expected)
+    with pytest.raises(
+        ValueError, match=r"images must be uint8 \(0\.\.255\): got int64 with values from 300 to 300"
+    ):
+        detector.score_samples([np.full((8, 8, 3), 300, np.int64)])
+    with pytest.raises(ValueError, match="must be uint8"):
+        detector.score_samples(batch.to(torch.bool))
+    with pytest.raises(ValueError, match="scale \\[0, 1\\] floats by 255"):
+        detector.score_samples([arrays[0] / 255.0])
+    for empty in (np.zeros((0, 0, 3), np.uint8), np.zeros((3, 0, 10, 3), np.uint8)):
+        with pytest.raises(ValueError, match="image is empty"):
+            detector.score_samples(empty if empty.ndim == 4 else [empty])
+
+
 def test_images_as_paths_arrays_and_grey(tmp_path: Path):
     detector = fit_demo_detector()
     _, good, bad = demo_images()
