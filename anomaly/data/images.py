@@ -17,11 +17,15 @@ Limits and rules, the same for every decoder:
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fnmatch
+import glob
 import os
 import struct
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import cv2
@@ -61,10 +65,28 @@ def check_pixels(path: str | Path, width: int, height: int) -> None:
 
 # ----------------------------------------------------------------- folders
 class SkippedFiles(Counter):
-    """Why files in an image folder were not taken: reason -> count."""
+    """Why files in an image folder were not taken: reason -> count, and the first path of each."""
 
-    def describe(self) -> str:
-        return ", ".join(f"{count} {reason}" for reason, count in sorted(self.items()))
+    def __init__(self) -> None:
+        super().__init__()
+        self.examples: dict[str, Path] = {}
+
+    def add(self, reason: str, path: Path) -> None:
+        self[reason] += 1
+        self.examples.setdefault(reason, path)
+
+    def describe(self, root: str | Path = "") -> str:
+        """``<count> <reason> (e.g. <first path, below root>)``, joined."""
+        counts = sorted(self.items())
+        return ", ".join(f"{count} {reason}{self._example(reason, root)}" for reason, count in counts)
+
+    def _example(self, reason: str, root: str | Path) -> str:
+        if reason not in self.examples:
+            return ""
+        path = self.examples[reason]
+        with contextlib.suppress(ValueError):
+            path = path.relative_to(root) if str(root) else path
+        return f" (e.g. {path})"
 
 
 def skip_reason(path: Path) -> str | None:
@@ -91,14 +113,15 @@ def is_image_file(path: Path) -> bool:
 
 
 def scan_images(paths) -> tuple[list[Path], SkippedFiles]:
-    """(the image files among ``paths``, sorted; why the others were skipped, hidden files aside)."""
+    """(the image files among ``paths``, sorted; why the others were skipped, hidden files and
+    folders aside)."""
     images, skipped = [], SkippedFiles()
     for path in paths:
         reason = skip_reason(path)
         if reason is None:
             images.append(path)
         elif reason not in ("hidden", "folder"):
-            skipped[reason] += 1
+            skipped.add(reason, path)
     return sorted(images), skipped
 
 
@@ -107,7 +130,7 @@ def warn_skipped(where: str | Path, skipped: SkippedFiles) -> None:
     if skipped:
         total = sum(skipped.values())
         warnings.warn(
-            f"{where}: skipped {total} file(s) that are not readable images: {skipped.describe()} "
+            f"{where}: skipped {total} file(s) that are not readable images: {skipped.describe(where)} "
             f"(images are {', '.join(IMAGE_EXTENSIONS)})",
             stacklevel=3,
         )
@@ -119,6 +142,92 @@ def list_images(folder: Path) -> list[Path]:
         return []
     images, skipped = scan_images(folder.iterdir())
     warn_skipped(folder, skipped)
+    return images
+
+
+def _inside(path: Path, folders: set[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == folder or real.startswith(folder.rstrip(os.sep) + os.sep) for folder in folders)
+
+
+def walk_images(folder: Path, leave_out: Iterable[str | Path] = ()) -> tuple[list[Path], SkippedFiles]:
+    """(the image files below ``folder``, at any depth, sorted; why the others were skipped).
+
+    Symbolic links to folders are followed, except one back to a folder above it (a loop,
+    reported). Hidden files and folders are left out without a word, and so are the
+    folders ``leave_out`` (a command's own output folder); an unreadable folder is reported.
+    """
+    leave = {os.path.realpath(p) for p in leave_out}
+    images, skipped = [], SkippedFiles()
+    stack = [(folder, frozenset({os.path.realpath(folder)}))]
+    while stack:
+        directory, above = stack.pop()
+        try:
+            entries = sorted(directory.iterdir())
+        except OSError as error:
+            skipped.add(f"unreadable folder ({error.strerror})", directory)
+            continue
+        for path in entries:
+            reason = skip_reason(path)
+            if reason is None:
+                images.append(path)
+            elif reason == "folder":
+                real = os.path.realpath(path)
+                if real in above:
+                    skipped.add("symbolic link loop", path)
+                elif real not in leave:
+                    stack.append((path, above | {real}))
+            elif reason != "hidden":
+                skipped.add(reason, path)
+    return sorted(images), skipped
+
+
+def collect_images(
+    spec: str | Path,
+    exclude: Sequence[str] = (),
+    leave_out: Iterable[str | Path] = (),
+    option: str = "--input",
+    warn: bool = True,
+) -> list[Path]:
+    """The image files named by ``spec``, sorted: a folder (at any depth, :func:`walk_images`), a glob,
+    or one file. The one way every command (``fit``'s folders, ``predict --input``) lists images.
+
+    A single file is taken whatever its extension, so that an unreadable one is reported
+    rather than skipped. Files whose name matches a pattern of ``exclude`` (e.g. ``*.png``
+    for masks beside JPEG images) and files in the folders ``leave_out`` (the command's own
+    outputs) are left out. A warning counts whatever else was skipped, and why.
+    :class:`UserError` for an empty ``spec``, one that names nothing, and a glob that matches
+    folders only (``**`` searches inside them).
+    """
+    text = str(spec)
+    if not text.strip():
+        raise UserError(f"{option} is empty (an unset variable?): give a folder, a glob or an image file")
+    path = Path(text).expanduser()
+    leave_out = list(leave_out)
+    folders: list[Path] = []
+    if path.is_dir():
+        images, skipped = walk_images(path, leave_out)
+    elif path.is_file():
+        images, skipped = [path], SkippedFiles()
+    elif glob.has_magic(text):
+        matches = [Path(p) for p in glob.iglob(str(path), recursive=True)]
+        folders = [p for p in matches if p.is_dir()]
+        images, skipped = scan_images(p for p in matches if not p.is_dir())
+    else:
+        raise UserError(
+            f"{option} not found: {spec} (give a folder, a glob such as 'dir/*.png', or an image file)"
+        )
+    images = [p for p in images if not any(fnmatch.fnmatch(p.name, pattern) for pattern in exclude)]
+    leave = {os.path.realpath(p) for p in leave_out}
+    if leave:
+        images = [p for p in images if not _inside(p, leave)]
+    if folders and not images:
+        raise UserError(
+            f"{option} '{spec}' matches only folders (e.g. {sorted(folders)[0]}): a glob takes files; "
+            f"give the folder itself, or use ** to search inside them, e.g. '{Path(text).parent}/**/*.png'"
+        )
+    if warn:
+        warn_skipped(spec, skipped)
     return images
 
 
