@@ -37,7 +37,7 @@ from anomaly.atomic import naming, replaced_atomically
 from anomaly.console import Terminated, run_command
 from anomaly.data.images import collect_images
 from anomaly.detector.api import GaussianDetector, check_device
-from anomaly.detector.file import detector_path
+from anomaly.detector.file import detector_files
 from anomaly.detector.predict import check_loader_options, maps_folder, predict_files
 from anomaly.outputs import claim_output, starts_with
 
@@ -135,18 +135,12 @@ def partial_path(target: Path) -> Path:
     return target.with_name(target.name + ".partial")
 
 
-def detector_files(args: argparse.Namespace) -> list[Path]:
-    """The detector's files (and weights) that no output may replace."""
-    path = detector_path(args.detector)
-    return [path, path.with_suffix(".json"), *([Path(args.weights)] if args.weights else [])]
-
-
 def run(args: argparse.Namespace) -> int:
     check_loader_options(args.batch_size, args.num_workers)
     check_device(args.device, hint="--device cpu")
     leave_out = [] if args.maps is None else [maps_folder(args.maps).folder]  # checked before reading
     paths = collect_images(args.input, args.exclude, leave_out=leave_out)
-    protected = [*detector_files(args), *paths]
+    protected = [*detector_files(args.detector, args.weights), *paths]
     with output_file(args.out, protected, args.overwrite) as out:
         detector = GaussianDetector.load(args.detector, weights=args.weights, device=args.device)
         if detector.threshold_ is None:
@@ -158,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             )
         summary = predict_files(
             detector, paths, out, args.batch_size, args.num_workers, not args.no_progress,
-            args.maps, protected=detector_files(args),
+            args.maps, protected=detector_files(args.detector, args.weights),
         )  # fmt: skip
     decided = "" if detector.threshold_ is None else f", {summary.anomalous} anomalous"
     score = detector.decision_score_
