@@ -28,7 +28,7 @@ from anomaly.arguments import check_config_file, check_expanded_values, config_f
 from anomaly.configs import CONFIG_DIR, DEFAULT_CONFIG, resolve_config_args  # noqa: F401 (CONFIG_DIR: grids)
 from anomaly.console import run_command
 from anomaly.data.datamodule import AnomalyDataModule
-from anomaly.data.images import list_images
+from anomaly.data.images import collect_images
 from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE
 from anomaly.detector.run import run_detector_paths, save_run_detector
 from anomaly.errors import ArgumentsError
@@ -214,7 +214,8 @@ def own_images_args(args: list[str]) -> list[str]:
     if root is None or option_value(args, "--data.category") is not None or chooses_data_class(args):
         return args
     folder = Path(root).expanduser()
-    holds_images = folder.is_dir() and bool(list_images(folder))
+    a_category = (folder / "train").is_dir() and (folder / "test").is_dir()  # MVTec's layout, one level down
+    holds_images = folder.is_dir() and not a_category and bool(collect_images(folder, warn=False))
     holds_categories = folder.is_dir() and any(p.is_dir() for p in folder.glob("*/train"))
     folder_options = any(token.split("=", 1)[0] in folder_only_options() for token in args)
     if holds_categories or not (holds_images or folder_options):

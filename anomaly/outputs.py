@@ -49,9 +49,7 @@ def find_input(path: str | Path, inputs: Iterable[str | Path]) -> Path | None:
 
 
 def check_writable_path(path: Path, option: str) -> None:
-    """:class:`UserError` when ``path`` is empty, a folder, or lies below a file."""
-    if not str(path).strip():
-        raise UserError(f"{option} is empty: give a file name")
+    """:class:`UserError` when ``path`` is a folder, or lies below a file."""
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder: give a file name")
     blocking = next((folder for folder in path.parents if folder.exists() and not folder.is_dir()), None)
@@ -75,16 +73,17 @@ def claim_output(
     when it exists but ``ours(path)`` says it is not a file of the kind ``command``
     writes, unless ``overwrite``. Nothing is written here.
     """
-    path = Path(path).expanduser() if str(path).strip() else Path("")
+    if not str(path).strip():
+        raise UserError(f"{option} is empty: give a file name")
+    path = Path(path).expanduser()
     check_writable_path(path, option)
     if not os.path.lexists(path):
         return path
     same = find_input(path, inputs)
     if same is not None:
-        what = "the same file as" if same != path else "an input of"
+        what = f"the same file as the input {same}" if same != path else f"an input of {command}"
         raise UserError(
-            f"{option} {path} is {what} the input {same}: {command} never writes over its input; "
-            "give another name"
+            f"{option} {path} is {what}: {command} never writes over its input; give another name"
         )
     if not overwrite and (ours is None or not ours(path)):
         raise UserError(f"{option} {path} already exists and was not written by {command}: {OVERWRITE_HINT}")

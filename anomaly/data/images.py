@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from anomaly.errors import UserError
+from anomaly.outputs import MANIFEST
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_PIXELS_VARIABLE = "ANOMALY_MAX_IMAGE_PIXELS"
@@ -150,16 +151,22 @@ def _inside(path: Path, folders: set[str]) -> bool:
     return any(real == folder or real.startswith(folder.rstrip(os.sep) + os.sep) for folder in folders)
 
 
+def is_output_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a command's output folder (it holds the list of files it wrote)."""
+    return (folder / MANIFEST).exists()
+
+
 def walk_images(folder: Path, leave_out: Iterable[str | Path] = ()) -> tuple[list[Path], SkippedFiles]:
     """(the image files below ``folder``, at any depth, sorted; why the others were skipped).
 
     Symbolic links to folders are followed, except one back to a folder above it (a loop,
     reported). Hidden files and folders are left out without a word, and so are the
-    folders ``leave_out`` (a command's own output folder); an unreadable folder is reported.
+    folders ``leave_out`` and every command's output folder (:func:`is_output_folder`, e.g.
+    ``anomaly predict --maps``); an unreadable folder is reported.
     """
     leave = {os.path.realpath(p) for p in leave_out}
     images, skipped = [], SkippedFiles()
-    stack = [(folder, frozenset({os.path.realpath(folder)}))]
+    stack = [] if is_output_folder(folder) else [(folder, frozenset({os.path.realpath(folder)}))]
     while stack:
         directory, above = stack.pop()
         try:
@@ -175,7 +182,7 @@ def walk_images(folder: Path, leave_out: Iterable[str | Path] = ()) -> tuple[lis
                 real = os.path.realpath(path)
                 if real in above:
                     skipped.add("symbolic link loop", path)
-                elif real not in leave:
+                elif real not in leave and not is_output_folder(path):
                     stack.append((path, above | {real}))
             elif reason != "hidden":
                 skipped.add(reason, path)
@@ -194,16 +201,15 @@ def collect_images(
 
     A single file is taken whatever its extension, so that an unreadable one is reported
     rather than skipped. Files whose name matches a pattern of ``exclude`` (e.g. ``*.png``
-    for masks beside JPEG images) and files in the folders ``leave_out`` (the command's own
-    outputs) are left out. A warning counts whatever else was skipped, and why.
-    :class:`UserError` for an empty ``spec``, one that names nothing, and a glob that matches
-    folders only (``**`` searches inside them).
+    for masks beside JPEG images), files in the folders ``leave_out`` below ``spec`` and
+    files in a command's output folder are left out. A warning counts whatever else was
+    skipped, and why. :class:`UserError` for an empty ``spec``, one that names nothing,
+    and a glob that matches folders only (``**`` searches inside them).
     """
     text = str(spec)
     if not text.strip():
         raise UserError(f"{option} is empty (an unset variable?): give a folder, a glob or an image file")
     path = Path(text).expanduser()
-    leave_out = list(leave_out)
     folders: list[Path] = []
     if path.is_dir():
         images, skipped = walk_images(path, leave_out)
@@ -213,14 +219,14 @@ def collect_images(
         matches = [Path(p) for p in glob.iglob(str(path), recursive=True)]
         folders = [p for p in matches if p.is_dir()]
         images, skipped = scan_images(p for p in matches if not p.is_dir())
+        leave = {os.path.realpath(p) for p in leave_out}
+        outputs = {folder for folder in {p.parent for p in images} if is_output_folder(folder)}
+        images = [p for p in images if p.parent not in outputs and not (leave and _inside(p, leave))]
     else:
         raise UserError(
             f"{option} not found: {spec} (give a folder, a glob such as 'dir/*.png', or an image file)"
         )
     images = [p for p in images if not any(fnmatch.fnmatch(p.name, pattern) for pattern in exclude)]
-    leave = {os.path.realpath(p) for p in leave_out}
-    if leave:
-        images = [p for p in images if not _inside(p, leave)]
     if folders and not images:
         raise UserError(
             f"{option} '{spec}' matches only folders (e.g. {sorted(folders)[0]}): a glob takes files; "
