@@ -28,17 +28,17 @@ from anomaly.arguments import check_config_file, check_expanded_values, config_f
 from anomaly.configs import CONFIG_DIR, DEFAULT_CONFIG, resolve_config_args  # noqa: F401 (CONFIG_DIR: grids)
 from anomaly.console import run_command
 from anomaly.data.datamodule import AnomalyDataModule
-from anomaly.data.images import list_images
+from anomaly.data.images import collect_images
 from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE
-from anomaly.detector.run import remove_stale_detector, save_run_detector
+from anomaly.detector.run import run_detector_paths, save_run_detector
 from anomaly.errors import ArgumentsError
 from anomaly.evaluation.callback import RunReport
 from anomaly.evaluation.report import format_run_table
-from anomaly.evaluation.results import remove_stale_results
+from anomaly.evaluation.results import run_result_paths
 from anomaly.methods.base import AnomalyMethod
 from anomaly.methods.distributed import resolve_strategy, statistics_replacement
 from anomaly.methods.run import fit
-from anomaly.runfolder import hold_run_folder, remove_empty_folders
+from anomaly.runfolder import hold_run_folder, replacing_outputs
 
 
 def run_dir_parts(
@@ -214,7 +214,8 @@ def own_images_args(args: list[str]) -> list[str]:
     if root is None or option_value(args, "--data.category") is not None or chooses_data_class(args):
         return args
     folder = Path(root).expanduser()
-    holds_images = folder.is_dir() and bool(list_images(folder))
+    a_category = (folder / "train").is_dir() and (folder / "test").is_dir()  # MVTec's layout, one level down
+    holds_images = folder.is_dir() and not a_category and bool(collect_images(folder, warn=False))
     holds_categories = folder.is_dir() and any(p.is_dir() for p in folder.glob("*/train"))
     folder_options = any(token.split("=", 1)[0] in folder_only_options() for token in args)
     if holds_categories or not (holds_images or folder_options):
@@ -257,18 +258,14 @@ def build_cli(args: list[str] | None = None) -> AnomalyCLI:
         raise ArgumentsError(one_line_parse_error(str(error))) from None
 
 
-def remove_run_outputs(run_dir: Path) -> None:
-    """An earlier (or failed) run's results, scores, figures, events and detector."""
-    remove_stale_results(run_dir)
-    remove_stale_detector(run_dir)
+#: The files Lightning's CLI writes into a run folder.
+RUN_CONFIG_FILES = ("config.yaml", "hparams.yaml")
 
 
-def remove_failed_run(run_dir: Path, root: Path) -> None:
-    """A failed run leaves nothing that looks like a result: its files go, and its folders if emptied."""
-    remove_run_outputs(run_dir)
-    for name in ("config.yaml", "hparams.yaml"):
-        (run_dir / name).unlink(missing_ok=True)
-    remove_empty_folders(run_dir, root)
+def run_outputs(run_dir: Path) -> list[Path]:
+    """What a run wrote into ``run_dir``: results, scores, figures, events, detector and config."""
+    configs = [run_dir / name for name in RUN_CONFIG_FILES if (run_dir / name).exists()]
+    return [*run_result_paths(run_dir), *run_detector_paths(run_dir), *configs]
 
 
 def fit_and_test(args: list[str] | None = None) -> dict:
@@ -282,19 +279,16 @@ def fit_and_test(args: list[str] | None = None) -> dict:
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     run_dir, root = Path(trainer.log_dir or trainer.default_root_dir), Path(trainer.default_root_dir)
     detector = None
-    with hold_run_folder(run_dir, root, data.dataset, enabled=trainer.is_global_zero):
-        if trainer.is_global_zero:
-            remove_run_outputs(run_dir)
-        try:
-            fit(trainer, model, data)
-            if data.test_samples:
-                trainer.test(model, datamodule=data, verbose=False)
-            if trainer.is_global_zero:
-                detector = save_run_detector(model, data.image_size, run_dir, data.geometry)
-        except BaseException:
-            if trainer.is_global_zero:
-                remove_failed_run(run_dir, root)
-            raise
+    first = trainer.is_global_zero
+    with (
+        hold_run_folder(run_dir, root, data.dataset, enabled=first),
+        replacing_outputs(run_dir, run_outputs) if first else contextlib.nullcontext(),
+    ):
+        fit(trainer, model, data)
+        if data.test_samples:
+            trainer.test(model, datamodule=data, verbose=False)
+        if first:
+            detector = save_run_detector(model, data.image_size, run_dir, data.geometry)
     if not data.test_samples:
         return normal_only_summary(model, data, run_dir, detector)
     results = dict(cli.report.results or {})

@@ -7,13 +7,18 @@ taken over). A second run into the same folder is refused with one line instead 
 mixing its files with the first's. A folder whose ``results.json`` comes from
 another data root (another dataset with the same category name) is refused too,
 before anything in it is removed.
+
+An earlier run's outputs in the folder stay until the new run succeeds
+(:func:`replacing_outputs`): moved aside into ``.previous`` while it runs, removed
+when it succeeds, put back when it fails or is interrupted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from anomaly.errors import UserError
@@ -25,6 +30,8 @@ except ImportError:  # Windows: no advisory locks; runs are not guarded
     fcntl = None
 
 LOCK_FILE = ".lock"
+#: Where an earlier run's outputs wait while a new run replaces them.
+PREVIOUS_RUN = ".previous"
 
 
 def name_limit(path: Path) -> int:
@@ -133,3 +140,46 @@ def hold_run_folder(run_dir: Path, root: Path, dataset: str | None, enabled: boo
         remove_empty_folders(run_dir, keep)
         raise
     lock.release()
+
+
+def remove_paths(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _move_back(stash: Path, run_dir: Path, outputs: Callable[[Path], list[Path]]) -> None:
+    """This run's outputs go; the earlier run's come back from ``stash``."""
+    remove_paths(outputs(run_dir))
+    for path in sorted(stash.iterdir()):
+        os.replace(path, run_dir / path.name)
+    stash.rmdir()
+
+
+@contextlib.contextmanager
+def replacing_outputs(run_dir: Path, outputs: Callable[[Path], list[Path]]) -> Iterator[None]:
+    """An earlier run's ``outputs(run_dir)`` are kept aside in ``.previous`` while inside: removed when
+    the block succeeds, put back (and this run's outputs removed) when it fails or is interrupted.
+
+    A ``.previous`` left by a run that was killed holds the last complete run: it comes back first.
+    Call it holding the folder's lock (:func:`hold_run_folder`).
+    """
+    stash = run_dir / PREVIOUS_RUN
+    if stash.is_dir():
+        _move_back(stash, run_dir, outputs)
+    earlier = outputs(run_dir)
+    if earlier:
+        stash.mkdir()
+        for path in earlier:
+            os.replace(path, stash / path.name)
+    try:
+        yield
+    except BaseException:
+        if stash.is_dir():
+            _move_back(stash, run_dir, outputs)
+        else:
+            remove_paths(outputs(run_dir))
+        raise
+    shutil.rmtree(stash, ignore_errors=True)

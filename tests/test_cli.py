@@ -16,6 +16,7 @@ from anomaly.data import MVTecDataModule
 from anomaly.data.augment import AugmentOptions
 from anomaly.evaluation.results import OVERLAYS_DIR
 from anomaly.methods.gaussian import GaussianAD
+from anomaly.runfolder import PREVIOUS_RUN
 
 FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
 
@@ -26,7 +27,7 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_fit_and_test_writes_results(tiny_mvtec: Path, tmp_path: Path, capsys):
+def test_fit_and_test_writes_results(tiny_mvtec: Path, tmp_path: Path, capsys, monkeypatch):
     root = tmp_path / "runs"
     args = ["--data.root", str(tiny_mvtec), "--data.category", "widget", "--data.fold", "1",
             "--model.levels", "[3, 5, 9]", "--trainer.default_root_dir", str(root)]  # fmt: skip
@@ -52,6 +53,15 @@ def test_fit_and_test_writes_results(tiny_mvtec: Path, tmp_path: Path, capsys):
     assert not stale.exists() and (run_dir / "results.json").is_file()
     assert not (run_dir / OVERLAYS_DIR).exists()
     assert "sum" in out and str(run_dir) in out
+    kept = {name: (run_dir / name).read_bytes() for name in ("detector.safetensors", "results.json")}
+    monkeypatch.setattr("anomaly.cli.fit", interrupted)
+    assert run(args, capsys)[0] == 130  # an interrupted rerun: the earlier run stays as it was
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+    assert not (run_dir / PREVIOUS_RUN).exists()
+
+
+def interrupted(*args) -> None:
+    raise KeyboardInterrupt
 
 
 BAD_INPUT = [

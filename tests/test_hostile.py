@@ -155,9 +155,24 @@ HOSTILE = [
          "error: cannot read or write"),
     case("predict NaN threshold [9]", "predict", "--detector {nan_detector} --input {bomb} --no-progress",
          "error:"),
+    case("predict --out the detector (second probe 3)", "predict",
+         "--detector {detector} --input {bomb} --out {detector}/detector.safetensors",
+         "error: --out {detector}/detector.safetensors is an input"),
+    case("predict --out the input image (second probe 3)", "predict",
+         "--detector {detector} --input {bomb} --out {bomb}", "error: --out {bomb} is an input"),
+    case("predict --maps the input folder (second probe 1)", "predict",
+         "--detector {detector} --input {data}/widget/train/good --maps {data}/widget/train/good",
+         "error: --maps {data}/widget/train/good holds files"),
+    case("predict --input '' (second probe 10)", "predict", "--detector {detector} --input ''",
+         "error: --input is empty"),
+    case("predict glob of folders (second probe)", "predict",
+         "--detector {detector} --input '{data}/widget/*'",
+         "error: --input '{data}/widget/*' matches only folders"),
     # python -m anomaly.export
+    case("export --out the detector (second probe 3)", "export",
+         "--detector {detector} --out {detector}/detector.safetensors", "error: --out"),
     case("export --out under a file", "export", "--detector {detector} --out {afile}/d.onnx",
-         "error: {afile} is a file"),
+         "error: --out {afile}/d.onnx: {afile} is a file"),
     case("export long --out [5]", "export", f"--detector {{detector}} --out {LONG}.onnx",
          "error: cannot read or write"),
     # evaluate.py
@@ -335,7 +350,7 @@ def test_a_full_disk_while_predicting_is_one_line(workspace: Path, tmp_path: Pat
         [sys.executable, str(REPO / "predict.py"), *args], cwd=tmp_path, capture_output=True, text=True,
         preexec_fn=file_size_limit(300), timeout=600,
     )  # fmt: skip
-    one_line(done.stderr, "error: cannot read or write")
+    one_line(done.stderr, f"error: cannot read or write {out}: File too large")  # the file is named
     assert done.returncode == 2
     assert list(tmp_path.iterdir()) == [], "a partial CSV was left"
 

@@ -35,6 +35,10 @@ def new_images(tmp_path: Path) -> Path:
     return folder
 
 
+#: A CSV of an earlier run, which a rerun may replace.
+EARLIER = "path,score,decision,error\nold.png,1.0,0,\n"
+
+
 def read_rows(path: Path) -> list[dict]:
     with open(path) as file:
         return list(csv.DictReader(file))
@@ -208,11 +212,11 @@ def test_failure_midway_leaves_earlier_output_untouched(
     fail_on_batch_two(monkeypatch, RuntimeError("device lost"))
     out = tmp_path / "out" / "scores.csv"
     out.parent.mkdir()
-    out.write_text("an earlier result\n")
+    out.write_text(EARLIER)
     args = ["--detector", str(detector_file), "--input", str(new_images), "--out", str(out)]
     with pytest.raises(RuntimeError, match="device lost"):
         main([*args, "--batch-size", "2"])
-    assert out.read_text() == "an earlier result\n"
+    assert out.read_text() == EARLIER
     assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
 
 
@@ -223,10 +227,10 @@ def test_interrupt_keeps_the_rows_already_scored_beside_an_earlier_result(
     fail_on_batch_two(monkeypatch, stop)
     out = tmp_path / "out" / "scores.csv"
     out.parent.mkdir()
-    out.write_text("an earlier result\n")
+    out.write_text(EARLIER)
     args = ["--detector", str(detector_file), "--input", str(new_images), "--out", str(out)]
     assert main([*args, "--batch-size", "2"]) == (130 if isinstance(stop, KeyboardInterrupt) else 143)
-    assert out.read_text() == "an earlier result\n"  # a partial run never takes a complete result's name
+    assert out.read_text() == EARLIER  # a partial run never takes a complete result's name
     partial = out.with_name("scores.csv.partial")
     rows = read_rows(partial)
     assert len(rows) == 2 and all(row["score"] for row in rows)

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from anomaly.errors import UserError
-from anomaly.runfolder import LOCK_FILE, RunLock, check_folder_names, check_same_dataset, hold_run_folder
+from anomaly.runfolder import (
+    LOCK_FILE,
+    PREVIOUS_RUN,
+    RunLock,
+    check_folder_names,
+    check_same_dataset,
+    hold_run_folder,
+    replacing_outputs,
+)
 
 
 def test_a_second_run_into_a_locked_folder_is_refused(tmp_path: Path):
@@ -79,3 +87,36 @@ def test_a_failed_run_removes_the_folders_it_created_and_no_others(tmp_path: Pat
     with hold_run_folder(run_dir, root, "/data"):
         (run_dir / "results.json").write_text("{}")
     assert sorted(p.name for p in run_dir.iterdir()) == ["results.json"]
+
+
+def outputs_of(run_dir: Path) -> list[Path]:
+    return [path for path in (run_dir / "detector.safetensors", run_dir / "results.json") if path.exists()]
+
+
+@pytest.mark.parametrize("stop", [RuntimeError("fit failed"), KeyboardInterrupt()], ids=["failure", "ctrl-c"])
+def test_a_failed_rerun_keeps_the_earlier_run(tmp_path: Path, stop: BaseException):
+    """An earlier run's detector and results stay until the rerun succeeds (the rerun deleted them first)."""
+    run_dir = tmp_path / "fold_0"
+    run_dir.mkdir()
+    (run_dir / "detector.safetensors").write_text("earlier detector")
+    (run_dir / "results.json").write_text("earlier results")
+    with pytest.raises(type(stop)), replacing_outputs(run_dir, outputs_of):
+        assert not (run_dir / "detector.safetensors").exists()  # the new run starts from a clean folder
+        (run_dir / "results.json").write_text("half of a new run")
+        raise stop
+    assert (run_dir / "detector.safetensors").read_text() == "earlier detector"
+    assert (run_dir / "results.json").read_text() == "earlier results"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["detector.safetensors", "results.json"]
+    with replacing_outputs(run_dir, outputs_of):
+        (run_dir / "results.json").write_text("new results")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["results.json"]  # the earlier detector went
+
+
+def test_the_earlier_run_kept_by_a_killed_rerun_comes_back(tmp_path: Path):
+    run_dir = tmp_path / "fold_0"
+    (run_dir / PREVIOUS_RUN).mkdir(parents=True)
+    (run_dir / PREVIOUS_RUN / "detector.safetensors").write_text("earlier detector")
+    (run_dir / "results.json").write_text("half of a killed run")
+    with pytest.raises(RuntimeError), replacing_outputs(run_dir, outputs_of):
+        raise RuntimeError
+    assert sorted(p.name for p in run_dir.iterdir()) == ["detector.safetensors"]

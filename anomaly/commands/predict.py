@@ -11,9 +11,16 @@ of every level, decision (1 = anomalous at the detector's saved threshold,
 be read, or its score is not finite; the run goes on). Detectors with anomaly
 maps (pooling cells or grid_maps) add map_max_x and map_max_y, the pixel of the map's maximum
 in the original image; --maps DIR writes per image the map at the image's size
-(.npy, float32) and a heat-map overlay (.png). When not a single image can be
-read, that is an error and no CSV is written; --out is replaced only when the
-run succeeds (an interrupted run keeps its rows in OUT.partial).
+(NAME.map.npy, float32) and a heat-map overlay (NAME.overlay.png, at most 1024
+pixels long), NAME being the image's path below the input folder (a/x.png ->
+a%2Fx.png), and names them in the map_file and overlay_file columns. When not a
+single image can be read, that is an error and no CSV is written; --out is
+replaced only when the run succeeds (an interrupted run keeps its rows in
+OUT.partial).
+
+Nothing is written over an input or the detector. --out may replace a CSV an
+earlier run wrote, another file only with --overwrite; --maps must be a new or
+empty folder, or one an earlier --maps wrote (it is never read as input).
 """
 
 from __future__ import annotations
@@ -22,15 +29,20 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
+from anomaly.atomic import naming, replaced_atomically
 from anomaly.console import Terminated, run_command
+from anomaly.data.images import collect_images
 from anomaly.detector.api import GaussianDetector, check_device
-from anomaly.detector.inputs import expand_input
-from anomaly.detector.predict import check_loader_options, predict_files
-from anomaly.errors import UserError
+from anomaly.detector.file import detector_files
+from anomaly.detector.predict import check_loader_options, maps_folder, predict_files
+from anomaly.outputs import claim_output, starts_with
+
+#: How a CSV of ``anomaly predict`` starts: an earlier run's file may be replaced.
+PREDICT_CSV = starts_with(b"path,score,")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", help="CSV file to write (default: standard output)")
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --out replace an existing file that is not an earlier run's CSV (never an input)",
+    )
+    parser.add_argument(
         "--maps",
         metavar="DIR",
         help="write each image's anomaly map (.npy) and overlay (.png) here (pooling cells or grid_maps)",
@@ -62,39 +79,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class NamedFile:
+    """A text file whose write errors (a full disk names no file) name ``path``."""
+
+    def __init__(self, file: TextIO, path: Path) -> None:
+        self.file, self.path = file, path
+
+    def write(self, text: str) -> int:
+        try:
+            return self.file.write(text)
+        except OSError as error:
+            raise naming(error, self.path) from error
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as error:
+            raise naming(error, self.path) from error
+
+
 @contextlib.contextmanager
-def output_file(path: str | None) -> Iterator[TextIO]:
+def output_file(
+    path: str | None, protected: Iterable[Path] = (), overwrite: bool = False
+) -> Iterator[TextIO]:
     """Standard output, or a temporary file beside ``path`` that becomes ``path`` only on success.
 
-    A failure leaves no file. An interrupted run (Ctrl-C, SIGTERM) keeps the rows written so far
-    in ``path.partial`` and leaves an earlier ``path`` as it was.
+    ``path`` is claimed first (:func:`~anomaly.outputs.claim_output`): never one of
+    ``protected`` (the inputs, the detector), nor an existing file that is not an earlier
+    run's CSV unless ``overwrite``. A failure leaves no file. An interrupted run (Ctrl-C,
+    SIGTERM) keeps the rows written so far in ``path.partial`` and leaves an earlier
+    ``path`` as it was; a successful run removes an earlier run's ``path.partial``.
     """
     if path is None:
         yield sys.stdout
         return
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"--out {path} is a folder: give a CSV file name")
-    blocking = next((folder for folder in target.parents if folder.exists() and not folder.is_dir()), None)
-    if blocking is not None:
-        raise UserError(f"--out {path}: {blocking} is a file, not a folder: give a path in a folder")
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        file = open(tmp, "w", newline="")  # noqa: SIM115 (closed below, before the rename)
-    except OSError as exc:
-        raise UserError(f"cannot write --out {path}: {exc.strerror or exc}") from exc
-    try:
-        with file:
-            yield file
-    except (KeyboardInterrupt, Terminated):
-        if tmp.stat().st_size:
-            os.replace(tmp, partial_path(target))
-        raise
-    else:
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    protected = list(protected)
+    claim = {"inputs": protected, "ours": PREDICT_CSV, "overwrite": overwrite, "command": "anomaly predict"}
+    target = claim_output(path, **claim)
+    partial = claim_output(partial_path(target), **claim, option="--out's interrupted rows")
+    with replaced_atomically(target) as tmp, open(tmp, "w", newline="") as file:
+        try:
+            yield NamedFile(file, target)
+            file.flush()
+        except (KeyboardInterrupt, Terminated):
+            file.close()
+            if tmp.stat().st_size:
+                os.replace(tmp, partial)
+            raise
+    if os.path.lexists(partial) and PREDICT_CSV(partial):
+        partial.unlink()
 
 
 def partial_path(target: Path) -> Path:
@@ -105,19 +138,21 @@ def partial_path(target: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     check_loader_options(args.batch_size, args.num_workers)
     check_device(args.device, hint="--device cpu")
-    detector = GaussianDetector.load(args.detector, weights=args.weights, device=args.device)
-    if detector.threshold_ is None:
-        print(
-            "note: this detector has no threshold (working point): the decision column is left empty; "
-            "rank by score, or give it one: fit on a fold (its held-out images set it), with "
-            "--model.threshold_method chi2 or --model.threshold, or GaussianDetector.calibrate()",
-            file=sys.stderr,
-        )
-    paths = list(expand_input(args.input, args.exclude))
-    with output_file(args.out) as out:
+    leave_out = [] if args.maps is None else [maps_folder(args.maps).folder]  # checked before reading
+    paths = collect_images(args.input, args.exclude, leave_out=leave_out)
+    protected = [*detector_files(args.detector, args.weights), *paths]
+    with output_file(args.out, protected, args.overwrite) as out:
+        detector = GaussianDetector.load(args.detector, weights=args.weights, device=args.device)
+        if detector.threshold_ is None:
+            print(
+                "note: this detector has no threshold (working point): the decision column is left empty; "
+                "rank by score, or give it one: fit on a fold (its held-out images set it), with "
+                "--model.threshold_method chi2 or --model.threshold, or GaussianDetector.calibrate()",
+                file=sys.stderr,
+            )
         summary = predict_files(
             detector, paths, out, args.batch_size, args.num_workers, not args.no_progress,
-            Path(args.maps) if args.maps else None,
+            args.maps, protected=detector_files(args.detector, args.weights),
         )  # fmt: skip
     decided = "" if detector.threshold_ is None else f", {summary.anomalous} anomalous"
     score = detector.decision_score_

@@ -2,6 +2,10 @@
 
 Unlike MVTec AD, nothing about the layout is fixed:
 
+Every folder is searched at any depth, following symbolic links to folders, as
+``anomaly predict --input`` does; folders nested in another (test folders in the
+normal folder, the masks folder) count only for themselves.
+
 * ``normal_dir``: the normal (defect-free) images; training uses them with the
   same 5-fold split as MVTec. ``test_normal_fraction`` first moves a seeded
   random share of them into the test set, for data without an official split.
@@ -32,7 +36,7 @@ import numpy as np
 from anomaly.data.augment import AugmentOptions
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import Sample
-from anomaly.data.images import list_images, require_folder
+from anomaly.data.images import collect_images, require_folder
 from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE
 from anomaly.errors import UserError
 
@@ -179,9 +183,12 @@ class FolderDataModule(AnomalyDataModule):
             candidates = [mask_root / class_name / file_name, mask_root / file_name]
         return next((c for c in candidates if c != image and c.is_file()), None)
 
-    def _images(self, folder: Path) -> list[Path]:
-        """The folder's images, without the masks that lie beside them."""
-        files = list_images(folder)
+    def _images(self, folder: Path, others: Sequence[Path] = ()) -> list[Path]:
+        """The folder's images at any depth (:func:`~anomaly.data.images.collect_images`, as
+        ``anomaly predict`` lists them), without the masks that lie beside them, the masks folder,
+        and the ``others`` data folders nested in it."""
+        masks = [] if self.masks in (None, BESIDE) else [self._resolve(self.masks)]
+        files = collect_images(folder, leave_out=[*others, *masks], option="image folder")
         if self.masks != BESIDE:
             return files
         masks = {self._mask_for(f, "") for f in files} - {None}
@@ -201,14 +208,16 @@ class FolderDataModule(AnomalyDataModule):
             raise UserError(
                 f"labels name {unknown}, which are not test folders (class names: {sorted(set(names))})"
             )
-        normals = self._images(self.normal_dir)
+        normals = self._images(self.normal_dir, folders)
         if not normals:
             raise UserError(f"no images in '{self.normal_dir}': normal_dir must hold the normal images")
         train_idx, test_idx = split_normals(len(normals), self.test_normal_fraction, self.split_seed)
         train = [Sample(str(normals[i]), 0, names[0]) for i in train_idx]
         test = [self._sample(normals[i], names[0], 0) for i in test_idx]
         for folder, class_name in zip(folders, names[1:], strict=True):
-            test += [self._sample(p, class_name, self._label(class_name)) for p in self._images(folder)]
+            others = [self.normal_dir, *(f for f in folders if f != folder)]
+            label = self._label(class_name)
+            test += [self._sample(p, class_name, label) for p in self._images(folder, others)]
         if not test and not self.normal_only:
             raise UserError(
                 f"no test images in {', '.join(self.test_patterns)}: fix test_dirs, or leave it out to fit "

@@ -24,12 +24,16 @@ Limits and rules, the same for every decoder:
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fnmatch
+import glob
 import os
 import struct
 import warnings
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import cv2
@@ -37,6 +41,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from anomaly.errors import UserError
+from anomaly.outputs import MANIFEST
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_PIXELS_VARIABLE = "ANOMALY_MAX_IMAGE_PIXELS"
@@ -85,10 +90,28 @@ def require_folder(path: str | Path, what: str, fix: str) -> Path:
 
 
 class SkippedFiles(Counter):
-    """Why files in an image folder were not taken: reason -> count."""
+    """Why files in an image folder were not taken: reason -> count, and the first path of each."""
 
-    def describe(self) -> str:
-        return ", ".join(f"{count} {reason}" for reason, count in sorted(self.items()))
+    def __init__(self) -> None:
+        super().__init__()
+        self.examples: dict[str, Path] = {}
+
+    def add(self, reason: str, path: Path) -> None:
+        self[reason] += 1
+        self.examples.setdefault(reason, path)
+
+    def describe(self, root: str | Path = "") -> str:
+        """``<count> <reason> (e.g. <first path, below root>)``, joined."""
+        counts = sorted(self.items())
+        return ", ".join(f"{count} {reason}{self._example(reason, root)}" for reason, count in counts)
+
+    def _example(self, reason: str, root: str | Path) -> str:
+        if reason not in self.examples:
+            return ""
+        path = self.examples[reason]
+        with contextlib.suppress(ValueError):
+            path = path.relative_to(root) if str(root) else path
+        return f" (e.g. {path})"
 
 
 def skip_reason(path: Path) -> str | None:
@@ -115,14 +138,15 @@ def is_image_file(path: Path) -> bool:
 
 
 def scan_images(paths) -> tuple[list[Path], SkippedFiles]:
-    """(the image files among ``paths``, sorted; why the others were skipped, hidden files aside)."""
+    """(the image files among ``paths``, sorted; why the others were skipped, hidden files and
+    folders aside)."""
     images, skipped = [], SkippedFiles()
     for path in paths:
         reason = skip_reason(path)
         if reason is None:
             images.append(path)
         elif reason not in ("hidden", "folder"):
-            skipped[reason] += 1
+            skipped.add(reason, path)
     return sorted(images), skipped
 
 
@@ -131,7 +155,7 @@ def warn_skipped(where: str | Path, skipped: SkippedFiles) -> None:
     if skipped:
         total = sum(skipped.values())
         warnings.warn(
-            f"{where}: skipped {total} file(s) that are not readable images: {skipped.describe()} "
+            f"{where}: skipped {total} file(s) that are not readable images: {skipped.describe(where)} "
             f"(images are {', '.join(IMAGE_EXTENSIONS)})",
             stacklevel=3,
         )
@@ -143,6 +167,97 @@ def list_images(folder: Path) -> list[Path]:
         return []
     images, skipped = scan_images(folder.iterdir())
     warn_skipped(folder, skipped)
+    return images
+
+
+def _inside(path: Path, folders: set[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == folder or real.startswith(folder.rstrip(os.sep) + os.sep) for folder in folders)
+
+
+def is_output_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a command's output folder (it holds the list of files it wrote)."""
+    return (folder / MANIFEST).exists()
+
+
+def walk_images(folder: Path, leave_out: Iterable[str | Path] = ()) -> tuple[list[Path], SkippedFiles]:
+    """(the image files below ``folder``, at any depth, sorted; why the others were skipped).
+
+    Symbolic links to folders are followed, except one back to a folder above it (a loop,
+    reported). Hidden files and folders are left out without a word, and so are the
+    folders ``leave_out`` and every command's output folder (:func:`is_output_folder`, e.g.
+    ``anomaly predict --maps``); an unreadable folder is reported.
+    """
+    leave = {os.path.realpath(p) for p in leave_out}
+    images, skipped = [], SkippedFiles()
+    stack = [] if is_output_folder(folder) else [(folder, frozenset({os.path.realpath(folder)}))]
+    while stack:
+        directory, above = stack.pop()
+        try:
+            entries = sorted(directory.iterdir())
+        except OSError as error:
+            skipped.add(f"unreadable folder ({error.strerror})", directory)
+            continue
+        for path in entries:
+            reason = skip_reason(path)
+            if reason is None:
+                images.append(path)
+            elif reason == "folder":
+                real = os.path.realpath(path)
+                if real in above:
+                    skipped.add("symbolic link loop", path)
+                elif real not in leave and not is_output_folder(path):
+                    stack.append((path, above | {real}))
+            elif reason != "hidden":
+                skipped.add(reason, path)
+    return sorted(images), skipped
+
+
+def collect_images(
+    spec: str | Path,
+    exclude: Sequence[str] = (),
+    leave_out: Iterable[str | Path] = (),
+    option: str = "--input",
+    warn: bool = True,
+) -> list[Path]:
+    """The image files named by ``spec``, sorted: a folder (at any depth, :func:`walk_images`), a glob,
+    or one file. The one way every command (``fit``'s folders, ``predict --input``) lists images.
+
+    A single file is taken whatever its extension, so that an unreadable one is reported
+    rather than skipped. Files whose name matches a pattern of ``exclude`` (e.g. ``*.png``
+    for masks beside JPEG images), files in the folders ``leave_out`` below ``spec`` and
+    files in a command's output folder are left out. A warning counts whatever else was
+    skipped, and why. :class:`UserError` for an empty ``spec``, one that names nothing,
+    and a glob that matches folders only (``**`` searches inside them).
+    """
+    text = str(spec)
+    if not text.strip():
+        raise UserError(f"{option} is empty (an unset variable?): give a folder, a glob or an image file")
+    path = Path(text).expanduser()
+    folders: list[Path] = []
+    if path.is_dir():
+        images, skipped = walk_images(path, leave_out)
+    elif path.is_file():
+        images, skipped = [path], SkippedFiles()
+    elif glob.has_magic(text):
+        matches = [Path(p) for p in glob.iglob(str(path), recursive=True)]
+        folders = [p for p in matches if p.is_dir()]
+        images, skipped = scan_images(p for p in matches if not p.is_dir())
+        leave = {os.path.realpath(p) for p in leave_out}
+        outputs = {folder for folder in {p.parent for p in images} if is_output_folder(folder)}
+        images = [p for p in images if p.parent not in outputs and not (leave and _inside(p, leave))]
+    else:
+        raise UserError(
+            f"{option} not found: {spec} (give a folder, a glob such as 'dir/*.png', or an image file)"
+        )
+    images = [p for p in images if not any(fnmatch.fnmatch(p.name, pattern) for pattern in exclude)]
+    if folders and not images:
+        raise UserError(
+            f"{option} '{spec}' matches only folders (e.g. {sorted(folders)[0]}): a glob takes files; "
+            f"give the folder itself, or use ** to search inside them, e.g. '{Path(text).parent}/**/*.png'"
+        )
+    if warn:
+        warn_skipped(spec, skipped)
     return images
 
 

@@ -62,6 +62,13 @@ def detector_path(path: str | Path) -> Path:
     return path
 
 
+def detector_files(path: str | Path, weights: str | Path | None = None) -> list[Path]:
+    """The files a detector named by ``path`` is read from (``.safetensors``, ``.json``, the
+    ``weights`` given): inputs that no command may write over."""
+    source = detector_path(path)
+    return [source, source.with_suffix(".json"), *([Path(weights).expanduser()] if weights else [])]
+
+
 def tensors_sha256(tensors: dict[str, Tensor]) -> str:
     """SHA-256 of every tensor's name, dtype, shape and bytes, in name order."""
     digest = hashlib.sha256()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from anomaly.data.images import IMAGE_EXTENSIONS, load_rgb, scan_images, warn_skipped
+from anomaly.data.images import IMAGE_EXTENSIONS, load_rgb
 from anomaly.data.transforms import DEFAULT_RESIZE, RESIZE_RULES, Geometry, ImagePipeline
 from anomaly.errors import UserError
 
@@ -27,36 +25,6 @@ DEFAULT_MEMORY_BUDGET_GB = 16.0
 #: A level of D features holds about this many D x D float64 matrices while it is fitted
 #: (scatter, covariance, precision, and the factorisation's workspace).
 MATRICES_PER_LEVEL = 4
-
-
-def expand_input(spec: str | Path, exclude: Sequence[str] = ()) -> Iterator[Path]:
-    """The image files named by ``spec``, sorted: a folder (searched recursively), a glob, or one file.
-
-    A single file is yielded whatever its extension, so that an unreadable one is
-    reported rather than skipped. Files whose name matches a pattern of ``exclude``
-    (e.g. ``*.png`` for masks stored beside JPEG images) are left out.
-    """
-    for path in _expand(spec):
-        if not any(fnmatch.fnmatch(path.name, pattern) for pattern in exclude):
-            yield path
-
-
-def _expand(spec: str | Path) -> Iterator[Path]:
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        images, skipped = scan_images(path.rglob("*"))
-        warn_skipped(spec, skipped)
-        yield from images
-    elif path.is_file():
-        yield path
-    elif glob.has_magic(str(spec)):
-        images, skipped = scan_images(Path(p) for p in glob.iglob(str(path), recursive=True))
-        warn_skipped(spec, skipped)
-        yield from images
-    else:
-        raise UserError(
-            f"input not found: {spec} (give a folder, a glob such as 'dir/*.png', or an image file)"
-        )
 
 
 IMAGE_DTYPES = "uint8 (0..255)"

@@ -1,19 +1,26 @@
-"""Anomaly maps at an image's own size: the raw map (.npy) and a heat-map overlay (PNG)."""
+"""Anomaly maps at an image's own size: the raw map (.npy) and a heat-map overlay (PNG) of bounded size."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
+from matplotlib import colormaps
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 from torch.nn import functional as F
 
+from anomaly.atomic import write_bytes_atomic
 from anomaly.data.images import load_rgb
 from anomaly.data.transforms import Geometry
-from anomaly.evaluation.plots import new_figure
+
+OVERLAY_ALPHA = 0.45
 
 
 def map_at_size(coarse: Tensor, height: int, width: int, geometry: Geometry | None = None) -> np.ndarray:
@@ -34,33 +41,79 @@ def argmax_xy(image_map: np.ndarray) -> tuple[int, int]:
     return int(x), int(y)
 
 
-def map_file_stems(paths: Sequence[Path]) -> list[str]:
-    """A distinct file stem per input path: its path below the inputs' common folder, ``/`` as ``__``,
-    without its extension, unless another input shares the rest of the name (``a.jpg`` and
-    ``a.png`` keep theirs: ``a.jpg``, ``a.png``), so that no map overwrites another."""
-    resolved = [p.resolve() for p in paths]
-    root = Path(os.path.commonpath([p.parent for p in resolved])) if resolved else Path()
-    relative = [str(p.relative_to(root)).replace(os.sep, "__") for p in resolved]
-    short = [str(Path(name).with_suffix("")) for name in relative]
-    repeated = {stem for stem, count in Counter(short).items() if count > 1}
-    return [name if stem in repeated else stem for name, stem in zip(relative, short, strict=True)]
+#: Suffixes of the two files written per image: the map, and the overlay.
+MAP_SUFFIX, OVERLAY_SUFFIX = ".map.npy", ".overlay.png"
+#: The overlay's longest side in pixels (the aspect ratio is kept; the shorter side is at least 1).
+OVERLAY_SIDE = 1024
+#: Where a file name would pass the usual limit of 255 bytes, it is shortened and made unique by a hash.
+LONGEST_NAME = 255
+
+
+def encoded_name(relative: str) -> str:
+    """``relative`` (a path with ``/``) as one file name, one-to-one: ``%`` becomes ``%25``,
+    ``/`` becomes ``%2F`` (``a/x.png`` -> ``a%2Fx.png``, while ``a__x.png`` stays itself)."""
+    name = relative.replace("%", "%25").replace("/", "%2F")
+    longest = LONGEST_NAME - max(len(MAP_SUFFIX), len(OVERLAY_SUFFIX))
+    if len(os.fsencode(name)) <= longest:
+        return name
+    digest = hashlib.sha256(os.fsencode(relative)).hexdigest()[:16]
+    head = os.fsencode(name)[: longest - len(digest) - 1].decode(errors="ignore")
+    return f"{head}~{digest}"
+
+
+def map_file_names(paths: Sequence[Path]) -> list[str]:
+    """Each input's file name in a maps folder, without suffix: its whole path below the inputs'
+    common folder, extension included, as one name (:func:`encoded_name`). Distinct inputs get
+    distinct names by construction: ``a/x.png`` and ``a__x.png``, ``x.png``, ``x.jpg`` and
+    ``x.png.png`` each keep their own."""
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    root = Path(os.path.commonpath([p.parent for p in absolute])) if absolute else Path()
+    return [encoded_name(p.relative_to(root).as_posix()) for p in absolute]
+
+
+def overlay_size(height: int, width: int, longest: int = OVERLAY_SIDE) -> tuple[int, int]:
+    """(height, width) of an image's overlay: the longest side at most ``longest``, the aspect kept."""
+    scale = min(1.0, longest / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def overlay_png(rgb: np.ndarray, heat: np.ndarray, vmax: float, title: str) -> bytes:
+    """PNG bytes of ``heat`` (jet from 0 to ``vmax``, translucent; NaN: none) over ``rgb``, both of
+    the same size; ``title`` is stored as the PNG's title."""
+    scaled = np.clip(np.nan_to_num(heat, nan=0.0) / max(vmax, np.finfo(np.float32).tiny), 0.0, 1.0)
+    colours = colormaps["jet"](scaled)[..., :3] * 255.0
+    alpha = np.where(np.isnan(heat), 0.0, OVERLAY_ALPHA)[..., None]
+    blended = (1.0 - alpha) * rgb + alpha * colours
+    info = PngInfo()
+    info.add_text("Title", title)
+    info.add_text("Software", "anomaly predict")
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(blended).astype(np.uint8)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def write_map(
-    folder: Path, stem: str, image_path: Path, image_map: np.ndarray, title: str, vmax: float
+    map_path: Path,
+    overlay_path: Path,
+    image_path: Path,
+    image_map: np.ndarray,
+    overlay_map: np.ndarray,
+    title: str,
+    vmax: float,
 ) -> None:
-    """``<stem>.npy`` (float32, the image's size) and ``<stem>.png`` (the map over the image, jet,
-    from 0 to ``vmax``) in ``folder``."""
-    np.save(folder / f"{stem}.npy", image_map.astype(np.float32))
-    rgb = load_rgb(image_path)
-    height, width = rgb.shape[:2]
-    figure = new_figure(4.0, 4.0 * height / width)
-    axes = figure.add_axes((0, 0, 1, 0.92))
-    axes.imshow(rgb)
-    axes.imshow(image_map, cmap="jet", alpha=0.45, vmin=0.0, vmax=vmax)
-    axes.set_axis_off()
-    figure.suptitle(title, fontsize=8)
-    figure.savefig(folder / f"{stem}.png")
+    """``map_path`` (the map at the image's size, float32 ``.npy``) and ``overlay_path`` (a PNG of
+    ``overlay_map`` over the image, at the overlay map's size, at most :data:`OVERLAY_SIDE` pixels
+    long), each written whole."""
+    write_bytes_atomic(map_path, npy_bytes(image_map.astype(np.float32)))
+    height, width = overlay_map.shape
+    rgb = cv2.resize(load_rgb(image_path), (width, height), interpolation=cv2.INTER_AREA)
+    write_bytes_atomic(overlay_path, overlay_png(rgb.astype(np.float32), overlay_map, vmax, title))
 
 
-__all__ = ["argmax_xy", "map_at_size", "map_file_stems", "write_map"]
+__all__ = ["argmax_xy", "map_at_size", "map_file_names", "overlay_size", "write_map"]

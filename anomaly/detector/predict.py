@@ -10,7 +10,8 @@ when not a single file can be scored, nothing is written and it is an error.
 Detectors with a map-capable pooling (``cells``) add the location of each map's
 maximum (``map_max_x``, ``map_max_y``: pixel column and row in the original
 image) and, with a maps folder, write per image the raw map at the image's size
-(``.npy`` float32) and a heat-map overlay (``.png``). Images are prepared as the
+(``.map.npy`` float32) and a heat-map overlay (``.overlay.png``, at most
+1024 pixels long), named after the image's path and listed in the CSV. Images are prepared as the
 detector was fitted (resize rule, fit rule, tiles: its ``preprocessing``).
 """
 
@@ -31,8 +32,17 @@ from tqdm import tqdm
 from anomaly.columns import ScoreColumn
 from anomaly.detector.api import GaussianDetector
 from anomaly.detector.inputs import PredictionDataset
-from anomaly.detector.maps import argmax_xy, map_at_size, map_file_stems, write_map
+from anomaly.detector.maps import (
+    MAP_SUFFIX,
+    OVERLAY_SUFFIX,
+    argmax_xy,
+    map_at_size,
+    map_file_names,
+    overlay_size,
+    write_map,
+)
 from anomaly.errors import UserError
+from anomaly.outputs import OutputFolder
 
 
 @dataclass
@@ -42,13 +52,36 @@ class PredictionSummary:
     anomalous: int = 0
 
 
-def output_columns(detector: GaussianDetector) -> tuple[list[str], list[str]]:
+#: The columns naming an image's map and overlay files (with a maps folder).
+MAP_FILE_COLUMNS = ["map_file", "overlay_file"]
+
+
+def output_columns(detector: GaussianDetector, with_map_files: bool = False) -> tuple[list[str], list[str]]:
     """(CSV header, the score columns written after ``score``): the primary kind on every level."""
     kind = ScoreColumn.parse(detector.decision_score_).kind
     per_level = [ScoreColumn(kind, level) for level in detector.levels_]
     location = ["map_max_x", "map_max_y"] if detector.model_.makes_maps else []
-    header = ["path", "score", *(c.csv_name for c in per_level), *location, "decision", "error"]
+    files = MAP_FILE_COLUMNS if with_map_files else []
+    header = ["path", "score", *(c.csv_name for c in per_level), *location, *files, "decision", "error"]
     return header, [str(c) for c in per_level]
+
+
+def maps_folder(maps_dir: str | Path) -> OutputFolder:
+    """``maps_dir`` as the maps' :class:`~anomaly.outputs.OutputFolder`: new, empty, or an earlier run's."""
+    return OutputFolder(maps_dir, option="--maps", command="anomaly predict --maps")
+
+
+def claim_map_files(
+    maps_dir: str | Path, paths: list[Path], protected: Iterable[Path] = ()
+) -> list[tuple[Path, Path]]:
+    """(map, overlay) paths of every input in ``maps_dir``, claimed (:class:`~anomaly.outputs.OutputFolder`):
+    named after the input's path below the inputs' common folder, never over an input or ``protected``."""
+    folder = maps_folder(maps_dir)
+    names = map_file_names(paths)
+    claimed = folder.claim(
+        [name + suffix for name in names for suffix in (MAP_SUFFIX, OVERLAY_SUFFIX)], [*paths, *protected]
+    )
+    return list(zip(claimed[::2], claimed[1::2], strict=True))
 
 
 def predict_files(
@@ -58,14 +91,17 @@ def predict_files(
     batch_size: int = 32,
     num_workers: int = 0,
     progress: bool = True,
-    maps_dir: Path | None = None,
+    maps_dir: str | Path | None = None,
+    protected: Iterable[Path] = (),
 ) -> PredictionSummary:
     """Score every file in ``paths`` and write one CSV row per file to ``out``, in order.
 
     ``score`` is the detector's primary score (higher = more anomalous);
     ``decision`` is 1 (anomalous: score > threshold) or 0, and empty when the
     detector has no threshold. Nothing is written until the first image is
-    scored: when none can be, :class:`UserError` names the first reason.
+    scored: when none can be, :class:`UserError` names the first reason. With ``maps_dir``, each
+    image's map and overlay are written there (never over an input or a file of ``protected``,
+    such as the detector) and named in the ``map_file`` and ``overlay_file`` columns.
     """
     check_loader_options(batch_size, num_workers)
     model = detector.model_
@@ -81,14 +117,12 @@ def predict_files(
         raise UserError("no image files found in the input")
     dataset = PredictionDataset(paths, detector.image_size_, model.geometry)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    header, per_level = output_columns(detector)
+    header, per_level = output_columns(detector, with_map_files=maps_dir is not None)
     writer = csv.writer(out)
     pending: list[list] | None = [header]  # held back until an image is scored; None once written
     summary = PredictionSummary()
     threshold = detector.threshold_
-    stems = map_file_stems(paths) if maps_dir is not None else []
-    if maps_dir is not None:
-        maps_dir.mkdir(parents=True, exist_ok=True)
+    map_files = claim_map_files(maps_dir, paths, protected) if maps_dir is not None else []
     with tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr) as bar:
         for batch in loader:
             ok = [i for i, error in enumerate(batch["error"]) if not error]
@@ -105,13 +139,16 @@ def predict_files(
                     levels = [f"{float(columns[c][scored[i]]):.10g}" for c in per_level]
                     location = []
                     if maps is not None:
+                        coarse = maps[scored[i]].cpu()
                         size = int(batch["height"][i]), int(batch["width"][i])
-                        image_map = map_at_size(maps[scored[i]].cpu(), *size, model.geometry)
+                        image_map = map_at_size(coarse, *size, model.geometry)
                         location = list(argmax_xy(image_map))
-                        if maps_dir is not None:
+                        if map_files:
                             title = f"{paths[index].name}  score {value:.4g}"
                             vmax = threshold if threshold is not None else float(np.nanmax(image_map))
-                            write_map(maps_dir, stems[index], paths[index], image_map, title, vmax)
+                            overlay_map = map_at_size(coarse, *overlay_size(*size), model.geometry)
+                            write_map(*map_files[index], paths[index], image_map, overlay_map, title, vmax)
+                            location += [str(f) for f in map_files[index]]
                     decision = "" if threshold is None else int(value > threshold)
                     row += [f"{value:.10g}", *levels, *location, decision, ""]
                     summary.scored += 1

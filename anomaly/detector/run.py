@@ -27,7 +27,7 @@ def save_run_detector(
     return GaussianDetector.from_method(model, image_size, resize).save(Path(run_dir) / DETECTOR_FILE)
 
 
-def remove_stale_detector(run_dir: str | Path) -> None:
-    """Remove an earlier run's detector files, so that a failed run never leaves one behind."""
-    for name in (DETECTOR_FILE, METADATA_FILE):
-        (Path(run_dir) / name).unlink(missing_ok=True)
+def run_detector_paths(run_dir: str | Path) -> list[Path]:
+    """The detector files a run wrote into ``run_dir`` (those that exist)."""
+    paths = [Path(run_dir) / name for name in (DETECTOR_FILE, METADATA_FILE)]
+    return [path for path in paths if path.exists()]

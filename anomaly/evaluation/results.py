@@ -1,8 +1,8 @@
 """The files every run writes: ``results.json`` and ``scores.csv``.
 
-Both are written atomically (temporary file, then rename), and the CLI removes
-a stale ``results.json`` before a run starts, so a failed run never leaves a
-complete-looking result behind.
+Both are written atomically (temporary file, then rename); the CLI keeps an
+earlier run's files aside until a new run succeeds, so a failed run never leaves
+a complete-looking result of its own behind.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import math
-import shutil
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -65,13 +65,11 @@ def write_scores_csv(run_dir: Path, columns: Mapping[str, Sequence]) -> Path:
     return path
 
 
-def remove_stale_results(run_dir: Path) -> None:
-    """Before a run: drop an earlier run's results, scores, figures and TensorBoard events."""
-    for name in (RESULTS_FILE, SCORES_FILE, *RUN_FIGURES):
-        (Path(run_dir) / name).unlink(missing_ok=True)
-    shutil.rmtree(Path(run_dir) / OVERLAYS_DIR, ignore_errors=True)
-    for events in Path(run_dir).glob("events.out.tfevents.*"):
-        events.unlink(missing_ok=True)
+def run_result_paths(run_dir: Path) -> list[Path]:
+    """The results, scores, figures, overlays and TensorBoard events a run wrote into ``run_dir``."""
+    run_dir = Path(run_dir)
+    named = [run_dir / name for name in (RESULTS_FILE, SCORES_FILE, *RUN_FIGURES, OVERLAYS_DIR)]
+    return [path for path in named if os.path.lexists(path)] + sorted(run_dir.glob("events.out.tfevents.*"))
 
 
 def read_results(path: Path) -> dict:

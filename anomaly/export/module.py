@@ -76,10 +76,9 @@ def example_input(
 def prepare_export(
     detector: GaussianDetector, path: str | Path, input_dtype: str
 ) -> tuple[ExportedDetector, Path, Tensor]:
-    """The module to export in eval mode, the output path (its folder created) and an example input."""
+    """The module to export in eval mode, the output path and an example input."""
     module = ExportedDetector(detector).eval()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     return (
         module,
         path,

@@ -18,7 +18,7 @@ from anomaly.cli import main as fit_main
 from anomaly.columns import SUM, ScoreColumn
 from anomaly.detector import GaussianDetector, read_detector
 from anomaly.detector.file import tensors_sha256
-from anomaly.detector.maps import map_file_stems
+from anomaly.detector.maps import map_file_names
 from anomaly.errors import UserError
 from anomaly.methods.spatial import SpatialGaussianAD
 from anomaly.pooling import Cells, Grid, build_pooling
@@ -107,7 +107,7 @@ def test_cells_run_detector_reproduces_the_run_and_predict_writes_maps(tiny_mvte
         assert new["decision"] == row["decision"]
     # one overlay and one raw map per image, at the image's own size, with the maximum where the CSV says
     assert len(list(maps.glob("*.png"))) == len(list(maps.glob("*.npy"))) == len(rows)
-    first = np.load(maps / f"{Path(predicted[0]['path']).stem}.npy")
+    first = np.load(predicted[0]["map_file"])
     from anomaly.data.images import load_rgb
 
     assert first.dtype == np.float32 and first.shape == load_rgb(predicted[0]["path"]).shape[:2]
@@ -248,4 +248,4 @@ def test_map_files_of_inputs_that_differ_only_in_extension_do_not_overwrite_each
         tmp_path / "b" / "x.jpg",
         tmp_path / "a" / "y.jpg",
     ]
-    assert map_file_stems(paths) == ["a__x.jpg", "a__x.png", "b__x", "a__y"]
+    assert map_file_names(paths) == ["a%2Fx.jpg", "a%2Fx.png", "b%2Fx.jpg", "a%2Fy.jpg"]
