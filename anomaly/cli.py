@@ -290,7 +290,7 @@ def fit_and_test(args: list[str] | None = None) -> dict:
             if data.test_samples:
                 trainer.test(model, datamodule=data, verbose=False)
             if trainer.is_global_zero:
-                detector = save_run_detector(model, data.image_size, run_dir, data.geometry)
+                detector = save_run_detector(model, data.image_size, run_dir, data.geometry, data)
         except BaseException:
             if trainer.is_global_zero:
                 remove_failed_run(run_dir, root)

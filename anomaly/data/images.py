@@ -18,6 +18,7 @@ Limits and rules, the same for every decoder:
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import struct
 import warnings
@@ -33,6 +34,15 @@ from anomaly.errors import UserError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_PIXELS_VARIABLE = "ANOMALY_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_PIXELS = 100_000_000
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (an image's identity; a weights file's checksum)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def max_image_pixels() -> int:

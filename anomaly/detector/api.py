@@ -32,7 +32,14 @@ from anomaly.columns import ScoreColumn
 from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE, TileGrid, fit_rule, resize_rule
 from anomaly.detector.inputs import feature_list, image_batch, image_items
 from anomaly.detector.io import load_model, model_metadata, save_model
-from anomaly.detector.learning import CANNOT_LEARN, fresh_indices, item_digest, merged_model, row_digests
+from anomaly.detector.learning import (
+    CANNOT_LEARN,
+    augmented_batches,
+    fresh_indices,
+    item_digest,
+    merged_model,
+    row_digests,
+)
 from anomaly.detector.model import GaussianDetectorModel
 from anomaly.errors import UserError
 from anomaly.methods.features import resolve_levels
@@ -302,6 +309,9 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         """Stream ``X``'s rows into ``model`` (on the CPU); with ``keep``, return them per level."""
         if model.extractor is None:
             batches = self._row_batches(X)  # checked by the caller
+        elif model.augmentation is not None:
+            images = augmented_batches(model, image_items(X), digests, self.batch_size)
+            batches = (model.features(batch.to(self.device_)) for batch in images)
         else:
             batches = self._feature_batches(X, model.features, model.geometry)
         kept: list[list[Tensor]] = [[] for _ in model.levels]
@@ -530,18 +540,18 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         )
 
 
-def merge(detectors: Sequence[GaussianDetector]) -> GaussianDetector:
+def merge(detectors: Sequence[GaussianDetector], names: Sequence[str] | None = None) -> GaussianDetector:
     """The detector of the union of the images ``detectors`` were fitted on (disjoint sets, same recipe).
 
     Equal to ``fit`` on the union (moments exactly, scores to rounding). The result keeps the first
     detector's threshold (eq. (8)'s when that applies): recalibrate it with
     :meth:`GaussianDetector.calibrate`.
-    :class:`UserError` names the first field in which two detectors differ.
+    :class:`UserError` names the first field in which two detectors differ (and ``names`` the detectors).
     """
     detectors = list(detectors)
     models = [d._fitted_model() for d in detectors]
     first = detectors[0]
-    model = merged_model(models)
+    model = merged_model(models, names)
     merged = GaussianDetector.from_model(
         model,
         weights=first.weights,

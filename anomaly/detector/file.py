@@ -335,6 +335,8 @@ def _check_v3(path: Path, meta: dict) -> None:
     if (
         not isinstance(learning, dict)
         or not all(is_int(learning.get(k)) and learning[k] >= 0 for k in ("images", "samples"))
+        or not (is_int(learning.get("epochs", 1)) and learning.get("epochs", 1) >= 1)
+        or not isinstance(learning.get("augmentation") or {}, dict)
         or not isinstance(learning.get("digests"), list)
         or not all(isinstance(d, str) and len(d) == 64 for d in learning["digests"])
     ):

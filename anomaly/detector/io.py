@@ -59,7 +59,13 @@ def learning_metadata(model: GaussianDetectorModel) -> dict | None:
     """What the model absorbed (``None``: it cannot learn more)."""
     if not model.learns:
         return None
-    return {"images": len(model.absorbed), "samples": model.samples, "digests": list(model.absorbed)}
+    return {
+        "images": len(model.absorbed),
+        "samples": model.samples,
+        "epochs": model.epochs,
+        "augmentation": model.augmentation,
+        "digests": list(model.absorbed),
+    }
 
 
 def model_metadata(
@@ -171,6 +177,8 @@ def restore_learning(model: GaussianDetectorModel, tensors: dict[str, Tensor], m
     if reduction_name(meta) != "none":
         model.rows = [[tensors[f"{ROWS_PREFIX}{level}"]] for level in model.levels]
     model.absorbed = list(meta["learning"]["digests"])
+    model.epochs = meta["learning"].get("epochs", 1)
+    model.augmentation = meta["learning"].get("augmentation")
 
 
 __all__ = ["load_model", "model_metadata", "model_tensors", "save_model"]

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from anomaly.data.augment import AugmentOptions, augmentation_seed, build_augmentation
+from anomaly.data.images import load_rgb, sha256_file
+from anomaly.data.transforms import ImagePipeline
 from anomaly.detector.file import tensors_sha256
+from anomaly.detector.inputs import rgb_array
 from anomaly.detector.model import GaussianDetectorModel
-from anomaly.detector.weights import sha256_file
 from anomaly.errors import UserError
 
 
@@ -57,6 +60,28 @@ def fresh_indices(digests: Sequence[str], absorbed: Sequence[str]) -> tuple[list
     return fresh, repeated
 
 
+def augmented_batches(
+    model: GaussianDetectorModel, items: Sequence, digests: Sequence[str], batch_size: int
+) -> Iterator[Tensor]:
+    """Image batches of ``items`` as a training run with ``model.augmentation`` saw them, epoch by
+    epoch: each image's draws depend only on (seed, its digest, epoch), as in
+    :class:`~anomaly.data.datasets.ImageDataset`."""
+    settings = model.augmentation
+    augmentation = build_augmentation(
+        settings["category"], noise=settings["noise"], options=AugmentOptions(**settings["options"])
+    )
+    pipeline = ImagePipeline(model.image_size, augmentation, model.geometry)
+    for epoch in range(model.epochs):
+        for start in range(0, len(items), batch_size):
+            batch = []
+            for item, digest in zip(
+                items[start : start + batch_size], digests[start : start + batch_size], strict=True
+            ):
+                augmentation.set_random_seed(augmentation_seed(settings["seed"], epoch, digest))
+                batch.append(pipeline(load_rgb(item) if isinstance(item, (str, Path)) else rgb_array(item)))
+            yield torch.stack(batch)
+
+
 def recipe(model: GaussianDetectorModel) -> dict:
     """Everything that must be equal for two detectors' moments to describe one population, in order."""
     extractor = model.extractor
@@ -72,6 +97,8 @@ def recipe(model: GaussianDetectorModel) -> dict:
         "tiles": str(model.tiles),
         "precision": model.precision,
         "reduction": [model.reduction, model.variance_threshold],
+        "epochs": model.epochs,
+        "augmentation": model.augmentation,
         "level_weighting": model.level_weighting,
         "decision_score": str(model.decision_score),
     }

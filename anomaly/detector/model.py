@@ -107,6 +107,8 @@ class GaussianDetectorModel(nn.Module):
         self.reduction, self.variance_threshold = "none", None
         self.rows: list[list[Tensor]] = []  # per level, the absorbed rows (with a reduction only)
         self.absorbed: list[str] = []  # the SHA-256 of every absorbed image
+        self.epochs = 1  # passes over every image (each with its own augmentation draws)
+        self.augmentation: dict | None = None  # how the passes were augmented (a training run's data)
         self.pooling = pooling or Global()
         column = (
             decision_score if isinstance(decision_score, ScoreColumn) else ScoreColumn.parse(decision_score)
