@@ -94,6 +94,15 @@ def single_path_as_list(X):
     return [X] if isinstance(X, (str, Path)) else X
 
 
+def pool_batch(pool, images: Tensor) -> list[Tensor]:
+    """``pool(images)``, with a batch of one image run as two: the backbone's float32 kernels for a
+    single image differ from those for larger batches in the last bits (oneDNN on CPU), and an
+    image's features must not depend on how many images share its batch (exact updates)."""
+    if images.shape[0] != 1:
+        return pool(images)
+    return [rows[: rows.shape[0] // 2] for rows in pool(images.expand(2, *images.shape[1:]))]
+
+
 class GaussianDetector(OutlierMixin, BaseEstimator):
     """Multivariate Gaussian anomaly detector (Rippel et al., ICPR 2020), a scikit-learn estimator.
 
@@ -311,7 +320,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             batches = self._row_batches(X)  # checked by the caller
         elif model.augmentation is not None:
             images = augmented_batches(model, image_items(X), digests, self.batch_size)
-            batches = (model.features(batch.to(self.device_)) for batch in images)
+            batches = (pool_batch(model.features, batch.to(self.device_)) for batch in images)
         else:
             batches = self._feature_batches(X, model.features, model.geometry)
         kept: list[list[Tensor]] = [[] for _ in model.levels]
@@ -369,7 +378,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         for start in range(0, len(X), self.batch_size):
             batch = X[start : start + self.batch_size]
             images = image_batch(batch, self.image_size_, geometry or self.resize_)
-            yield pool(images.to(self.device_))
+            yield pool_batch(pool, images.to(self.device_))
 
     # ------------------------------------------------------------------ score
     def score_columns(self, X) -> dict[str, np.ndarray]:
