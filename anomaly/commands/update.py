@@ -196,6 +196,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--input {args.input}: no images found")
         digests = [sha256_file(p) for p in paths]
         fresh, repeated = fresh_indices(digests, model.absorbed)
+        if not fresh:
+            raise UserError(
+                f"no new image to absorb: all {len(paths)} were absorbed before (nothing written)"
+            )
         if repeated:
             note(
                 f"{len(repeated)} image(s) absorbed before (or repeated) skipped: "
