@@ -307,3 +307,70 @@ def test_an_edited_json_copy_is_refused_when_named(saved: Path, tmp_path: Path):
     ):
         GaussianDetector.load(copy)
     assert GaussianDetector.load(folder).threshold_ != 123.0  # the .safetensors alone is complete
+
+
+# ------------------------------------------------------------------ training runs, augmented epochs
+def fitted_run(root: Path, images: list[Path], out: Path, **model_options) -> Path:
+    """A training run (2 augmented epochs, no held-out fold) on ``images``; its detector file."""
+    import pytorch_lightning as pl
+
+    from anomaly.data import MVTecDataModule
+    from anomaly.detector.run import save_run_detector
+    from anomaly.methods.gaussian import GaussianAD
+    from anomaly.methods.run import fit
+
+    folder = root / "widget" / "train" / "good"
+    folder.mkdir(parents=True)
+    for path in images:
+        (folder / path.name).write_bytes(path.read_bytes())
+    data = MVTecDataModule(str(root), "widget", fold=None, batch_size=4, num_workers=0, image_size=SIZE,
+                           augment=True, seed=3)  # fmt: skip
+    model = GaussianAD("efficientnet-lite0", levels=list(LEVELS), **model_options)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                         use_distributed_sampler=False)  # fmt: skip
+    with pytest.warns(UserWarning):  # widget has no augmentation switches of its own; no held-out images
+        fit(trainer, model, data)
+    return save_run_detector(model, SIZE, out, data.geometry, data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reduction", ["none", "npca"])
+def test_an_augmented_run_updated_equals_the_run_of_the_union(reduction: str, images, tmp_path: Path):
+    """Every augmentation draw depends on (seed, the image's SHA-256, epoch) only: an update replays
+    the run's augmented epochs for the new images exactly as one run of all the images drew them."""
+    a, b = images["a"][:6], images["b"][:4]
+    run_a = fitted_run(tmp_path / "a", a, tmp_path / "run_a", reduction=reduction)
+    run_all = fitted_run(tmp_path / "all", a + b, tmp_path / "run_all", reduction=reduction)
+    meta = json.loads(run_a.with_suffix(".json").read_text())["learning"]
+    assert (meta["images"], meta["samples"], meta["epochs"]) == (6, 12, 2) and meta["augmentation"][
+        "seed"
+    ] == 3
+    updated = GaussianDetector.load(run_a)
+    updated.batch_size = 4
+    assert_same_detector(updated.partial_fit(b), GaussianDetector.load(run_all), images["test"])
+
+
+# ------------------------------------------------------------------------------ real features
+@pytest.mark.real_data
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["global", "global npca", "cells"])
+def test_bottle_halves_update_and_merge_to_the_fit_of_all(case: str):
+    from anomaly.data.images import list_images
+    from anomaly.pooling import build_pooling
+    from tests.conftest import BOTTLE, require
+
+    train = list_images(require(BOTTLE) / "train" / "good")[:60]
+    test = list_images(BOTTLE / "test" / "good")[:4] + list_images(BOTTLE / "test" / "broken_large")[:4]
+    options = dict(CASES[case])
+    if "pooling" in options:
+        options["pooling"] = build_pooling(options["pooling"], grid_size=2)
+
+    def bottle_detector() -> GaussianDetector:
+        return GaussianDetector(levels=(3, 5), image_size=128, batch_size=10, **options)
+
+    half = len(train) // 2
+    union = bottle_detector().fit(train)
+    first, second = bottle_detector().fit(train[:half]), bottle_detector().fit(train[half:])
+    assert_same_detector(merge([first, second]), union, test)
+    assert_same_detector(first.partial_fit(train[half:]), union, test)
