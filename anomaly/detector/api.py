@@ -223,6 +223,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             self.levels_ = resolve_levels(self.levels, extractor.num_levels, self.backbone)
             self.image_size_ = self.image_size or extractor.image_size
             channels = [extractor.level_dims[level - 1] for level in self.levels_]
+            X = image_items(X)  # a generator is read once
         else:
             if self.tiles_.count > 1:
                 raise UserError(
@@ -281,6 +282,8 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         if model.extractor is None:
             X = self._as_feature_list(single_path_as_list(X))
             model.check_features(X)
+        else:
+            X = image_items(X)  # a generator is read once
         digests = self._digests(X)
         fresh, repeated = fresh_indices(digests, model.absorbed)
         if repeated:

@@ -144,6 +144,11 @@ def read_detector(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         raise UserError(f"{path} is not a readable detector file: {reason}") from exc
     if metadata["version"] >= 2 and tensors_sha256(tensors) != metadata["tensors_sha256"]:
         raise UserError(f"{path}: the tensors do not match the checksum in the metadata: the file is damaged")
+    if metadata["version"] >= 3 and metadata.get("sha256") != metadata_sha256(metadata):
+        raise UserError(
+            f"{path}: the metadata does not match its checksum: the file was edited or damaged "
+            "(to change the threshold use anomaly update --threshold or --calibrate)"
+        )
     if named.suffix == ".json" and not named.is_dir():
         check_json_copy(named, path, metadata)
     if metadata["version"] == 1:  # level tensors were numbered by position in `levels`
@@ -215,17 +220,9 @@ def _bad(path: Path, field: str, problem: str) -> UserError:
 
 
 def check_metadata(path: Path, meta: dict) -> None:
-    """:class:`UserError` naming ``path`` and the field for the first missing or invalid metadata field;
-    then, from format 3, unless the metadata matches its checksum."""
-    _check_fields(path, meta)
-    if meta["version"] >= 3 and meta.get("sha256") != metadata_sha256(meta):
-        raise UserError(
-            f"{path}: the metadata does not match its checksum: the file was edited or damaged "
-            "(to change the threshold use anomaly update --threshold or --calibrate)"
-        )
+    """:class:`UserError` naming ``path`` and the field for the first missing or invalid metadata field
+    (the checksum of a valid one is compared by :func:`read_detector`, after the tensors')."""
 
-
-def _check_fields(path: Path, meta: dict) -> None:
     def bad(field: str, problem: str) -> UserError:
         return _bad(path, field, problem)
 
