@@ -288,7 +288,7 @@ def fit_and_test(args: list[str] | None = None) -> dict:
         if data.test_samples:
             trainer.test(model, datamodule=data, verbose=False)
         if first:
-            detector = save_run_detector(model, data.image_size, run_dir, data.geometry)
+            detector = save_run_detector(model, data.image_size, run_dir, data.geometry, data)
     if not data.test_samples:
         return normal_only_summary(model, data, run_dir, detector)
     results = dict(cli.report.results or {})

@@ -2,6 +2,8 @@
 
     anomaly fit [--config NAME|FILE] [--data.root DIR] ...   fit a detector and test it
     anomaly predict --detector FILE --input DIR|GLOB|IMAGE    score new images
+    anomaly update --detector FILE --input DIR --out NEW      teach a detector new good images
+    anomaly merge --detectors FILE FILE ... --out NEW         one detector of disjoint fits
     anomaly export --detector FILE --out FILE                 ONNX or TorchScript
     anomaly evaluate RUNS_DIR                                 tables of mean ± SEM over runs
     anomaly reproduce TABLE --data.root DIR                   a table of the paper, resumably
@@ -44,6 +46,8 @@ class Subcommand:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "fit": Subcommand("anomaly.cli", "fit a detector on one category and fold, then test it", "_"),
     "predict": Subcommand("anomaly.commands.predict", "score new images with a saved detector"),
+    "update": Subcommand("anomaly.commands.update", "teach a saved detector new good images (a new file)"),
+    "merge": Subcommand("anomaly.commands.merge", "combine detectors fitted on disjoint images"),
     "export": Subcommand("anomaly.export.__main__", "export a saved detector to ONNX or TorchScript"),
     "evaluate": Subcommand("anomaly.evaluation.evaluate", "tables of mean ± SEM from finished runs"),
     "reproduce": Subcommand("anomaly.experiments.cli", "run the grid of one of the paper's tables"),

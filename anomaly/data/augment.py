@@ -15,13 +15,14 @@ ShiftScaleRotate               Affine(translate, scale, rotate; reflect-101 bord
 Each MVTec AD category's switches live in :data:`CATEGORY_SWITCHES`; any of them
 (flips, 90° turns, the largest rotation, noise, edge handling) can be set for a run
 with :class:`AugmentOptions` (``--data.augment_options.rotate90 false``), so a new
-category needs no source edit. Augmentation is seeded per image and epoch (see
+category needs no source edit. Augmentation is seeded per image (its file's SHA-256) and epoch (see
 :func:`augmentation_seed`), so the same seed gives the same statistics whatever
-the number of loader workers or processes.
+the number of loader workers or processes, and whatever other images are fitted with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 
@@ -166,6 +167,12 @@ def build_augmentation(
     return A.Compose(transforms, p=0.5, seed=seed)
 
 
-def augmentation_seed(seed: int, epoch: int, index: int) -> int:
-    """A distinct, reproducible seed for one image in one epoch."""
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+def augmentation_seed(seed: int, epoch: int, identity: str) -> int:
+    """A distinct, reproducible seed for one image in one epoch.
+
+    ``identity`` is the image's own (the SHA-256 of its file), not its place in a list, so an
+    image gets the same draws whatever other images it is fitted with: fitting more images
+    later (``anomaly update``, ``anomaly merge``) augments them exactly as one fit of all would.
+    """
+    digest = hashlib.sha256(f"{seed}|{epoch}|{identity}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from anomaly.data.augment import augmentation_seed
 from anomaly.data.image_cache import ResizedImageCache
-from anomaly.data.images import load_mask, load_rgb
+from anomaly.data.images import load_mask, load_rgb, sha256_file
 from anomaly.data.transforms import ImagePipeline
 
 
@@ -29,7 +29,7 @@ class ImageDataset(Dataset):
 
     The key may encode an epoch as ``epoch * len(self) + index`` (see
     :class:`~anomaly.data.samplers.EpochShardSampler`); with augmentation, the
-    image is augmented with a seed derived from (seed, epoch, index).
+    image is augmented with a seed derived from (seed, epoch, the SHA-256 of the image's file).
     With ``with_masks`` every item carries a (1, S, S) uint8 mask (on the pipeline's canvas), all zeros
     where no ground truth exists, and ``"has_mask"``. With ``image_cache`` (at
     the pipeline's size) images are decoded and resized once, then read back.
@@ -50,6 +50,13 @@ class ImageDataset(Dataset):
         self.with_masks = with_masks
         self.seed = seed
         self.image_cache = image_cache
+        self._identities: dict[int, str] = {}
+
+    def identity(self, index: int) -> str:
+        """The SHA-256 of sample ``index``'s file (read once)."""
+        if index not in self._identities:
+            self._identities[index] = sha256_file(self.samples[index].path)
+        return self._identities[index]
 
     def read(self, path: str) -> np.ndarray:
         """The RGB image at ``path`` (already resized when it comes from the image cache)."""
@@ -62,7 +69,7 @@ class ImageDataset(Dataset):
         epoch, index = divmod(key, len(self.samples))
         sample = self.samples[index]
         if self.pipeline.augment is not None:
-            self.pipeline.augment.set_random_seed(augmentation_seed(self.seed, epoch, index))
+            self.pipeline.augment.set_random_seed(augmentation_seed(self.seed, epoch, self.identity(index)))
         item = {
             "image": self.pipeline(self.read(sample.path)),
             "label": sample.label,

@@ -28,6 +28,7 @@ import contextlib
 import errno
 import fnmatch
 import glob
+import hashlib
 import os
 import struct
 import warnings
@@ -52,6 +53,15 @@ DECODING = (
     "8-bit RGB; EXIF orientation applied; integer greyscale scaled by its type's range, float by 255 "
     "or 65535; any alpha (RGBA, LA, palette) composited on black"
 )
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (an image's identity; a weights file's checksum)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def max_image_pixels() -> int:

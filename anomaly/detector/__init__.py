@@ -1,6 +1,6 @@
 """A fitted detector you can keep: one scoring module, its safetensors + JSON file, an sklearn-like API."""
 
-from anomaly.detector.api import GaussianDetector
+from anomaly.detector.api import GaussianDetector, merge
 from anomaly.detector.file import DETECTOR_FILE, METADATA_FILE, read_detector, write_detector
 from anomaly.detector.io import load_model, save_model
 from anomaly.detector.model import DetectorModel, GaussianDetectorModel
@@ -13,6 +13,7 @@ __all__ = [
     "GaussianDetector",
     "GaussianDetectorModel",
     "load_model",
+    "merge",
     "read_detector",
     "save_model",
     "save_run_detector",

@@ -10,11 +10,15 @@ With ``backbone=None`` it models feature vectors directly: ``fit(X)`` with ``X``
 of shape (n, D), or a list of such arrays (one per level, scores summed).
 
 >>> GaussianDetector(pooling=Cells(grid_size=8)).fit(normal_images).anomaly_maps(new_images)
+
+It keeps learning exactly: ``partial_fit(more_images)`` (scikit-learn's incremental
+convention) and :func:`merge` of detectors fitted on disjoint images give the detector
+of all the images, as ``fit`` on their union would.
 """
 
 from __future__ import annotations
 
-import itertools
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -35,6 +39,14 @@ from anomaly.data.transforms import (
 )
 from anomaly.detector.inputs import feature_list, image_batch, image_items
 from anomaly.detector.io import load_model, model_metadata, save_model
+from anomaly.detector.learning import (
+    CANNOT_LEARN,
+    augmented_batches,
+    fresh_indices,
+    item_digest,
+    merged_model,
+    row_digests,
+)
 from anomaly.detector.model import GaussianDetectorModel
 from anomaly.errors import UserError
 from anomaly.methods.features import resolve_levels
@@ -126,6 +138,15 @@ def single_path_as_list(X):
     return [X] if isinstance(X, (str, Path)) else X
 
 
+def pool_batch(pool, images: Tensor) -> list[Tensor]:
+    """``pool(images)``, with a batch of one image run as two: the backbone's float32 kernels for a
+    single image differ from those for larger batches in the last bits (oneDNN on CPU), and an
+    image's features must not depend on how many images share its batch (exact updates)."""
+    if images.shape[0] != 1:
+        return pool(images)
+    return [rows[: rows.shape[0] // 2] for rows in pool(images.expand(2, *images.shape[1:]))]
+
+
 class GaussianDetector(OutlierMixin, BaseEstimator):
     """Multivariate Gaussian anomaly detector (Rippel et al., ICPR 2020), a scikit-learn estimator.
 
@@ -162,6 +183,9 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         batch_size: images per backbone pass.
         device: where the backbone and the scoring run.
         memory_budget_gb: the most float64 statistics the fit may hold (fine grids need much).
+        reduction: ``none``, ``pca`` or ``npca`` (Table III): each level's Gaussian is fitted in
+            the projected space; the detector then keeps its absorbed rows to stay updatable.
+        variance_threshold: the reduction's cumulative explained-variance threshold (default 0.99).
 
     Attributes (after ``fit`` or ``load``):
         threshold_: decision threshold on :meth:`decision_function` (``None`` if unset).
@@ -187,6 +211,8 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         batch_size: int = 32,
         device: str | torch.device = "cpu",
         memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
+        reduction: str = "none",
+        variance_threshold: float | None = None,
     ) -> None:
         self.backbone = backbone
         self.levels = levels
@@ -201,6 +227,8 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.device = device
         self.memory_budget_gb = memory_budget_gb
+        self.reduction = reduction
+        self.variance_threshold = variance_threshold
 
     def _validate_params(self) -> None:
         """Check the parameters; set ``decision_score_``, ``resize_``, ``pooling_``, ``fpr_`` and
@@ -241,6 +269,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             self.levels_ = resolve_levels(self.levels, extractor.num_levels, self.backbone)
             self.image_size_ = check_image_size_param(self.image_size) or extractor.image_size
             channels = [extractor.level_dims[level - 1] for level in self.levels_]
+            X = image_items(X)  # a generator is read once
         else:
             if self.tiles_.count > 1:
                 raise UserError(
@@ -253,13 +282,9 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
                     "are already pooled vectors: use pooling='global', or pass images with a backbone"
                 )
             self.image_size_ = None
-            batches = self._feature_batches(X, None)
-            first = next(batches, None)
-            if first is None:
-                raise UserError("fit needs at least 2 normal samples")
-            self.levels_ = list(range(1, len(first) + 1))
-            channels = [f.shape[1] for f in first]
-            batches = itertools.chain([first], batches)
+            X = self._as_feature_list(single_path_as_list(X))
+            self.levels_ = list(range(1, len(X) + 1))
+            channels = [f.shape[1] for f in X]
         pooling.check_budget(channels, self.memory_budget_gb)
         self._check_score_column()
         model = GaussianDetectorModel.for_fitting(
@@ -273,26 +298,89 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             fit=self.fit_rule_,
             tiles=self.tiles_,
         )
-        if extractor is not None:
-            batches = self._feature_batches(X, model.features, model.geometry)
+        model.set_reduction(self.reduction, self.variance_threshold)
         # The training rows are kept only for an empirical threshold (their scores' quantile).
         keep = self.fpr is not None and self._chi2_level(pooling) is None
-        kept: list[list[Tensor]] = [[] for _ in self.levels_]
+        kept = self._absorb(model, X, self._digests(X), keep)
+        if model.samples < 2:
+            raise UserError("fit needs at least 2 normal samples")
+        model.refit()
+        self.model_ = model.to(self.device_)
+        self.threshold_ = self._working_point(kept)
+        self.source_ = {"fitted_with": "GaussianDetector.fit", "n_fit": model.samples}
+        return self
+
+    def partial_fit(self, X, y=None) -> GaussianDetector:
+        """Absorb more normal data ``X`` and refit: the result equals ``fit`` on all the data so far.
+
+        As scikit-learn's ``IncrementalPCA.partial_fit``: the first call on an unfitted detector
+        fits it. Later calls merge ``X``'s streamed moments into the detector's and refit the
+        Gaussians (and any PCA/NPCA projection). Images (or feature rows) absorbed before are
+        skipped with a warning, never counted twice. ``threshold_`` follows eq. (8) where it
+        applies; otherwise it is kept (the in-sample quantile needs the old rows): set it from
+        held-out normal images with :meth:`calibrate`.
+        """
+        model = getattr(self, "model_", None)
+        if model is None:
+            return self.fit(X, y)
+        if not model.learns:
+            raise UserError(f"this detector cannot be updated: {CANNOT_LEARN}")
+        if model.extractor is None:
+            X = self._as_feature_list(single_path_as_list(X))
+            model.check_features(X)
+        else:
+            X = image_items(X)  # a generator is read once
+        digests = self._digests(X)
+        fresh, repeated = fresh_indices(digests, model.absorbed)
+        if repeated:
+            warnings.warn(
+                f"{len(repeated)} of {len(digests)} sample(s) were absorbed before (or are repeated): "
+                "skipped, never counted twice",
+                stacklevel=2,
+            )
+        if not fresh:
+            return self
+        model.moments.cpu()  # the float64 statistics are accumulated on the CPU
+        self._absorb(model, self._subset(X, fresh), [digests[i] for i in fresh], keep=False)
+        model.refit()
+        self.model_ = model.to(self.device_)
+        index = self._chi2_level(model.pooling)
+        if index is not None and self.threshold_ is not None:
+            self.threshold_ = chi2_threshold(model.scorers[index].dim, self.fpr_)
+        self.source_ = {**self.source_, "n_fit": model.samples}
+        return self
+
+    def _digests(self, X) -> list[str]:
+        """The identity of every image (or feature row) of ``X`` (see anomaly.detector.learning)."""
+        if self.backbone is None:
+            return row_digests(X)
+        items = image_items(X)
+        return [item_digest(items[i]) for i in range(len(items))]
+
+    def _subset(self, X, indices: list[int]):
+        if self.backbone is None:
+            return [f[indices] for f in X]
+        items = image_items(X)
+        return items[indices] if isinstance(items, Tensor) else [items[i] for i in indices]
+
+    def _absorb(self, model: GaussianDetectorModel, X, digests: list[str], keep: bool) -> list[list[Tensor]]:
+        """Stream ``X``'s rows into ``model`` (on the CPU); with ``keep``, return them per level."""
+        if model.extractor is None:
+            batches = self._row_batches(X)  # checked by the caller
+        elif model.augmentation is not None:
+            images = augmented_batches(model, image_items(X), digests, self.batch_size)
+            batches = (pool_batch(model.features, batch.to(self.device_)) for batch in images)
+        else:
+            batches = self._feature_batches(X, model.features, model.geometry)
+        kept: list[list[Tensor]] = [[] for _ in model.levels]
         for features in batches:
-            features = [f.cpu() for f in features]  # the float64 statistics are accumulated on the CPU
+            features = [f.cpu() for f in features]
             model.update(features)
             if keep:
                 for store, feats in zip(kept, features, strict=True):
                     store.append(feats)
-        fitted_on = model.moments[0].n
-        if fitted_on < 2:
-            raise UserError("fit needs at least 2 normal samples")
-        model.finalise()
-        model.moments = torch.nn.ModuleList()  # the accumulators are not part of the fitted detector
-        self.model_ = model.to(self.device_)
-        self.threshold_ = self._working_point(kept)
-        self.source_ = {"fitted_with": "GaussianDetector.fit", "n_fit": fitted_on}
-        return self
+        model.absorbed = [*model.absorbed, *digests]
+        return kept
 
     def _chi2_level(self, pooling: Pooling) -> int | None:
         """Index of the level whose Mahalanobis distance has eq. (8)'s χ² threshold, if the score is one."""
@@ -325,19 +413,21 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
     def _as_feature_list(X) -> list[Tensor]:
         return feature_list(X)  # checked: see anomaly.detector.inputs
 
+    def _row_batches(self, features: list[Tensor]) -> Iterator[list[Tensor]]:
+        for start in range(0, features[0].shape[0], self.batch_size):
+            yield [f[start : start + self.batch_size] for f in features]
+
     def _feature_batches(self, X, pool, geometry=None) -> Iterator[list[Tensor]]:
         """Per-level feature batches of ``X``: sliced features, or ``pool(images)`` of image batches
         (prepared by ``geometry``, a fitted model's resize/fit/tiles; default: the ``resize`` rule)."""
         if pool is None:
-            features = self._as_feature_list(single_path_as_list(X))  # a path: "fitted on features"
-            for start in range(0, features[0].shape[0], self.batch_size):
-                yield [f[start : start + self.batch_size] for f in features]
+            yield from self._row_batches(self._as_feature_list(single_path_as_list(X)))  # a path: refused
             return
         X = image_items(X)
         for start in range(0, len(X), self.batch_size):
             batch = X[start : start + self.batch_size]
             images = image_batch(batch, self.image_size_, geometry or self.resize_)
-            yield pool(images.to(self.device_))
+            yield pool_batch(pool, images.to(self.device_))
 
     # ------------------------------------------------------------------ score
     def score_columns(self, X) -> dict[str, np.ndarray]:
@@ -429,12 +519,13 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             "source": self.source_,
         }
 
-    def save(self, path: str | Path, embed_weights: bool = False) -> Path:
+    def save(self, path: str | Path, embed_weights: bool = False, moments: bool = True) -> Path:
         """Write the detector file (see :mod:`anomaly.detector.file`); the backbone's weights are
-        referenced, not stored, unless ``embed_weights`` (or the backbone was randomly initialised)."""
+        referenced, not stored, unless ``embed_weights`` (or the backbone was randomly initialised).
+        ``moments=False`` leaves out the streamed moments: a smaller file that cannot be updated."""
         self._fitted_model().set_threshold(check_threshold(self.threshold_))
         extra = {"thresholds": self.thresholds_, "fpr": self.fpr_, "source": self.source_}
-        return save_model(self.model_, path, extra, self.weights, embed_weights)
+        return save_model(self.model_, path, extra, self.weights, embed_weights, moments)
 
     @classmethod
     def load(
@@ -476,6 +567,8 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             score=str(model.decision_score),
             fpr=fpr,
             device=device if device is not None else model.level_stats.device,
+            reduction=model.reduction,
+            variance_threshold=model.variance_threshold,
         )
         detector._validate_params()
         detector.levels_ = list(model.levels)
@@ -504,3 +597,29 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             thresholds=dict(thresholds) if isinstance(thresholds, dict) else None,
             source={"method": model.method_name, "settings": hparams},
         )
+
+
+def merge(detectors: Sequence[GaussianDetector], names: Sequence[str] | None = None) -> GaussianDetector:
+    """The detector of the union of the images ``detectors`` were fitted on (disjoint sets, same recipe).
+
+    Equal to ``fit`` on the union (moments exactly, scores to rounding). The result keeps the first
+    detector's threshold (eq. (8)'s when that applies): recalibrate it with
+    :meth:`GaussianDetector.calibrate`.
+    :class:`UserError` names the first field in which two detectors differ (and ``names`` the detectors).
+    """
+    detectors = list(detectors)
+    models = [d._fitted_model() for d in detectors]
+    first = detectors[0]
+    model = merged_model(models, names)
+    merged = GaussianDetector.from_model(
+        model,
+        weights=first.weights,
+        fpr=first.fpr_,
+        thresholds=first.thresholds_,
+        source={"merged_from": [d.source_ for d in detectors], "n_fit": model.samples},
+        device=first.device_,
+    )
+    index = merged._chi2_level(model.pooling)
+    if index is not None and merged.threshold_ is not None:
+        merged.threshold_ = chi2_threshold(model.scorers[index].dim, merged.fpr_)
+    return merged

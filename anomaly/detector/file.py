@@ -12,6 +12,20 @@ reduction, ``.projection`` (all float64; for ``cells`` pooling each has a leadin
 cell axis); ``level_stats`` (kinds x levels x 2) with ``holdout`` level weighting;
 ``backbone.*`` only when the backbone's weights are embedded.
 
+A detector that can keep learning (``anomaly update``, ``anomaly merge``,
+``GaussianDetector.partial_fit``) also holds, per level, the streamed float64 moments
+of everything it absorbed, ``moments.<L>.count``, ``.shift``, ``.sum``, ``.outer``,
+``.sqnorm_vec``, ``.quartic`` (with a leading cell axis for ``cells``), and after a
+PCA/NPCA reduction the absorbed rows ``rows.<L>`` (samples x width), which the
+reduced space's fourth moment needs; its metadata ``learning`` records the image
+count, the sample count and the SHA-256 of every absorbed image. Files without
+them (written before, or saved with ``moments=False``) score as before but cannot be updated.
+
+Format 3 covers the metadata with a checksum too (``sha256``, over every field but
+itself, ``tensors_sha256`` included): an edited field is refused like an edited tensor.
+``detector.json`` is a read-only copy: passed as ``--detector detector.json``, it must
+equal the metadata of the ``.safetensors`` file beside it, or it is refused.
+
 Loading runs no code from the file. Before any tensor is read, every field of
 the metadata and the name, dtype and shape of every tensor are checked against
 what the metadata implies, with sizes bounded; then the tensors' checksum is
@@ -33,20 +47,25 @@ from torch import Tensor
 from anomaly.atomic import replaced_atomically
 from anomaly.backbones import backbone_spec
 from anomaly.columns import ScoreColumn
-from anomaly.data.transforms import DEFAULT_FIT, FIT_RULES, TileGrid
+from anomaly.data.transforms import DEFAULT_FIT, FIT_RULES, RESIZE_RULES, TileGrid
 from anomaly.detector.model import LEVEL_WEIGHTINGS, PRECISIONS
 from anomaly.detector.weights import EMBEDDED_PREFIX
 from anomaly.errors import UserError
 from anomaly.evaluation.results import json_safe, write_atomic
 from anomaly.pooling import POOLINGS, Pooling, build_pooling, pooling_options
 from anomaly.stats.distances import SCORE_TYPES
+from anomaly.stats.pca import REDUCTIONS
 
 FORMAT = "gaussian-anomaly-detector"
-VERSION = 2
+VERSION = 3
 DETECTOR_FILE = "detector.safetensors"
 METADATA_FILE = "detector.json"
 METADATA_KEY = "detector"
 SCORER_BUFFERS = ("projection", "mean", "precision", "std", "shrinkage")
+MOMENTS_PREFIX = "moments."
+ROWS_PREFIX = "rows."
+#: Written before the resize rule was recorded by name (read as ``area``).
+OLD_RESIZE_DESCRIPTION = "cv2 INTER_AREA when shrinking, INTER_LINEAR when enlarging"
 LEVEL_STATS = "level_stats"
 MAX_IMAGE_SIZE = 4096  # preprocessing.image_size: the largest square input a detector may ask for
 MAX_FEATURE_DIM = 65536  # the widest feature vector of a detector fitted on user features
@@ -79,14 +98,26 @@ def tensors_sha256(tensors: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
+def metadata_sha256(metadata: dict) -> str:
+    """SHA-256 of every metadata field but ``sha256`` itself (canonical JSON: sorted keys)."""
+    fields = {k: v for k, v in metadata.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(metadata: dict, tensors: dict[str, Tensor]) -> dict:
+    """``metadata`` with the checksums of ``tensors`` and of itself."""
+    metadata = {**metadata, "tensors_sha256": tensors_sha256(tensors)}
+    metadata.pop("sha256", None)
+    return {**metadata, "sha256": metadata_sha256(metadata)}
+
+
 def write_detector(path: str | Path, tensors: dict[str, Tensor], metadata: dict) -> Path:
     """Write ``path`` (atomically) and its ``.json`` metadata copy; returns the ``.safetensors`` path."""
     path = detector_path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata = {"format": FORMAT, "version": VERSION, **json_safe(metadata)}
-    metadata["tensors_sha256"] = tensors_sha256(tensors)
+    metadata = seal({"format": FORMAT, "version": VERSION, **json_safe(metadata)}, tensors)
     text = json.dumps(metadata, indent=2)
     with replaced_atomically(path) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
@@ -95,7 +126,11 @@ def write_detector(path: str | Path, tensors: dict[str, Tensor], metadata: dict)
 
 
 def read_detector(path: str | Path) -> tuple[dict[str, Tensor], dict]:
-    """(tensors, metadata) of a detector file, all checked; :class:`UserError` if anything is wrong."""
+    """(tensors, metadata) of a detector file, all checked; :class:`UserError` if anything is wrong.
+
+    ``path`` may name the ``.json`` copy: then it must equal the metadata it copies.
+    """
+    named = Path(path).expanduser()
     path = detector_path(path)
     if not path.is_file():
         raise UserError(f"detector file not found: {path} (a run writes {DETECTOR_FILE} into its folder)")
@@ -116,9 +151,42 @@ def read_detector(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         raise UserError(f"{path} is not a readable detector file: {reason}") from exc
     if metadata["version"] >= 2 and tensors_sha256(tensors) != metadata["tensors_sha256"]:
         raise UserError(f"{path}: the tensors do not match the checksum in the metadata: the file is damaged")
+    if metadata["version"] >= 3 and metadata.get("sha256") != metadata_sha256(metadata):
+        raise UserError(
+            f"{path}: the metadata does not match its checksum: the file was edited or damaged "
+            "(to change the threshold use anomaly update --threshold or --calibrate)"
+        )
+    if named.suffix == ".json" and not named.is_dir():
+        check_json_copy(named, path, metadata)
     if metadata["version"] == 1:  # level tensors were numbered by position in `levels`
         tensors = {_v1_name(k, metadata["levels"]): v for k, v in tensors.items()}
     return tensors, metadata
+
+
+def check_json_copy(copy: Path, path: Path, metadata: dict) -> None:
+    """:class:`UserError` naming the first field where the ``.json`` copy differs from ``path``'s metadata."""
+    try:
+        copied = json.loads(copy.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{copy} is not a readable JSON copy of {path.name}: {exc}") from None
+    field = first_difference(metadata, copied if isinstance(copied, dict) else {})
+    if field is not None:
+        raise UserError(
+            f"{copy} differs from the detector it copies ({path.name}) in {field!r}: the .json is a "
+            "read-only copy and edits to it are not applied; to change the threshold use "
+            "anomaly update --threshold or --calibrate (docs/deployment.md)"
+        )
+
+
+def first_difference(a: object, b: object, prefix: str = "") -> str | None:
+    """The dotted name of the first field where ``a`` and ``b`` differ (``None``: equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            found = first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if found is not None:
+                return found
+        return None
+    return None if a == b and type(a) is type(b) else prefix.rstrip(".") or "(whole)"
 
 
 def _v1_name(key: str, levels: list[int]) -> str:
@@ -159,7 +227,8 @@ def _bad(path: Path, field: str, problem: str) -> UserError:
 
 
 def check_metadata(path: Path, meta: dict) -> None:
-    """:class:`UserError` naming ``path`` and the field for the first missing or invalid metadata field."""
+    """:class:`UserError` naming ``path`` and the field for the first missing or invalid metadata field
+    (the checksum of a valid one is compared by :func:`read_detector`, after the tensors')."""
 
     def bad(field: str, problem: str) -> UserError:
         return _bad(path, field, problem)
@@ -191,6 +260,8 @@ def check_metadata(path: Path, meta: dict) -> None:
             raise bad(key, f"must be an object or null, not {meta[key]!r}")
     if meta["version"] >= 2:
         _check_v2(path, meta)
+    if meta["version"] >= 3:
+        _check_v3(path, meta)
     if meta["backbone"] is None:
         in_dims = meta.get("in_dims")
         if (
@@ -216,6 +287,10 @@ def check_metadata(path: Path, meta: dict) -> None:
     size = preprocessing.get("image_size")
     if not is_int(size) or not 1 <= size <= MAX_IMAGE_SIZE:
         raise bad("preprocessing.image_size", f"must be an integer in 1..{MAX_IMAGE_SIZE}, not {size!r}")
+    resize = preprocessing.get("resize")
+    old_description = meta["version"] < 3 and resize == OLD_RESIZE_DESCRIPTION
+    if resize is not None and resize not in RESIZE_RULES and not old_description:
+        raise bad("preprocessing.resize", f"must be one of {', '.join(RESIZE_RULES)}, not {resize!r}")
     if preprocessing.get("fit", DEFAULT_FIT) not in FIT_RULES:
         raise bad("preprocessing.fit", f"must be one of {', '.join(FIT_RULES)}, not {preprocessing['fit']!r}")
     try:
@@ -249,6 +324,33 @@ def _check_v2(path: Path, meta: dict) -> None:
         raise _bad(path, "tensors_sha256", "must be the 64-digit SHA-256 of the tensors")
 
 
+def _check_v3(path: Path, meta: dict) -> None:
+    """The fields format 3 added: the reduction and what the detector absorbed (the checksum: last)."""
+    reduction = meta.get("reduction")
+    if reduction is not None and (
+        not isinstance(reduction, dict)
+        or reduction.get("name") not in REDUCTIONS
+        or not (reduction["name"] == "none" or is_number(reduction.get("variance_threshold")))
+    ):
+        raise _bad(path, "reduction", f"must be an object with a name in {', '.join(REDUCTIONS)}")
+    learning = meta.get("learning")
+    if learning is None:
+        return
+    if (
+        not isinstance(learning, dict)
+        or not all(is_int(learning.get(k)) and learning[k] >= 0 for k in ("images", "samples"))
+        or not (is_int(learning.get("epochs", 1)) and learning.get("epochs", 1) >= 1)
+        or not isinstance(learning.get("augmentation") or {}, dict)
+        or not isinstance(learning.get("digests"), list)
+        or not all(isinstance(d, str) and len(d) == 64 for d in learning["digests"])
+    ):
+        raise _bad(path, "learning", "must hold images, samples and one 64-digit digest per image")
+
+
+def reduction_name(meta: dict) -> str:
+    return (meta.get("reduction") or {}).get("name", "none")
+
+
 def file_pooling(meta: dict) -> Pooling:
     """The pooling of a checked metadata (format 1 knew only global pooling)."""
     return build_pooling(**meta.get("pooling", {"name": "global"}))
@@ -280,6 +382,13 @@ def check_tensor_layout(path: Path, meta: dict, layout: dict[str, tuple[str, tup
                 f"{path}: tensor {prefix}projection has shape {projection}, not ({in_dim}, k) with "
                 f"1 <= k <= {in_dim}: the file is damaged or was edited"
             )
+    if meta.get("learning") is not None:
+        samples = meta["learning"]["samples"]
+        for level, in_dim in zip(levels, level_in_dims(meta), strict=True):
+            for name, shape in pooling.moment_shapes(in_dim).items():
+                expected[f"{MOMENTS_PREFIX}{level}.{name}"] = shape
+            if reduction_name(meta) != "none":
+                expected[f"{ROWS_PREFIX}{level}"] = (samples, in_dim)
     if meta.get("level_weighting", "none") != "none":
         expected[LEVEL_STATS] = (len(SCORE_TYPES), len(levels), 2)
     embedded = isinstance(meta["weights"], dict) and meta["weights"].get("kind") == "embedded"
@@ -303,7 +412,8 @@ def check_tensor_layout(path: Path, meta: dict, layout: dict[str, tuple[str, tup
         raise UserError(f"{path}: the detector file lacks tensor {missing[0]}: it is incomplete")
 
 
-def level_tensors(tensors: dict[str, Tensor], level: int) -> dict[str, Tensor]:
-    """The scorer tensors of level number ``level`` (no ``projection``: an unreduced level)."""
-    prefix = f"level.{level}."
+def level_tensors(tensors: dict[str, Tensor], level: int, prefix: str = "level.") -> dict[str, Tensor]:
+    """The scorer tensors of level number ``level`` (no ``projection``: an unreduced level); with
+    ``prefix`` :data:`MOMENTS_PREFIX`, its streamed moments."""
+    prefix = f"{prefix}{level}."
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

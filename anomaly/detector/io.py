@@ -10,10 +10,13 @@ from torch import Tensor
 from anomaly.data.transforms import DEFAULT_FIT
 from anomaly.detector.file import (
     LEVEL_STATS,
+    MOMENTS_PREFIX,
+    ROWS_PREFIX,
     file_pooling,
     level_in_dims,
     level_tensors,
     read_detector,
+    reduction_name,
     write_detector,
 )
 from anomaly.detector.inputs import recorded_resize
@@ -23,8 +26,11 @@ from anomaly.errors import UserError
 from anomaly.stats.distances import SCORE_TYPES
 
 
-def model_tensors(model: GaussianDetectorModel, embed_weights: bool) -> dict[str, Tensor]:
-    """Every tensor the file holds: each level's fitted buffers (by level number), weights if asked."""
+def model_tensors(
+    model: GaussianDetectorModel, embed_weights: bool, moments: bool = True
+) -> dict[str, Tensor]:
+    """Every tensor the file holds: each level's fitted buffers (by level number), weights if asked,
+    and (with ``moments``, when the model has them) what it needs to learn more."""
     unfitted = [level for level, s in zip(model.levels, model.scorers, strict=True) if not bool(s.fitted)]
     if unfitted:
         raise UserError(
@@ -36,6 +42,12 @@ def model_tensors(model: GaussianDetectorModel, embed_weights: bool) -> dict[str
             if name == "fitted" or (name == "projection" and not scorer.reduced):
                 continue
             tensors[f"level.{level}.{name}"] = value.to(torch.float64)
+    if moments and model.learns:
+        for level, accumulator in zip(model.levels, model.moments, strict=True):
+            for name, value in accumulator.named_buffers():
+                tensors[f"{MOMENTS_PREFIX}{level}.{name}"] = value
+        for level, rows in zip(model.levels, model.rows, strict=False):
+            tensors[f"{ROWS_PREFIX}{level}"] = torch.cat(rows).to(torch.float64)
     if model.level_weighting != "none":
         tensors[LEVEL_STATS] = model.level_stats
     if embed_weights:
@@ -43,7 +55,22 @@ def model_tensors(model: GaussianDetectorModel, embed_weights: bool) -> dict[str
     return tensors
 
 
-def model_metadata(model: GaussianDetectorModel, weights: str | None, embed_weights: bool) -> dict:
+def learning_metadata(model: GaussianDetectorModel) -> dict | None:
+    """What the model absorbed (``None``: it cannot learn more)."""
+    if not model.learns:
+        return None
+    return {
+        "images": len(model.absorbed),
+        "samples": model.samples,
+        "epochs": model.epochs,
+        "augmentation": model.augmentation,
+        "digests": list(model.absorbed),
+    }
+
+
+def model_metadata(
+    model: GaussianDetectorModel, weights: str | None, embed_weights: bool, moments: bool = True
+) -> dict:
     """The file's metadata for ``model`` (the caller adds fpr, thresholds, source, precision)."""
     extractor = model.extractor
     spec = extractor.spec if extractor is not None else None
@@ -73,16 +100,24 @@ def model_metadata(model: GaussianDetectorModel, weights: str | None, embed_weig
         "threshold": model.threshold,
         "decision": "anomalous (1) when the decision_score column > threshold, else normal (0)",
         "precision": model.precision,
+        "reduction": {"name": model.reduction, "variance_threshold": model.variance_threshold},
+        "learning": learning_metadata(model) if moments else None,
     }
 
 
 def save_model(
-    model: GaussianDetectorModel, path: str | Path, extra: dict, weights: str | None = None, embed=False
+    model: GaussianDetectorModel,
+    path: str | Path,
+    extra: dict,
+    weights: str | None = None,
+    embed=False,
+    moments: bool = True,
 ) -> Path:
-    """Write ``model`` to ``path`` (+ ``.json``); ``extra`` adds metadata fields (fpr, source, ...)."""
+    """Write ``model`` to ``path`` (+ ``.json``); ``extra`` adds metadata fields (fpr, source, ...).
+    ``moments=False`` leaves out what the model needs to learn more (a smaller file)."""
     embed = embed or (model.extractor is not None and model.extractor.weights_source is None)
-    tensors = model_tensors(model, embed)
-    return write_detector(path, tensors, {**model_metadata(model, weights, embed), **extra})
+    tensors = model_tensors(model, embed, moments)
+    return write_detector(path, tensors, {**model_metadata(model, weights, embed, moments), **extra})
 
 
 def load_model(
@@ -118,12 +153,32 @@ def load_model(
         fit=(meta["preprocessing"] or {}).get("fit", DEFAULT_FIT),  # files before fit rules: stretch
         tiles=(meta["preprocessing"] or {}).get("tiles", "1x1"),
     )
+    reduction = meta.get("reduction") or {}
+    model.set_reduction(reduction.get("name", "none"), reduction.get("variance_threshold"))
+    if meta.get("learning") is not None:
+        restore_learning(model, tensors, meta)
     if LEVEL_STATS in tensors:
         stats = tensors[LEVEL_STATS]
         if not bool(torch.isfinite(stats).all()) or not bool((stats[..., 1] > 0).all()):
             raise UserError(f"{path}: {LEVEL_STATS} must be finite with positive scales: the file was edited")
         model.level_stats.copy_(stats)
     return model.to(device), meta
+
+
+def restore_learning(model: GaussianDetectorModel, tensors: dict[str, Tensor], meta: dict) -> None:
+    """Give a loaded model the accumulators, rows and digests of its file."""
+    accumulators = []
+    for level, in_dim in zip(model.levels, level_in_dims(meta), strict=True):
+        accumulator = model.pooling.accumulator(in_dim)
+        for name, value in level_tensors(tensors, level, MOMENTS_PREFIX).items():
+            getattr(accumulator, name).copy_(value)
+        accumulators.append(accumulator)
+    model.moments = torch.nn.ModuleList(accumulators)
+    if reduction_name(meta) != "none":
+        model.rows = [[tensors[f"{ROWS_PREFIX}{level}"]] for level in model.levels]
+    model.absorbed = list(meta["learning"]["digests"])
+    model.epochs = meta["learning"].get("epochs", 1)
+    model.augmentation = meta["learning"].get("augmentation")
 
 
 __all__ = ["load_model", "model_metadata", "model_tensors", "save_model"]

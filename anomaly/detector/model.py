@@ -22,6 +22,13 @@ score of its tiles, per score column, and stitches the tile maps back into one m
 Fitting: :meth:`update` streams a batch into float64 accumulators (when the
 model was built by :meth:`for_fitting`), :meth:`finalise` fits the Gaussians
 (Ledoit-Wolf, eq. 6), :meth:`set_level_weights` and :meth:`set_threshold` finish it.
+
+Learning more: the accumulators stay with the fitted model (and in its file), so
+:meth:`update` with new images' rows, or :meth:`merge` with a model fitted on other
+images, followed by :meth:`refit`, gives the model of all the images. ``absorbed`` holds
+the SHA-256 of every image absorbed. After a PCA/NPCA reduction the model also keeps the
+absorbed rows: the reduced space's fourth moment (Ledoit-Wolf's shrinkage) cannot be
+had from the streamed moments once the projection changes.
 """
 
 from __future__ import annotations
@@ -39,8 +46,8 @@ from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE, Geometry, TileG
 from anomaly.errors import UserError
 from anomaly.pooling import Global, Pooling
 from anomaly.stats.distances import SCORE_TYPES, level_columns
-from anomaly.stats.moments import Moments
-from anomaly.stats.pca import reduction_projection
+from anomaly.stats.moments import Moments, RunningMoments
+from anomaly.stats.pca import check_reduction, reduction_projection
 
 LEVEL_WEIGHTINGS = ("none", "holdout")
 #: Training precisions (Lightning's names) that prediction reproduces; mixed ones run the backbone
@@ -97,6 +104,11 @@ class GaussianDetectorModel(nn.Module):
         self.levels = [int(level) for level in levels]
         self.scorers = nn.ModuleList(scorers)
         self.moments = nn.ModuleList()  # the fit's accumulators (see for_fitting)
+        self.reduction, self.variance_threshold = "none", None
+        self.rows: list[list[Tensor]] = []  # per level, the absorbed rows (with a reduction only)
+        self.absorbed: list[str] = []  # the SHA-256 of every absorbed image
+        self.epochs = 1  # passes over every image (each with its own augmentation draws)
+        self.augmentation: dict | None = None  # how the passes were augmented (a training run's data)
         self.pooling = pooling or Global()
         column = (
             decision_score if isinstance(decision_score, ScoreColumn) else ScoreColumn.parse(decision_score)
@@ -130,10 +142,28 @@ class GaussianDetectorModel(nn.Module):
         model.moments = nn.ModuleList(pooling.accumulator(d) for d in dims)
         return model
 
+    def set_reduction(self, reduction: str, variance_threshold: float | None = None) -> None:
+        """Fit the levels in a PCA/NPCA-reduced space (Table III); keeps the absorbed rows from now on."""
+        reduction, variance_threshold = check_reduction(reduction, variance_threshold)
+        if reduction != "none" and not self.pooling.supports_reduction:
+            raise UserError(f"pooling {self.pooling.name} supports no PCA/NPCA reduction: use reduction none")
+        self.reduction, self.variance_threshold = reduction, variance_threshold
+        self.rows = [[] for _ in self.levels] if reduction != "none" else []
+
     # -------------------------------------------------------------- facts
     @property
     def fitted(self) -> bool:
         return all(bool(s.fitted) for s in self.scorers)
+
+    @property
+    def learns(self) -> bool:
+        """Whether the model holds the streamed moments (and rows) it needs to absorb more images."""
+        return len(self.moments) == len(self.scorers) and self.moments[0].n > 0
+
+    @property
+    def samples(self) -> int:
+        """How many rows were absorbed (images x tiles x epochs)."""
+        return self.moments[0].n if len(self.moments) else 0
 
     @property
     def in_dims(self) -> list[int]:
@@ -217,9 +247,36 @@ class GaussianDetectorModel(nn.Module):
     # ---------------------------------------------------------------- fit
     @torch.no_grad()
     def update(self, features: Sequence[Tensor]) -> None:
-        """Stream one batch of every level's rows into the accumulators."""
+        """Stream one batch of every level's rows into the accumulators (and keep them, when reduced)."""
         for accumulator, feats in zip(self.moments, features, strict=True):
             accumulator.update(feats)
+        for rows, feats in zip(self.rows, features, strict=False):
+            rows.append(feats.detach().cpu())
+
+    @torch.no_grad()
+    def merge(self, other: GaussianDetectorModel) -> None:
+        """Absorb what ``other`` absorbed (the same recipe, other images): its moments, rows and digests."""
+        if not (self.learns and other.learns):
+            raise UserError("only detectors that keep their streamed moments can be merged")
+        for accumulator, theirs in zip(self.moments, other.moments, strict=True):
+            accumulator.merge_(theirs.moments())
+        for rows, theirs in zip(self.rows, other.rows, strict=True):
+            rows.extend(theirs)
+        self.absorbed = [*self.absorbed, *other.absorbed]
+
+    def refit(self) -> None:
+        """Fit the Gaussians (and any PCA/NPCA projection) from everything absorbed so far."""
+        if self.reduction == "none":
+            self.finalise()
+            return
+        projections = self.reduction_projections(self.reduction, self.variance_threshold)
+        reduced = []
+        for rows, projection in zip(self.rows, projections, strict=True):
+            accumulator = RunningMoments(projection.shape[1])
+            for batch in rows:
+                accumulator.update(batch.to(torch.float64) @ projection)
+            reduced.append(accumulator.moments())
+        self.finalise(reduced, projections)
 
     def reduction_projections(self, reduction: str, variance_threshold: float) -> list[Tensor]:
         """PCA/NPCA projections (Table III) of every level from the streamed moments."""

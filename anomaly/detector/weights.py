@@ -13,23 +13,15 @@ the hash. Kinds of reference:
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from torch import Tensor
 
 from anomaly.backbones import FeatureExtractor, build_backbone
+from anomaly.data.images import sha256_file
 from anomaly.errors import UserError
 
 EMBEDDED_PREFIX = "backbone."
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_reference(extractor: FeatureExtractor, user_weights: str | None, embed: bool) -> dict:

@@ -52,6 +52,15 @@ def resolve_strategy(strategy: str | Strategy, model: nn.Module) -> str | Strate
     return strategy
 
 
+def gather_batches(batches: list[Tensor]) -> list[Tensor]:
+    """Every process's batches, in rank order, on every process (unchanged without DDP)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return batches
+    gathered: list[list[Tensor] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, [b.cpu() for b in batches])
+    return [batch for part in gathered for batch in part or []]
+
+
 def gather_rows(rows: dict[str, Tensor]) -> dict[str, Tensor]:
     """Concatenate every process's rows (of possibly different lengths) on every process.
 

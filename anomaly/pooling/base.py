@@ -93,6 +93,17 @@ class Pooling(ABC):
     def accumulator(self, dim: int) -> RunningMoments:
         """An empty streamed accumulator for one level of modelled width ``dim``."""
 
+    def moment_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each field of a level's streamed moments (:meth:`accumulator`'s buffers)."""
+        return {
+            "count": (),
+            "shift": (dim,),
+            "sum": (dim,),
+            "outer": (dim, dim),
+            "sqnorm_vec": (dim,),
+            "quartic": (),
+        }
+
     @abstractmethod
     def scorer(self, dim: int) -> nn.Module:
         """An unfitted scorer for one level (``forward(rows) -> {kind: distances}``)."""

@@ -42,6 +42,9 @@ class Cells(KGrid, Pooling):
     def accumulator(self, dim: int) -> RunningMoments:
         return CellMoments(self.cells, dim)
 
+    def moment_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
+        return {name: (self.cells, *shape) for name, shape in super().moment_shapes(dim).items()}
+
     def scorer(self, dim: int) -> CellGaussianScorer:
         return CellGaussianScorer(self.cells, dim)
 

@@ -79,7 +79,7 @@ def fit_run(root: Path, tiny_mvtec: Path, *extra: str) -> Path:
 def test_cells_run_detector_reproduces_the_run_and_predict_writes_maps(tiny_mvtec: Path, tmp_path: Path):
     run_dir = fit_run(tmp_path / "runs", tiny_mvtec)
     meta = json.loads((run_dir / "detector.json").read_text())
-    assert meta["pooling"] == {"name": "cells", "grid_size": 2} and meta["version"] == 2
+    assert meta["pooling"] == {"name": "cells", "grid_size": 2} and meta["version"] == 3
     assert meta["precision"] == "32-true" and meta["tensors_sha256"] == tensors_sha256(
         read_detector(run_dir)[0]
     )

@@ -5,9 +5,9 @@
   number of images and epochs.
 * ``on_train_end`` merges the moments of all processes, then fits the
   Ledoit-Wolf Gaussian per level (mean, shrunk covariance, precision). With a
-  PCA/NPCA reduction (Table III) the projection comes from the first pass and
-  the Gaussian is fitted again in the reduced space from a second pass over the
-  same training stream.
+  PCA/NPCA reduction (Table III) the projection comes from the streamed moments and
+  the Gaussian is fitted again in the reduced space from the streamed rows, which
+  the detector keeps (it needs them to absorb more images later).
 * :meth:`GaussianAD.calibrate`, the step the wiring runs after the fit
   (:func:`anomaly.methods.run.fit`), sets the empirical threshold on the fold's
   held-out normal images.
@@ -18,8 +18,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -29,11 +28,12 @@ from anomaly.columns import SUM, ScoreColumn
 from anomaly.data.needs import DataNeeds
 from anomaly.detector.model import GaussianDetectorModel
 from anomaly.errors import UserError
+from anomaly.methods.distributed import gather_batches
 from anomaly.methods.features import FeatureMethod
 from anomaly.methods.gaussian.working_point import working_point_report
 from anomaly.pooling import Global, Pooling
 from anomaly.stats.distances import SCORE_TYPES
-from anomaly.stats.moments import RunningMoments, synchronise
+from anomaly.stats.moments import synchronise
 from anomaly.stats.pca import check_reduction
 from anomaly.stats.threshold import DEFAULT_TARGET_FPR, check_fpr, chi2_threshold, empirical_threshold
 
@@ -96,6 +96,7 @@ class GaussianAD(FeatureMethod):
             threshold=threshold,
             image_size=self.extractor.image_size,
         )
+        self.detector.set_reduction(self.reduction, self.variance_threshold)
         self.fit_epochs = 0
         self.holdout_scores: dict[str, Tensor] | None = None
 
@@ -195,6 +196,7 @@ class GaussianAD(FeatureMethod):
     def on_train_start(self) -> None:
         for accumulator in self.moments:
             accumulator.reset()
+        self.detector.set_reduction(self.reduction, self.variance_threshold)  # no rows yet
         self.fit_epochs = 0
 
     def batch_features(self, batch: dict) -> list[Tensor]:
@@ -220,44 +222,11 @@ class GaussianAD(FeatureMethod):
         self.fit_epochs += 1
 
     def on_train_end(self) -> None:
-        """Merge the moments of all processes and fit each level's Gaussian."""
+        """Merge the moments (and kept rows) of all processes and fit each level's Gaussian."""
         synchronise(list(self.moments))
+        self.detector.rows = [gather_batches(rows) for rows in self.detector.rows]
         self.detector.precision = str(self.trainer.precision) if self._trainer is not None else None
-        if self.reduction == "none":
-            self.detector.finalise()
-        else:
-            self.finalise_reduced()
-
-    def finalise_reduced(self) -> None:
-        """PCA/NPCA: project, then fit in the reduced space from a second pass.
-
-        Ledoit-Wolf needs the fourth moment of the projected features, which the
-        first pass cannot provide, so the training stream is replayed once (the
-        same images and, with augmentation, the same seeded augmentations).
-        """
-        projections = [
-            p.to(self.device)
-            for p in self.detector.reduction_projections(self.reduction, self.variance_threshold)
-        ]
-        reduced = [RunningMoments(p.shape[1]).to(self.device) for p in projections]
-        for features in self._replay_training_stream():
-            for accumulator, projection, feats in zip(reduced, projections, features, strict=True):
-                accumulator.update(feats.to(torch.float64) @ projection)
-        synchronise(reduced)
-        self.detector.finalise([r.moments() for r in reduced], projections)
-
-    def _replay_training_stream(self) -> Iterator[list[Tensor]]:
-        loader = self.datamodule.train_dataloader()
-        for epoch in range(max(self.fit_epochs, 1)):
-            loader.sampler.set_epoch(epoch)
-            yield from self._stream(loader)
-
-    def _stream(self, loader) -> Iterator[list[Tensor]]:
-        """Features of every batch of ``loader``, computed as in training (device and precision)."""
-        precision = self.trainer.precision_plugin.forward_context() if self._trainer else nullcontext()
-        with torch.no_grad(), precision:
-            for batch in loader:
-                yield self.batch_features(self.transfer_batch_to_device(batch, self.device, 0))
+        self.detector.refit()
 
     def calibrate(self, score_holdout: Callable[[], dict[str, Tensor] | None]) -> None:
         """Score the held-out normal fifth (``score_holdout()``) and set the decision threshold."""
