@@ -9,7 +9,8 @@ augmentation, level weighting, decision score, precision): the first field in wh
 differ is named, and nothing is written. Their streamed moments are merged and every
 Gaussian refitted: the result equals one fit on all their images. Detectors that share an
 image are refused (it would count twice). The threshold is the first detector's unless
---calibrate DIR (held-out good images) or --threshold sets it. --out must be a new file.
+--calibrate DIR (held-out good images) or --threshold sets it. --out replaces an existing
+file only with --overwrite, and never one of the detectors.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from anomaly.commands.update import add_working_point_options, new_output, save_new, set_working_point
+from anomaly.commands.update import (
+    add_output_options,
+    add_working_point_options,
+    new_output,
+    save_new,
+    set_working_point,
+)
 from anomaly.console import run_command
 from anomaly.detector.api import GaussianDetector, check_device, merge
 
@@ -27,9 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="anomaly merge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--detectors", required=True, nargs="+", help="two or more detector files")
-    parser.add_argument(
-        "--out", required=True, help="the merged detector file (.safetensors; must not exist)"
-    )
+    add_output_options(parser, "the merged detector file")
     add_working_point_options(parser)
     parser.add_argument("--device", default="cpu", help="e.g. cpu or cuda")
     return parser.parse_args(argv)
@@ -37,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     check_device(args.device, hint="--device cpu")
-    out = new_output(args.out, [*args.detectors, args.calibrate])
+    out = new_output(args, args.detectors, "anomaly merge")
     detectors = [GaussianDetector.load(path, device=args.device) for path in args.detectors]
     for detector, path in zip(detectors, args.detectors, strict=True):
         detector.source_ = {**detector.source_, "file": path}

@@ -8,8 +8,8 @@ The new images are read exactly as the detector's own were (image size, resize a
 rules, tiles, pooling, levels and, for a detector of an augmented run, its augmented
 epochs); their streamed moments are merged into the detector's and every Gaussian (and
 PCA/NPCA projection) is refitted. The result equals a fit on the old and new images
-together. The detector given is never modified; --out must be a new file, written whole
-(an interrupted update leaves none).
+together. The detector given is never modified; --out is written whole (an interrupted update leaves
+none) and replaces an existing file only with --overwrite.
 
 Before absorbing, the new images are scored by the current detector, and those it would
 flag as anomalous are listed: a defective part slipped into the good folder should not
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from anomaly.console import run_command
-from anomaly.data.images import sha256_file
+from anomaly.data.images import collect_images, sha256_file
 from anomaly.detector.api import GaussianDetector, check_device
-from anomaly.detector.file import detector_path
-from anomaly.detector.inputs import expand_input
+from anomaly.detector.file import detector_files
 from anomaly.detector.learning import CANNOT_LEARN, fresh_indices
 from anomaly.errors import UserError
+from anomaly.outputs import claim_output
 from anomaly.stats.threshold import check_fpr
 
 SHOWN = 5  # images named in a note before "..."
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--input", help="new good images: a folder (searched recursively), a glob, or one image"
     )
-    parser.add_argument("--out", required=True, help="the new detector file (.safetensors; must not exist)")
+    add_output_options(parser, "the new detector file")
     parser.add_argument(
         "--exclude", action="append", default=[], metavar="PATTERN", help="leave out matching file names"
     )
@@ -77,25 +77,28 @@ def add_working_point_options(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------- shared by update and merge
-def new_output(out: str, inputs: list[str | None]) -> Path:
-    """The ``.safetensors`` path ``out`` names; refused when it (or its ``.json`` copy) exists or is an
-    input: these commands write only new files."""
-    target = Path(out).expanduser()
-    if target.suffix != ".safetensors":
-        raise UserError(f"--out {out}: give a new file name ending in .safetensors")
-    taken = [p for p in (target, target.with_suffix(".json")) if p.exists()]
-    if taken:
-        raise UserError(f"--out {out}: {taken[0]} exists; give a new file name (nothing is overwritten)")
-    for given in filter(None, inputs):
-        source = Path(given).expanduser()
-        if target.resolve() in (source.resolve(), detector_path(source).resolve()):
-            raise UserError(f"--out {out} is an input ({given}): give a new file name")
+def new_output(args: argparse.Namespace, inputs: list[str], command: str) -> Path:
+    """The ``.safetensors`` file ``--out`` names, claimed with its ``.json`` copy under the output
+    policy (:func:`~anomaly.outputs.claim_output`): never an input detector; an existing file only
+    with ``--overwrite``."""
+    if str(args.out).strip() and Path(args.out).suffix != ".safetensors":
+        raise UserError(f"--out {args.out}: give a file name ending in .safetensors")
+    protected = [file for given in inputs for file in detector_files(given)]
+    target = claim_output(args.out, inputs=protected, overwrite=args.overwrite, command=command)
+    claim_output(target.with_suffix(".json"), inputs=protected, overwrite=args.overwrite, command=command)
     return target
 
 
-def collect_images(spec: str, exclude: list[str]) -> list[Path]:
-    """The image files ``spec`` names (the one place these commands collect images)."""
-    return list(expand_input(spec, exclude))
+def add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--out", required=True, help=f"{what} (.safetensors, with its .json copy)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="let --out replace an existing file (never an input)"
+    )
+
+
+def image_paths(spec: str, exclude: list[str], option: str) -> list[Path]:
+    """The image files ``spec`` names, listed as every command lists them."""
+    return collect_images(spec, exclude, option=option)
 
 
 def named(paths: list[Path], extra: list[str] | None = None) -> str:
@@ -129,7 +132,7 @@ def set_working_point(detector: GaussianDetector, args: argparse.Namespace, abso
     if fpr is None:
         raise UserError("--calibrate needs a false-positive rate: pass --fpr, e.g. 0.01")
     check_fpr(fpr)
-    paths = collect_images(args.calibrate, [])
+    paths = image_paths(args.calibrate, [], "--calibrate")
     if not paths:
         raise UserError(f"--calibrate {args.calibrate}: no images found")
     fitted = [p for p in paths if sha256_file(p) in absorbed]
@@ -184,14 +187,14 @@ def run(args: argparse.Namespace) -> int:
     if not (args.input or args.calibrate or args.threshold is not None):
         raise UserError("give new good images with --input (or only --calibrate DIR / --threshold)")
     check_device(args.device, hint="--device cpu")
-    out = new_output(args.out, [args.detector, args.input, args.calibrate])
+    out = new_output(args, [args.detector], "anomaly update")
     detector = GaussianDetector.load(args.detector, weights=args.weights, device=args.device)
     detector.batch_size = args.batch_size
     model = detector.model_
     if args.input:
         if not model.learns:
             raise UserError(f"{args.detector} cannot be updated: {CANNOT_LEARN}")
-        paths = collect_images(args.input, args.exclude)
+        paths = image_paths(args.input, args.exclude, "--input")
         if not paths:
             raise UserError(f"--input {args.input}: no images found")
         digests = [sha256_file(p) for p in paths]

@@ -203,8 +203,16 @@ def test_update_refuses_existing_or_input_outputs(saved: Path, images, tmp_path:
         before = saved.read_bytes()
         assert run("update", "--detector", saved, "--input", folder, "--out", out) == 2
         assert saved.read_bytes() == before
+        assert run("update", "--detector", saved, "--input", folder, "--out", out, "--overwrite") == 2
+        assert saved.read_bytes() == before
     err = capsys.readouterr().err
-    assert err.count("error:") == 3 and len(err.splitlines()) == 3
+    assert err.count("error:") == 6 and len(err.splitlines()) == 6
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"a file of the user's")
+    assert run("update", "--detector", saved, "--input", folder, "--out", other) == 2
+    assert other.read_bytes() == b"a file of the user's" and "--overwrite" in capsys.readouterr().err
+    assert run("update", "--detector", saved, "--input", folder, "--out", other, "--overwrite") == 0
+    assert GaussianDetector.load(other).model_.samples > GaussianDetector.load(saved).model_.samples
 
 
 def test_an_interrupted_update_leaves_the_detector_and_no_output(
