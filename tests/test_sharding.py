@@ -14,11 +14,12 @@ import pytest
 import anomaly.cli
 from anomaly.errors import UserError
 from anomaly.evaluation.evaluate import main as evaluate
+from anomaly.experiments.cells import RunIndex, job_text
 from anomaly.experiments.cli import main as reproduce
 from anomaly.experiments.grids import TABLES
-from anomaly.experiments.runner import RunIndex, grid_cells, run_grid
+from anomaly.experiments.runner import grid_cells, run_grid
 from anomaly.experiments.sharding import Shard, device_ids, run_on_devices
-from anomaly.experiments.worker import job_text, run_job
+from anomaly.experiments.worker import run_job
 from tests.conftest import make_mvtec_category
 from tests.evaluation.fake_runs import fake_results
 
