@@ -33,7 +33,7 @@ FPR 0.3, :mod:`anomaly.evaluation.pro`) are computed at ``--pixel-size`` px on t
 images through the backbone to the image scores (and the maps for the methods that make them),
 on one batch of test images, the methods interleaved, best of ``--repeats``.
 
-    /opt/venv-bench/bin/python benchmarks/compare_peers.py \\
+    venv-bench/bin/python benchmarks/compare_peers.py \\
         --mvtec /data/mvtec_ad --magnetic-tile /data/magnetic_tile \\
         --cache runs/compare_peers_cache --out runs/compare_peers.json
 """
