@@ -1,7 +1,7 @@
 """The command line: LightningCLI that fits and then tests one (category, fold).
 
 ``anomaly fit`` (or ``python train.py``) with no arguments runs the embedded offline demo
-(``anomaly/configs/default.yaml``). Every option can be set in a YAML file
+(``configs/default.yaml``). Every option can be set in a YAML file
 (``--config FILE``) or with dotted overrides (``--model.backbone resnet18``).
 Runs are written to ``<trainer.default_root_dir>/<method>/<name>/<category>/fold_<k>/``: the
 trainer's :class:`~anomaly.evaluation.callback.RunReport` writes the test's files, and the fit is

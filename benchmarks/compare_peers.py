@@ -33,7 +33,7 @@ FPR 0.3, :mod:`anomaly.evaluation.pro`) are computed at ``--pixel-size`` px on t
 images through the backbone to the image scores (and the maps for the methods that make them),
 on one batch of test images, the methods interleaved, best of ``--repeats``.
 
-    /opt/venv-bench/bin/python benchmarks/compare_peers.py \\
+    venv-bench/bin/python benchmarks/compare_peers.py \\
         --mvtec /data/mvtec_ad --magnetic-tile /data/magnetic_tile \\
         --cache runs/compare_peers_cache --out runs/compare_peers.json
 """
@@ -96,10 +96,10 @@ OURS = [
 #: The configuration the README recommends: a 4x4 grid over every level whose k^2 C-dim Gaussian
 #: fits the default 4 GiB budget (level 9's 20480 dims do not).
 BEST = "grid 4x4, levels 1-8"
-#: The fine-map configuration (anomaly/configs/spatial_fine.yaml): one Gaussian per position of a 14x14
+#: The fine-map configuration (configs/spatial_fine.yaml): one Gaussian per position of a 14x14
 #: grid, the native stride-16 resolution of levels 5-6; levels 3-4 (strides 4, 8) average-pooled to it.
 FINE = "cells 14x14, levels 3-6"
-#: The grid configuration with maps (anomaly/configs/spatial_grid_maps.yaml): one joint Gaussian of the
+#: The grid configuration with maps (configs/spatial_grid_maps.yaml): one joint Gaussian of the
 #: 7x7 grid per level; the map is each cell's distance given the other cells.
 GRID_MAPS = "grid maps 7x7, levels 3-6"
 

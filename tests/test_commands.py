@@ -68,12 +68,11 @@ def test_fit_help_lists_the_model_and_data_options(capsys):
 
 
 def test_configs_resolve_by_name(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # away from the clone, whose configs/NAME.yaml are files
     assert resolve_config("spatial_grid") == str(CONFIG_DIR / "spatial_grid.yaml")
     assert resolve_config("spatial_grid.yaml") == str(CONFIG_DIR / "spatial_grid.yaml")
     assert resolve_config("configs/spatial_grid.yaml") == str(CONFIG_DIR / "spatial_grid.yaml")
-    own = tmp_path / "spatial_grid.yaml"
-    own.write_text("model: {}\n")
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "spatial_grid.yaml").write_text("model: {}\n")
     assert resolve_config("spatial_grid.yaml") == "spatial_grid.yaml"  # a file beats a shipped name
     assert resolve_config_args(["--config=ocsvm", "--x", "1"]) == [
         f"--config={CONFIG_DIR / 'ocsvm.yaml'}",

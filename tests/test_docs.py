@@ -4,7 +4,8 @@
   every command whose ``runs/...`` paths that demo run has written (predict, export, evaluate);
 * any other ``anomaly fit`` is checked with ``--print_config`` (every option and config parsed,
   nothing fitted), ``anomaly reproduce`` with ``--dry-run`` on a stand-in for ``/data/mvtec_ad``;
-* the other subcommands' options go through their own parser, and stop there.
+* the other subcommands' options go through their own parser, and stop there, as do the options
+  of ``python <script>.py`` commands (``benchmarks/...``), through the script's parser.
 
 A page added to docs/ is covered as soon as it exists; relative links must point at files.
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import runpy
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +43,8 @@ EXAMPLE_VARIABLES = {"fold": "0", "rule": "linear", "SLURM_ARRAY_TASK_ID": "3", 
 class Command:
     page: str
     line: int
-    argv: tuple[str, ...]  # without the leading "anomaly"
+    argv: tuple[str, ...]  # without the leading "anomaly" (or, for a script, the interpreter)
+    program: str = "anomaly"  # or "python": then argv[0] is the script, relative to the clone
 
     def __str__(self) -> str:
         return f"{self.page}:{self.line}"
@@ -65,6 +69,16 @@ def logical_lines(text: str):
         pending = ""
 
 
+def program_of(segment: list[str]) -> str | None:
+    """``anomaly``, ``python`` for a script of the clone run by any Python interpreter, else None."""
+    if segment and segment[0] == "anomaly":
+        return "anomaly"
+    interpreter = bool(segment) and re.fullmatch(r"python3?", Path(segment[0]).name) is not None
+    if interpreter and len(segment) > 1 and segment[1].endswith(".py") and (REPO / segment[1]).is_file():
+        return "python"
+    return None
+
+
 def commands_of(page: Path) -> list[Command]:
     found = []
     for number, line in logical_lines(page.read_text()):
@@ -74,23 +88,35 @@ def commands_of(page: Path) -> list[Command]:
         segment: list[str] = []
         for token in [*tokens, "&&"]:
             if token in SHELL_SEPARATORS:
-                if segment and segment[0] == "anomaly":
+                program = program_of(segment)
+                if program:
                     argv = segment[1:]
                     cut = next((at for at, t in enumerate(argv) if t in REDIRECTIONS), len(argv))
-                    found.append(Command(page.relative_to(REPO).as_posix(), number, tuple(argv[:cut])))
+                    name = page.relative_to(REPO).as_posix()
+                    found.append(Command(name, number, tuple(argv[:cut]), program))
                 segment = []
             else:
                 segment.append(token)
     return found
 
 
-COMMANDS = [command for page in PAGES for command in commands_of(page)]
+DOCUMENTED = [command for page in PAGES for command in commands_of(page)]
+COMMANDS = [command for command in DOCUMENTED if command.program == "anomaly"]
+SCRIPTS = [command for command in DOCUMENTED if command.program == "python"]
 
 
 def test_the_readme_and_the_docs_hold_commands():
     pages = {command.page for command in COMMANDS}
     assert {"README.md", "docs/cli.md", "docs/own-data.md", "docs/reproduction.md"} <= pages
     assert ("fit",) in [c.argv for c in COMMANDS if c.page == "README.md"]  # the demo
+    assert {"benchmarks/compare_peers.py", "benchmarks/run.py"} <= {c.argv[0] for c in SCRIPTS}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_no_page_names_a_path_of_one_machine(page: Path):
+    """Data and environments are arguments (``/data/mvtec_ad`` stands for wherever they are)."""
+    for line in page.read_text().splitlines():
+        assert not re.search(r"\.\./shared|/opt/|/work/|/home/\w", line), f"{page.name}: {line}"
 
 
 def test_readme_stays_short():
@@ -178,15 +204,31 @@ def test_documented_command(command: Command, workspace: Path, request, monkeypa
     elif uses_demo_outputs(argv, workspace):
         code = run(argv)
     else:
-        parse = argparse.ArgumentParser.parse_args
-
-        def parse_and_stop(parser, args=None, namespace=None):
-            parse(parser, args, namespace)
-            raise Parsed
-
-        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+        stop_at_parsing(monkeypatch)
         with pytest.raises(Parsed):
             run(argv)
         return
     err = capsys.readouterr().err
     assert code == 0, f"{command}: anomaly {shlex.join(command.argv)}\n{err[-2000:]}"
+
+
+def stop_at_parsing(monkeypatch) -> None:
+    """Every argparse parser raises :class:`Parsed` once it has accepted its arguments."""
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(parser, args=None, namespace=None):
+        parse(parser, args, namespace)
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+
+
+@pytest.mark.parametrize("command", SCRIPTS, ids=str)
+def test_documented_script(command: Command, workspace: Path, monkeypatch):
+    """A documented ``python <script>.py ...`` passes the script's own parser (nothing is run)."""
+    script, *args = concrete(command.argv, workspace)
+    monkeypatch.chdir(workspace)
+    monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])
+    stop_at_parsing(monkeypatch)
+    with pytest.raises(Parsed):
+        runpy.run_path(str(REPO / script), run_name="__main__")

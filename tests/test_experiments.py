@@ -12,9 +12,10 @@ import anomaly.cli
 from anomaly.console import Terminated
 from anomaly.errors import UserError
 from anomaly.evaluation.paper_values import paper_level_value, paper_table
+from anomaly.experiments.cells import RunIndex, run_context
 from anomaly.experiments.cli import main
 from anomaly.experiments.grids import TABLES
-from anomaly.experiments.runner import RunIndex, grid_cells, measured_table, run_context
+from anomaly.experiments.runner import grid_cells, measured_table
 from tests.evaluation.fake_runs import fake_results
 
 LITE = ["--backbone", "efficientnet-lite0"]

@@ -35,10 +35,11 @@ from anomaly.detector import GaussianDetector, read_detector
 from anomaly.evaluation.evaluate import main as evaluate_main
 from anomaly.experiments.cli import main as experiments_main
 from anomaly.export.__main__ import main as export_main
-from anomaly.runfolder import LOCK_FILE, RunLock
+from anomaly.runfolder import RunLock
 from predict import main as predict_main
 from tests.conftest import make_mvtec_category
 from tests.detector.helpers import demo_images, fit_demo_detector
+from tests.hold_fit import MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = (
@@ -288,35 +289,32 @@ def test_the_anchor_bomb_is_short_and_huge():
 
 # ------------------------------------------------------- real processes
 def start_training(workspace: Path, runs: Path, *extra: str, **popen) -> subprocess.Popen:
-    args = [token.format(data=workspace / "slow_data", runs=runs) for token in shlex.split(TRAIN)]
+    args = [token.format(data=workspace / "data", runs=runs) for token in shlex.split(TRAIN)]
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args, *extra],
         cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
     )  # fmt: skip
 
 
-def wait_until_fitting(process: subprocess.Popen, runs: Path, timeout: float = 240.0) -> None:
-    """Until the run holds its folder's lock (parsed, model built, about to fit)."""
+def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 300.0) -> None:
+    """Until ``process`` creates ``path``; fails with the process's output if it ends or times out first."""
     deadline = time.monotonic() + timeout
-    while not list(runs.rglob(LOCK_FILE)):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the run never started fitting"
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            out, err = process.communicate()
+            pytest.fail(f"{path.name} did not appear (exit {process.returncode}):\n{out}\n{err}")
         time.sleep(0.02)
-
-
-@pytest.fixture(scope="module")
-def slow_data(workspace: Path) -> Path:
-    """Enough images (48 to fit on) that a run is still fitting when the signal arrives."""
-    return make_mvtec_category(workspace / "slow_data", n_train=60, n_good=20, n_bad=20, size=32)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_mid_fit_exits_with_its_code_and_leaves_no_run(signum, code, workspace, slow_data, tmp_path):
+def test_a_signal_mid_fit_exits_with_its_code_and_leaves_no_run(signum, code, workspace, tmp_path):
     """[10], [minor 3]: Lightning made SIGTERM exit 0 and Ctrl-C exit 1; a scheduler must see them."""
-    runs = tmp_path / "runs"
-    process = start_training(workspace, runs)
-    wait_until_fitting(process, runs)
+    runs, fitting = tmp_path / "runs", tmp_path / "fitting"
+    hold = ["--trainer.callbacks+=tests.hold_fit.HoldFit"]  # the run waits at its first batch
+    process = start_training(workspace, runs, *hold, env={**os.environ, MARKER: str(fitting)})
+    wait_for_file(fitting, process)
     process.send_signal(signum)
     _, err = process.communicate(timeout=240)
     one_line(err, "interrupted:")
@@ -332,8 +330,7 @@ def file_size_limit(size: int) -> Callable[[], None]:
 def test_a_full_disk_while_training_is_one_line(workspace: Path, tmp_path: Path):
     """[11]: ``ulimit -f`` (the run's files cannot grow past 100 KB): one line, and no run left."""
     runs = tmp_path / "runs"
-    data_args = ["--data.root", str(workspace / "data")]
-    process = start_training(workspace, runs, *data_args, preexec_fn=file_size_limit(100_000))
+    process = start_training(workspace, runs, preexec_fn=file_size_limit(100_000))
     _, err = process.communicate(timeout=600)
     one_line(err, "error: cannot read or write")
     assert process.returncode == 2

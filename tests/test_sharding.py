@@ -6,7 +6,6 @@ import hashlib
 import itertools
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,12 @@ import pytest
 import anomaly.cli
 from anomaly.errors import UserError
 from anomaly.evaluation.evaluate import main as evaluate
+from anomaly.experiments.cells import RunIndex, job_text
 from anomaly.experiments.cli import main as reproduce
 from anomaly.experiments.grids import TABLES
-from anomaly.experiments.runner import RunIndex, grid_cells, run_grid
+from anomaly.experiments.runner import grid_cells, run_grid
 from anomaly.experiments.sharding import Shard, device_ids, run_on_devices
-from anomaly.experiments.worker import job_text, run_job
+from anomaly.experiments.worker import run_job
 from tests.conftest import make_mvtec_category
 from tests.evaluation.fake_runs import fake_results
 
@@ -167,21 +167,29 @@ def test_device_ids():
 
 
 class FakeDevices:
-    """A launcher that records which device ran which cell and how many ran at once."""
+    """A launcher that records which device ran which cell and how many ran at once.
 
-    def __init__(self, index: RunIndex, fail: set = frozenset()) -> None:
+    The first ``together`` runs wait for each other before they finish, so that that many devices
+    are busy at once however the threads are scheduled.
+    """
+
+    def __init__(self, index: RunIndex, fail: set = frozenset(), together: int = 1) -> None:
         self.index, self.fail = index, fail
         self.lock = threading.Lock()
+        self.first = threading.Barrier(together, timeout=60)
         self.busy: set[str] = set()
         self.ran: list[tuple] = []
-        self.most_at_once = 0
+        self.most_at_once = self.started = 0
 
     def __call__(self, cell, device: str) -> int:
         with self.lock:
             assert device not in self.busy, "two runs on one device"
             self.busy.add(device)
             self.most_at_once = max(self.most_at_once, len(self.busy))
-        time.sleep(0.02)
+            self.started += 1
+            waits = self.started <= self.first.parties
+        if waits:
+            self.first.wait()
         run_dir = self.index.folder.parent / f"{cell.category}_{cell.fold}_{abs(hash(cell.args))}"
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "results.json").write_text(json.dumps(fake_results(cell.category, cell.fold, 0.9)))
@@ -197,7 +205,7 @@ class FakeDevices:
 def test_devices_run_one_cell_per_gpu_at_a_time(tmp_path: Path):
     cells = grid_cells(TABLES["table3"], ["gadget", "widget"], [0, 1, 2])
     index = RunIndex(tmp_path, tmp_path)
-    launch = FakeDevices(index)
+    launch = FakeDevices(index, together=3)
     assert run_grid(cells, tmp_path, tmp_path, devices=["0", "1", "3"], launch=launch) == (36, 0)
     ran = [c for c, _ in launch.ran]
     assert len(ran) == len(set(ran)) == len(cells) and set(ran) == set(cells)  # each cell once

@@ -1,8 +1,12 @@
-"""The shipped configs: ``--config spatial_grid`` means ``anomaly/configs/spatial_grid.yaml``.
+"""The shipped configs: ``--config spatial_grid`` means ``configs/spatial_grid.yaml``.
 
 A ``--config`` value that names an existing file is that file; otherwise a name
-(with or without ``.yaml``, or as ``configs/NAME.yaml``, where the configs lay in a clone
-before) of a file here. ``anomaly configs`` lists them.
+(with or without ``.yaml``, or as ``configs/NAME.yaml``) of a shipped config. ``anomaly configs``
+lists them.
+
+Every ``*.yaml`` of the clone's top-level ``configs/`` folder is a shipped config. A clone (also an
+editable install) reads them there; a wheel carries them as the package data ``anomaly/configs/shipped``
+(pyproject.toml maps that package onto ``configs/``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from pathlib import Path
 
 from anomaly.errors import ArgumentsError
 
-CONFIG_DIR = Path(__file__).resolve().parent
+_INSTALLED = Path(__file__).resolve().parent / "shipped"
+CONFIG_DIR = _INSTALLED if _INSTALLED.is_dir() else Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 

@@ -26,8 +26,9 @@ from anomaly.data import MVTEC_CATEGORIES
 from anomaly.data.images import require_folder
 from anomaly.errors import UserError
 from anomaly.evaluation.tables import FORMATS, emit, format_table
+from anomaly.experiments.cells import RunIndex
 from anomaly.experiments.grids import TABLES
-from anomaly.experiments.runner import RunIndex, grid_cells, measured_table, run_grid
+from anomaly.experiments.runner import grid_cells, measured_table, run_grid
 from anomaly.experiments.sharding import Shard, device_ids
 
 PAPER_FOLDS = (0, 1, 2, 3, 4)

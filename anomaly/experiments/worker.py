@@ -1,43 +1,25 @@
 """One cell of a grid in its own process: ``python -m anomaly.experiments.worker JOB``.
 
-``JOB`` is the JSON of :func:`job_text`. The worker runs the training command and
+``JOB`` is the JSON of :func:`anomaly.experiments.cells.job_text`. The worker runs the training command and
 records the finished run in the grid's run index, exactly as the in-process sweep
 does; ``anomaly reproduce --devices`` starts one worker per GPU.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from anomaly.console import run_command
 from anomaly.evaluation.report import format_run_table
-from anomaly.experiments.runner import Cell, RunIndex, run_cell
-
-
-def job_text(cell: Cell, command: Sequence[str], index: RunIndex) -> str:
-    """Everything a worker needs: the cell, its training arguments, and the index to record it in."""
-    return json.dumps(
-        {
-            "cell": [list(cell.args), cell.category, cell.fold, cell.cacheable],
-            "command": list(command),
-            "runs_dir": str(index.folder.parent),
-            "data_root": str(index.data_root),
-            "extra": index.extra,
-        }
-    )
+from anomaly.experiments.cells import job_from_text, run_cell
 
 
 def run_job(text: str) -> int:
     from anomaly.cli import fit_and_test
 
-    job = json.loads(text)
-    args, category, fold, cacheable = job["cell"]
-    cell = Cell(tuple(args), category, fold, cacheable)
-    index = RunIndex(Path(job["runs_dir"]), Path(job["data_root"]), job["extra"])
-    results = run_cell(cell, job["command"], fit_and_test)
+    cell, command, index = job_from_text(text)
+    results = run_cell(cell, command, fit_and_test)
     index.store(cell, results["run_dir"])
     print(format_run_table(results))  # into the worker's log
     return 0

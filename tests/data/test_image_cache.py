@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import errno
 import os
-import time
 import warnings
 from pathlib import Path
 
@@ -74,6 +73,15 @@ def test_a_changed_file_is_decoded_again_not_served_stale(images, tmp_path):
     np.testing.assert_array_equal(cache.load(images[1]), np.full((SIZE, SIZE, 3), 9, np.uint8))
 
 
+def wait_past_the_clock_tick(stat: os.stat_result, folder: Path) -> None:
+    """Until a file changed now gets a later change time than ``stat``'s (file system clocks are coarse)."""
+    probe = folder / "clock_probe"
+    probe.touch()
+    while probe.stat().st_ctime_ns <= stat.st_ctime_ns:
+        probe.touch()
+    probe.unlink()
+
+
 def test_a_rewrite_of_the_same_size_with_the_old_time_set_back_is_noticed(tmp_path):
     """Uncompressed BMPs of one size: only the change time tells the two contents apart."""
     path = tmp_path / "same_size.bmp"
@@ -81,7 +89,7 @@ def test_a_rewrite_of_the_same_size_with_the_old_time_set_back_is_noticed(tmp_pa
     cache = ResizedImageCache(tmp_path / "cache", SIZE)
     cache.load(path)
     before = path.stat()
-    time.sleep(0.05)  # past the file system's clock tick
+    wait_past_the_clock_tick(before, tmp_path)
     Image.fromarray(np.full((60, 70, 3), 200, np.uint8)).save(path)  # rewritten in place
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = path.stat()
