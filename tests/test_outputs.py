@@ -456,3 +456,13 @@ def test_a_glob_of_folders_hints_at_double_star(tmp_path: Path):
     with pytest.raises(UserError, match=r"matches only folders .*use \*\* to search inside them"):
         collect_images(f"{tmp_path}/in/*")
     assert collect_images(f"{tmp_path}/in/**/*.png") == [tmp_path / "in" / "a" / "x.png"]
+
+
+def test_the_csv_may_go_into_the_maps_folder(maps_detector: Path, tmp_path: Path):
+    image = save_image(tmp_path / "in" / "x.png")
+    maps = tmp_path / "maps"
+    args = ["--detector", str(maps_detector), "--input", str(image), "--maps", str(maps), "--no-progress"]
+    for _ in range(2):  # and a rerun replaces both
+        assert predict_main([*args, "--out", str(maps / "scores.csv")]) == 0
+    expected = [MANIFEST, "scores.csv", "x.png.map.npy", "x.png.overlay.png"]
+    assert sorted(p.name for p in maps.iterdir()) == expected
