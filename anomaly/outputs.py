@@ -10,7 +10,7 @@ Every command that writes files a user names (``predict --out`` and ``--maps``,
   is not of the kind the command writes (``ours``), unless ``overwrite``. A file
   the command wrote before (a rerun) is replaced, as users of ``--out`` expect.
 * :class:`OutputFolder` for a folder of many files named by the command (``--maps``).
-  The folder must be new, empty, or one the command wrote before: it keeps the
+  The folder must be new, empty (hidden files aside), or one the command wrote before: it keeps the
   list of the files it wrote in :data:`MANIFEST`, and only those are replaced.
   Its files are never taken as input of the command.
 
@@ -122,7 +122,7 @@ class OutputFolder:
         check_writable_path(self.folder / MANIFEST, option)
         self.before = self.written_before()
         if not self.before and self.folder.is_dir():
-            other = next(iter(sorted(self.folder.iterdir())), None)
+            other = next((p for p in sorted(self.folder.iterdir()) if not p.name.startswith(".")), None)
             if other is not None:
                 raise UserError(
                     f"{option} {self.folder} holds files that {command} did not write (e.g. "

@@ -19,6 +19,7 @@ from PIL import Image
 from anomaly.console import Terminated
 from anomaly.data.folder import FolderDataModule
 from anomaly.data.images import collect_images
+from anomaly.detector.file import claim_detector_output, detector_files
 from anomaly.detector.maps import OVERLAY_SIDE, map_file_names, overlay_size
 from anomaly.errors import UserError
 from anomaly.export.__main__ import main as export_main
@@ -456,3 +457,26 @@ def test_a_glob_of_folders_hints_at_double_star(tmp_path: Path):
     with pytest.raises(UserError, match=r"matches only folders .*use \*\* to search inside them"):
         collect_images(f"{tmp_path}/in/*")
     assert collect_images(f"{tmp_path}/in/**/*.png") == [tmp_path / "in" / "a" / "x.png"]
+
+
+def test_the_csv_may_go_into_the_maps_folder(maps_detector: Path, tmp_path: Path):
+    image = save_image(tmp_path / "in" / "x.png")
+    maps = tmp_path / "maps"
+    args = ["--detector", str(maps_detector), "--input", str(image), "--maps", str(maps), "--no-progress"]
+    for _ in range(2):  # and a rerun replaces both
+        assert predict_main([*args, "--out", str(maps / "scores.csv")]) == 0
+    expected = [MANIFEST, "scores.csv", "x.png.map.npy", "x.png.overlay.png"]
+    assert sorted(p.name for p in maps.iterdir()) == expected
+
+
+def test_a_detector_output_replaces_only_detectors_and_never_its_inputs(detector_file: Path, tmp_path: Path):
+    """For commands that save a detector: the ``.safetensors`` and its ``.json`` are claimed together."""
+    inputs = detector_files(detector_file)
+    with pytest.raises(UserError, match="is an input of anomaly update"):
+        claim_detector_output(detector_file, inputs=inputs, overwrite=True, command="anomaly update")
+    earlier = fit_demo_detector().save(tmp_path / "earlier.safetensors")
+    claimed = claim_detector_output(tmp_path / "earlier", inputs=inputs, command="anomaly update")
+    assert claimed == earlier  # an earlier detector (and its .json) may be replaced
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    with pytest.raises(UserError, match=r"notes\.json already exists and was not written by anomaly update"):
+        claim_detector_output(tmp_path / "notes.safetensors", inputs=inputs, command="anomaly update")

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ from anomaly.detector.model import LEVEL_WEIGHTINGS, PRECISIONS
 from anomaly.detector.weights import EMBEDDED_PREFIX
 from anomaly.errors import UserError
 from anomaly.evaluation.results import json_safe, write_atomic
+from anomaly.outputs import claim_output
 from anomaly.pooling import POOLINGS, Pooling, build_pooling, pooling_options
 from anomaly.stats.distances import SCORE_TYPES
 from anomaly.stats.pca import REDUCTIONS
@@ -417,3 +419,45 @@ def level_tensors(tensors: dict[str, Tensor], level: int, prefix: str = "level."
     ``prefix`` :data:`MOMENTS_PREFIX`, its streamed moments."""
     prefix = f"{prefix}{level}."
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+# ------------------------------------------------------------- as an output
+def is_detector_file(path: str | Path) -> bool:
+    """Whether ``path`` is a detector file of this package (its header names the format)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            metadata = json.loads((file.metadata() or {}).get(METADATA_KEY, "{}"))
+    except Exception:  # not safetensors, unreadable, not JSON
+        return False
+    return isinstance(metadata, dict) and metadata.get("format") == FORMAT
+
+
+def is_detector_json(path: str | Path) -> bool:
+    """Whether ``path`` is the ``.json`` copy of a detector's metadata."""
+    try:
+        metadata = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metadata, dict) and metadata.get("format") == FORMAT
+
+
+def claim_detector_output(
+    path: str | Path,
+    *,
+    inputs: Iterable[str | Path] = (),
+    overwrite: bool = False,
+    option: str = "--out",
+    command: str = "this command",
+) -> Path:
+    """The ``.safetensors`` path a command may save a detector to (:func:`write_detector` writes its
+    ``.json`` beside it): both claimed by :func:`anomaly.outputs.claim_output`, never over one of
+    ``inputs`` (give every detector read, e.g. with :func:`detector_files`), and over an existing
+    file only when it is a detector (or its ``.json``) or with ``overwrite``."""
+    target = Path(path).expanduser() if str(path).strip() else path
+    if isinstance(target, Path) and target.suffix != ".safetensors":
+        target = target.with_suffix(".safetensors")
+    inputs = list(inputs)
+    claim = {"inputs": inputs, "overwrite": overwrite, "option": option, "command": command}
+    target = claim_output(target, ours=is_detector_file, **claim)
+    claim_output(target.with_suffix(".json"), ours=is_detector_json, **claim)
+    return target

@@ -12,7 +12,7 @@ from anomaly.data.datasets import Sample
 from anomaly.data.images import load_mask, load_rgb
 from anomaly.data.transforms import Geometry
 from anomaly.data.transforms import geometry as make_geometry
-from anomaly.evaluation.plots import new_figure
+from anomaly.evaluation.plots import new_figure, save_figure
 
 
 def write_overlays(
@@ -41,9 +41,7 @@ def write_overlays(
             axes.contour(geometry.mask(load_mask(sample.mask), image_size), levels=[0.5], colors="white")
         axes.set_axis_off()
         figure.suptitle(f"{Path(sample.path).name}  {sample.defect}  score {score:.2f}", fontsize=8)
-        path = folder / f"{rank:02d}_{Path(sample.path).stem}.png"
-        figure.savefig(path)
-        written.append(path)
+        written.append(save_figure(figure, folder / f"{rank:02d}_{Path(sample.path).stem}.png"))
     return written
 
 

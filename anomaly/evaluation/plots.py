@@ -8,6 +8,7 @@ builders feed TensorBoard (:mod:`anomaly.evaluation.tensorboard`).
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from anomaly.atomic import write_bytes_atomic
 from anomaly.columns import ScoreColumn
 from anomaly.evaluation.aggregate import SUM, level_sort_key
 from anomaly.evaluation.metrics import image_auroc
@@ -38,6 +40,13 @@ def new_figure(width: float = 6.0, height: float = 4.5) -> Figure:
     figure = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(figure)
     return figure
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Write ``figure`` as a PNG to ``path``, whole (:mod:`anomaly.atomic`)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def level_name(column: str) -> str:
@@ -222,8 +231,7 @@ def write_run_plots(
     }
     paths = []
     for name, figure in figures.items():
-        figure.savefig(run_dir / name)
-        paths.append(run_dir / name)
+        paths.append(save_figure(figure, run_dir / name))
     return paths
 
 
