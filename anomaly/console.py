@@ -1,7 +1,7 @@
 """How every command-line entry point reports bad input, interruption and failed writes: one line.
 
-Exit codes: 0 success, 2 bad input or a file that cannot be read or written
-(``error: <one line>``), 130 Ctrl-C and 143 SIGTERM (``interrupted: <what is kept>``).
+Exit codes: 0 success, 2 bad input, a file that cannot be read or written, or memory that
+cannot be allocated (``error: <one line>``), 130 Ctrl-C and 143 SIGTERM (``interrupted: <what is kept>``).
 Anything else is a bug and keeps its traceback.
 """
 
@@ -87,6 +87,23 @@ def system_error_message(error: BaseException) -> str | None:
     return None
 
 
+#: How PyTorch and the allocators word an allocation that failed (CPU and CUDA).
+OUT_OF_MEMORY = re.compile(r"not enough memory|out of memory|can't allocate memory|failed to allocate", re.I)
+MEMORY_HINT = "lower the batch size (anomaly fit: --data.batch_size; anomaly predict: --batch-size)"
+
+
+def memory_error_message(error: BaseException) -> str | None:
+    """``out of memory (<what failed>): lower the batch size ...`` for an allocation behind ``error``."""
+    for cause in _causes(error):
+        text = str(cause).strip()
+        failed = isinstance(cause, MemoryError) or type(cause).__name__ == "OutOfMemoryError"
+        if failed or (isinstance(cause, RuntimeError) and OUT_OF_MEMORY.search(text)):
+            line = next((part for part in text.splitlines() if OUT_OF_MEMORY.search(part)), text)
+            what = line.split("] ", 1)[-1].strip()[:160] or type(cause).__name__
+            return f"out of memory ({what}): {MEMORY_HINT}"
+    return None
+
+
 def interrupted_exit(error: BaseException) -> int | None:
     """130 for Ctrl-C, 143 for SIGTERM, also when Lightning turned them into ``sys.exit``; else None."""
     if isinstance(error, Terminated) or type(error).__name__ == "SIGTERMException":
@@ -122,7 +139,8 @@ def run_command(command: Callable[[], int], on_interrupt: str = "stopped") -> in
     """Run ``command``; a UserError anywhere behind a failure becomes ``error: <one line>`` and exit 2.
 
     A file that cannot be read or written (name too long, disk or ``ulimit -f`` full,
-    no permission) is one ``error:`` line too. Ctrl-C exits 130 and SIGTERM 143, each
+    no permission) is one ``error:`` line too, and so is an allocation that fails (with the
+    hint to lower the batch size). Ctrl-C exits 130 and SIGTERM 143, each
     with an ``interrupted:`` line. Any other exception is a bug and keeps its
     traceback. The package's warnings print as one line.
     """
@@ -141,7 +159,7 @@ def run_command(command: Callable[[], int], on_interrupt: str = "stopped") -> in
         if user_error is not None:
             print(f"error: {user_message(user_error)}", file=sys.stderr)
             return USER_ERROR_EXIT
-        system = system_error_message(error)
+        system = system_error_message(error) or memory_error_message(error)
         if system is None:
             raise
         print(f"error: {system}", file=sys.stderr)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import errno
 
 import pytest
+import torch
 
 from anomaly.console import (
     INTERRUPTED_EXIT,
     TERMINATED_EXIT,
     interrupted_exit,
+    memory_error_message,
     run_command,
     system_error_message,
 )
@@ -74,3 +76,25 @@ def test_a_bug_keeps_its_traceback():
 
     with pytest.raises(FileNotFoundError):
         run_command(fail)
+
+
+def test_an_allocation_that_fails_is_one_line_with_the_batch_size_hint(capsys):
+    def allocate() -> int:
+        torch.empty(2**50, dtype=torch.uint8)  # a petabyte: refused at once by the allocator
+        return 0
+
+    assert run_command(allocate) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert (
+        line.startswith("error: out of memory (") and "you tried to allocate 1125899906842624 bytes" in line
+    )
+    assert line.endswith(
+        "lower the batch size (anomaly fit: --data.batch_size; anomaly predict: --batch-size)"
+    )
+    assert memory_error_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB"))
+
+    def bug() -> int:
+        raise RuntimeError("shapes do not match")
+
+    with pytest.raises(RuntimeError):
+        run_command(bug)

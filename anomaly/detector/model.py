@@ -209,22 +209,48 @@ class GaussianDetectorModel(nn.Module):
         dtype = MIXED_PRECISIONS.get(self.precision)
         device = self.level_stats.device.type
         with torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext():
-            return self.pooling.pool(self.extractor, self.split_tiles(images), self.levels)
+            if self.tiles.count == 1:
+                return self.pooling.pool(self.extractor, images, self.levels)
+            return self.tile_features(images)
+
+    def tile_size(self, images: Tensor) -> int:
+        """The side S of the square tiles of (B, C, rows*S, cols*S) images; :class:`UserError` otherwise."""
+        rows, cols = self.tiles.rows, self.tiles.cols
+        height, width = images.shape[-2:]
+        if height % rows or width % cols or height // rows != width // cols:
+            raise UserError(
+                f"a detector with tiles {self.tiles} takes images of {rows}S x {cols}S pixels, "
+                f"got {height}x{width}"
+            )
+        return height // rows
 
     def split_tiles(self, images: Tensor) -> Tensor:
         """(B, C, rows*S, cols*S) -> (B*rows*cols, C, S, S): each image's tiles, row by row."""
         rows, cols = self.tiles.rows, self.tiles.cols
         if rows * cols == 1:
             return images
-        channels, height, width = images.shape[1:]
-        if height % rows or width % cols or height // rows != width // cols:
-            raise UserError(
-                f"a detector with tiles {self.tiles} takes images of {rows}S x {cols}S pixels, "
-                f"got {height}x{width}"
-            )
-        size = height // rows
+        size, channels = self.tile_size(images), images.shape[1]
         tiles = images.reshape(-1, channels, rows, size, cols, size).permute(0, 2, 4, 1, 3, 5)
         return tiles.reshape(-1, channels, size, size)
+
+    def tile_features(self, images: Tensor) -> list[Tensor]:
+        """The rows of the tiles of (B, C, rows*S, cols*S) images, in :meth:`split_tiles`' order.
+
+        One tile position at a time goes through the backbone: B tiles per pass, so that a tiled
+        batch needs the memory of an untiled batch of B images, not ``rows*cols`` times as much.
+        """
+        size = self.tile_size(images)
+        per_position = [
+            self.pooling.pool(
+                self.extractor,
+                images[:, :, r * size : (r + 1) * size, c * size : (c + 1) * size],
+                self.levels,
+            )
+            for r in range(self.tiles.rows)
+            for c in range(self.tiles.cols)
+        ]
+        # (B, positions, ...) -> (B * positions, ...): image-major, positions row by row
+        return [torch.stack(level, dim=1).flatten(0, 1) for level in zip(*per_position, strict=True)]
 
     def merge_tiles(
         self, columns: dict[str, Tensor], maps: Tensor | None

@@ -4,7 +4,8 @@ A method's ``test_step`` only returns its rows: ``{"scores": {column: (B,)}, "ma
 (maps for map-capable models only). :class:`RunReport` collects them with the batch's indices,
 labels and masks, gathers them over all processes (each image once, sorted by index), and then
 
-* computes the image AUROC of every score column (and, with maps and masks, pixel AUROC and PRO)
+* computes the image AUROC of every score column (and, with maps and masks, pixel AUROC and PRO
+  over the images whose ground truth is known: normal ones, and defective ones with a mask)
   and logs them (``test/auroc/<type>/<level>``, ``test/pixel_auroc``, ``test/pro``);
 * asks the method for its own entries (:meth:`~anomaly.methods.base.AnomalyMethod.extra_results`,
   ``test_results``, ``decision_columns``, ``overlays``);
@@ -34,7 +35,7 @@ from anomaly.evaluation.results import OVERLAYS_DIR, write_results, write_scores
 from anomaly.evaluation.tensorboard import report_run
 from anomaly.methods.distributed import gather_rows
 
-INDEX, LABEL, MAP, MASK = "index", "label", "map", "mask"
+INDEX, LABEL, MAP, MASK, HAS_MASK = "index", "label", "map", "mask", "has_mask"
 
 
 def summarise_aurocs(columns: dict[str, Tensor], labels: Tensor) -> dict[str, dict]:
@@ -81,6 +82,7 @@ class RunReport(pl.Callback):
             self._parts[MAP].append(outputs["maps"].detach().float().cpu())
             if MASK in batch:
                 self._parts[MASK].append(batch[MASK].detach().cpu())
+                self._parts[HAS_MASK].append(torch.as_tensor(batch[HAS_MASK]).to(torch.uint8).cpu())
 
     def gathered_rows(self) -> dict[str, Tensor]:
         """Every process's rows, sorted by image index (a collective under DDP)."""
@@ -95,7 +97,7 @@ class RunReport(pl.Callback):
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rows = self.gathered_rows()
         indices, labels = rows.pop(INDEX), rows.pop(LABEL)
-        maps, masks = rows.pop(MAP, None), rows.pop(MASK, None)
+        maps, masks, has_mask = rows.pop(MAP, None), rows.pop(MASK, None), rows.pop(HAS_MASK, None)
         if trainer.is_global_zero and labels.unique().numel() < 2:
             only = "anomalous" if bool(labels.all()) else "normal"
             warnings.warn(
@@ -110,9 +112,16 @@ class RunReport(pl.Callback):
                     pl_module.log(f"test/auroc/{score_type}/{level}", value, rank_zero_only=True)
         pixel = {}
         if maps is not None and masks is not None:
-            pixel = {"pixel_auroc": pixel_auroc(maps, masks), "pro": pixel_pro(maps, masks)}
-            for name, value in pixel.items():
-                pl_module.log(f"test/{name}", value, rank_zero_only=True)
+            known = self.known_truth(trainer, indices, labels, has_mask)
+            if bool((labels[known] == 1).any()):
+                known_maps, known_masks = maps[known], masks[known]
+                pixel = {
+                    "pixel_auroc": pixel_auroc(known_maps, known_masks),
+                    "pro": pixel_pro(known_maps, known_masks),
+                }
+                for name, value in pixel.items():
+                    pl_module.log(f"test/{name}", value, rank_zero_only=True)
+                pixel["n_pixel_images"] = int(known.sum())
         self.results = self.compose(trainer, pl_module, summary, labels, rows, pixel)
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP
         if not trainer.is_global_zero:
@@ -123,6 +132,23 @@ class RunReport(pl.Callback):
         if maps is not None and self.figures and pl_module.overlays > 0:
             self.write_overlays(trainer, run_dir, maps, rows[pl_module.primary_score], pl_module.overlays)
 
+    @staticmethod
+    def known_truth(trainer, indices: Tensor, labels: Tensor, has_mask: Tensor) -> Tensor:
+        """Which test images' pixels are known: the normal ones (all normal) and the defective ones
+        with a mask. A defective image without a mask is not all normal: it is left out of the pixel
+        metrics, with one warning naming how many and their defect folders."""
+        known = (labels == 0) | has_mask.bool()
+        if trainer.is_global_zero and not bool(known.all()):
+            samples = trainer.datamodule.test_samples
+            defects = sorted({samples[i].defect for i in indices[~known].tolist()})
+            warnings.warn(
+                f"{int((~known).sum())} defective test image(s) have no ground-truth mask (in "
+                f"{', '.join(defects)}): pixel AUROC and PRO are computed over the other "
+                f"{int(known.sum())} images",
+                stacklevel=1,
+            )
+        return known
+
     def compose(self, trainer, pl_module, summary: dict, labels: Tensor, rows: dict, pixel: dict) -> dict:
         """The content of ``results.json``: the common entries, then the method's own."""
         dm = trainer.datamodule
@@ -130,7 +156,7 @@ class RunReport(pl.Callback):
         entry = summary[primary.kind]
         method_results = pl_module.test_results(rows, labels)
         if pl_module.reports_pixel_scores:
-            method_results.update({"pixel_auroc": None, "pro": None, **pixel})
+            method_results.update({"pixel_auroc": None, "pro": None, "n_pixel_images": 0, **pixel})
         return {
             "method": pl_module.method_name,
             "backbone": pl_module.backbone_name(),

@@ -10,16 +10,19 @@ import numpy as np
 import pytest
 import torch
 
+from anomaly.backbones import build_backbone
 from anomaly.cli import main as fit_main
 from anomaly.data import MVTecDataModule
 from anomaly.data.transforms import TileGrid
 from anomaly.detector import GaussianDetector, read_detector
 from anomaly.detector.file import tensors_sha256
 from anomaly.detector.inputs import image_batch
+from anomaly.detector.model import GaussianDetectorModel
 from anomaly.errors import UserError
 from anomaly.features import FeatureCache
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.ocsvm import OneClassSVMAD
+from anomaly.pooling import Cells, Global
 from predict import main as predict_main
 from tests.conftest import fit_and_test, make_mvtec_category
 from tests.detector.helpers import onnx_outputs_match_pytorch
@@ -164,3 +167,33 @@ def test_a_tiled_detector_exports_to_torchscript_and_onnx(strips: Path, tmp_path
     session, (score, _, _) = onnx_outputs_match_pytorch(detector, images, tmp_path / "d.onnx")
     score1 = session.run(None, {"images": images[:1].numpy()})[0]  # another batch size, same export
     np.testing.assert_allclose(score1, score[:1], rtol=1e-4)
+
+
+@pytest.mark.parametrize("pooling", [Global(), Cells(grid_size=2)])
+def test_tiles_pass_the_backbone_a_batch_of_images_at_a_time_with_the_same_scores(pooling):
+    """A 2x3-tiled batch of 4 images: 6 passes of 4 tiles, not one of 24; features and scores as if
+    every tile had gone through at once."""
+    torch.manual_seed(0)
+    extractor = build_backbone("efficientnet-lite0", pretrained=False)
+    levels = [2, 4]
+    channels = [extractor.level_dims[level - 1] for level in levels]
+    model = GaussianDetectorModel.for_fitting(
+        extractor, levels, channels, pooling, tiles="2x3", image_size=SIZE
+    )
+    fit_images = torch.randint(0, 256, (6, 3, 2 * SIZE, 3 * SIZE), dtype=torch.uint8)
+    model.update(model.features(fit_images))
+    model.finalise()
+    images = torch.randint(0, 256, (4, 3, 2 * SIZE, 3 * SIZE), dtype=torch.uint8)
+    passes = []
+    extractor.register_forward_hook(lambda module, args, output: passes.append(len(args[0])))
+    features = model.features(images)
+    assert passes == [4] * 6
+    at_once = pooling.pool(extractor, model.split_tiles(images), levels)  # every tile in one pass
+    for chunked, whole in zip(features, at_once, strict=True):
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    columns, maps = model(images)
+    expected_columns, expected_maps = model.score(at_once)
+    for name, values in columns.items():
+        torch.testing.assert_close(values, expected_columns[name], rtol=1e-5, atol=1e-6)
+    if maps is not None:
+        torch.testing.assert_close(maps, expected_maps, rtol=1e-5, atol=1e-6)

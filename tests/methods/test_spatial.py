@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from anomaly.evaluation.pixel import pixel_auroc, pixel_pro, upsample_maps
 from anomaly.evaluation.pro import pro_score
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.spatial import SpatialGaussianAD
-from tests.conftest import fit_and_test, run_results
+from tests.conftest import fit_and_test, make_mvtec_category, run_results
 
 SIZE = 64  # small inputs keep the backbone cheap; level 6 is then a 4x4 map
 
@@ -126,6 +127,40 @@ def test_cells_streamed_fit_equals_sklearn_on_stored_features(tiny_mvtec: Path, 
     assert 0.0 <= run_results(trainer)["pro"] <= 1.0
     overlays = sorted((Path(trainer.default_root_dir) / "anomaly_maps").glob("*.png"))
     assert len(overlays) == 3 and overlays[0].name.startswith("00_")
+
+
+def test_a_defective_image_without_a_mask_is_left_out_of_the_pixel_metrics(tmp_path: Path):
+    """It is not all normal: its pixels are unknown. Leaving out its mask changes nothing in the pixel
+    metrics but the warning, against the same test set without that image at all."""
+    root = make_mvtec_category(tmp_path / "with_masks")
+    model = spatial(pooling="cells", grid_size=2)
+    trainer = fit_and_test_on(model, root, tmp_path / "runs")
+    complete = run_results(trainer)
+    assert complete["n_pixel_images"] == complete["n_test"] == 8
+
+    def test_on(variant: Path) -> dict:
+        dm = MVTecDataModule(str(variant), "widget", fold=0, batch_size=4, num_workers=0, image_size=SIZE)
+        dm.configure(model.data_needs(), trainer)
+        trainer.test(model, datamodule=dm, verbose=False)
+        return run_results(trainer)
+
+    unmasked = tmp_path / "unmasked"
+    shutil.copytree(root, unmasked)
+    (unmasked / "widget" / "ground_truth" / "square" / "001_mask.png").unlink()
+    with pytest.warns(
+        UserWarning, match=r"1 defective test image\(s\) have no ground-truth mask \(in square\)"
+    ):
+        partial = test_on(unmasked)
+    removed = tmp_path / "removed"
+    shutil.copytree(root, removed)
+    (removed / "widget" / "ground_truth" / "square" / "001_mask.png").unlink()
+    (removed / "widget" / "test" / "square" / "001.png").unlink()
+    without = test_on(removed)
+    assert partial["n_test"] == 8 and partial["n_pixel_images"] == without["n_pixel_images"] == 7
+    assert partial["pixel_auroc"] == without["pixel_auroc"] and partial["pro"] == without["pro"]
+    assert partial["pixel_auroc"] != complete["pixel_auroc"]
+    shutil.rmtree(removed / "widget" / "ground_truth")  # no mask at all: no pixel metrics, as before
+    assert test_on(removed)["pixel_auroc"] is None
 
 
 def test_holdout_weighting_standardises_levels_on_held_out_normals(tiny_mvtec: Path, tmp_path: Path):
