@@ -469,14 +469,20 @@ def test_the_csv_may_go_into_the_maps_folder(maps_detector: Path, tmp_path: Path
     assert sorted(p.name for p in maps.iterdir()) == expected
 
 
-def test_a_detector_output_replaces_only_detectors_and_never_its_inputs(detector_file: Path, tmp_path: Path):
+def test_a_detector_output_is_never_an_input_and_replaces_a_file_only_when_asked(
+    detector_file: Path, tmp_path: Path
+):
     """For commands that save a detector: the ``.safetensors`` and its ``.json`` are claimed together."""
     inputs = detector_files(detector_file)
     with pytest.raises(UserError, match="is an input of anomaly update"):
         claim_detector_output(detector_file, inputs=inputs, overwrite=True, command="anomaly update")
     earlier = fit_demo_detector().save(tmp_path / "earlier.safetensors")
-    claimed = claim_detector_output(tmp_path / "earlier", inputs=inputs, command="anomaly update")
-    assert claimed == earlier  # an earlier detector (and its .json) may be replaced
+    with pytest.raises(UserError, match=r"earlier\.safetensors already exists.*--overwrite"):
+        claim_detector_output(earlier, inputs=inputs, command="anomaly update")
+    claimed = claim_detector_output(earlier, inputs=inputs, overwrite=True, command="anomaly update")
+    assert claimed == earlier
     (tmp_path / "notes.json").write_text('{"mine": 1}')
     with pytest.raises(UserError, match=r"notes\.json already exists and was not written by anomaly update"):
         claim_detector_output(tmp_path / "notes.safetensors", inputs=inputs, command="anomaly update")
+    with pytest.raises(UserError, match=r"ending in \.safetensors"):
+        claim_detector_output(tmp_path / "notes.txt", inputs=inputs, command="anomaly update")

@@ -31,10 +31,9 @@ import torch
 from anomaly.console import run_command
 from anomaly.data.images import collect_images, sha256_file
 from anomaly.detector.api import GaussianDetector, check_device
-from anomaly.detector.file import detector_files
+from anomaly.detector.file import claim_detector_output, detector_files
 from anomaly.detector.learning import CANNOT_LEARN, fresh_indices
 from anomaly.errors import UserError
-from anomaly.outputs import claim_output
 from anomaly.stats.threshold import check_fpr
 
 SHOWN = 5  # images named in a note before "..."
@@ -78,15 +77,10 @@ def add_working_point_options(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------- shared by update and merge
 def new_output(args: argparse.Namespace, inputs: list[str], command: str) -> Path:
-    """The ``.safetensors`` file ``--out`` names, claimed with its ``.json`` copy under the output
-    policy (:func:`~anomaly.outputs.claim_output`): never an input detector; an existing file only
-    with ``--overwrite``."""
-    if str(args.out).strip() and Path(args.out).suffix != ".safetensors":
-        raise UserError(f"--out {args.out}: give a file name ending in .safetensors")
+    """The detector file ``--out`` names, claimed under the output policy: never an input detector;
+    an existing file only with ``--overwrite``."""
     protected = [file for given in inputs for file in detector_files(given)]
-    target = claim_output(args.out, inputs=protected, overwrite=args.overwrite, command=command)
-    claim_output(target.with_suffix(".json"), inputs=protected, overwrite=args.overwrite, command=command)
-    return target
+    return claim_detector_output(args.out, inputs=protected, overwrite=args.overwrite, command=command)
 
 
 def add_output_options(parser: argparse.ArgumentParser, what: str) -> None:

@@ -422,25 +422,6 @@ def level_tensors(tensors: dict[str, Tensor], level: int, prefix: str = "level."
 
 
 # ------------------------------------------------------------- as an output
-def is_detector_file(path: str | Path) -> bool:
-    """Whether ``path`` is a detector file of this package (its header names the format)."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as file:
-            metadata = json.loads((file.metadata() or {}).get(METADATA_KEY, "{}"))
-    except Exception:  # not safetensors, unreadable, not JSON
-        return False
-    return isinstance(metadata, dict) and metadata.get("format") == FORMAT
-
-
-def is_detector_json(path: str | Path) -> bool:
-    """Whether ``path`` is the ``.json`` copy of a detector's metadata."""
-    try:
-        metadata = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(metadata, dict) and metadata.get("format") == FORMAT
-
-
 def claim_detector_output(
     path: str | Path,
     *,
@@ -449,15 +430,13 @@ def claim_detector_output(
     option: str = "--out",
     command: str = "this command",
 ) -> Path:
-    """The ``.safetensors`` path a command may save a detector to (:func:`write_detector` writes its
-    ``.json`` beside it): both claimed by :func:`anomaly.outputs.claim_output`, never over one of
-    ``inputs`` (give every detector read, e.g. with :func:`detector_files`), and over an existing
-    file only when it is a detector (or its ``.json``) or with ``overwrite``."""
-    target = Path(path).expanduser() if str(path).strip() else path
-    if isinstance(target, Path) and target.suffix != ".safetensors":
-        target = target.with_suffix(".safetensors")
-    inputs = list(inputs)
-    claim = {"inputs": inputs, "overwrite": overwrite, "option": option, "command": command}
-    target = claim_output(target, ours=is_detector_file, **claim)
-    claim_output(target.with_suffix(".json"), ours=is_detector_json, **claim)
+    """The ``.safetensors`` path a command may save a detector to, with the ``.json`` that
+    :func:`write_detector` writes beside it: both claimed by :func:`anomaly.outputs.claim_output`,
+    never over one of ``inputs`` (give every detector read, e.g. with :func:`detector_files`), and
+    over an existing file only with ``overwrite``: a detector may be the only copy of a fit."""
+    if str(path).strip() and Path(path).suffix != ".safetensors":
+        raise UserError(f"{option} {path}: give a file name ending in .safetensors")
+    claim = {"inputs": list(inputs), "overwrite": overwrite, "option": option, "command": command}
+    target = claim_output(path, **claim)
+    claim_output(target.with_suffix(".json"), **claim)
     return target
