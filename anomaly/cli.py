@@ -20,13 +20,13 @@ from pathlib import Path
 
 import yaml
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning import Trainer
+from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from anomaly.arguments import check_config_file, check_expanded_values, config_files, one_line_parse_error
 from anomaly.configs import CONFIG_DIR, DEFAULT_CONFIG, resolve_config_args  # noqa: F401 (CONFIG_DIR: grids)
-from anomaly.console import run_command
+from anomaly.console import raise_if_interrupted, run_command
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.images import collect_images
 from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE
@@ -105,7 +105,11 @@ class AnomalyCLI(LightningCLI):
         kwargs["default_root_dir"] = root
         self.report = RunReport(figures=bool(self.config.get("figures", True)))
         given = config.get("callbacks") or []
-        kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), self.report]
+        kwargs["callbacks"] = [
+            *(given if isinstance(given, list) else [given]),
+            self.report,
+            StopOnInterrupt(),
+        ]
         kwargs["strategy"] = resolve_strategy(config.get("strategy", "auto"), self.model)
         try:
             trainer = super().instantiate_trainer(**kwargs)
@@ -118,6 +122,16 @@ class AnomalyCLI(LightningCLI):
         refuse_partial_runs(trainer)
         refuse_substituted_precision(precision, trainer)
         return trainer
+
+
+class StopOnInterrupt(Callback):
+    """Stops the run at the next batch when a Ctrl-C or SIGTERM was swallowed on its way (e.g. in a
+    data loader's finaliser): the command then ends as interrupted, with nothing written."""
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        raise_if_interrupted()
+
+    on_test_batch_end = on_predict_batch_end = on_validation_batch_end = on_train_batch_end
 
 
 def refuse_partial_runs(trainer: Trainer) -> None:
@@ -285,8 +299,10 @@ def fit_and_test(args: list[str] | None = None) -> dict:
         replacing_outputs(run_dir, run_outputs) if first else contextlib.nullcontext(),
     ):
         fit(trainer, model, data)
+        raise_if_interrupted()
         if data.test_samples:
             trainer.test(model, datamodule=data, verbose=False)
+        raise_if_interrupted()  # a swallowed interrupt: the run is not complete
         if first:
             detector = save_run_detector(model, data.image_size, run_dir, data.geometry, data)
     if not data.test_samples:

@@ -118,21 +118,61 @@ def interrupted_exit(error: BaseException) -> int | None:
     return None
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated
+#: Exit codes of the interrupts received while a command runs (see :func:`signals_raise`).
+_received: list[int] = []
+
+
+def _on_signal(signum, frame) -> None:
+    _received.append(INTERRUPTED_EXIT if signum == signal.SIGINT else TERMINATED_EXIT)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+
+def raise_if_interrupted() -> None:
+    """Raise an interrupt that arrived but was swallowed on its way (e.g. inside a finaliser that
+    ignores exceptions, such as a data loader's shutdown), so that the run still stops and cleans up."""
+    if _received:
+        raise KeyboardInterrupt if _received[0] == INTERRUPTED_EXIT else Terminated
+
+
+def _quiet_interrupts(previous: Callable) -> Callable:
+    """An ``sys.unraisablehook`` that drops the (recorded) interrupts a finaliser could not raise."""
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated)):
+            previous(unraisable)
+
+    return hook
 
 
 @contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """While inside, SIGTERM raises :class:`Terminated` in the main thread (Lightning chains to it)."""
+def signals_raise() -> Iterator[None]:
+    """While inside, SIGINT raises KeyboardInterrupt and SIGTERM :class:`Terminated` in the main thread
+    (Lightning chains to it), and both are recorded: one swallowed on its way still ends the command
+    as an interrupt (:func:`raise_if_interrupted`, :func:`received_interrupt`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _received.clear()
+    previous = {number: signal.signal(number, _on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_interrupts(sys.unraisablehook)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)  # also undoes Lightning's SIG_IGN after a Ctrl-C
+        sys.unraisablehook = previous_hook
+
+
+def received_interrupt() -> int | None:
+    """130 or 143 when an interrupt arrived during the current command, else None."""
+    return _received[0] if _received else None
+
+
+def ignore_interrupts(worker_id: int = 0) -> None:
+    """A data loader worker's ``worker_init_fn``: Ctrl-C, which a terminal sends to every process of
+    the group, is the main process's to handle (it stops the workers); SIGTERM ends a worker quietly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def run_command(command: Callable[[], int], on_interrupt: str = "stopped") -> int:
@@ -142,12 +182,19 @@ def run_command(command: Callable[[], int], on_interrupt: str = "stopped") -> in
     no permission) is one ``error:`` line too, and so is an allocation that fails (with the
     hint to lower the batch size). Ctrl-C exits 130 and SIGTERM 143, each
     with an ``interrupted:`` line. Any other exception is a bug and keeps its
-    traceback. The package's warnings print as one line.
+    traceback, unless an interrupt arrived: then it is what broke on the interrupt's way out (a
+    loader's teardown, a worker that stopped), and the command ends as interrupted. The package's
+    warnings print as one line.
     """
     warnings.formatwarning = format_warning
     try:
-        with sigterm_raises():
-            return command()
+        with signals_raise():
+            code = command()
+            swallowed = received_interrupt()
+        if swallowed is None:
+            return code
+        print(f"interrupted: {on_interrupt}", file=sys.stderr)
+        return swallowed
     except (KeyboardInterrupt, Terminated, SystemExit) as error:
         code = interrupted_exit(error)
         if code is None:
@@ -155,6 +202,10 @@ def run_command(command: Callable[[], int], on_interrupt: str = "stopped") -> in
         print(f"interrupted: {on_interrupt}", file=sys.stderr)
         return code
     except Exception as error:
+        interrupted = received_interrupt()
+        if interrupted is not None:  # what failed on the interrupt's way out (e.g. a loader's teardown)
+            print(f"interrupted: {on_interrupt}", file=sys.stderr)
+            return interrupted
         user_error = find_user_error(error)
         if user_error is not None:
             print(f"error: {user_message(user_error)}", file=sys.stderr)

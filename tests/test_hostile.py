@@ -322,6 +322,44 @@ def test_a_signal_mid_fit_exits_with_its_code_and_leaves_no_run(signum, code, wo
     assert not runs.exists() or not any(path.is_file() for path in runs.rglob("*")), "files were left"
 
 
+def loader_workers(pid: int) -> list[int]:
+    """The child processes of ``pid`` (its data loader workers), from /proc."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in children.read_text().split()] if children.exists() else []
+
+
+def wait_until_workers(process: subprocess.Popen, count: int, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(loader_workers(process.pid)) < count:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the loader workers never started"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from /proc")
+@pytest.mark.parametrize("moment", ["fit starts", "workers load"] * 3)
+def test_ctrl_c_to_the_process_group_with_loader_workers_exits_130_and_leaves_no_run(
+    moment, workspace, tmp_path
+):
+    """A terminal's Ctrl-C reaches the workers too: they ignore it, and the main process stops them.
+    No "DataLoader worker exited unexpectedly", no interrupt swallowed into exit 0."""
+    runs, fitting = tmp_path / "runs", tmp_path / "fitting"
+    hold = ["--trainer.callbacks+=tests.hold_fit.HoldFit"]  # the run waits at its first batch
+    env = {**os.environ, MARKER: str(fitting)}
+    process = start_training(
+        workspace, runs, "--data.num_workers", "2", *hold, env=env, start_new_session=True
+    )
+    wait_for_file(fitting, process)
+    if moment == "workers load":
+        wait_until_workers(process, 2)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=240)
+    one_line(err, "interrupted:")
+    assert process.returncode == 130
+    assert not runs.exists() or not any(path.is_file() for path in runs.rglob("*")), "files were left"
+
+
 def file_size_limit(size: int) -> Callable[[], None]:
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
 

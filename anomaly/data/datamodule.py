@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from anomaly.console import ignore_interrupts
 from anomaly.data.augment import AugmentOptions, build_augmentation
 from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.folds import check_fold, kfold_split
@@ -248,6 +249,7 @@ class AnomalyDataModule(pl.LightningDataModule):
             sampler=EpochShardSampler(len(dataset), shuffle=shuffle, seed=self.seed, pad=pad),
             num_workers=self.num_workers if num_workers is None else num_workers,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_interrupts,  # Ctrl-C to the process group: the main process stops
         )
 
     # ---------------------------------------------------------- feature cache

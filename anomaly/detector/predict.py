@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from anomaly.columns import ScoreColumn
+from anomaly.console import ignore_interrupts
 from anomaly.detector.api import GaussianDetector
 from anomaly.detector.inputs import PredictionDataset
 from anomaly.detector.maps import (
@@ -116,7 +117,13 @@ def predict_files(
     if not paths:
         raise UserError("no image files found in the input")
     dataset = PredictionDataset(paths, detector.image_size_, model.geometry)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        worker_init_fn=ignore_interrupts,
+    )
     header, per_level = output_columns(detector, with_map_files=maps_dir is not None)
     writer = csv.writer(out)
     pending: list[list] | None = [header]  # held back until an image is scored; None once written

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from anomaly.backbones.extractor import FeatureExtractor
+from anomaly.console import ignore_interrupts
 from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.image_cache import ResizedImageCache
 from anomaly.data.samplers import process_rank_and_world
@@ -160,7 +161,11 @@ class FeatureCache:
         )
         device = self.extractor.mean.device
         loader = DataLoader(
-            dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=ignore_interrupts,
         )
         for batch in loader:
             with self.forward_context():
