@@ -15,6 +15,9 @@ from anomaly.errors import ArgumentsError
 
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+RECOMMENDED_CONFIG = CONFIG_DIR / "recommended.yaml"
+#: What every ``anomaly fit`` starts from, in order: data and trainer, then the recommended detector.
+DEFAULT_CONFIGS = (DEFAULT_CONFIG, RECOMMENDED_CONFIG)
 
 
 def shipped_configs() -> list[str]:

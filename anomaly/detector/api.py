@@ -214,7 +214,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             self.levels_ = list(range(1, len(first) + 1))
             channels = [f.shape[1] for f in first]
             batches = itertools.chain([first], batches)
-        pooling.check_budget(channels, self.memory_budget_gb)
+        pooling.check_budget(channels, self.memory_budget_gb, self.levels_)
         self._check_score_column()
         model = GaussianDetectorModel.for_fitting(
             extractor,
