@@ -125,4 +125,17 @@ class GridMaps(Grid):
         return distances[:, 1:].reshape(-1, self.grid_size, self.grid_size)
 
 
-__all__ = ["GridMaps", "check_coarse_levels"]
+#: The recommended detector (anomaly/configs/recommended.yaml): levels 3-5 on a 7x7 grid with maps,
+#: levels 6-9 pooled globally for the image score.
+RECOMMENDED_LEVELS = (3, 4, 5, 6, 7, 8, 9)
+RECOMMENDED_GRID_SIZE = 7
+RECOMMENDED_COARSE_LEVELS = (6, 7, 8, 9)
+
+
+def recommended_pooling(levels: Sequence[int] = RECOMMENDED_LEVELS) -> GridMaps:
+    """The recommended detector's pooling for ``levels`` (the coarse ones among them stay coarse)."""
+    coarse = [lv for lv in RECOMMENDED_COARSE_LEVELS if lv in levels]
+    return GridMaps(RECOMMENDED_GRID_SIZE, coarse_levels=coarse, coarse_grid_size=1)
+
+
+__all__ = ["RECOMMENDED_LEVELS", "GridMaps", "check_coarse_levels", "recommended_pooling"]
