@@ -36,6 +36,7 @@ from anomaly.methods.features import resolve_levels
 from anomaly.methods.gaussian.module import DEFAULT_DECISION_SCORE, DEFAULT_TARGET_FPR, GaussianAD
 from anomaly.methods.gaussian.working_point import working_point_report
 from anomaly.pooling import POOLINGS, Pooling, build_pooling
+from anomaly.pooling.grid_maps import check_coarse_levels
 from anomaly.stats.distances import SCORE_TYPES
 
 
@@ -53,8 +54,9 @@ class SpatialGaussianAD(GaussianAD):
         pooling: ``global`` (the paper), ``grid`` (one Gaussian of the k x k pooled map)
             or ``cells`` (one Gaussian per cell; anomaly maps); see :mod:`anomaly.pooling`.
         grid_size: k, the cells per side of ``grid``, ``cells`` and ``grid_maps``.
-        coarse_levels: ``grid_maps`` only: levels pooled to ``coarse_grid_size`` cells per side
-            (1: globally) whose distances add to the image score, not to the map.
+        coarse_levels: ``grid_maps`` only: those of the levels pooled to ``coarse_grid_size`` cells
+            per side (1: globally) whose distances add to the image score, not to the map (others
+            are ignored, so that ``levels`` can be changed alone).
         coarse_grid_size: the coarse levels' cells per side.
         level_weighting: ``none`` (the paper's equal-weight sum) or ``holdout``
             (standardise each level by its held-out normal scores before summing).
@@ -87,20 +89,21 @@ class SpatialGaussianAD(GaussianAD):
         overlays: int = 8,
     ) -> None:
         # every option is checked, and the statistics' size bounded, before anything is allocated
+        spec = backbone_spec(backbone)
+        resolved = resolve_levels(levels, spec.num_levels, backbone)
+        coarse_levels = [lv for lv in check_coarse_levels(coarse_levels) if lv in resolved]  # of these levels
         coarse = {"coarse_levels": coarse_levels, "coarse_grid_size": coarse_grid_size}
         strategy = build_pooling(pooling, grid_size=grid_size, **coarse)
+        coarse_levels = list(getattr(strategy, "coarse_levels", ()))  # other poolings ignore them
+        if strategy.makes_maps and set(coarse_levels) == set(resolved):
+            raise UserError(
+                f"every level of {resolved} is one of the coarse_levels: leave at least one level for the "
+                "anomaly map (--model.coarse_levels)"
+            )
         check_weighting(level_weighting)
         if not strategy.supports_reduction and reduction != "none":
             raise UserError(
                 f"pooling {pooling} supports no PCA/NPCA reduction: use reduction none, or pooling grid"
-            )
-        spec = backbone_spec(backbone)
-        resolved = resolve_levels(levels, spec.num_levels, backbone)
-        coarse_levels = list(getattr(strategy, "coarse_levels", ()))  # other poolings ignore them
-        if not set(coarse_levels) <= set(resolved):
-            raise UserError(
-                f"coarse_levels {coarse_levels} must be among the levels {resolved}: "
-                "set --model.coarse_levels (e.g. [] for none)"
             )
         strategy.check_budget([spec.level_dims[lv - 1] for lv in resolved], memory_budget_gb, resolved)
         self._strategy, self._weighting = strategy, level_weighting
