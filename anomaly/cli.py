@@ -1,8 +1,8 @@
 """The command line: LightningCLI that fits and then tests one (category, fold).
 
 ``anomaly fit`` (or ``python train.py``) with no arguments runs the embedded offline demo
-(``configs/default.yaml``). Every option can be set in a YAML file
-(``--config FILE``) or with dotted overrides (``--model.backbone resnet18``).
+(``configs/default.yaml``) with the recommended detector (``configs/recommended.yaml``). Every
+option can be set in a YAML file (``--config FILE``) or with dotted overrides (``--model.backbone resnet18``).
 Runs are written to ``<trainer.default_root_dir>/<method>/<name>/<category>/fold_<k>/``: the
 trainer's :class:`~anomaly.evaluation.callback.RunReport` writes the test's files, and the fit is
 :func:`anomaly.methods.run.fit` (the data obey the model's needs; fit; calibrate).
@@ -25,7 +25,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from anomaly.arguments import check_config_file, check_expanded_values, config_files, one_line_parse_error
-from anomaly.configs import CONFIG_DIR, DEFAULT_CONFIG, resolve_config_args  # noqa: F401 (CONFIG_DIR: grids)
+from anomaly.configs import CONFIG_DIR, DEFAULT_CONFIGS, resolve_config_args  # noqa: F401 (CONFIG_DIR: grids)
 from anomaly.console import raise_if_interrupted, run_command
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.images import collect_images
@@ -262,7 +262,7 @@ def build_cli(args: list[str] | None = None) -> AnomalyCLI:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 "prog": "anomaly fit",
-                "default_config_files": [str(DEFAULT_CONFIG)],
+                "default_config_files": [str(path) for path in DEFAULT_CONFIGS],
                 "parser_mode": "omegaconf",
                 "exit_on_error": False,
             },
@@ -370,7 +370,7 @@ def print_help(args: list[str]) -> None:
 def selected_class(args: list[str], group: str) -> str:
     """The class path that ``--model``/``--data`` (or the last config setting it) selects."""
     chosen = None
-    for path in [str(DEFAULT_CONFIG), *config_files(resolve_config_args(args))]:
+    for path in [*map(str, DEFAULT_CONFIGS), *config_files(resolve_config_args(args))]:
         with contextlib.suppress(OSError, yaml.YAMLError, AttributeError):
             section = (yaml.safe_load(Path(path).read_text()) or {}).get(group) or {}
             chosen = section.get("class_path", chosen)

@@ -202,7 +202,8 @@ HOSTILE = [
          lambda w: fit_demo_detector().score_samples(torch.full((1, 3, 224, 224), 255.0)),
          "float image tensors must lie in [0, 1]", ValueError),
     case("api image_size 100000 [4]", "api",
-         lambda w: GaussianDetector(levels=[2], image_size=100000).fit(demo_images()[0][:2]),
+         lambda w: GaussianDetector(levels=[2], pooling="global", image_size=100000).fit(
+             demo_images()[0][:2]),
          "image_size 100000 is over the limit", ValueError),
     case("api pixel bomb [1]", "api", lambda w: fit_demo_detector().score_samples([w / "bomb.png"]),
          "image", ValueError, env={"ANOMALY_MAX_IMAGE_PIXELS": "2000"}),

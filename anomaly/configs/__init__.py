@@ -20,6 +20,9 @@ from anomaly.errors import ArgumentsError
 _INSTALLED = Path(__file__).resolve().parent / "shipped"
 CONFIG_DIR = _INSTALLED if _INSTALLED.is_dir() else Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+RECOMMENDED_CONFIG = CONFIG_DIR / "recommended.yaml"
+#: What every ``anomaly fit`` starts from, in order: data and trainer, then the recommended detector.
+DEFAULT_CONFIGS = (DEFAULT_CONFIG, RECOMMENDED_CONFIG)
 
 
 def shipped_configs() -> list[str]:

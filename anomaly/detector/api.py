@@ -50,7 +50,7 @@ from anomaly.detector.learning import (
 from anomaly.detector.model import GaussianDetectorModel
 from anomaly.errors import UserError
 from anomaly.methods.features import resolve_levels
-from anomaly.pooling import Global, Pooling, build_pooling
+from anomaly.pooling import RECOMMENDED_LEVELS, Global, Pooling, build_pooling, recommended_pooling
 from anomaly.stats.distances import SCORE_TYPES
 from anomaly.stats.threshold import DEFAULT_TARGET_FPR, check_fpr, chi2_threshold, empirical_threshold
 
@@ -126,9 +126,9 @@ def check_threshold(value: object, name: str = "threshold_") -> float | None:
 DEFAULT_MEMORY_BUDGET_GB = 4.0
 
 
-def check_pooling(pooling: str | Pooling) -> Pooling:
-    """A pooling strategy from its name (with its default options) or as given."""
-    if isinstance(pooling, Pooling):
+def check_pooling(pooling: str | Pooling | None) -> Pooling | None:
+    """A pooling strategy from its name (with its default options) or as given (``None``: chosen by fit)."""
+    if pooling is None or isinstance(pooling, Pooling):
         return pooling
     return build_pooling(pooling)
 
@@ -159,12 +159,15 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
     Args:
         backbone: ImageNet backbone that turns images into pooled features per
             level; ``None`` fits the Gaussian on the features you pass.
-        levels: backbone levels (1-based) to fit and sum; ``None``: all.
+        levels: backbone levels (1-based) to fit and sum; ``None``: those of the recommended
+            detector (3-9) with the default pooling, else all.
         weights: a local state-dict file for the backbone instead of its ImageNet weights.
         pooling: how each level's feature map becomes the modelled vectors: ``"global"`` (the
             paper), ``"grid"``, ``"cells"`` (anomaly maps), ... by name with default options, or a
-            :mod:`anomaly.pooling` object such as ``Cells(grid_size=8)``. Features passed with
-            ``backbone=None`` are already pooled: only ``global`` applies to them.
+            :mod:`anomaly.pooling` object such as ``Cells(grid_size=8)``. ``None`` (default): the
+            recommended detector (``configs/recommended.yaml``: ``grid_maps`` 7x7 of levels
+            3-5 with anomaly maps, levels 6-9 pooled globally); features passed with
+            ``backbone=None`` are already pooled, and get ``global``, the only pooling for them.
         image_size: square input size; ``None``: the backbone's native resolution.
         resize: how images are made square (``area``, ``linear``, ``cubic``: see
             :mod:`anomaly.data.transforms`), as in the run that made the detector.
@@ -201,7 +204,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         backbone: str | None = "efficientnet-lite0",
         levels: Sequence[int] | None = None,
         weights: str | None = None,
-        pooling: str | Pooling = "global",
+        pooling: str | Pooling | None = None,
         image_size: int | None = None,
         resize: str = DEFAULT_RESIZE,
         fit_rule: str = DEFAULT_FIT,
@@ -266,11 +269,14 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         pooling, extractor = self.pooling_, None
         if self.backbone is not None:
             extractor = build_backbone(self.backbone, weights=self.weights).to(self.device_)
-            self.levels_ = resolve_levels(self.levels, extractor.num_levels, self.backbone)
+            levels = RECOMMENDED_LEVELS if pooling is None and self.levels is None else self.levels
+            self.levels_ = resolve_levels(levels, extractor.num_levels, self.backbone)
+            pooling = self.pooling_ = recommended_pooling(self.levels_) if pooling is None else pooling
             self.image_size_ = check_image_size_param(self.image_size) or extractor.image_size
             channels = [extractor.level_dims[level - 1] for level in self.levels_]
             X = image_items(X)  # a generator is read once
         else:
+            pooling = self.pooling_ = Global() if pooling is None else pooling
             if self.tiles_.count > 1:
                 raise UserError(
                     f"tiles {self.tiles_} cut images, but features passed with backbone=None are "
@@ -285,7 +291,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             X = self._as_feature_list(single_path_as_list(X))
             self.levels_ = list(range(1, len(X) + 1))
             channels = [f.shape[1] for f in X]
-        pooling.check_budget(channels, self.memory_budget_gb)
+        pooling.check_budget(channels, self.memory_budget_gb, self.levels_)
         self._check_score_column()
         model = GaussianDetectorModel.for_fitting(
             extractor,

@@ -364,7 +364,7 @@ def level_in_dims(meta: dict) -> list[int]:
         return list(meta["in_dims"])
     spec = backbone_spec(meta["backbone"])
     pooling = file_pooling(meta)
-    return [pooling.modelled_dim(spec.level_dims[level - 1]) for level in meta["levels"]]
+    return [pooling.for_level(level).modelled_dim(spec.level_dims[level - 1]) for level in meta["levels"]]
 
 
 def check_tensor_layout(path: Path, meta: dict, layout: dict[str, tuple[str, tuple[int, ...]]]) -> None:
@@ -376,7 +376,7 @@ def check_tensor_layout(path: Path, meta: dict, layout: dict[str, tuple[str, tup
     for index, (level, in_dim) in enumerate(zip(levels, level_in_dims(meta), strict=True)):
         prefix = f"level.{index if version == 1 else level}."
         found = {k[len(prefix) :]: shape for k, (_, shape) in layout.items() if k.startswith(prefix)}
-        for name, shape in pooling.expected_shapes(in_dim, found).items():
+        for name, shape in pooling.for_level(level).expected_shapes(in_dim, found).items():
             expected[prefix + name] = shape
         projection = found.get("projection")
         if projection is not None and not (len(projection) == 2 and 1 <= projection[1] <= in_dim):

@@ -136,7 +136,7 @@ def load_model(
             ) from exc
     pooling = file_pooling(meta)
     scorers = [
-        pooling.scorer_from_tensors(level_tensors(tensors, level), in_dim)
+        pooling.for_level(level).scorer_from_tensors(level_tensors(tensors, level), in_dim)
         for level, in_dim in zip(meta["levels"], level_in_dims(meta), strict=True)
     ]
     model = GaussianDetectorModel(

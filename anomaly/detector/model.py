@@ -110,6 +110,11 @@ class GaussianDetectorModel(nn.Module):
         self.epochs = 1  # passes over every image (each with its own augmentation draws)
         self.augmentation: dict | None = None  # how the passes were augmented (a training run's data)
         self.pooling = pooling or Global()
+        if self.pooling.makes_maps and not any(self.pooling.level_makes_maps(lv) for lv in self.levels):
+            raise UserError(
+                f"every level of {self.levels} is a coarse level of pooling {self.pooling.name}: "
+                "leave at least one level for the anomaly map"
+            )
         column = (
             decision_score if isinstance(decision_score, ScoreColumn) else ScoreColumn.parse(decision_score)
         )
@@ -137,9 +142,11 @@ class GaussianDetectorModel(nn.Module):
     ) -> GaussianDetectorModel:
         """An unfitted model with empty accumulators, for levels of ``in_channels`` channels."""
         pooling = pooling or Global()
-        dims = [pooling.modelled_dim(c) for c in in_channels]
-        model = cls(extractor, levels, [pooling.scorer(d) for d in dims], pooling, **kwargs)
-        model.moments = nn.ModuleList(pooling.accumulator(d) for d in dims)
+        per_level = [pooling.for_level(level) for level in levels]
+        dims = [p.modelled_dim(c) for p, c in zip(per_level, in_channels, strict=True)]
+        scorers = [p.scorer(d) for p, d in zip(per_level, dims, strict=True)]
+        model = cls(extractor, levels, scorers, pooling, **kwargs)
+        model.moments = nn.ModuleList(p.accumulator(d) for p, d in zip(per_level, dims, strict=True))
         return model
 
     def set_reduction(self, reduction: str, variance_threshold: float | None = None) -> None:
@@ -324,8 +331,8 @@ class GaussianDetectorModel(nn.Module):
         """
         moments = [a.moments() for a in self.moments] if moments is None else list(moments)
         projections = [None] * len(self.scorers) if projections is None else list(projections)
-        for scorer, m, projection in zip(self.scorers, moments, projections, strict=True):
-            self.pooling.fit(scorer, m, projection)
+        for level, scorer, m, projection in zip(self.levels, self.scorers, moments, projections, strict=True):
+            self.pooling.for_level(level).fit(scorer, m, projection)
 
     def set_level_weights(self, holdout_columns: dict[str, Tensor]) -> None:
         """Each level's location and scale from its unweighted held-out normal scores."""
@@ -361,10 +368,11 @@ class GaussianDetectorModel(nn.Module):
         device = self.level_stats.device
         map_kind = self.decision_score.kind
         per_level, maps = [], None
-        for i, (scorer, feats) in enumerate(zip(self.scorers, features, strict=True)):
+        for i, (level, scorer, feats) in enumerate(zip(self.levels, self.scorers, features, strict=True)):
             distances = scorer(feats.to(device))
-            per_level.append({kind: self.pooling.image_distances(d) for kind, d in distances.items()})
-            if self.pooling.makes_maps:
+            pooling = self.pooling.for_level(level)
+            per_level.append({kind: pooling.image_distances(d) for kind, d in distances.items()})
+            if self.pooling.level_makes_maps(level):
                 level_map = self.standardise(map_kind, i, distances[map_kind])
                 maps = level_map if maps is None else maps + level_map
         columns = level_columns(self.levels, per_level)

@@ -24,8 +24,12 @@ AUGMENTED = ("--data.augment", "true", "--trainer.max_epochs", "100")  # 100 aug
 PAPER_RESIZE = ("--data.resize", "linear")
 
 
+#: The paper's method (``anomaly fit`` without a config fits the recommended detector instead).
+PAPER_CONFIG = ("--config", str(CONFIG_DIR / "paper.yaml"))
+
+
 def gaussian_args(backbone: str, reduction: str = "none", threshold: float | None = None) -> tuple[str, ...]:
-    args: tuple[str, ...] = ("--model.backbone", backbone)
+    args: tuple[str, ...] = (*PAPER_CONFIG, "--model.backbone", backbone)
     if reduction != "none":
         args += ("--model.reduction", reduction, "--model.variance_threshold", f"{threshold:g}")
     return args + PAPER_RESIZE

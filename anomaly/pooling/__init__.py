@@ -15,7 +15,7 @@ from anomaly.pooling.base import Pooling, check_grid_size, check_memory_budget
 from anomaly.pooling.cells import Cells
 from anomaly.pooling.global_ import Global
 from anomaly.pooling.grid import Grid
-from anomaly.pooling.grid_maps import GridMaps
+from anomaly.pooling.grid_maps import RECOMMENDED_LEVELS, GridMaps, recommended_pooling
 
 POOLINGS: dict[str, type[Pooling]] = {cls.name: cls for cls in (Global, Grid, Cells, GridMaps)}
 
@@ -36,6 +36,7 @@ def build_pooling(name: object, **options) -> Pooling:
 
 __all__ = [
     "POOLINGS",
+    "RECOMMENDED_LEVELS",
     "Cells",
     "Global",
     "Grid",
@@ -45,4 +46,5 @@ __all__ = [
     "check_grid_size",
     "check_memory_budget",
     "pooling_options",
+    "recommended_pooling",
 ]

@@ -61,6 +61,14 @@ class Pooling(ABC):
         """The constructor's arguments, as saved in the detector file (``name`` included)."""
         return {"name": self.name}
 
+    def for_level(self, level: int) -> Pooling:
+        """The pooling that models backbone level ``level`` (itself, unless levels are pooled differently)."""
+        return self
+
+    def level_makes_maps(self, level: int) -> bool:
+        """Whether level ``level``'s distances add to the anomaly map."""
+        return self.for_level(level).makes_maps
+
     # ---------------------------------------------------------------- features
     @abstractmethod
     def pool(self, extractor: FeatureExtractor, images: Tensor, levels: Sequence[int]) -> list[Tensor]:
@@ -74,10 +82,18 @@ class Pooling(ABC):
     def state_bytes(self, channels: Sequence[int]) -> int:
         """Float64 bytes of the streamed second moments and the precisions of levels of these widths."""
 
-    def check_budget(self, channels: Sequence[int], budget_gb: float) -> None:
+    def levels_state_bytes(self, channels: Sequence[int], levels: Sequence[int] | None = None) -> int:
+        """:meth:`state_bytes` of levels of these widths, each pooled as :meth:`for_level` says."""
+        if levels is None:
+            return self.state_bytes(channels)
+        return sum(self.for_level(lv).state_bytes([c]) for lv, c in zip(levels, channels, strict=True))
+
+    def check_budget(
+        self, channels: Sequence[int], budget_gb: float, levels: Sequence[int] | None = None
+    ) -> None:
         """:class:`UserError` naming the need and the fix when the fit would exceed ``budget_gb``."""
         budget_gb = check_memory_budget(budget_gb)
-        need = self.state_bytes(channels) / GIB
+        need = self.levels_state_bytes(channels, levels) / GIB
         if need > budget_gb:
             raise UserError(
                 f"pooling {self.name}{self.describe_size()} needs {need:.3g} GiB of statistics for "

@@ -55,11 +55,11 @@ def ledoit_wolf_shrinkage(emp_cov: Tensor, centred_quartic: Tensor, n: int) -> f
     return float((beta / delta).item())
 
 
-def shrink_covariance(emp_cov: Tensor, shrinkage: float) -> Tensor:
-    """Eq. (6): ``(1 - rho) S + rho tr(S)/D I``."""
+def shrink_covariance(emp_cov: Tensor, shrinkage: float, inplace: bool = False) -> Tensor:
+    """Eq. (6): ``(1 - rho) S + rho tr(S)/D I`` (written over ``emp_cov`` when ``inplace``)."""
     dim = emp_cov.shape[0]
     target = torch.diagonal(emp_cov).sum() / dim
-    shrunk = (1.0 - shrinkage) * emp_cov
+    shrunk = emp_cov.mul_(1.0 - shrinkage) if inplace else (1.0 - shrinkage) * emp_cov
     shrunk.diagonal().add_(shrinkage * target)
     return shrunk
 
@@ -88,8 +88,11 @@ def invert_spd(matrix: Tensor) -> Tensor:
     factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info.item()) == 0:
         identity = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-        inverse = torch.cholesky_solve(identity, factor)  # several times faster than cholesky_inverse on CPU
-        inverse = 0.5 * (inverse + inverse.T)
+        solved = torch.cholesky_solve(identity, factor)  # several times faster than cholesky_inverse on CPU
+        del factor
+        # symmetrised into the identity's memory: three D x D matrices at most besides ``matrix``
+        inverse = torch.add(solved, solved.T, out=identity).mul_(0.5)
+        del solved
         if inverse_is_accurate(matrix, inverse):
             return inverse
     warnings.warn(
@@ -129,13 +132,15 @@ def fit_gaussian(moments: Moments) -> GaussianFit:
     n = moments.n
     if n < 2:
         raise UserError(f"a Gaussian needs at least 2 training images, got {n}: add normal images to fit on")
-    scatter = moments.scatter()
-    scatter = 0.5 * (scatter + scatter.T)
-    emp_cov = scatter / n
+    # one D x D matrix becomes the scatter, the empirical and the shrunk covariance in turn (in place);
+    # the moments stay as they are (they can be updated and merged further)
+    mean_y = moments.sum / moments.count
+    emp_cov = moments.outer.clone().addr_(mean_y, mean_y, alpha=-moments.count.item())
+    std = torch.sqrt(torch.clamp(torch.diagonal(emp_cov) / (n - 1), min=0.0))
+    emp_cov.div_(n)
     warn_if_no_variance(emp_cov, moments.mean)
     shrinkage = ledoit_wolf_shrinkage(emp_cov, moments.centred_quartic(), n)
-    covariance = shrink_covariance(emp_cov, shrinkage)
-    std = torch.sqrt(torch.clamp(torch.diagonal(scatter) / (n - 1), min=0.0))
+    covariance = shrink_covariance(emp_cov, shrinkage, inplace=True)
     return GaussianFit(
         mean=moments.mean,
         covariance=covariance,

@@ -57,8 +57,8 @@ class Moments:
         return self.outer - self.count * torch.outer(mean_y, mean_y)
 
     def centred_quartic(self) -> Tensor:
-        """sum_i ||x_i - mu||^4, needed by the Ledoit-Wolf shrinkage."""
-        return self.centred().quartic
+        """sum_i ||x_i - mu||^4, needed by the Ledoit-Wolf shrinkage (:func:`shifted_quartic` to the mean)."""
+        return shifted_quartic(self, self.mean)
 
 
 def batch_moments(x: Tensor, shift: Tensor) -> Moments:
@@ -72,6 +72,22 @@ def batch_moments(x: Tensor, shift: Tensor) -> Moments:
         outer=y.T @ y,
         sqnorm_vec=sq @ y,
         quartic=(sq * sq).sum(),
+    )
+
+
+def shifted_quartic(m: Moments, new_shift: Tensor) -> Tensor:
+    """``shift_moments(m, new_shift).quartic`` without its D x D temporaries (see there)."""
+    d = m.shift - new_shift
+    dd = d @ d
+    s1_d = m.sum @ d
+    trace_s2 = torch.diagonal(m.outer).sum()
+    return (
+        m.quartic
+        + 4.0 * (m.sqnorm_vec @ d)
+        + 4.0 * (d @ (m.outer @ d))
+        + 2.0 * dd * trace_s2
+        + 4.0 * dd * s1_d
+        + m.count * dd * dd
     )
 
 
@@ -91,15 +107,7 @@ def shift_moments(m: Moments, new_shift: Tensor) -> Moments:
     sum_ = m.sum + n * d
     outer = m.outer + torch.outer(d, m.sum) + torch.outer(m.sum, d) + n * torch.outer(d, d)
     sqnorm_vec = m.sqnorm_vec + 2.0 * s2_d + dd * m.sum + d * trace_s2 + 2.0 * d * s1_d + n * dd * d
-    quartic = (
-        m.quartic
-        + 4.0 * (m.sqnorm_vec @ d)
-        + 4.0 * (d @ s2_d)
-        + 2.0 * dd * trace_s2
-        + 4.0 * dd * s1_d
-        + n * dd * dd
-    )
-    return Moments(n, new_shift, sum_, outer, sqnorm_vec, quartic)
+    return Moments(n, new_shift, sum_, outer, sqnorm_vec, shifted_quartic(m, new_shift))
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -159,8 +167,15 @@ class RunningMoments(nn.Module):
             return
         if self.count.item() == 0:
             self.shift.copy_(x.to(torch.float64).mean(dim=0))
-        batch = batch_moments(x, self.shift)
-        self.load_moments(merge_moments(self.moments(), batch))
+        # the batch is taken about this accumulator's own shift, so its moments add in place
+        # (merge_moments with d = 0, without its D x D temporaries)
+        y = x.to(torch.float64) - self.shift
+        squares = (y * y).sum(dim=1)
+        self.count += y.shape[0]
+        self.sum += y.sum(dim=0)
+        self.outer.addmm_(y.T, y)
+        self.sqnorm_vec.addmv_(y.T, squares)
+        self.quartic += (squares * squares).sum()
 
     @torch.no_grad()
     def merge_(self, other: Moments) -> None:

@@ -158,7 +158,8 @@ def throughput(args, root: Path, device: torch.device, out: Path) -> list[tuple[
 def peak_rss_mib(args, root: Path, epochs: int, out: Path) -> float:
     """Peak RSS of the largest process of one ``anomaly fit``, measured in a fresh parent."""
     command = [
-        sys.executable, "-m", "anomaly", "fit", "--data.root", str(root), "--data.category", args.category,
+        sys.executable, "-m", "anomaly", "fit", "--config", "paper",
+        "--data.root", str(root), "--data.category", args.category,
         "--data.augment", "true", "--data.num_workers", str(args.workers),
         "--data.batch_size", str(args.batch_size), "--model.backbone", args.backbone,
         "--model.pretrained", str(not args.random_weights).lower(),

@@ -103,12 +103,13 @@ def test_run_name_and_detector_record_the_rule(tmp_path: Path, capsys):
 
 def test_detector_scores_with_its_rule_and_older_files_mean_area(tmp_path: Path):
     train, good, bad = demo_images()
-    linear = GaussianDetector(backbone="efficientnet-lite0", levels=LEVELS, resize="linear", batch_size=8)
+    paper = {"backbone": "efficientnet-lite0", "levels": LEVELS, "pooling": "global", "batch_size": 8}
+    linear = GaussianDetector(**paper, resize="linear")
     linear.fit(train)
     loaded = GaussianDetector.load(linear.save(tmp_path / "linear.safetensors"))
     assert loaded.resize == "linear"
     np.testing.assert_allclose(loaded.score_samples(good + bad), linear.score_samples(good + bad), rtol=1e-6)
-    area = GaussianDetector(backbone="efficientnet-lite0", levels=LEVELS, batch_size=8).fit(train)
+    area = GaussianDetector(**paper).fit(train)
     assert not np.allclose(area.score_samples(good), linear.score_samples(good))
     # files written before the rule was recorded by name: a description, or nothing, means area
     assert recorded_resize({"resize": "cv2 INTER_AREA when shrinking, INTER_LINEAR when enlarging"}) == "area"

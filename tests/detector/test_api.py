@@ -60,7 +60,7 @@ def test_signs_follow_scikit_learn_and_pyod(features):
 def test_detector_is_a_clonable_scikit_learn_estimator(features):
     params = dict(backbone=None, levels=[1], score="mahalanobis", resize="linear", fpr=0.2, batch_size=7)
     detector = GaussianDetector(**params, device="cpu")
-    defaults = {"weights": None, "pooling": "global", "image_size": None, "memory_budget_gb": 4.0}
+    defaults = {"weights": None, "pooling": None, "image_size": None, "memory_budget_gb": 4.0}
     defaults |= {"fit_rule": "stretch", "tiles": "1x1", "reduction": "none", "variance_threshold": None}
     assert detector.get_params() == {**params, **defaults, "device": "cpu"}
     detector.fit(features[0])

@@ -136,7 +136,9 @@ class GaussianAD(FeatureMethod):
     @property
     def level_dims(self) -> list[int]:
         """Each level's modelled width (before any reduction), as the pooling gives it."""
-        return [self.detector.pooling.modelled_dim(c) for c in super().level_dims]
+        pooling = self.detector.pooling
+        widths = zip(self.levels, super().level_dims, strict=True)
+        return [pooling.for_level(lv).modelled_dim(c) for lv, c in widths]
 
     def _check_decision(self, column: str, method: str, pooling: Pooling) -> str:
         decision = ScoreColumn.parse(column).validate(SCORE_TYPES, self.levels, "decision_score")

@@ -36,12 +36,15 @@ from anomaly.methods.features import resolve_levels
 from anomaly.methods.gaussian.module import DEFAULT_DECISION_SCORE, DEFAULT_TARGET_FPR, GaussianAD
 from anomaly.methods.gaussian.working_point import working_point_report
 from anomaly.pooling import POOLINGS, Pooling, build_pooling
+from anomaly.pooling.grid_maps import check_coarse_levels
 from anomaly.stats.distances import SCORE_TYPES
 
 
-def state_bytes(pooling: str, grid_size: int, dims: Sequence[int]) -> int:
+def state_bytes(
+    pooling: str, grid_size: int, dims: Sequence[int], levels: Sequence[int] | None = None, **options
+) -> int:
     """Float64 bytes of the streamed second moments and the precisions of all levels."""
-    return build_pooling(pooling, grid_size=grid_size).state_bytes(dims)
+    return build_pooling(pooling, grid_size=grid_size, **options).levels_state_bytes(dims, levels)
 
 
 class SpatialGaussianAD(GaussianAD):
@@ -50,7 +53,11 @@ class SpatialGaussianAD(GaussianAD):
     Args (besides those of ``GaussianAD``):
         pooling: ``global`` (the paper), ``grid`` (one Gaussian of the k x k pooled map)
             or ``cells`` (one Gaussian per cell; anomaly maps); see :mod:`anomaly.pooling`.
-        grid_size: k, the cells per side of ``grid`` and ``cells``.
+        grid_size: k, the cells per side of ``grid``, ``cells`` and ``grid_maps``.
+        coarse_levels: ``grid_maps`` only: those of the levels pooled to ``coarse_grid_size`` cells
+            per side (1: globally) whose distances add to the image score, not to the map (others
+            are ignored, so that ``levels`` can be changed alone).
+        coarse_grid_size: the coarse levels' cells per side.
         level_weighting: ``none`` (the paper's equal-weight sum) or ``holdout``
             (standardise each level by its held-out normal scores before summing).
         memory_budget_gb: the most float64 statistics state allowed (GiB).
@@ -75,26 +82,37 @@ class SpatialGaussianAD(GaussianAD):
         threshold: float | None = None,
         pooling: str = "global",
         grid_size: int = 4,
+        coarse_levels: Sequence[int] = (),
+        coarse_grid_size: int = 1,
         level_weighting: str = "none",
         memory_budget_gb: float = 4.0,
         overlays: int = 8,
     ) -> None:
         # every option is checked, and the statistics' size bounded, before anything is allocated
-        strategy = build_pooling(pooling, grid_size=grid_size)
+        spec = backbone_spec(backbone)
+        resolved = resolve_levels(levels, spec.num_levels, backbone)
+        coarse_levels = [lv for lv in check_coarse_levels(coarse_levels) if lv in resolved]  # of these levels
+        coarse = {"coarse_levels": coarse_levels, "coarse_grid_size": coarse_grid_size}
+        strategy = build_pooling(pooling, grid_size=grid_size, **coarse)
+        coarse_levels = list(getattr(strategy, "coarse_levels", ()))  # other poolings ignore them
+        if strategy.makes_maps and set(coarse_levels) == set(resolved):
+            raise UserError(
+                f"every level of {resolved} is one of the coarse_levels: leave at least one level for the "
+                "anomaly map (--model.coarse_levels)"
+            )
         check_weighting(level_weighting)
         if not strategy.supports_reduction and reduction != "none":
             raise UserError(
                 f"pooling {pooling} supports no PCA/NPCA reduction: use reduction none, or pooling grid"
             )
-        spec = backbone_spec(backbone)
-        widths = [spec.level_dims[lv - 1] for lv in resolve_levels(levels, spec.num_levels, backbone)]
-        strategy.check_budget(widths, memory_budget_gb)
+        strategy.check_budget([spec.level_dims[lv - 1] for lv in resolved], memory_budget_gb, resolved)
         self._strategy, self._weighting = strategy, level_weighting
         super().__init__(
             backbone, levels, weights, pretrained, reduction, variance_threshold,
             target_fpr, decision_score, threshold_method, threshold,
         )  # fmt: skip
         self.grid_size = grid_size
+        self.coarse_levels, self.coarse_grid_size = list(coarse_levels), coarse_grid_size
         self.level_weighting = level_weighting
         self.overlays = overlays
 
@@ -113,6 +131,8 @@ class SpatialGaussianAD(GaussianAD):
         name = super().run_name()
         if self.pooling.name != "global":
             name += f"_{self.pooling.name}-{self.grid_size}"
+        if self.coarse_levels:
+            name += f"_coarse-{'-'.join(map(str, self.coarse_levels))}-{self.coarse_grid_size}"
         if self.level_weighting != "none":
             name += f"_weighting-{self.level_weighting}"
         return name
@@ -171,6 +191,8 @@ class SpatialGaussianAD(GaussianAD):
         results.update(
             pooling=self.pooling.name, grid_size=self.grid_size, level_weighting=self.level_weighting
         )
+        if self.coarse_levels:
+            results.update(coarse_levels=self.coarse_levels, coarse_grid_size=self.coarse_grid_size)
         if self.level_weighting != "none":
             results["level_stats"] = {
                 score_type: {str(lv): self.level_stats[t, i].tolist() for i, lv in enumerate(self.levels)}

@@ -1,0 +1,102 @@
+"""The recommended detector: grid_maps with coarse levels, the default of `anomaly fit` and of the API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from anomaly.commands import main
+from anomaly.configs import CONFIG_DIR
+from anomaly.detector.model import GaussianDetectorModel
+from anomaly.errors import UserError
+from anomaly.pooling import RECOMMENDED_LEVELS, Grid, GridMaps, build_pooling, recommended_pooling
+from anomaly.stats.gaussian import fit_gaussian
+from anomaly.stats.moments import RunningMoments
+
+
+def fitted_model(levels, channels, pooling, rows):
+    model = GaussianDetectorModel.for_fitting(None, levels, channels, pooling)
+    model.update(rows)
+    model.finalise()
+    return model
+
+
+def test_coarse_levels_score_as_their_own_grid_and_leave_the_map_to_the_others():
+    generator = torch.Generator().manual_seed(0)
+    k, train, test = 2, 40, 6
+    fine = [torch.randn(train + test, 3 * k * k, generator=generator)]  # level 1: a 2x2 grid of 3 channels
+    coarse = [torch.randn(train + test, 5, generator=generator)]  # level 2: pooled globally, 5 channels
+    pooling = GridMaps(k, coarse_levels=[2], coarse_grid_size=1)
+    assert pooling.for_level(2) == Grid(1) and pooling.for_level(1) is pooling
+    assert pooling.options() == {
+        "name": "grid_maps",
+        "grid_size": 2,
+        "coarse_levels": [2],
+        "coarse_grid_size": 1,
+    }
+    both = fitted_model([1, 2], [3, 5], pooling, [fine[0][:train], coarse[0][:train]])
+    alone = fitted_model([1], [3], GridMaps(k), [fine[0][:train]])
+    grid = fitted_model([2], [5], Grid(1), [coarse[0][:train]])
+    columns, maps = both.score([fine[0][train:], coarse[0][train:]])
+    fine_columns, fine_maps = alone.score([fine[0][train:]])
+    coarse_columns, coarse_maps = grid.score([coarse[0][train:]])
+    assert coarse_maps is None and maps.shape == (test, k, k)
+    torch.testing.assert_close(maps, fine_maps)  # the map: level 1 only
+    torch.testing.assert_close(columns["mahalanobis/1"], fine_columns["mahalanobis/1"])
+    torch.testing.assert_close(columns["mahalanobis/2"], coarse_columns["mahalanobis/2"])
+    torch.testing.assert_close(
+        columns["mahalanobis/sum"], fine_columns["mahalanobis/sum"] + coarse_columns["mahalanobis/sum"]
+    )
+
+
+def test_coarse_levels_are_checked():
+    with pytest.raises(UserError, match="increasing"):
+        GridMaps(7, coarse_levels=[8, 7])
+    with pytest.raises(UserError, match="level numbers"):
+        GridMaps(7, coarse_levels=["7"])
+    with pytest.raises(UserError, match="leave at least one level"):
+        GaussianDetectorModel.for_fitting(None, [2], [5], GridMaps(2, coarse_levels=[2]))
+    assert build_pooling("grid_maps", grid_size=7).options() == {"name": "grid_maps", "grid_size": 7}
+
+
+def test_the_recommended_config_is_the_api_default():
+    init = yaml.safe_load((CONFIG_DIR / "recommended.yaml").read_text())["model"]["init_args"]
+    options = {k: init[k] for k in ("grid_size", "coarse_levels", "coarse_grid_size")}
+    assert build_pooling(init["pooling"], **options) == recommended_pooling()
+    assert tuple(init["levels"]) == RECOMMENDED_LEVELS
+
+
+@pytest.mark.parametrize(
+    ("configs", "class_path"),
+    [
+        ([], "anomaly.methods.spatial.SpatialGaussianAD"),
+        (["--config", "paper"], "anomaly.methods.gaussian.GaussianAD"),
+    ],
+)
+def test_anomaly_fit_defaults_to_the_recommended_detector_and_the_paper_is_one_option_away(
+    configs, class_path, capsys
+):
+    with pytest.raises(SystemExit):
+        main(["fit", *configs, "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["class_path"] == class_path
+    if configs:
+        assert model["init_args"]["levels"] is None  # every level, globally pooled: the paper
+    else:
+        assert model["init_args"]["pooling"] == "grid_maps" and model["init_args"]["coarse_levels"] == [
+            6,
+            7,
+            8,
+            9,
+        ]
+
+
+def test_the_fit_leaves_the_streamed_moments_as_they_were():
+    """The fit works on copies: the moments stay exact for later updates and merges."""
+    accumulator = RunningMoments(6)
+    accumulator.update(torch.randn(30, 6, generator=torch.Generator().manual_seed(1)))
+    before = {name: getattr(accumulator, name).clone() for name in RunningMoments.FIELDS}
+    fit_gaussian(accumulator.moments())
+    for name, value in before.items():
+        assert torch.equal(getattr(accumulator, name), value), name
