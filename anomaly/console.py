@@ -135,10 +135,12 @@ def raise_if_interrupted() -> None:
 
 
 def _quiet_interrupts(previous: Callable) -> Callable:
-    """An ``sys.unraisablehook`` that drops the (recorded) interrupts a finaliser could not raise."""
+    """An ``sys.unraisablehook`` that drops the (recorded) interrupts a finaliser could not raise, and,
+    once an interrupt arrived, what finalisers fail on in its aftermath (a data loader interrupted
+    while it started its workers fails in ``__del__`` when collected, even at exit)."""
 
     def hook(unraisable) -> None:
-        if not isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated)):
+        if not (_received or isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated))):
             previous(unraisable)
 
     return hook
@@ -152,15 +154,19 @@ def signals_raise() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _commands_running
     _received.clear()
     previous = {number: signal.signal(number, _on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
     previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_interrupts(sys.unraisablehook)
+    _commands_running += 1
     try:
         yield
     finally:
+        _commands_running -= 1
         for number, handler in previous.items():
             signal.signal(number, handler)  # also undoes Lightning's SIG_IGN after a Ctrl-C
-        sys.unraisablehook = previous_hook
+        if not _received:  # after an interrupt, the quiet hook stays for the objects collected later
+            sys.unraisablehook = previous_hook
 
 
 def received_interrupt() -> int | None:
@@ -173,6 +179,18 @@ def ignore_interrupts(worker_id: int = 0) -> None:
     the group, is the main process's to handle (it stops the workers); SIGTERM ends a worker quietly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _forked_child_ignores_interrupts() -> None:
+    """A process forked while a command runs (a loader worker) ignores Ctrl-C from its first moment,
+    before its ``worker_init_fn`` runs."""
+    if _commands_running:
+        ignore_interrupts()
+
+
+#: How many commands run in :func:`signals_raise` in this process (forks inherit it).
+_commands_running = 0
+os.register_at_fork(after_in_child=_forked_child_ignores_interrupts)
 
 
 def run_command(command: Callable[[], int], on_interrupt: str = "stopped") -> int:
