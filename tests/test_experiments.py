@@ -15,7 +15,10 @@ from anomaly.experiments.cells import RunIndex, run_context
 from anomaly.experiments.cli import main
 from anomaly.experiments.grids import TABLES
 from anomaly.experiments.runner import grid_cells, measured_table
+from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT
 from tests.evaluation.fake_runs import fake_results
+
+pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 LITE = ["--backbone", "efficientnet-lite0"]
 
