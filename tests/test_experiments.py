@@ -139,6 +139,7 @@ def test_rejected_option_is_one_line(tiny_mvtec: Path, tmp_path: Path, capsys):
     assert main(["table1", "--data.root", str(tiny_mvtec), "--folds", "7"]) == 2
 
 
+@pytest.mark.slow
 def test_real_run_in_process(tiny_mvtec: Path, tmp_path: Path, capsys):
     args = ["table1", "--data.root", str(tiny_mvtec), "--folds", "0", "--runs-dir", str(tmp_path), *LITE,
             "--format", "csv", "--", "--data.num_workers", "0", "--data.batch_size", "8"]  # fmt: skip
