@@ -167,7 +167,6 @@ def quiet_lightning() -> None:
         ".*AMP with fp16 is not supported on CPU.*",  # refused: see refuse_substituted_precision
         ".*is an invalid version and will not be supported.*",
         ".*You passed in a `val_dataloader` but have no `validation_step`.*",
-        ".*LightningCLI's args parameter is intended.*",  # `anomaly fit` hands over its own argv
         ".*module\\(s\\) in eval mode at the start of training.*",
         ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
         # test metrics are computed from every process's gathered scores, so there is nothing to sync
@@ -250,6 +249,7 @@ def build_cli(args: list[str] | None = None) -> AnomalyCLI:
     for path in config_files(args):
         if Path(path).is_file():  # a missing file is the parser's own message
             check_config_file(path)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # ``args`` is the command line: LightningCLI reads nothing else
     try:
         return AnomalyCLI(
             model_class=AnomalyMethod,
@@ -270,6 +270,8 @@ def build_cli(args: list[str] | None = None) -> AnomalyCLI:
         )
     except argparse.ArgumentError as error:
         raise ArgumentsError(one_line_parse_error(str(error))) from None
+    finally:
+        sys.argv = argv
 
 
 #: The files Lightning's CLI writes into a run folder.

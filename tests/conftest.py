@@ -17,6 +17,16 @@ BOTTLE = SHARED_DATA / "mvtec_ad" / "bottle"
 MAGNETIC_TILE = SHARED_DATA / "magnetic_tile"
 
 
+#: The generated category has no augmentation switches of its own; the warning that says so is
+#: tested in tests/data/test_data.py.
+DEFAULT_SWITCHES = pytest.mark.filterwarnings(
+    "ignore:category 'widget' has no augmentation switches:UserWarning"
+)
+#: A tiny fold holds out too few normal images to aim at a 1% false-positive rate; the warning that
+#: says so is tested in tests/methods/test_gaussian.py.
+FEW_HELD_OUT = pytest.mark.filterwarnings("ignore:the fold holds out .* normal images:UserWarning")
+
+
 def make_mvtec_category(
     root: Path, category: str = "widget", n_train: int = 12, n_good: int = 4, n_bad: int = 4,
     size: int = 48, grey: bool = False, masks: bool = True, seed: int = 0, width: int | None = None,

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -28,6 +30,7 @@ def test_throughput_and_finalisation_rows(tiny_mvtec: Path, tmp_path: Path):
     assert list(out.iterdir()) == [table]
 
 
+@pytest.mark.slow
 def test_the_gpu_recipes_backbone_runs_offline_with_random_weights(tiny_mvtec: Path, tmp_path: Path):
     """efficientnet-b4 at 380 px, as on a GPU, on a machine without the weights download."""
     table = tmp_path / "table.md"

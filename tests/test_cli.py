@@ -17,6 +17,9 @@ from anomaly.data.augment import AugmentOptions
 from anomaly.evaluation.results import OVERLAYS_DIR
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.runfolder import PREVIOUS_RUN
+from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT
+
+pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
 

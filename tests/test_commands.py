@@ -14,6 +14,9 @@ import pytest
 from anomaly.commands import BROKEN_PIPE_EXIT, SUBCOMMANDS, main, one_flag_style
 from anomaly.configs import CONFIG_DIR, resolve_config, resolve_config_args
 from anomaly.errors import ArgumentsError
+from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT
+
+pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 # the paper's detector (the tests below read its run folders), small and quick
 FAST = ["--config", "paper", "--data.num_workers", "0", "--data.batch_size", "8", "--model.levels", "[3, 5]",

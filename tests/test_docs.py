@@ -26,6 +26,9 @@ from PIL import Image
 from anomaly.commands import main
 from anomaly.data import MVTEC_CATEGORIES
 from anomaly.data.demo import cache_dir
+from tests.conftest import FEW_HELD_OUT
+
+pytestmark = FEW_HELD_OUT
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -16,7 +16,10 @@ from anomaly.experiments.cells import RunIndex, run_context
 from anomaly.experiments.cli import main
 from anomaly.experiments.grids import TABLES
 from anomaly.experiments.runner import grid_cells, measured_table
+from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT
 from tests.evaluation.fake_runs import fake_results
+
+pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 LITE = ["--backbone", "efficientnet-lite0"]
 
@@ -137,6 +140,7 @@ def test_rejected_option_is_one_line(tiny_mvtec: Path, tmp_path: Path, capsys):
     assert main(["table1", "--data.root", str(tiny_mvtec), "--folds", "7"]) == 2
 
 
+@pytest.mark.slow
 def test_real_run_in_process(tiny_mvtec: Path, tmp_path: Path, capsys):
     args = ["table1", "--data.root", str(tiny_mvtec), "--folds", "0", "--runs-dir", str(tmp_path), *LITE,
             "--format", "csv", "--", "--data.num_workers", "0", "--data.batch_size", "8"]  # fmt: skip

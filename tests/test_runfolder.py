@@ -41,14 +41,13 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path: Path):
         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'%d' % os.getpid()); print('locked', flush=True); "
         "time.sleep(60)"
     )
-    process = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", holder, str(run_dir / LOCK_FILE)], stdout=subprocess.PIPE, text=True
-    )
-    assert process.stdout.readline().strip() == "locked"
-    with pytest.raises(UserError, match=f"process {process.pid}"):
-        RunLock.acquire(run_dir)
-    process.send_signal(signal.SIGKILL)  # no clean-up: the file stays, the lock goes with the process
-    process.wait()
+    ) as process:
+        assert process.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"process {process.pid}"):
+            RunLock.acquire(run_dir)
+        process.send_signal(signal.SIGKILL)  # no clean-up: the file stays, the lock goes with the process
     assert (run_dir / LOCK_FILE).exists()
     lock = RunLock.acquire(run_dir)
     assert (run_dir / LOCK_FILE).read_text().strip() == str(os.getpid())

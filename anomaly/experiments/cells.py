@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -119,16 +118,11 @@ RUN_NOISE = (
 
 @contextmanager
 def quiet_run() -> Iterator[None]:
-    """Hide the warnings every run repeats, and the grid's own arguments from LightningCLI."""
-    argv = sys.argv
+    """Hide the warnings every run repeats."""
     with warnings.catch_warnings():
         for pattern in RUN_NOISE:
             warnings.filterwarnings("ignore", message=pattern)
-        sys.argv = argv[:1]
-        try:
-            yield
-        finally:
-            sys.argv = argv
+        yield
 
 
 def run_cell(cell: Cell, command: list[str], fit_and_test: Callable[[list[str]], dict]) -> dict:

@@ -17,7 +17,7 @@ from anomaly.data.folds import kfold_split
 from anomaly.data.images import load_mask, load_rgb
 from anomaly.data.needs import DataNeeds
 from anomaly.errors import UserError
-from tests.conftest import BOTTLE, make_mvtec_category, require
+from tests.conftest import BOTTLE, DEFAULT_SWITCHES, make_mvtec_category, require
 
 
 def test_folds_are_deterministic_disjoint_and_cover_the_train_set():
@@ -172,6 +172,7 @@ def test_masks_are_optional(tmp_path: Path):
     assert "mask" not in next(iter(dm.test_dataloader()))
 
 
+@DEFAULT_SWITCHES
 def test_augmented_epochs_are_seeded_and_differ(tiny_mvtec: Path):
     def epoch_images(seed: int, epoch: int, workers: int) -> torch.Tensor:
         dm = MVTecDataModule(str(tiny_mvtec), "widget", batch_size=3, num_workers=workers, image_size=32,
@@ -205,6 +206,7 @@ def test_bottle_test_set_has_a_mask_for_every_defective_image():
     assert all(s.mask is None for s in test if s.label == 0)
 
 
+@DEFAULT_SWITCHES
 def test_the_data_module_obeys_the_needs_it_is_configured_with(tiny_mvtec: Path):
     dm = MVTecDataModule(str(tiny_mvtec), "widget", fold=0, batch_size=4, num_workers=0, augment=True)
     dm.configure(DataNeeds(image_size=32, shuffle=True, pad=True, noise=False))

@@ -15,7 +15,9 @@ from anomaly.data.folder import FolderDataModule, class_names
 from anomaly.data.folds import kfold_split
 from anomaly.data.needs import DataNeeds
 from anomaly.errors import UserError
-from tests.conftest import MAGNETIC_TILE, require
+from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT, MAGNETIC_TILE, require
+
+pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 FORMATS = ("jpg", "bmp", "tif", "jpeg")
 

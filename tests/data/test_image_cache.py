@@ -20,7 +20,15 @@ from anomaly.data.images import load_rgb
 from anomaly.data.transforms import resize_square
 from anomaly.errors import UserError
 from anomaly.methods.gaussian import GaussianAD
-from tests.conftest import ENTRY_DAMAGES, damage_entry, fit_and_test, run_results, write_noise_images
+from tests.conftest import (
+    DEFAULT_SWITCHES,
+    ENTRY_DAMAGES,
+    FEW_HELD_OUT,
+    damage_entry,
+    fit_and_test,
+    run_results,
+    write_noise_images,
+)
 
 SIZE = 32
 
@@ -190,6 +198,7 @@ def test_loaders_yield_the_same_images_with_the_cache_cold_and_warm(tiny_mvtec, 
     assert len(list((tmp_path / "cache").rglob("*.img"))) == n_images
 
 
+@DEFAULT_SWITCHES
 def test_augmented_epochs_equal_with_and_without_the_cache(tiny_mvtec, tmp_path):
     """Augmentation follows the resize, so reading resized images changes nothing."""
     plain = datamodule(tiny_mvtec, None, num_workers=0, augment=True)
@@ -205,6 +214,8 @@ def test_augmented_epochs_equal_with_and_without_the_cache(tiny_mvtec, tmp_path)
     assert not torch.equal(*first_batches), "the second epoch must be augmented anew"
 
 
+@pytest.mark.slow
+@FEW_HELD_OUT
 def test_fit_and_test_with_the_image_cache_equal_the_plain_run(tiny_mvtec, tmp_path):
     def run(cache: Path | None, out: Path, features: Path | None = None) -> tuple[list[dict], dict]:
         dm = MVTecDataModule(

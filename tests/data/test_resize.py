@@ -87,6 +87,7 @@ def test_each_rule_has_its_own_cache_identities(tmp_path: Path):
     assert area.key != linear.key and area.identity["resize"] == RESIZE_RULE
 
 
+@pytest.mark.slow
 def test_run_name_and_detector_record_the_rule(tmp_path: Path, capsys):
     args = ["--data.resize", "linear", "--data.num_workers", "0", "--model.levels", "[2]",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",

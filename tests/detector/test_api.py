@@ -205,6 +205,7 @@ def test_image_arrays_empty_integer_and_float(features):
             detector.score_samples(empty if empty.ndim == 4 else [empty])
 
 
+@pytest.mark.slow
 def test_images_as_paths_arrays_and_grey(tmp_path: Path):
     detector = fit_demo_detector()
     _, good, bad = demo_images()
@@ -292,6 +293,7 @@ def grid_features(detector: GaussianDetector, paths: list[Path], k: int) -> list
     return [g.double().numpy() for g in detector.model_.extractor(images, detector.levels_, grid=k)]
 
 
+@pytest.mark.slow
 def test_cells_pooling_fits_one_sklearn_gaussian_per_cell_and_maps_them(tmp_path: Path):
     """pooling=Cells(k): per cell and level a Ledoit-Wolf Gaussian; a level's score is its largest
     cell distance, the levels are summed, and the map holds the per-cell distances summed over levels."""
@@ -349,6 +351,7 @@ def test_spatial_pooling_options_are_checked_in_fit(features):
         GaussianDetector(levels=[9], pooling=Cells(grid_size=32), memory_budget_gb=0.01).fit(demo_images()[0])
 
 
+@pytest.mark.slow
 def test_tiles_fit_every_tile_and_score_an_image_by_its_worst_tile(tmp_path: Path):
     """tiles='1x2': a tiled detector equals a plain one fitted on the canvases' halves, and an
     image's score is the larger of its two halves' scores."""

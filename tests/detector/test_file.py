@@ -24,6 +24,7 @@ from tests.detector.helpers import demo_images, fit_demo_detector
 FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
 
 
+@pytest.mark.slow
 def test_run_saves_detector_that_reproduces_scores_csv(tiny_mvtec: Path, tmp_path: Path):
     root = tmp_path / "runs"
     args = ["--data.root", str(tiny_mvtec), "--data.category", "widget", "--model.levels", "[3, 5, 9]",
@@ -90,6 +91,7 @@ def test_file_is_safetensors_with_json_header_and_rejects_pickles(tmp_path: Path
         GaussianDetector.load(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.slow
 def test_weights_are_referenced_checked_or_embedded(tmp_path: Path):
     _, good, _ = demo_images()
     weights = tmp_path / "my_backbone.pth"

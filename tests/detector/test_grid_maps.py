@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from anomaly.detector import GaussianDetector
@@ -18,6 +19,7 @@ from tests.detector.test_model import fit_run
 GRID_MAPS = ["--model.pooling", "grid_maps"]
 
 
+@pytest.mark.slow
 def test_grid_maps_detector_reloads_and_exports_scores_and_maps(tiny_mvtec: Path, tmp_path: Path):
     run_dir = fit_run(tmp_path / "runs", tiny_mvtec, *GRID_MAPS)
     meta = json.loads((run_dir / "detector.json").read_text())

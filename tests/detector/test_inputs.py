@@ -42,7 +42,10 @@ def test_float_image_tensors_in_unit_range_are_accepted():
 
 def test_training_data_without_variance_get_a_specific_warning():
     """Minor 2: identical or blank images gave zero distances and a threshold that never fires."""
-    with pytest.warns(RuntimeWarning, match=r"\(almost\) no variance"):
+    with (
+        pytest.warns(RuntimeWarning, match=r"\(almost\) no variance"),
+        pytest.warns(RuntimeWarning, match="singular"),
+    ):
         GaussianDetector(backbone=None, fpr=None).fit(np.full((10, 5), 3.0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

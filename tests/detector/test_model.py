@@ -23,7 +23,10 @@ from anomaly.errors import UserError
 from anomaly.methods.spatial import SpatialGaussianAD
 from anomaly.pooling import Cells, Grid, build_pooling
 from predict import main as predict_main
+from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT
 from tests.detector.helpers import onnx_outputs_match_pytorch
+
+pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
 

@@ -24,8 +24,10 @@ from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.ocsvm import OneClassSVMAD
 from anomaly.pooling import Cells, Global
 from predict import main as predict_main
-from tests.conftest import fit_and_test, make_mvtec_category
+from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT, fit_and_test, make_mvtec_category
 from tests.detector.helpers import onnx_outputs_match_pytorch
+
+pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
 SIZE = 32
@@ -151,6 +153,7 @@ def test_tiles_need_a_gaussian_method_and_no_feature_cache(strips: Path, tmp_pat
         model.features(torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8))
 
 
+@pytest.mark.slow
 def test_a_tiled_detector_exports_to_torchscript_and_onnx(strips: Path, tmp_path: Path):
     from anomaly.export import export_torchscript
 

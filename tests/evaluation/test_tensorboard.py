@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from anomaly.cli import main
@@ -16,6 +17,9 @@ from anomaly.evaluation.tensorboard import (
     THUMBNAIL_SIZE,
     extreme_indices,
 )
+from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT
+
+pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 
 def run_cli(tiny_mvtec: Path, root: Path, capsys, *extra: str) -> Path:
@@ -64,6 +68,7 @@ def test_run_logs_expected_tags(tiny_mvtec: Path, tmp_path: Path, capsys):
     assert (highest.width, highest.height) == (N_EXTREME_IMAGES * THUMBNAIL_SIZE, THUMBNAIL_SIZE)
 
 
+@pytest.mark.slow
 def test_without_figures_a_run_keeps_results_histograms_and_hparams_but_draws_nothing(
     tiny_mvtec: Path, tmp_path: Path, capsys
 ):

@@ -18,7 +18,15 @@ from anomaly.data.transforms import ImagePipeline
 from anomaly.errors import UserError
 from anomaly.features import FeatureCache, file_digest
 from anomaly.methods.gaussian import GaussianAD
-from tests.conftest import ENTRY_DAMAGES, damage_entry, fit_and_test, run_results, write_noise_images
+from tests.conftest import (
+    DEFAULT_SWITCHES,
+    ENTRY_DAMAGES,
+    FEW_HELD_OUT,
+    damage_entry,
+    fit_and_test,
+    run_results,
+    write_noise_images,
+)
 
 SIZE = 64  # a small input resolution keeps the unit tests fast
 
@@ -122,6 +130,8 @@ def run(root: Path, out: Path, fold: int, cache: Path | None, augment: bool = Fa
     return results, dm, rows, state
 
 
+@pytest.mark.slow
+@FEW_HELD_OUT
 def test_cached_fit_and_test_equal_uncached_exactly_and_folds_share_one_extraction(tiny_mvtec, tmp_path):
     cache_dir = tmp_path / "cache"
     plain, _, rows, state = run(tiny_mvtec, tmp_path / "plain", 0, None)
@@ -139,6 +149,9 @@ def test_cached_fit_and_test_equal_uncached_exactly_and_folds_share_one_extracti
     assert (stats.hits, stats.misses, stats.rejected) == (20, 0, 0)  # another fold: no extraction
 
 
+@pytest.mark.slow
+@DEFAULT_SWITCHES
+@FEW_HELD_OUT
 def test_augmented_training_reads_images_while_test_reads_the_cache(tiny_mvtec, tmp_path):
     dm = MVTecDataModule(
         str(tiny_mvtec), "widget", fold=0, batch_size=4, num_workers=0, augment=True,

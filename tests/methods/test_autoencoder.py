@@ -23,7 +23,9 @@ from anomaly.methods.autoencoder import PixelShuffleAutoencoder
 from anomaly.methods.autoencoder.module import error_map
 from anomaly.methods.run import fit
 from anomaly.tools.min_anomaly_size import main as min_size_main
-from tests.conftest import make_mvtec_category
+from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT, make_mvtec_category
+
+pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 
 def test_network_mirrors_resnet18_with_pixel_shuffle():

@@ -13,7 +13,9 @@ from anomaly.backbones import build_backbone
 from anomaly.cli import CONFIG_DIR, main
 from anomaly.data.supervised import StratifiedMVTecDataModule
 from anomaly.methods.classifier import FineTunedClassifier
-from tests.conftest import make_mvtec_category
+from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT, make_mvtec_category
+
+pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "efficientnet-lite0"])

@@ -94,6 +94,7 @@ def single_and_ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     return one, run_train(root, one, devices=1), two, run_train(root, two, devices=2)
 
 
+@pytest.mark.slow
 def test_ddp_fit_equals_single_process_fit(single_and_ddp):
     one, _, two, _ = single_and_ddp
     reference = torch.load(one / "stats" / "rank0_of1.pt")
@@ -106,6 +107,7 @@ def test_ddp_fit_equals_single_process_fit(single_and_ddp):
         )
 
 
+@pytest.mark.slow
 def test_ddp_scores_every_test_image_once_and_auroc_over_all_ranks(single_and_ddp):
     _, single, _, ddp = single_and_ddp
     n_test = N_GOOD + N_BAD
@@ -155,6 +157,7 @@ def test_auto_strategy_with_several_devices_gets_the_statistics_strategy(tmp_pat
     assert statistics_replacement(single, frozen) is None
 
 
+@pytest.mark.slow
 def test_ddp_with_feature_cache_extracts_each_image_once_and_scores_alike(single_and_ddp, tmp_path):
     one, single, _, _ = single_and_ddp
     root = one.parent / "mvtec"

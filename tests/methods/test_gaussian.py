@@ -18,7 +18,18 @@ from anomaly.errors import UserError
 from anomaly.evaluation.callback import RunReport
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.run import fit
-from tests.conftest import BOTTLE, cpu_trainer, fit_and_test, make_mvtec_category, require, run_results
+from tests.conftest import (
+    BOTTLE,
+    DEFAULT_SWITCHES,
+    FEW_HELD_OUT,
+    cpu_trainer,
+    fit_and_test,
+    make_mvtec_category,
+    require,
+    run_results,
+)
+
+pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 SMALL = 96  # below the native 224 px: real features at a fraction of the cost
 

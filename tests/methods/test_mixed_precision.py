@@ -12,7 +12,9 @@ from sklearn.metrics import roc_auc_score
 from anomaly.data import MVTecDataModule
 from anomaly.detector import GaussianDetector, read_detector, save_run_detector
 from anomaly.methods.gaussian import GaussianAD
-from tests.conftest import fit_and_test
+from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT, fit_and_test
+
+pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 SMALL = 96
 LEVELS = [3, 6, 9]

@@ -16,7 +16,9 @@ from anomaly.data import MVTecDataModule
 from anomaly.errors import UserError
 from anomaly.methods.ocsvm import OneClassSVMAD
 from anomaly.methods.run import fit
-from tests.conftest import BOTTLE, cpu_trainer, require, run_results
+from tests.conftest import BOTTLE, DEFAULT_SWITCHES, FEW_HELD_OUT, cpu_trainer, require, run_results
+
+pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 LEVELS = [3, 6]
 

@@ -19,7 +19,9 @@ from anomaly.evaluation.pixel import pixel_auroc, pixel_pro, upsample_maps
 from anomaly.evaluation.pro import pro_score
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.spatial import SpatialGaussianAD
-from tests.conftest import fit_and_test, make_mvtec_category, run_results
+from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT, fit_and_test, make_mvtec_category, run_results
+
+pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 SIZE = 64  # small inputs keep the backbone cheap; level 6 is then a 4x4 map
 
