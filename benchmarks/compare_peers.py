@@ -1,6 +1,6 @@
-"""Our detectors next to anomalib's DFM and PaDiM, on the same images and efficientnet-lite0 weights.
+"""Our detectors next to anomalib's DFM, PaDiM and PatchCore, on the same images and lite0 weights.
 
-One process, two datasets, every method on the same fitting / held-out / test images:
+Two datasets, every method on the same fitting / held-out / test images:
 
 * MVTec AD ``bottle``: the paper's 5-fold protocol (four fifths of ``train/good`` fit, the
   fifth is held out, the whole test set is scored); its defective test images have masks.
@@ -9,31 +9,51 @@ One process, two datasets, every method on the same fitting / held-out / test im
   5 folds; masks lie beside the images. The protocol is repeated for every ``--split-seeds``
   seed, and means and SEMs are over all (seed, fold) runs.
 
-Methods:
+Methods (``--methods`` picks by name; ``--help`` lists them):
 
-* ``ours: paper default``: :class:`GaussianAD`, global pooling, all nine levels, sum mode.
-* ``ours: ...``: :class:`SpatialGaussianAD` configurations (pooling, level weighting), among
-  them the fine-map one (``cells 14x14, levels 3-6``: one Gaussian per position) and the
-  grid-maps one (``grid maps 7x7, levels 3-6``: one joint Gaussian of the 7x7 grid per level,
-  each cell scored given the others). anomalib is needed only when one of its methods is run.
-* ``anomalib DFM`` / ``anomalib PaDiM`` (``pip install -e .[bench]``), their torch models
-  with their default settings, except that their timm feature extractor is replaced by our
-  efficientnet-lite0 extractor (the same ImageNet weights as ours; timm's lite0 checkpoint
-  would need a hub download). The timm layer names map onto our levels: ``blocks.1`` = 3,
-  ``blocks.2`` = 4, ``blocks.4`` = 6 (strides 4, 8, 16, as resnet's layer1-3 in their defaults).
-  PaDiM keeps 100 random channels of the 176 (its resnet18 default is 100 of 448); DFM pools
-  ``blocks.4`` by 4 (its default ``layer3``-like stride-16 layer) and scores by feature
-  reconstruction error at 97% PCA variance.
+* ``ours: NAME`` for every ``--configs NAME`` (default: ``default``, the paper's global pooling;
+  ``spatial_weighting``; ``spatial_grid``; ``spatial_cells``; ``spatial_fine``;
+  ``spatial_grid_maps``): the model class and ``init_args`` of the shipped config (or of a config
+  file), built as ``anomaly fit`` builds them. ``--configs recommended`` adds a new shipped config.
+  A config on this script's backbone whose pooling is global or a k x k grid reads the cached
+  features; any other (another backbone, another pooling, tiles) scores the images through its
+  detector's own ``features``, and its fit time then includes that backbone pass.
+* ``ours: cells 4x4, holdout weighting``: a SpatialGaussianAD configuration no config ships.
+* ``anomalib DFM`` / ``anomalib PaDiM`` / ``anomalib PatchCore 10%`` / ``anomalib PatchCore 1%``
+  (``pip install -e .[bench]``), their torch models with their default settings, except that
+  their timm feature extractor is replaced by our efficientnet-lite0 extractor (the same ImageNet
+  weights as ours; timm's lite0 checkpoint would need a hub download). The timm layer names map
+  onto our levels by stride: ``blocks.1`` = 3, ``blocks.2`` = 4, ``blocks.4`` = 6 (strides 4, 8,
+  16, as resnet's layer1-3 in their defaults). PaDiM keeps 100 random channels of the 176 (its
+  resnet18 default is 100 of 448); DFM pools ``blocks.4`` by 4 (its default ``layer3``-like
+  stride-16 layer) and scores by feature reconstruction error at 97% PCA variance. PatchCore
+  takes ``blocks.2`` and ``blocks.4`` for its wide_resnet50 ``layer2`` and ``layer3`` (strides 8
+  and 16) and runs anomalib's own forward: 3x3 average pooling, the coarser map upsampled to the
+  finer, k-center-greedy coreset at a sampling ratio of 0.1 (its default) or 0.01, 1-NN patch
+  distances, the image score reweighted over 9 neighbours, a Gaussian-blurred map.
 
 Every image passes the backbone once; the pooled features (global and 4 x 4) and the unpooled
-maps of levels 3-8 are cached in memory (and on disk with ``--cache``), and every method and
-split fits and scores from them. For every method that makes a map, pixel AUROC and PRO (up to
-FPR 0.3, :mod:`anomaly.evaluation.pro`) are computed at ``--pixel-size`` px on the
-``--pixel-folds`` folds. Throughput (images/s) is measured separately end to end, from uint8
-images through the backbone to the image scores (and the maps for the methods that make them),
-on one batch of test images, the methods interleaved, best of ``--repeats``.
+maps of levels 3-8 are cached in memory (and on disk with ``--cache``, read back memory-mapped),
+and every method and split fits and scores from them. For every method that makes a map, pixel
+AUROC and PRO (up to FPR 0.3, :mod:`anomaly.evaluation.pro`) are computed at ``--pixel-size`` px
+on the ``--pixel-folds`` folds. Per method and fold: the seconds to fit (from the cached
+features, model construction included) and to score the test set, and the size of the fitted
+state written as safetensors (ours: the detector's tensors, as in ``detector.safetensors``
+without backbone weights; anomalib's: its torch model's ``state_dict`` without the feature
+extractor, e.g. PatchCore's memory bank). Throughput (images/s) is measured separately end to
+end, from uint8 images through the backbone to the image scores (and the maps for the methods
+that make them), on one batch of test images, best of ``--repeats``.
 
-    /opt/venv-bench/bin/python benchmarks/compare_peers.py \\
+Memory: ``--isolate`` runs every (dataset, method) in a process of its own (after one process
+has built the feature cache) and reports that process's peak RSS (``ru_maxrss``; about 1 GB of
+it is importing torch and the project, and the 32-image throughput batch through the backbone
+takes it to about 1.7 GB whatever the method), and the process's peak RSS while the method fits
+and scores, before the throughput batch (``fit_score_peak_rss_bytes``: the peak is reset to the
+current RSS, baseline included, just before the fit). ``--max-rss-gb`` kills a method's process
+group above that RSS (summed over the group, polled each second) and ``--time-limit`` after that
+many seconds: the table then says what stopped it.
+
+    python benchmarks/compare_peers.py \\
         --mvtec /data/mvtec_ad --magnetic-tile /data/magnetic_tile \\
         --cache runs/compare_peers_cache --out runs/compare_peers.json
 """
