@@ -71,8 +71,9 @@ def test_patchcore_keeps_every_training_patch_at_ratio_one_and_scores_by_nearest
     distance, _ = NearestNeighbors(n_neighbors=1).fit(bank).kneighbors(reference)
     assert distance.max() < 1e-4  # the same vectors, in coreset order
     seen, _ = method.score(feats, train)
-    assert torch.allclose(seen, torch.zeros(4), atol=1e-3)
     scores, maps = method.score(feats, test)
+    # a training image's patches are in the bank: zero up to anomalib's float32 |x|^2 + |y|^2 - 2xy
+    assert seen.abs().max() < 0.01 * scores.min()
     nearest, _ = NearestNeighbors(n_neighbors=1).fit(reference).kneighbors(patch_embeddings(feats, test))
     largest = torch.tensor(nearest.reshape(2, -1).max(axis=1), dtype=torch.float32)
     assert maps.shape == (2, 32, 32)
