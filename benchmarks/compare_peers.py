@@ -776,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--mvtec", help="MVTec AD root (bottle is used); needed for the bottle dataset")
     parser.add_argument("--magnetic-tile", help="Magnetic-Tile-Defect root; needed for magnetic_tile")
-    parser.add_argument("--datasets", nargs="+", default=["bottle", "magnetic_tile"])
+    parser.add_argument("--datasets", nargs="+", default=["bottle", "magnetic_tile"], help="%(default)s")
     parser.add_argument("--folds", nargs="+", type=int, default=list(range(FOLDS)))
     parser.add_argument(
         "--split-seeds", nargs="+", type=int, default=[0, 1, 2],
@@ -803,7 +803,9 @@ def main(argv: list[str] | None = None) -> int:
         "--isolate", action="store_true",
         help="each dataset and method in a process of its own, for its peak RSS (needs --cache)",
     )  # fmt: skip
-    parser.add_argument("--max-rss-gb", type=float, default=None, help="with --isolate: kill a method above")
+    parser.add_argument(
+        "--max-rss-gb", type=float, default=None, help="with --isolate: kill a method above this RSS (GB)"
+    )
     parser.add_argument("--time-limit", type=float, default=None, help="with --isolate: seconds per method")
     parser.add_argument("--extract-only", action="store_true", help="only build the feature cache")
     args = parser.parse_args(argv)
