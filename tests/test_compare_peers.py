@@ -96,20 +96,20 @@ def test_our_configs_end_to_end_with_costs(tmp_path: Path):
     out = tmp_path / "out.json"
     code = peers.main(
         ["--mvtec", str(root), "--datasets", "bottle", "--folds", "0", "--configs", "default",
-         "spatial_grid_maps", "--methods", "ours: default", "ours: spatial_grid_maps", "--repeats", "1",
+         "spatial_fine", "--methods", "ours: default", "ours: spatial_fine", "--repeats", "1",
          "--speed-images", "2", "--pixel-size", "48", "--out", str(out)]
     )  # fmt: skip
     assert code == 0
     methods = json.loads(out.read_text())["results"][0]["methods"]
-    assert list(methods) == ["ours: default", "ours: spatial_grid_maps"]
+    assert list(methods) == ["ours: default", "ours: spatial_fine"]
     for entry in methods.values():
         assert 0 <= entry["image_auroc"][0] <= 1
         assert entry["fit_seconds"][0] > 0 and entry["images_per_second"] > 0
     assert methods["ours: default"]["pixel_auroc"] is None
-    assert 0 <= methods["ours: spatial_grid_maps"]["pixel_auroc"][0] <= 1
-    # one joint Gaussian of a 7 x 7 grid per level holds far more than one per globally pooled level
-    sizes = [methods[name]["model_bytes"] for name in ("ours: spatial_grid_maps", "ours: default")]
-    assert sizes[0] > 10 * sizes[1] > 0
+    assert 0 <= methods["ours: spatial_fine"]["pixel_auroc"][0] <= 1
+    # 196 cells' Gaussians of levels 3-6 (34 MB) against one Gaussian per level (14 MB, level 9's 1280 dims)
+    sizes = [methods[name]["model_bytes"] for name in ("ours: spatial_fine", "ours: default")]
+    assert sizes[0] > 2 * sizes[1] > 10_000_000
 
 
 def test_bad_arguments_are_one_line_errors(capsys):
