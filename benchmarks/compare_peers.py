@@ -1,6 +1,6 @@
-"""Our detectors next to anomalib's DFM and PaDiM, on the same images and efficientnet-lite0 weights.
+"""Our detectors next to anomalib's DFM, PaDiM and PatchCore, on the same images and lite0 weights.
 
-One process, two datasets, every method on the same fitting / held-out / test images:
+Two datasets, every method on the same fitting / held-out / test images:
 
 * MVTec AD ``bottle``: the paper's 5-fold protocol (four fifths of ``train/good`` fit, the
   fifth is held out, the whole test set is scored); its defective test images have masks.
@@ -9,31 +9,51 @@ One process, two datasets, every method on the same fitting / held-out / test im
   5 folds; masks lie beside the images. The protocol is repeated for every ``--split-seeds``
   seed, and means and SEMs are over all (seed, fold) runs.
 
-Methods:
+Methods (``--methods`` picks by name; ``--help`` lists them):
 
-* ``ours: paper default``: :class:`GaussianAD`, global pooling, all nine levels, sum mode.
-* ``ours: ...``: :class:`SpatialGaussianAD` configurations (pooling, level weighting), among
-  them the fine-map one (``cells 14x14, levels 3-6``: one Gaussian per position) and the
-  grid-maps one (``grid maps 7x7, levels 3-6``: one joint Gaussian of the 7x7 grid per level,
-  each cell scored given the others). anomalib is needed only when one of its methods is run.
-* ``anomalib DFM`` / ``anomalib PaDiM`` (``pip install -e .[bench]``), their torch models
-  with their default settings, except that their timm feature extractor is replaced by our
-  efficientnet-lite0 extractor (the same ImageNet weights as ours; timm's lite0 checkpoint
-  would need a hub download). The timm layer names map onto our levels: ``blocks.1`` = 3,
-  ``blocks.2`` = 4, ``blocks.4`` = 6 (strides 4, 8, 16, as resnet's layer1-3 in their defaults).
-  PaDiM keeps 100 random channels of the 176 (its resnet18 default is 100 of 448); DFM pools
-  ``blocks.4`` by 4 (its default ``layer3``-like stride-16 layer) and scores by feature
-  reconstruction error at 97% PCA variance.
+* ``ours: NAME`` for every ``--configs NAME`` (default: ``default``, the paper's global pooling;
+  ``spatial_weighting``; ``spatial_grid``; ``spatial_cells``; ``spatial_fine``;
+  ``spatial_grid_maps``): the model class and ``init_args`` of the shipped config (or of a config
+  file), built as ``anomaly fit`` builds them. ``--configs recommended`` adds a new shipped config.
+  A config on this script's backbone whose pooling is global or a k x k grid reads the cached
+  features; any other (another backbone, another pooling, tiles) scores the images through its
+  detector's own ``features``, and its fit time then includes that backbone pass.
+* ``ours: cells 4x4, holdout weighting``: a SpatialGaussianAD configuration no config ships.
+* ``anomalib DFM`` / ``anomalib PaDiM`` / ``anomalib PatchCore 10%`` / ``anomalib PatchCore 1%``
+  (``pip install -e .[bench]``), their torch models with their default settings, except that
+  their timm feature extractor is replaced by our efficientnet-lite0 extractor (the same ImageNet
+  weights as ours; timm's lite0 checkpoint would need a hub download). The timm layer names map
+  onto our levels by stride: ``blocks.1`` = 3, ``blocks.2`` = 4, ``blocks.4`` = 6 (strides 4, 8,
+  16, as resnet's layer1-3 in their defaults). PaDiM keeps 100 random channels of the 176 (its
+  resnet18 default is 100 of 448); DFM pools ``blocks.4`` by 4 (its default ``layer3``-like
+  stride-16 layer) and scores by feature reconstruction error at 97% PCA variance. PatchCore
+  takes ``blocks.2`` and ``blocks.4`` for its wide_resnet50 ``layer2`` and ``layer3`` (strides 8
+  and 16) and runs anomalib's own forward: 3x3 average pooling, the coarser map upsampled to the
+  finer, k-center-greedy coreset at a sampling ratio of 0.1 (its default) or 0.01, 1-NN patch
+  distances, the image score reweighted over 9 neighbours, a Gaussian-blurred map.
 
 Every image passes the backbone once; the pooled features (global and 4 x 4) and the unpooled
-maps of levels 3-8 are cached in memory (and on disk with ``--cache``), and every method and
-split fits and scores from them. For every method that makes a map, pixel AUROC and PRO (up to
-FPR 0.3, :mod:`anomaly.evaluation.pro`) are computed at ``--pixel-size`` px on the
-``--pixel-folds`` folds. Throughput (images/s) is measured separately end to end, from uint8
-images through the backbone to the image scores (and the maps for the methods that make them),
-on one batch of test images, the methods interleaved, best of ``--repeats``.
+maps of levels 3-8 are cached in memory (and on disk with ``--cache``, read back memory-mapped),
+and every method and split fits and scores from them. For every method that makes a map, pixel
+AUROC and PRO (up to FPR 0.3, :mod:`anomaly.evaluation.pro`) are computed at ``--pixel-size`` px
+on the ``--pixel-folds`` folds. Per method and fold: the seconds to fit (from the cached
+features, model construction included) and to score the test set, and the size of the fitted
+state written as safetensors (ours: the detector's tensors, as in ``detector.safetensors``
+without backbone weights; anomalib's: its torch model's ``state_dict`` without the feature
+extractor, e.g. PatchCore's memory bank). Throughput (images/s) is measured separately end to
+end, from uint8 images through the backbone to the image scores (and the maps for the methods
+that make them), on one batch of test images, best of ``--repeats``.
 
-    venv-bench/bin/python benchmarks/compare_peers.py \\
+Memory: ``--isolate`` runs every (dataset, method) in a process of its own (after one process
+has built the feature cache) and reports that process's peak RSS (``ru_maxrss``; about 1 GB of
+it is importing torch and the project, and the 32-image throughput batch through the backbone
+takes it to about 1.7 GB whatever the method), and the process's peak RSS while the method fits
+and scores, before the throughput batch (``fit_score_peak_rss_bytes``: the peak is reset to the
+current RSS, baseline included, just before the fit). ``--max-rss-gb`` kills a method's process
+group above that RSS (summed over the group, polled each second) and ``--time-limit`` after that
+many seconds: the table then says what stopped it.
+
+    python benchmarks/compare_peers.py \\
         --mvtec /data/mvtec_ad --magnetic-tile /data/magnetic_tile \\
         --cache runs/compare_peers_cache --out runs/compare_peers.json
 """
@@ -41,29 +61,40 @@ on one batch of test images, the methods interleaved, best of ``--repeats``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from anomaly.backbones import build_backbone
 from anomaly.backbones.extractor import FeatureExtractor
+from anomaly.configs import resolve_config
 from anomaly.data import MVTecDataModule
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import ImageDataset, Sample
 from anomaly.data.folder import FolderDataModule
 from anomaly.data.needs import DataNeeds
 from anomaly.data.transforms import ImagePipeline
+from anomaly.detector.io import model_tensors
+from anomaly.errors import ArgumentsError
 from anomaly.evaluation.aggregate import sem
 from anomaly.evaluation.metrics import image_auroc
 from anomaly.evaluation.pixel import upsample_maps
@@ -80,28 +111,29 @@ MAP_LEVELS = (3, 4, 5, 6, 7, 8)
 PADIM_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
 PADIM_FEATURES = 100
 DFM_LAYER = "blocks.4"
+#: PatchCore's default wide_resnet50 ``layer2`` and ``layer3`` (strides 8, 16) mapped by stride.
+PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]
+#: Coreset sampling ratios: anomalib's default (10%) and a cheaper 1%.
+PATCHCORE_RATIOS = (0.1, 0.01)
+#: Poolings whose inputs the feature cache holds (``Features.grid``); others run from the images.
+CACHED_POOLINGS = ("global", "grid", "cells", "grid_maps")
 GRID_SIZES = (4,)
 FOLDS = 5
 SCORE = "mahalanobis/sum"
 
-#: Our configurations: (label, SpatialGaussianAD keyword arguments).
+#: Our configurations that no shipped config names: (label, SpatialGaussianAD keyword arguments).
 OURS = [
-    ("global, holdout weighting", {"pooling": "global", "level_weighting": "holdout"}),
-    ("grid 4x4, levels 1-8", {"pooling": "grid", "grid_size": 4, "levels": list(range(1, 9))}),
-    ("cells 4x4", {"pooling": "cells", "grid_size": 4}),
     ("cells 4x4, holdout weighting", {"pooling": "cells", "grid_size": 4, "level_weighting": "holdout"}),
-    ("cells 14x14, levels 3-6", {"pooling": "cells", "grid_size": 14, "levels": [3, 4, 5, 6]}),
-    ("grid maps 7x7, levels 3-6", {"pooling": "grid_maps", "grid_size": 7, "levels": [3, 4, 5, 6]}),
 ]
-#: The configuration the README recommends: a 4x4 grid over every level whose k^2 C-dim Gaussian
-#: fits the default 4 GiB budget (level 9's 20480 dims do not).
-BEST = "grid 4x4, levels 1-8"
-#: The fine-map configuration (configs/spatial_fine.yaml): one Gaussian per position of a 14x14
-#: grid, the native stride-16 resolution of levels 5-6; levels 3-4 (strides 4, 8) average-pooled to it.
-FINE = "cells 14x14, levels 3-6"
-#: The grid configuration with maps (configs/spatial_grid_maps.yaml): one joint Gaussian of the
-#: 7x7 grid per level; the map is each cell's distance given the other cells.
-GRID_MAPS = "grid maps 7x7, levels 3-6"
+#: The shipped configs of this comparison (``--configs``): the paper's default, holdout level weighting,
+#: a 4x4 grid (the best image AUROC), 4x4 cells, 14x14 cells (fine maps) and the 7x7 grid maps.
+CONFIGS = [
+    "default", "spatial_weighting", "spatial_grid", "spatial_cells", "spatial_fine", "spatial_grid_maps",
+]  # fmt: skip
+BEST, FINE, GRID_MAPS = "spatial_grid", "spatial_fine", "spatial_grid_maps"
+#: The peers' labels, in table order.
+PEERS = ["anomalib DFM", "anomalib PaDiM"] + [f"anomalib PatchCore {r:.0%}" for r in PATCHCORE_RATIOS]
+GB = 1e9
 
 
 # ------------------------------------------------------------------------------------ features
@@ -114,6 +146,7 @@ class Features:
     grids: dict[int, list[Tensor]]  # k -> per level (N, C, k, k)
     maps: dict[int, Tensor]  # level -> unpooled (N, C, H, W) float16
     masks: Tensor | None = None  # (N, 1, S, S) uint8, zeros where an image has no mask
+    samples: list[Sample] | None = None  # the images themselves, for methods the cache cannot serve
     row: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -170,7 +203,7 @@ def cached_extract(
     levels = "".join(map(str, MAP_LEVELS))
     path = None if cache is None else cache / f"{name}_{len(samples)}_levels{levels}.pt"
     if path is not None and path.is_file():
-        stored = torch.load(path)
+        stored = torch.load(path, mmap=True)  # pages are read (and count in the RSS) as they are used
         if stored["paths"] == [s.path for s in samples]:
             return Features(**stored)
     features = extract(extractor, samples, masks, bs)
@@ -199,36 +232,103 @@ class Method:
         """End to end from uint8 images (for throughput)."""
         raise NotImplementedError
 
+    def state(self) -> dict[str, Tensor]:
+        """The fitted tensors a saved model holds (the shared backbone's weights left out)."""
+        raise NotImplementedError
+
+
+def saved_bytes(tensors: dict[str, Tensor]) -> int:
+    """The size of ``tensors`` written as one safetensors file."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "state.safetensors"
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
+        return path.stat().st_size
+
+
+def peer_state(model: nn.Module) -> dict[str, Tensor]:
+    """An anomalib torch model's ``state_dict`` without its feature extractor (the shared backbone)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("feature_extractor.")}
+
+
+def columns_cat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
 
 class Ours(Method):
-    """GaussianAD (the paper's default) or a SpatialGaussianAD configuration."""
+    """GaussianAD (the paper's default) or a SpatialGaussianAD configuration.
+
+    Its inputs come from the feature cache where the cache holds them (the script's backbone,
+    a global or k x k pooling, no PCA); otherwise from the images, through the detector's own
+    ``features`` (its backbone, input size and pooling), and its fit time then includes them.
+    """
 
     def __init__(self, name: str, make: Callable[[], GaussianAD], extractor: FeatureExtractor) -> None:
         self.name, self.make, self.extractor = name, make, extractor
         self.model: GaussianAD | None = None
+        self.cached = True
 
-    def _inputs(self, feats: Features, rows: Tensor) -> list[Tensor]:
+    def _batches(self, feats: Features, rows: Tensor) -> Iterator[list[Tensor]]:
         model = self.model
-        if model.pooling.name == "global":
-            return [feats.pooled[lv - 1][rows] for lv in model.levels]
-        return [model.pooling.arrange(feats.grid(lv, model.grid_size, rows)) for lv in model.levels]
+        if not self.cached:
+            samples = [feats.samples[r] for r in rows]
+            for batch in image_loader(samples, model.extractor.image_size, False, 32):
+                yield model.detector.features(batch["image"])
+        elif model.pooling.name == "global":
+            yield [feats.pooled[lv - 1][rows] for lv in model.levels]
+        else:
+            yield [model.pooling.arrange(feats.grid(lv, model.grid_size, rows)) for lv in model.levels]
 
     def fit(self, feats: Features, fit_rows: Tensor, holdout_rows: Tensor) -> None:
         self.model = self.make()
-        self.model.extractor = self.model.detector.extractor = self.extractor  # one shared backbone
+        if self.model.reduction != "none":
+            raise ValueError(f"{self.name}: PCA/NPCA needs a second pass over the images; not benchmarked")
+        same_backbone = self.model.hparams.backbone == BACKBONE
+        same_input = same_backbone and self.model.extractor.image_size == self.extractor.image_size
+        pooling = self.model.pooling.name
+        self.cached = (
+            same_input
+            and pooling in CACHED_POOLINGS
+            and (
+                pooling == "global"
+                or self.model.grid_size in GRID_SIZES
+                or set(self.model.levels) <= set(MAP_LEVELS)
+            )
+        )
+        if same_input:
+            self.model.extractor = self.model.detector.extractor = self.extractor  # one shared backbone
+        elif same_backbone:  # built without weights: the same ones, at its own input size
+            self.model.extractor.load_state_dict(self.extractor.state_dict())
         detector = self.model.detector
         self.makes_maps = detector.makes_maps
-        detector.update(self._inputs(feats, fit_rows))
-        detector.finalise()
-        if detector.level_weighting == "holdout":
-            detector.set_level_weights(detector.score_features(self._inputs(feats, holdout_rows)))
+        with torch.no_grad():
+            for inputs in self._batches(feats, fit_rows):
+                detector.update(inputs)
+            detector.finalise()
+            if detector.level_weighting == "holdout":
+                held_out = [detector.score_features(inputs) for inputs in self._batches(feats, holdout_rows)]
+                detector.set_level_weights(columns_cat(held_out))
 
     def score(self, feats: Features, rows: Tensor) -> tuple[Tensor, Tensor | None]:
-        columns, maps = self.model.detector.score(self._inputs(feats, rows))
-        return columns[SCORE], maps
+        with torch.no_grad():
+            parts = [self.model.detector.score(inputs) for inputs in self._batches(feats, rows)]
+        maps = None if parts[0][1] is None else torch.cat([m for _, m in parts])
+        return columns_cat([c for c, _ in parts])[SCORE], maps
 
     def infer(self, images: Tensor) -> Tensor:
         return self.model.score_images(images)[SCORE]
+
+    def state(self) -> dict[str, Tensor]:
+        return model_tensors(self.model.detector, embed_weights=False)
+
+
+def config_method(config: str, extractor: FeatureExtractor) -> Ours:
+    """A shipped config (or a config file) as ``anomaly fit`` builds its model: class and init_args."""
+    model = yaml.safe_load(Path(resolve_config(config)).read_text())["model"]
+    module, _, name = model["class_path"].rpartition(".")
+    cls, kwargs = getattr(importlib.import_module(module), name), dict(model.get("init_args") or {})
+    if kwargs.get("backbone", BACKBONE) == BACKBONE:
+        kwargs["pretrained"] = False  # the shared extractor (the same weights) replaces its own
+    return Ours(f"ours: {Path(config).stem}", lambda: cls(**kwargs), extractor)
 
 
 class TimmLevels(nn.Module):
@@ -281,6 +381,9 @@ class AnomalibDFM(Method):
         self.model.feature_extractor = TimmLevels(self.extractor, [DFM_LAYER])
         return self.model(images).pred_score
 
+    def state(self) -> dict[str, Tensor]:
+        return peer_state(self.model)
+
 
 class AnomalibPaDiM(Method):
     name, makes_maps = "anomalib PaDiM", True
@@ -322,6 +425,61 @@ class AnomalibPaDiM(Method):
     def infer(self, images: Tensor) -> Tensor:
         return self.model(images).pred_score
 
+    def state(self) -> dict[str, Tensor]:
+        return peer_state(self.model)
+
+
+class Pending(nn.Module):
+    """Stands in for a peer's extractor: returns the cached maps set just before the model's forward."""
+
+    def __init__(self, maps: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.maps = maps
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return self.maps
+
+
+class AnomalibPatchCore(Method):
+    """anomalib's ``PatchcoreModel`` with its defaults (3x3 average pooling of the two layers, the
+    coarser upsampled to the finer, k-center-greedy coreset, 1-NN patch scores, the image score
+    reweighted over 9 neighbours, Gaussian-blurred maps), at a coreset sampling ratio."""
+
+    makes_maps = True
+
+    def __init__(self, extractor: FeatureExtractor, ratio: float) -> None:
+        self.extractor, self.ratio = extractor, ratio
+        self.name = f"anomalib PatchCore {ratio:.0%}"
+
+    def _forward(self, feats: Features, rows: Tensor):
+        """anomalib's own forward, its extractor handing over the cached maps of ``rows``."""
+        self.model.feature_extractor = Pending(feats.timm_maps(PATCHCORE_LAYERS, rows))
+        size = self.extractor.image_size
+        return self.model(torch.zeros(len(rows), 3, size, size))
+
+    def fit(self, feats: Features, fit_rows: Tensor, holdout_rows: Tensor) -> None:
+        from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+        torch.manual_seed(0)  # the coreset's random first centre
+        self.model = PatchcoreModel(layers=PATCHCORE_LAYERS, backbone=TIMM_NAME, pre_trained=False)
+        self.model.train()  # forward stores the embeddings, as in anomalib's training step
+        for i in range(0, len(fit_rows), 32):
+            self._forward(feats, fit_rows[i : i + 32])
+        self.model.subsample_embedding(self.ratio)
+        self.model.eval()
+
+    def score(self, feats: Features, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        with torch.no_grad():
+            out = [self._forward(feats, rows[i : i + 32]) for i in range(0, len(rows), 32)]
+        return torch.cat([o.pred_score for o in out]), torch.cat([o.anomaly_map for o in out])[:, 0]
+
+    def infer(self, images: Tensor) -> Tensor:
+        self.model.feature_extractor = TimmLevels(self.extractor, PATCHCORE_LAYERS)
+        return self.model(images.float() / 255).pred_score  # its forward casts to float: give [0, 1]
+
+    def state(self) -> dict[str, Tensor]:
+        return peer_state(self.model)
+
 
 # ------------------------------------------------------------------------------------ protocol
 def datamodules(name: str, args: argparse.Namespace, split_seed: int) -> list[AnomalyDataModule]:
@@ -353,6 +511,21 @@ def mean_sem(values: list[float]) -> tuple[float, float]:
         return math.nan, math.nan
     spread = sem(clean)
     return float(np.mean(clean)), math.nan if spread is None else spread
+
+
+def reset_peak_rss() -> None:
+    """Restart this process's peak RSS (``VmHWM``) from its current RSS (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss() -> int | None:
+    """This process's peak RSS in bytes since it started or since :func:`reset_peak_rss` (Linux)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
 
 
 def pixel_metrics(maps: Tensor, masks: Tensor, size: int) -> tuple[float, float]:
@@ -396,6 +569,7 @@ def run_dataset(
     has_masks = any(s.mask is not None for s in images)
     print(f"{name}: {len(images)} images, split seeds {seeds}", file=sys.stderr)
     feats = cached_extract(args.cache, name, extractor, images, has_masks, args.batch_size)
+    feats.samples = images
     runs = {m.name: [] for m in methods}
     for seed, dms in splits.items():
         train, test = dms[0].samples()
@@ -403,10 +577,14 @@ def run_dataset(
         for dm in dms:
             fit_rows, holdout_rows = feats.rows(dm.fit_samples), feats.rows(dm.holdout_samples)
             for m in methods:
+                reset_peak_rss()
                 started = time.perf_counter()
                 m.fit(feats, fit_rows, holdout_rows)
+                fitted = time.perf_counter()
                 scores, maps = m.score(feats, test_rows)
                 run = {"split_seed": seed, "fold": dm.fold, "image_auroc": image_auroc(scores, labels)}
+                run["fit_seconds"], run["score_seconds"] = fitted - started, time.perf_counter() - fitted
+                run["model_bytes"], run["fit_score_peak_rss_bytes"] = saved_bytes(m.state()), peak_rss()
                 if maps is not None and has_masks and dm.fold in args.pixel_folds:
                     masks = feats.masks[test_rows]
                     run["pixel_auroc"], run["pro"] = pixel_metrics(maps, masks, args.pixel_size)
@@ -414,11 +592,11 @@ def run_dataset(
                 print(
                     f"  seed {seed} fold {dm.fold} {m.name}: "
                     + ", ".join(f"{k} {v:.4f}" for k, v in run.items() if isinstance(v, float))
-                    + f" ({time.perf_counter() - started:.1f} s)",
+                    + f", {run['model_bytes'] / 1e6:.1f} MB ({time.perf_counter() - started:.1f} s)",
                     file=sys.stderr,
                 )
     speed = {}
-    if args.repeats > 0:
+    if args.repeats > 0 and methods:
         train, test = splits[seeds[0]][0].samples()
         step = max(1, len(test) // args.speed_images)
         batch = next(iter(image_loader(test[::step], extractor.image_size, False, args.speed_images)))
@@ -447,6 +625,11 @@ def run_dataset(
                 "pixel_auroc": summary(m.name, "pixel_auroc"),
                 "pro": summary(m.name, "pro"),
                 "images_per_second": speed.get(m.name),
+                "fit_seconds": summary(m.name, "fit_seconds"),
+                "model_bytes": max((r["model_bytes"] for r in runs[m.name]), default=None),
+                "fit_score_peak_rss_bytes": max(
+                    (r["fit_score_peak_rss_bytes"] or 0 for r in runs[m.name]), default=None
+                ),
                 "runs": runs[m.name],
             }
             for m in methods
@@ -461,40 +644,147 @@ def fmt(value: tuple[float, float] | None) -> str:
     return f"{mean:.4f}" if math.isnan(sem) else f"{mean:.4f} ± {sem:.4f}"
 
 
+def cost_cells(entry: dict) -> list[str]:
+    """fit s, images/s, peak RSS and its fit + score part (GB), saved model (MB) of a method's entry."""
+    fit, speed = entry.get("fit_seconds"), entry.get("images_per_second")
+    sizes = [entry.get(k) for k in ("peak_rss_bytes", "fit_score_peak_rss_bytes", "model_bytes")]
+    return [
+        "-" if fit is None else f"{fit[0]:.1f}",
+        "-" if speed is None else f"{speed:.1f}",
+        *(
+            "-" if size is None else f"{size / unit:.{digits}f}"
+            for size, unit, digits in zip(sizes, (GB, GB, 1e6), (2, 2, 1), strict=True)
+        ),
+    ]
+
+
 def markdown(results: list[dict]) -> str:
     """The main table, then image AUROC per split seed where a dataset has several."""
     lines = [
-        "| dataset | method | image AUROC | pixel AUROC | PRO (FPR ≤ 0.3) | images/s |",
-        "|---|---|---|---|---|---|",
+        "| dataset | method | image AUROC | pixel AUROC | PRO (FPR ≤ 0.3) | fit s | images/s "
+        "| peak RSS GB | fit + score peak RSS GB | saved MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         for method, entry in result["methods"].items():
-            speed = entry["images_per_second"]
-            cells = [result["dataset"], method, fmt(entry["image_auroc"]), fmt(entry["pixel_auroc"])]
-            cells += [fmt(entry["pro"]), "-" if speed is None else f"{speed:.1f}"]
-            lines.append("| " + " | ".join(cells) + " |")
+            if entry.get("stopped"):
+                cells = [result["dataset"], method, f"stopped: {entry['stopped']}", "-", "-"]
+            else:
+                cells = [result["dataset"], method, fmt(entry["image_auroc"]), fmt(entry["pixel_auroc"])]
+                cells.append(fmt(entry["pro"]))
+            lines.append("| " + " | ".join(cells + cost_cells(entry)) + " |")
     for result in results:
-        seeds = result["split_seeds"]
+        seeds = result.get("split_seeds", [])
         if len(seeds) < 2:
             continue
         lines += ["", f"{result['dataset']}, image AUROC per split seed (mean ± SEM over the folds):", ""]
         lines.append("| method | " + " | ".join(f"seed {s}" for s in seeds) + " |")
         lines.append("|---|" + "---|" * len(seeds))
         for method, entry in result["methods"].items():
-            per_seed = [fmt(tuple(entry["image_auroc_per_seed"][str(s)])) for s in seeds]
-            lines.append(f"| {method} | " + " | ".join(per_seed) + " |")
+            if not entry.get("stopped"):
+                per_seed = [fmt(tuple(entry["image_auroc_per_seed"][str(s)])) for s in seeds]
+                lines.append(f"| {method} | " + " | ".join(per_seed) + " |")
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------- one process a method
+def group_rss(pgid: int) -> int:
+    """Resident bytes summed over the processes of a process group (shared pages counted in each)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return total
+
+
+def watch(argv: list[str], max_rss_gb: float | None, time_limit: float | None) -> dict:
+    """Run ``argv`` in its own process group, killed above ``max_rss_gb`` (RSS summed over the group,
+    polled every second) or after ``time_limit`` s; its peak RSS (``ru_maxrss``) and wall time."""
+    started = time.perf_counter()
+    child = subprocess.Popen(argv, start_new_session=True)
+    stopped, group_peak = None, 0
+    while True:
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            break
+        rss, elapsed = group_rss(child.pid), time.perf_counter() - started
+        group_peak = max(group_peak, rss)
+        if stopped is None and max_rss_gb is not None and rss > max_rss_gb * GB:
+            stopped = f"killed at {rss / GB:.1f} GB RSS (limit {max_rss_gb:g} GB) after {elapsed:.0f} s"
+        elif stopped is None and time_limit is not None and elapsed > time_limit:
+            stopped = f"killed at the time limit ({time_limit:.0f} s), {rss / GB:.1f} GB RSS"
+        if stopped is not None:
+            os.killpg(child.pid, signal.SIGKILL)
+        time.sleep(1)  # polling another process's memory: there is nothing to wait on
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "returncode": child.returncode,
+        "stopped": stopped,
+        "wall_seconds": time.perf_counter() - started,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "group_peak_rss_bytes": group_peak,
+    }
+
+
+def child_argv(args: argparse.Namespace, dataset: str, method: str | None, out: Path) -> list[str]:
+    """This script's command line for one dataset and one method (None: only build the cache)."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--datasets", dataset, "--out", str(out)]
+    argv += ["--extract-only"] if method is None else ["--methods", method]
+    roots = [("--mvtec", args.mvtec), ("--magnetic-tile", args.magnetic_tile), ("--cache", args.cache)]
+    for flag, value in roots:
+        argv += [] if value is None else [flag, str(value)]
+    for flag, values in [("--folds", args.folds), ("--split-seeds", args.split_seeds),
+                         ("--pixel-folds", args.pixel_folds), ("--configs", args.configs)]:  # fmt: skip
+        argv += [flag, *map(str, values)]
+    for flag in ("pixel_size", "batch_size", "speed_images", "repeats"):
+        argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    return argv
+
+
+def isolated(args: argparse.Namespace, names: list[str]) -> list[dict]:
+    """Every (dataset, method) in a process of its own, after one process has built the feature cache."""
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for dataset in args.datasets:
+            out = Path(folder) / "result.json"
+            prepared = watch(child_argv(args, dataset, None, out), None, None)
+            if prepared["returncode"] != 0:
+                raise RuntimeError(f"{dataset}: extracting the features failed")
+            base, entries = json.loads(out.read_text())["results"][0], {}
+            for name in names:
+                out.unlink(missing_ok=True)
+                report = watch(child_argv(args, dataset, name, out), args.max_rss_gb, args.time_limit)
+                if report["returncode"] == 0 and out.is_file():
+                    entry = json.loads(out.read_text())["results"][0]["methods"][name]
+                else:
+                    entry = {"stopped": report["stopped"] or f"exit status {report['returncode']}"}
+                entries[name] = {**entry, **report}
+                print(f"{dataset} {name}: {report}", file=sys.stderr)
+            results.append({**base, "methods": entries})
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    labels = [f"ours: {c}" for c in CONFIGS] + [f"ours: {o}" for o, _ in OURS] + PEERS
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Methods (--methods): " + ", ".join(labels) + "; and 'ours: NAME' for every --configs NAME.",
+    )  # fmt: skip
     parser.add_argument("--mvtec", help="MVTec AD root (bottle is used); needed for the bottle dataset")
     parser.add_argument("--magnetic-tile", help="Magnetic-Tile-Defect root; needed for magnetic_tile")
-    parser.add_argument("--datasets", nargs="+", default=["bottle", "magnetic_tile"])
+    parser.add_argument("--datasets", nargs="+", default=["bottle", "magnetic_tile"], help="%(default)s")
     parser.add_argument("--folds", nargs="+", type=int, default=list(range(FOLDS)))
     parser.add_argument(
         "--split-seeds", nargs="+", type=int, default=[0, 1, 2],
         help="Magnetic-Tile's seeded 80/20 splits of MT_Free; results average over seeds x folds",
+    )  # fmt: skip
+    parser.add_argument(
+        "--configs", nargs="*", default=CONFIGS,
+        help="our configs, by shipped name or file (each runs as 'ours: NAME'); default: %(default)s",
     )  # fmt: skip
     parser.add_argument(
         "--methods", nargs="+", default=None, help="only these methods (their names in the table)"
@@ -509,46 +799,64 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="throughput runs per method (0: none)")
     parser.add_argument("--cache", type=Path, default=None, help="folder for the extracted features")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--isolate", action="store_true",
+        help="each dataset and method in a process of its own, for its peak RSS (needs --cache)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-rss-gb", type=float, default=None, help="with --isolate: kill a method above this RSS (GB)"
+    )
+    parser.add_argument("--time-limit", type=float, default=None, help="with --isolate: seconds per method")
+    parser.add_argument("--extract-only", action="store_true", help="only build the feature cache")
     args = parser.parse_args(argv)
     roots = {"bottle": ("--mvtec", args.mvtec), "magnetic_tile": ("--magnetic-tile", args.magnetic_tile)}
     missing = [roots[name][0] for name in args.datasets if name in roots and roots[name][1] is None]
     if missing:
         print(f"error: give {' and '.join(missing)}: the folder of each dataset compared", file=sys.stderr)
         return 2
+    if args.isolate and args.cache is None:
+        print("error: --isolate needs --cache: the methods' processes share its features", file=sys.stderr)
+        return 2
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     extractor = build_backbone(BACKBONE)
-    methods: list[Method] = [
-        Ours("ours: paper default", lambda: GaussianAD(BACKBONE, pretrained=False), extractor)
-    ]
+    try:
+        methods: list[Method] = [config_method(config, extractor) for config in args.configs]
+    except ArgumentsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     methods += [
         Ours(f"ours: {label}", lambda kw=kw: SpatialGaussianAD(BACKBONE, pretrained=False, **kw), extractor)
         for label, kw in OURS
     ]
     methods += [AnomalibDFM(extractor), AnomalibPaDiM(extractor)]
+    methods += [AnomalibPatchCore(extractor, ratio) for ratio in PATCHCORE_RATIOS]
     if args.methods:
+        unknown = sorted(set(args.methods) - {m.name for m in methods})
+        if unknown:
+            print(f"error: no method {unknown}: choose among {[m.name for m in methods]}", file=sys.stderr)
+            return 2
         methods = [m for m in methods if m.name in args.methods]
+    if args.extract_only:
+        methods = []
     if any(m.name.startswith("anomalib") for m in methods):
         try:
             import anomalib  # noqa: F401
         except ImportError:
             print("error: anomalib is not installed: pip install -e '.[bench]'", file=sys.stderr)
             return 2
-    results = [run_dataset(name, args, methods, extractor) for name in args.datasets]
+    if args.isolate:
+        results = isolated(args, [m.name for m in methods])
+    else:
+        results = [run_dataset(name, args, methods, extractor) for name in args.datasets]
     table = markdown(results)
     print(table)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        names = {"best": BEST, "fine": FINE, "grid_maps": GRID_MAPS}
         args.out.write_text(
             json.dumps(
-                {
-                    "results": results,
-                    "best": f"ours: {BEST}",
-                    "fine": f"ours: {FINE}",
-                    "grid_maps": f"ours: {GRID_MAPS}",
-                    "table": table,
-                },
-                indent=2,
+                {"results": results, **{k: f"ours: {v}" for k, v in names.items()}, "table": table}, indent=2
             )
         )
     return 0

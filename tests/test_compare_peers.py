@@ -1,0 +1,121 @@
+"""benchmarks/compare_peers.py: its PatchCore glue, its per-process memory watch, its end-to-end table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import NearestNeighbors
+from torch.nn import functional as F
+
+from tests.conftest import make_mvtec_category
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("compare_peers", REPO / "benchmarks" / "compare_peers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+peers = load_script()
+
+
+def test_watch_reports_the_peak_rss_of_its_child():
+    report = peers.watch([sys.executable, "-c", "b = b'x' * 300_000_000"], None, 60)
+    assert report["returncode"] == 0 and report["stopped"] is None
+    assert report["peak_rss_bytes"] >= 300_000_000
+
+
+def test_watch_kills_a_child_above_the_memory_limit():
+    grow = "import time\nb = b'x' * 300_000_000\nwhile True:\n    time.sleep(0.1)"
+    report = peers.watch([sys.executable, "-c", grow], 0.1, 60)
+    assert report["returncode"] == -9
+    assert report["stopped"].startswith("killed at") and "limit 0.1 GB" in report["stopped"]
+    assert report["group_peak_rss_bytes"] > 0.1 * peers.GB
+
+
+def synthetic_features(n: int) -> object:
+    """Cached maps of PatchCore's two levels (4: 40 x 8 x 8, 6: 112 x 4 x 4), float16 as in the cache."""
+    torch.manual_seed(0)
+    maps = {4: torch.randn(n, 40, 8, 8).half(), 6: torch.randn(n, 112, 4, 4).half()}
+    return peers.Features(paths=[str(i) for i in range(n)], pooled=[], grids={}, maps=maps)
+
+
+def patch_embeddings(feats, rows) -> np.ndarray:
+    """PatchCore's patch vectors computed here: 3x3 mean, level 6 upsampled to level 4, concatenated."""
+    fine = F.avg_pool2d(feats.maps[4][rows].float(), 3, 1, 1)
+    coarse = F.interpolate(F.avg_pool2d(feats.maps[6][rows].float(), 3, 1, 1), size=(8, 8), mode="bilinear")
+    return torch.cat([fine, coarse], 1).permute(0, 2, 3, 1).reshape(-1, 152).numpy()
+
+
+class Size:
+    image_size = 32
+
+
+def test_patchcore_keeps_every_training_patch_at_ratio_one_and_scores_by_nearest_neighbour():
+    pytest.importorskip("anomalib")
+    feats, train, test = synthetic_features(6), torch.arange(4), torch.arange(4, 6)
+    method = peers.AnomalibPatchCore(Size(), ratio=1.0)
+    method.fit(feats, train, torch.arange(0))
+    bank, reference = method.model.memory_bank.numpy(), patch_embeddings(feats, train)
+    assert bank.shape == reference.shape  # 4 images x 64 patches
+    distance, _ = NearestNeighbors(n_neighbors=1).fit(bank).kneighbors(reference)
+    assert distance.max() < 1e-4  # the same vectors, in coreset order
+    seen, _ = method.score(feats, train)
+    scores, maps = method.score(feats, test)
+    # a training image's patches are in the bank: zero up to anomalib's float32 |x|^2 + |y|^2 - 2xy
+    assert seen.abs().max() < 0.01 * scores.min()
+    nearest, _ = NearestNeighbors(n_neighbors=1).fit(reference).kneighbors(patch_embeddings(feats, test))
+    largest = torch.tensor(nearest.reshape(2, -1).max(axis=1), dtype=torch.float32)
+    assert maps.shape == (2, 32, 32)
+    assert (scores > 0).all() and (scores <= largest + 1e-4).all()  # PatchCore's weight is in (0, 1]
+
+
+def test_patchcore_coreset_ratio_sets_the_memory_bank_size():
+    pytest.importorskip("anomalib")
+    feats = synthetic_features(4)
+    method = peers.AnomalibPatchCore(Size(), ratio=0.1)
+    method.fit(feats, torch.arange(4), torch.arange(0))
+    assert method.name == "anomalib PatchCore 10%"
+    assert method.model.memory_bank.shape == (25, 152)  # int(256 * 0.1)
+    assert peers.saved_bytes(method.state()) > 25 * 152 * 4
+
+
+def test_our_configs_end_to_end_with_costs(tmp_path: Path):
+    """Shipped configs by name, on a tiny bottle: scores, maps where the pooling makes them, costs."""
+    root = make_mvtec_category(tmp_path / "mvtec", category="bottle", n_train=10, n_good=3, n_bad=3)
+    out = tmp_path / "out.json"
+    code = peers.main(
+        ["--mvtec", str(root), "--datasets", "bottle", "--folds", "0", "--configs", "default",
+         "spatial_fine", "--methods", "ours: default", "ours: spatial_fine", "--repeats", "1",
+         "--speed-images", "2", "--pixel-size", "48", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    methods = json.loads(out.read_text())["results"][0]["methods"]
+    assert list(methods) == ["ours: default", "ours: spatial_fine"]
+    for entry in methods.values():
+        assert 0 <= entry["image_auroc"][0] <= 1
+        assert entry["fit_seconds"][0] > 0 and entry["images_per_second"] > 0
+    assert methods["ours: default"]["pixel_auroc"] is None
+    assert 0 <= methods["ours: spatial_fine"]["pixel_auroc"][0] <= 1
+    # 196 cells' Gaussians of levels 3-6 (34 MB) against one Gaussian per level (14 MB, level 9's 1280 dims)
+    sizes = [methods[name]["model_bytes"] for name in ("ours: spatial_fine", "ours: default")]
+    assert sizes[0] > 2 * sizes[1] > 10_000_000
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    assert peers.main(["--datasets", "bottle", "--mvtec", "x", "--isolate"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --isolate needs --cache: the methods' processes share its features"
+    )
+    assert peers.main(["--datasets", "bottle", "--mvtec", "x", "--methods", "anomalib SVM"]) == 2
+    assert capsys.readouterr().err.startswith("error: no method ['anomalib SVM']: choose among")
