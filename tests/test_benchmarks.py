@@ -56,3 +56,15 @@ def test_a_wrong_root_or_category_is_one_line(tiny_mvtec: Path, tmp_path: Path, 
     assert main(["--root", str(tiny_mvtec), "--category", "nut", "--quick"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: unknown category 'nut'")
+
+
+def test_out_never_replaces_a_file_of_another_origin(tmp_path: Path, capsys):
+    """The table is claimed before any work: a file the command did not write stays as it was."""
+    from anomaly.tools.benchmark import main
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    assert main(["--root", str(tmp_path / "nope"), "--out", str(notes)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "already exists and was not written by anomaly benchmark" in line
+    assert notes.read_text() == "my notes\n"

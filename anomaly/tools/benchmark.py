@@ -31,6 +31,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from anomaly.atomic import write_bytes_atomic
 from anomaly.backbones import backbone_spec, build_backbone
 from anomaly.cli import quiet_lightning
 from anomaly.console import run_command
@@ -43,6 +44,7 @@ from anomaly.data.transforms import ImagePipeline, resize_square
 from anomaly.evaluation.callback import RunReport
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.run import fit
+from anomaly.outputs import claim_output, starts_with
 from anomaly.stats.gaussian import fit_gaussian
 from anomaly.stats.moments import RunningMoments
 
@@ -276,6 +278,10 @@ def finalisation(device: torch.device) -> list[tuple[str, str, str]]:
     ]
 
 
+#: How a table this command wrote begins (a rerun may replace it).
+TABLE_START = b"Machine: "
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="anomaly benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -295,7 +301,14 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="24 train, 12 test images per defect type")
     parser.add_argument("--only", default="1234", help="which measurements to run, e.g. 14")
     parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="let --out replace a file that is not an earlier table"
+    )
     args = parser.parse_args(argv)
+    if args.out is not None:  # claimed before any work: never an input, nor a file of another origin
+        args.out = claim_output(
+            args.out, ours=starts_with(TABLE_START), overwrite=args.overwrite, command="anomaly benchmark"
+        )
     root = Path(args.root).expanduser()
     require_folder(root, "--root", "give the folder holding the MVTec AD categories")
     scan_mvtec(root, args.category)  # a wrong root or category: one line, before any work
@@ -319,7 +332,7 @@ def run(argv: list[str] | None = None) -> int:
             print(f"measurement {key} done after {time.perf_counter() - started:.0f} s", file=sys.stderr)
     precision = "bf16 autocast features, float64 statistics" if device.type == "cuda" else "float32 features"
     lines = [
-        f"Machine: {machine()}. Backbone: {args.backbone} ({precision}"
+        f"{TABLE_START.decode()}{machine()}. Backbone: {args.backbone} ({precision}"
         f"{', random weights' if args.random_weights else ''}); category {args.category}"
         f"{' (quick: the first 24 train images, 12 test images per defect type)' if args.quick else ''}; "
         f"batch size {args.batch_size}, "
@@ -331,8 +344,8 @@ def run(argv: list[str] | None = None) -> int:
     ]
     table = "\n".join(lines)
     print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    if args.out is not None:
+        write_bytes_atomic(args.out, (table + "\n").encode())
     return 0
 
 
