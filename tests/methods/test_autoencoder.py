@@ -103,7 +103,7 @@ def test_without_masks_the_cca_score_is_left_out_with_a_warning(tmp_path: Path):
     )  # fmt: skip
     with pytest.warns(UserWarning, match="no ground-truth masks: the CCA score is left out"):
         fit(trainer, model, dm)
-    trainer.test(model, datamodule=dm, verbose=False)
+        trainer.test(model, datamodule=dm, verbose=False)
     results = json.loads((tmp_path / "tb" / "v" / "results.json").read_text())
     assert set(results["scores"]) == {"map_mean"} and results["min_anomaly_size"] is None
     assert results["image_auroc"] == results["scores"]["map_mean"]["sum"]
