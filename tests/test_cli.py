@@ -17,7 +17,9 @@ from anomaly.data.augment import AugmentOptions
 from anomaly.evaluation.results import OVERLAYS_DIR
 from anomaly.methods.gaussian import GaussianAD
 
-FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
+# the paper's detector (these tests read its run folders and messages), small and quick
+FAST = ["--config", "paper", "--model.backbone", "efficientnet-lite0", "--data.num_workers", "0",
+        "--data.batch_size", "8"]  # fmt: skip
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:
