@@ -21,7 +21,9 @@ from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT
 
 pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
-FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
+# the paper's detector (these tests read its run folders and messages), small and quick
+FAST = ["--config", "paper", "--model.backbone", "efficientnet-lite0", "--data.num_workers", "0",
+        "--data.batch_size", "8"]  # fmt: skip
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 import anomaly.cli
+from anomaly.configs import CONFIG_DIR
 from anomaly.console import Terminated
 from anomaly.errors import UserError
 from anomaly.evaluation.paper_values import paper_level_value, paper_table
 from anomaly.experiments.cells import RunIndex, run_context
 from anomaly.experiments.cli import main
-from anomaly.experiments.grids import TABLES
+from anomaly.experiments.grids import PAPER_CONFIG, TABLES
 from anomaly.experiments.runner import grid_cells, measured_table
 from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT
 from tests.evaluation.fake_runs import fake_results
@@ -43,7 +44,8 @@ def test_grids_share_runs_and_backbone_option():
     assert len(table2) == 8 * 4 and len(table3) == 6 * 4
     assert set(table1) <= set(table2) and set(table1) <= set(table3)  # EN-B4 / no compression: same runs
     lite = TABLES["table3"].with_backbones(["efficientnet-lite0"])
-    assert all(s.args[:2] == ("--model.backbone", "efficientnet-lite0") for s in lite.settings)
+    assert all(s.args[:4] == (*PAPER_CONFIG, "--model.backbone", "efficientnet-lite0") for s in lite.settings)
+    assert ("--config", str(CONFIG_DIR / "paper.yaml")) == PAPER_CONFIG  # the paper's method, not the default
     assert "efficientnet-lite0" in lite.title
     assert [s.label for s in TABLES["table2"].with_backbones(["efficientnet-b0"]).settings] == [
         "EfficientNet-B0"
