@@ -80,7 +80,11 @@ def test_runs_resume_and_print_beside_paper(tiny_mvtec: Path, tmp_path: Path, ca
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("table1: 2 runs, 0 done, 2 to run")
-    assert "[todo] anomaly fit --model.backbone efficientnet-lite0 --data.resize linear --data.root" in out
+    paper = " ".join(PAPER_CONFIG)
+    assert (
+        f"[todo] anomaly fit {paper} --model.backbone efficientnet-lite0 --data.resize linear --data.root"
+        in out
+    )
     assert not calls
     assert f"--data.feature_cache {tmp_path / 'feature_cache'}" in out and "--figures" not in out
     assert main([*args, "--dry-run", "--no-figures", "--image-cache", str(tmp_path / "images")]) == 0
