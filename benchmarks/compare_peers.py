@@ -11,10 +11,10 @@ Two datasets, every method on the same fitting / held-out / test images:
 
 Methods (``--methods`` picks by name; ``--help`` lists them):
 
-* ``ours: NAME`` for every ``--configs NAME`` (default: ``default``, the paper's global pooling;
-  ``spatial_weighting``; ``spatial_grid``; ``spatial_cells``; ``spatial_fine``;
+* ``ours: NAME`` for every ``--configs NAME`` (default: ``paper``, the paper's global pooling;
+  ``recommended``; ``spatial_weighting``; ``spatial_grid``; ``spatial_cells``; ``spatial_fine``;
   ``spatial_grid_maps``): the model class and ``init_args`` of the shipped config (or of a config
-  file), built as ``anomaly fit`` builds them. ``--configs recommended`` adds a new shipped config.
+  file), built as ``anomaly fit`` builds them. A new shipped config is one more ``--configs NAME``.
   A config on this script's backbone whose pooling is global or a k x k grid reads the cached
   features; any other (another backbone, another pooling, tiles) scores the images through its
   detector's own ``features``, and its fit time then includes that backbone pass.
@@ -125,10 +125,11 @@ SCORE = "mahalanobis/sum"
 OURS = [
     ("cells 4x4, holdout weighting", {"pooling": "cells", "grid_size": 4, "level_weighting": "holdout"}),
 ]
-#: The shipped configs of this comparison (``--configs``): the paper's default, holdout level weighting,
-#: a 4x4 grid (the best image AUROC), 4x4 cells, 14x14 cells (fine maps) and the 7x7 grid maps.
+#: The shipped configs of this comparison (``--configs``): the paper's method, the recommended
+#: detector, holdout level weighting, a 4x4 grid, 4x4 cells, 14x14 cells (fine maps), 7x7 grid maps.
 CONFIGS = [
-    "default", "spatial_weighting", "spatial_grid", "spatial_cells", "spatial_fine", "spatial_grid_maps",
+    "paper", "recommended", "spatial_weighting", "spatial_grid", "spatial_cells", "spatial_fine",
+    "spatial_grid_maps",
 ]  # fmt: skip
 BEST, FINE, GRID_MAPS = "spatial_grid", "spatial_fine", "spatial_grid_maps"
 #: The peers' labels, in table order.
@@ -273,10 +274,24 @@ class Ours(Method):
             samples = [feats.samples[r] for r in rows]
             for batch in image_loader(samples, model.extractor.image_size, False, 32):
                 yield model.detector.features(batch["image"])
-        elif model.pooling.name == "global":
-            yield [feats.pooled[lv - 1][rows] for lv in model.levels]
         else:
-            yield [model.pooling.arrange(feats.grid(lv, model.grid_size, rows)) for lv in model.levels]
+            yield [self._cached_rows(feats, level, rows) for level in model.levels]
+
+    def _cached_rows(self, feats: Features, level: int, rows: Tensor) -> Tensor:
+        """A level's modelled rows from the cache, pooled as the model pools that level."""
+        pooling = self.model.pooling.for_level(level)
+        if pooling.name == "global":
+            return feats.pooled[level - 1][rows]
+        if pooling.grid_size == 1:  # a 1x1 grid is the global average
+            pooled = feats.pooled[level - 1][rows]
+            return pooling.arrange(pooled.reshape(*pooled.shape, 1, 1))
+        return pooling.arrange(feats.grid(level, pooling.grid_size, rows))
+
+    def _cacheable(self, level: int) -> bool:
+        pooling = self.model.pooling.for_level(level)
+        if pooling.name == "global" or pooling.grid_size == 1:
+            return True
+        return pooling.name in CACHED_POOLINGS and (pooling.grid_size in GRID_SIZES or level in MAP_LEVELS)
 
     def fit(self, feats: Features, fit_rows: Tensor, holdout_rows: Tensor) -> None:
         self.model = self.make()
@@ -284,16 +299,7 @@ class Ours(Method):
             raise ValueError(f"{self.name}: PCA/NPCA needs a second pass over the images; not benchmarked")
         same_backbone = self.model.hparams.backbone == BACKBONE
         same_input = same_backbone and self.model.extractor.image_size == self.extractor.image_size
-        pooling = self.model.pooling.name
-        self.cached = (
-            same_input
-            and pooling in CACHED_POOLINGS
-            and (
-                pooling == "global"
-                or self.model.grid_size in GRID_SIZES
-                or set(self.model.levels) <= set(MAP_LEVELS)
-            )
-        )
+        self.cached = same_input and all(self._cacheable(level) for level in self.model.levels)
         if same_input:
             self.model.extractor = self.model.detector.extractor = self.extractor  # one shared backbone
         elif same_backbone:  # built without weights: the same ones, at its own input size

@@ -95,20 +95,20 @@ def test_our_configs_end_to_end_with_costs(tmp_path: Path):
     root = make_mvtec_category(tmp_path / "mvtec", category="bottle", n_train=10, n_good=3, n_bad=3)
     out = tmp_path / "out.json"
     code = peers.main(
-        ["--mvtec", str(root), "--datasets", "bottle", "--folds", "0", "--configs", "default",
-         "spatial_fine", "--methods", "ours: default", "ours: spatial_fine", "--repeats", "1",
+        ["--mvtec", str(root), "--datasets", "bottle", "--folds", "0", "--configs", "paper",
+         "spatial_fine", "--methods", "ours: paper", "ours: spatial_fine", "--repeats", "1",
          "--speed-images", "2", "--pixel-size", "48", "--out", str(out)]
     )  # fmt: skip
     assert code == 0
     methods = json.loads(out.read_text())["results"][0]["methods"]
-    assert list(methods) == ["ours: default", "ours: spatial_fine"]
+    assert list(methods) == ["ours: paper", "ours: spatial_fine"]
     for entry in methods.values():
         assert 0 <= entry["image_auroc"][0] <= 1
         assert entry["fit_seconds"][0] > 0 and entry["images_per_second"] > 0
-    assert methods["ours: default"]["pixel_auroc"] is None
+    assert methods["ours: paper"]["pixel_auroc"] is None
     assert 0 <= methods["ours: spatial_fine"]["pixel_auroc"][0] <= 1
     # 196 cells' Gaussians of levels 3-6 (34 MB) against one Gaussian per level (14 MB, level 9's 1280 dims)
-    sizes = [methods[name]["model_bytes"] for name in ("ours: spatial_fine", "ours: default")]
+    sizes = [methods[name]["model_bytes"] for name in ("ours: spatial_fine", "ours: paper")]
     assert sizes[0] > 2 * sizes[1] > 10_000_000
 
 

@@ -43,8 +43,8 @@ from tests.hold_fit import MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = (
-    "--data.root {data} --data.category widget --data.num_workers 0 --data.batch_size 8 --figures false "
-    "--trainer.default_root_dir {runs}"
+    "--config paper --data.root {data} --data.category widget --data.num_workers 0 --data.batch_size 8 "
+    "--figures false --trainer.default_root_dir {runs}"
 )
 RUN_DIR = "gaussian/efficientnet-lite0/widget/fold_0"  # the default model's run folder, below {runs}
 LONG = "x" * 300

@@ -70,6 +70,14 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------ the output policy
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file, closed after reading."""
+    with Image.open(path) as image:
+        return image.size
+
+
 def test_claim_output_refuses_inputs_links_and_files_of_another_origin(tmp_path: Path):
     image = save_image(tmp_path / "x.png")
     (tmp_path / "link.png").symlink_to(image)
@@ -143,9 +151,9 @@ def test_maps_of_inputs_with_colliding_names_each_get_their_own_file(
     assert len(rows) == 5 and len({row["map_file"] for row in rows}) == 5
     assert len(list(maps.glob("*.map.npy"))) == len(list(maps.glob("*.overlay.png"))) == 5
     for row in rows:
-        height, width = np.asarray(Image.open(row["path"])).shape[:2]
+        width, height = image_size(row["path"])
         assert np.load(row["map_file"]).shape == (height, width), row  # the row's own map
-        assert Image.open(row["overlay_file"]).size == (width, height)
+        assert image_size(row["overlay_file"]) == (width, height)
     assert Path(rows[0]["map_file"]).name == "a%2Fx.png.map.npy"
 
 
@@ -199,8 +207,8 @@ def test_degenerate_images_get_bounded_overlays_and_their_rows(maps_detector: Pa
     assert predict_main([*args, "--no-progress"]) == 0
     rows = {Path(row["path"]).name: row for row in read_rows(out)}
     assert set(rows) == {"tall.png", "wide.png"} and all(row["score"] for row in rows.values())
-    assert Image.open(rows["tall.png"]["overlay_file"]).size == (1, OVERLAY_SIDE)
-    assert Image.open(rows["wide.png"]["overlay_file"]).size == (OVERLAY_SIDE, 1)
+    assert image_size(rows["tall.png"]["overlay_file"]) == (1, OVERLAY_SIDE)
+    assert image_size(rows["wide.png"]["overlay_file"]) == (OVERLAY_SIDE, 1)
     assert np.load(rows["wide.png"]["map_file"]).shape == (20, 20000)
 
 

@@ -18,7 +18,7 @@ from predict import main
 from tests.detector.helpers import demo_images, fit_demo_detector
 
 # The input folders hold a text file on purpose: predict skips it, with a warning.
-pytestmark = pytest.mark.filterwarnings("ignore:.*: skipped 1 file\\(s\\) that are not readable images")
+pytestmark = pytest.mark.filterwarnings("ignore:.*skipped 1 file\\(s\\) that are not readable images")
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,7 @@ def test_a_file_given_as_a_folder_is_named_as_such(tmp_path: Path):
 def test_train_cli_on_folder_config_writes_results_and_detector(tmp_path: Path, capsys):
     root = make_tiles(tmp_path / "tiles", n_free=10)
     runs = tmp_path / "runs"
-    code = main(["--config", "magnetic_tile", "--data.root", str(root),
+    code = main(["--config", "magnetic_tile", "--config", "paper", "--data.root", str(root),
                  "--data.num_workers", "0", "--data.batch_size", "8", "--model.levels", "[3]",
                  "--trainer.default_root_dir", str(runs),
                  "--trainer.enable_progress_bar", "false"])  # fmt: skip

@@ -69,13 +69,14 @@ def assert_same_detector(got: GaussianDetector, want: GaussianDetector, test: li
 
 
 CASES = {
-    "global": {},
-    "global npca": {"reduction": "npca"},
+    "global": {"pooling": "global"},
+    "global npca": {"pooling": "global", "reduction": "npca"},
     "grid": {"pooling": "grid"},
     "grid pca": {"pooling": "grid", "reduction": "pca", "variance_threshold": 0.9},
     "cells": {"pooling": "cells"},
     "grid_maps": {"pooling": "grid_maps"},
-    "tiled": {"tiles": "1x2", "fit_rule": "pad"},
+    "tiled": {"pooling": "global", "tiles": "1x2", "fit_rule": "pad"},
+    "recommended": {},  # the default pooling
 }
 FAST_CASES = ("global", "global npca", "cells")
 
@@ -282,11 +283,11 @@ def edit_metadata(path: Path, out: Path, edit) -> Path:
     ],
     ids=["threshold", "decision_score", "image_size", "fit"],
 )
-def test_edited_metadata_is_refused_with_one_line(edit, saved: Path, tmp_path: Path, capsys):
+def test_edited_metadata_is_refused_with_one_line(edit, saved: Path, images, tmp_path: Path, capsys):
     edited = edit_metadata(saved, tmp_path / "edited.safetensors", edit)
     with pytest.raises(UserError, match="the metadata does not match its checksum"):
         GaussianDetector.load(edited)
-    assert run("predict", "--detector", edited, "--input", saved.parent) == 2
+    assert run("predict", "--detector", edited, "--input", images["b"][0].parent) == 2
     assert len(capsys.readouterr().err.splitlines()) == 1
 
 

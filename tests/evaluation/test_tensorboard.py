@@ -24,7 +24,8 @@ pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
 def run_cli(tiny_mvtec: Path, root: Path, capsys, *extra: str) -> Path:
     code = main(
-        ["--model.backbone", "efficientnet-lite0", "--model.levels", "[2, 4]", "--data.root", str(tiny_mvtec),
+        ["--config", "paper", "--model.backbone", "efficientnet-lite0", "--model.levels", "[2, 4]",
+         "--data.root", str(tiny_mvtec),
          "--data.category", "widget", "--data.fold", "0", "--data.num_workers", "0", "--data.batch_size", "8",
          "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *extra]
     )  # fmt: skip
