@@ -12,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_throughput_and_finalisation_rows(tiny_mvtec: Path, tmp_path: Path):
     out = tmp_path / "out"
     out.mkdir()

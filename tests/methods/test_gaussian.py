@@ -93,6 +93,7 @@ def retained_growth(model_class: type[GaussianAD], data: Path, out: Path) -> tup
     return after[4] - after[1], epoch_bytes
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_epochs(tiny_mvtec: Path, tmp_path: Path):
     """A fit retains the same tensors after 1 and after 4 augmented epochs."""
     growth, epoch_bytes = retained_growth(GaussianAD, tiny_mvtec, tmp_path)
@@ -200,6 +201,7 @@ def test_unreachable_empirical_target_is_said(tiny_mvtec: Path, tmp_path: Path):
     assert model.threshold == pytest.approx(float(model.holdout_scores["mahalanobis/sum"].max()))
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_bottle_fold0_summed_mahalanobis_auroc(tmp_path: Path):
     root = require(BOTTLE).parent
