@@ -21,7 +21,7 @@ from anomaly.detector.file import METADATA_FILE
 from anomaly.detector.inputs import recorded_resize
 from anomaly.errors import UserError
 from anomaly.features import FeatureCache
-from tests.conftest import write_noise_images
+from tests.conftest import FEW_HELD_OUT, write_noise_images
 from tests.detector.helpers import LEVELS, demo_images
 
 
@@ -88,6 +88,7 @@ def test_each_rule_has_its_own_cache_identities(tmp_path: Path):
 
 
 @pytest.mark.slow
+@FEW_HELD_OUT
 def test_run_name_and_detector_record_the_rule(tmp_path: Path, capsys):
     args = ["--data.resize", "linear", "--data.num_workers", "0", "--model.levels", "[2]",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",

@@ -19,12 +19,14 @@ from anomaly.errors import UserError
 from anomaly.methods.gaussian.module import GaussianAD
 from anomaly.stats.gaussian import fit_gaussian
 from anomaly.stats.moments import RunningMoments
+from tests.conftest import FEW_HELD_OUT
 from tests.detector.helpers import demo_images, fit_demo_detector
 
 FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
 
 
 @pytest.mark.slow
+@FEW_HELD_OUT
 def test_run_saves_detector_that_reproduces_scores_csv(tiny_mvtec: Path, tmp_path: Path):
     root = tmp_path / "runs"
     args = ["--data.root", str(tiny_mvtec), "--data.category", "widget", "--model.levels", "[3, 5, 9]",

@@ -13,6 +13,7 @@ import torch
 from anomaly.detector import GaussianDetector
 from anomaly.detector.inputs import image_batch
 from predict import main as predict_main
+from tests.conftest import FEW_HELD_OUT
 from tests.detector.helpers import onnx_outputs_match_pytorch
 from tests.detector.test_model import fit_run
 
@@ -20,6 +21,7 @@ GRID_MAPS = ["--model.pooling", "grid_maps"]
 
 
 @pytest.mark.slow
+@FEW_HELD_OUT
 def test_grid_maps_detector_reloads_and_exports_scores_and_maps(tiny_mvtec: Path, tmp_path: Path):
     run_dir = fit_run(tmp_path / "runs", tiny_mvtec, *GRID_MAPS)
     meta = json.loads((run_dir / "detector.json").read_text())

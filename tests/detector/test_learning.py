@@ -15,6 +15,7 @@ from anomaly.commands import main
 from anomaly.detector import GaussianDetector, merge, read_detector
 from anomaly.errors import UserError
 from anomaly.stats.moments import Moments, RunningMoments
+from tests.conftest import DEFAULT_SWITCHES
 
 SIZE = 32
 LEVELS = (2, 4)
@@ -346,6 +347,7 @@ def fitted_run(root: Path, images: list[Path], out: Path, **model_options) -> Pa
 
 
 @pytest.mark.slow
+@DEFAULT_SWITCHES
 @pytest.mark.parametrize(
     "options", [{"levels": [2, 4]}, {"levels": [2], "reduction": "npca"}], ids=["none", "npca"]
 )

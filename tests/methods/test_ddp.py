@@ -55,7 +55,7 @@ def run_train(root: Path, out: Path, devices: int, cache: Path | None = None) ->
         f"      init_args:\n        folder: {out / 'stats'}\n"
     )
     args = [
-        sys.executable, "train.py", "--config", str(config),
+        sys.executable, "train.py", "--config", "paper", "--config", str(config),
         "--data.root", str(root), "--data.category", "widget", "--data.fold", "null",
         "--data.batch_size", "2", "--data.num_workers", "0",
         "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy", "ddp",
