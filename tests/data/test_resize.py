@@ -90,9 +90,9 @@ def test_each_rule_has_its_own_cache_identities(tmp_path: Path):
 @pytest.mark.slow
 @FEW_HELD_OUT
 def test_run_name_and_detector_record_the_rule(tmp_path: Path, capsys):
-    args = ["--data.resize", "linear", "--data.num_workers", "0", "--model.levels", "[2]",
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-            "--figures", "false"]  # fmt: skip
+    args = ["--config", "paper", "--data.resize", "linear", "--data.num_workers", "0",
+            "--model.levels", "[2]", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false", "--figures", "false"]  # fmt: skip
     assert fit_main(args) == 0
     (run_dir,) = tmp_path.glob("gaussian/*/demo/fold_0")
     assert run_dir.parent.parent.name == "efficientnet-lite0_levels-2_resize-linear"

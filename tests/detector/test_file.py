@@ -22,7 +22,8 @@ from anomaly.stats.moments import RunningMoments
 from tests.conftest import FEW_HELD_OUT
 from tests.detector.helpers import demo_images, fit_demo_detector
 
-FAST = ["--model.backbone", "efficientnet-lite0", "--data.num_workers", "0", "--data.batch_size", "8"]
+FAST = ["--config", "paper", "--model.backbone", "efficientnet-lite0", "--data.num_workers", "0"]
+FAST += ["--data.batch_size", "8"]
 
 
 @pytest.mark.slow
