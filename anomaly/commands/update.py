@@ -90,11 +90,6 @@ def add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def image_paths(spec: str, exclude: list[str], option: str) -> list[Path]:
-    """The image files ``spec`` names, listed as every command lists them."""
-    return collect_images(spec, exclude, option=option)
-
-
 def named(paths: list[Path], extra: list[str] | None = None) -> str:
     shown = [f"{p.name}{'' if extra is None else f' ({extra[i]})'}" for i, p in enumerate(paths[:SHOWN])]
     return ", ".join(shown) + (", ..." if len(paths) > SHOWN else "")
@@ -126,7 +121,7 @@ def set_working_point(detector: GaussianDetector, args: argparse.Namespace, abso
     if fpr is None:
         raise UserError("--calibrate needs a false-positive rate: pass --fpr, e.g. 0.01")
     check_fpr(fpr)
-    paths = image_paths(args.calibrate, [], "--calibrate")
+    paths = collect_images(args.calibrate, option="--calibrate")
     if not paths:
         raise UserError(f"--calibrate {args.calibrate}: no images found")
     fitted = [p for p in paths if sha256_file(p) in absorbed]
@@ -188,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     if args.input:
         if not model.learns:
             raise UserError(f"{args.detector} cannot be updated: {CANNOT_LEARN}")
-        paths = image_paths(args.input, args.exclude, "--input")
+        paths = collect_images(args.input, args.exclude, option="--input")
         if not paths:
             raise UserError(f"--input {args.input}: no images found")
         digests = [sha256_file(p) for p in paths]
