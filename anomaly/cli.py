@@ -33,7 +33,7 @@ from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE
 from anomaly.detector.run import run_detector_paths, save_run_detector
 from anomaly.errors import ArgumentsError
 from anomaly.evaluation.callback import RunReport
-from anomaly.evaluation.report import format_run_table
+from anomaly.evaluation.report import format_run_table, threshold_line
 from anomaly.evaluation.results import run_result_paths
 from anomaly.methods.base import AnomalyMethod
 from anomaly.methods.distributed import resolve_strategy, statistics_replacement
@@ -317,6 +317,8 @@ def fit_and_test(args: list[str] | None = None) -> dict:
 def normal_only_summary(model, data: AnomalyDataModule, run_dir: Path, detector: Path | None) -> dict:
     """What a fit on normal images only produced: no AUROC, a calibrated detector."""
     threshold = getattr(model, "threshold", None)
+    hparams = getattr(model, "hparams", {})
+    empirical = getattr(model, "threshold_method", None) == "empirical" and hparams.get("threshold") is None
     return {
         "tested": False,
         "category": data.category,
@@ -325,6 +327,7 @@ def normal_only_summary(model, data: AnomalyDataModule, run_dir: Path, detector:
         "threshold": threshold,
         "decision_score": getattr(model, "decision_score", None),
         "target_fpr": getattr(model, "target_fpr", None),
+        "empirical_from": len(data.holdout_samples) if empirical else None,
         "detector": None if detector is None else str(detector),
         "run_dir": str(run_dir),
     }
@@ -337,10 +340,8 @@ def format_normal_only(summary: dict) -> str:
         f"{summary['n_holdout']} held out for the threshold",
     ]
     if summary["threshold"] is not None:
-        lines.append(
-            f"threshold: {summary['threshold']:.6g} on {summary['decision_score']} (aims at "
-            f"{summary['target_fpr']:.2%} false positives on normal images)"
-        )
+        score, fpr = summary["decision_score"], summary["target_fpr"]
+        lines.append(threshold_line(summary["threshold"], score, fpr, summary["empirical_from"]))
     else:
         lines.append("threshold: none (no held-out images: use --data.fold 0..4, or set --model.threshold)")
     lines.append(

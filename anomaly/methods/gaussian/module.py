@@ -241,14 +241,6 @@ class GaussianAD(FeatureMethod):
             value = chi2_threshold(self.scorers[self.levels.index(level)].dim, self.target_fpr)
         elif self.holdout_scores is not None:
             held_out = self.holdout_scores[self.decision_score]
-            if self.target_fpr * held_out.numel() < 1:
-                warnings.warn(
-                    f"the fold holds out {held_out.numel()} normal images: below an FPR of "
-                    f"{1 / held_out.numel():.2%} an empirical threshold cannot aim at {self.target_fpr:.2%}; "
-                    "it is the largest held-out score (one level's Mahalanobis score has eq. (8)'s closed "
-                    "form: threshold_method chi2)",
-                    stacklevel=2,
-                )
             value = empirical_threshold(held_out, self.target_fpr)
         else:
             warnings.warn(
