@@ -107,7 +107,7 @@ def test_fit_on_normal_images_only_saves_a_calibrated_detector(tiny_mvtec: Path,
     assert detector.is_file() and not (run_dir / "results.json").exists()
     assert "fitted on 9 normal images, 3 held out for the threshold" in out
     assert "no AUROC" in out and str(detector) in out
-    assert "the largest of the 3 held-out normal scores (aiming at 1.00% false positives needs 100" in out
+    assert "the largest of 3 held-out normal scores (aiming at 1.00% false positives takes 100)" in out
     scores = tmp_path / "scores.csv"
     code = main(["predict", "--detector", str(detector), "--input", str(tiny_mvtec / "widget" / "test"),
                  "--out", str(scores), "--no_progress"])  # fmt: skip

@@ -17,8 +17,8 @@ def threshold_line(threshold: float, score: str, target_fpr: float, holdout_imag
     line = f"threshold: {threshold:.6g} on {score}"
     if holdout_images and target_fpr * holdout_images < 1:
         return (
-            f"{line}, the largest of the {holdout_images} held-out normal scores (aiming at "
-            f"{target_fpr:.2%} false positives needs {math.ceil(1 / target_fpr)} held-out normal images)"
+            f"{line}, the largest of {holdout_images} held-out normal scores (aiming at "
+            f"{target_fpr:.2%} false positives takes {math.ceil(1 / target_fpr)})"
         )
     return f"{line} (aims at {target_fpr:.2%} false positives on normal images)"
 

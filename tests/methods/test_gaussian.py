@@ -203,8 +203,8 @@ def test_unreachable_empirical_target_is_said(tiny_mvtec: Path, tmp_path: Path, 
     assert not [w for w in recwarn if "held-out" in str(w.message) or "holds out" in str(w.message)]
     summary = format_run_table(results)
     assert (
-        f"threshold: {model.threshold:.6g} on mahalanobis/sum, the largest of the 3 held-out normal scores "
-        "(aiming at 1.00% false positives needs 100 held-out normal images)"
+        f"threshold: {model.threshold:.6g} on mahalanobis/sum, the largest of 3 held-out normal scores "
+        "(aiming at 1.00% false positives takes 100)"
     ) in summary
 
 
