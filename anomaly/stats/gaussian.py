@@ -56,7 +56,8 @@ def ledoit_wolf_shrinkage(emp_cov: Tensor, centred_quartic: Tensor, n: int) -> f
     if dim == 1:
         return 0.0
     trace_mean = torch.diagonal(emp_cov).sum() / dim
-    frob = (emp_cov * emp_cov).sum()  # ||X^T X||_F^2 / n^2
+    flat = emp_cov.reshape(-1)
+    frob = torch.dot(flat, flat)  # ||X^T X||_F^2 / n^2, without a D x D temporary
     beta = (centred_quartic / n - frob) / (dim * n)
     delta = (frob - 2.0 * trace_mean * torch.diagonal(emp_cov).sum() + dim * trace_mean**2) / dim
     beta = torch.minimum(beta, delta)
@@ -85,11 +86,12 @@ def inverse_is_accurate(
     generator = torch.Generator(device="cpu").manual_seed(0)
     vectors = torch.randn(inverse.shape[0], probes, generator=generator, dtype=inverse.dtype)
     vectors = vectors.to(inverse.device)
-    residual = times(inverse @ vectors) - vectors
-    return bool(torch.isfinite(inverse).all()) and float(residual.norm() / vectors.norm()) < tolerance
+    solved = inverse @ vectors  # not finite when the inverse is not
+    residual = times(solved) - vectors
+    return bool(torch.isfinite(solved).all()) and float(residual.norm() / vectors.norm()) < tolerance
 
 
-def symmetrise_(matrix: Tensor, block: int = 512) -> Tensor:
+def symmetrise_(matrix: Tensor, block: int = 256) -> Tensor:
     """``(A + A^T) / 2`` written over ``A``, a block at a time (no second ``D x D`` matrix)."""
     dim = matrix.shape[0]
     for start in range(0, dim, block):
