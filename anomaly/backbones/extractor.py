@@ -46,6 +46,16 @@ def grid_means(fmap: Tensor, grid: int) -> Tensor:
     return torch.stack(cells, dim=2).reshape(fmap.shape[0], fmap.shape[1], grid, grid)
 
 
+#: The most input pixels one backbone pass takes (8 images of 224 x 224 pixels): a larger batch goes
+#: through in slices (the activations of 32 such images take about 0.5 GB more than those of 8).
+PIXELS_PER_PASS = 8 * 224 * 224
+
+
+def images_per_pass(images: Tensor) -> int:
+    """How many of these ``(B, 3, H, W)`` images one backbone pass takes (at least one)."""
+    return max(1, PIXELS_PER_PASS // (int(images.shape[-2]) * int(images.shape[-1])))
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """Static facts about one backbone, known without building it."""
@@ -153,8 +163,20 @@ class FeatureExtractor(nn.Module):
         return [grid_means(fmap.float(), grid) for fmap in maps]
 
     def feature_maps(self, images: Tensor, levels: Sequence[int] | None = None) -> list[Tensor]:
-        """Unpooled feature maps ``(B, C_l, H_l, W_l)`` of the requested levels (ascending; None = all)."""
+        """Unpooled feature maps ``(B, C_l, H_l, W_l)`` of the requested levels (ascending; None = all).
+
+        A batch of more than :data:`PIXELS_PER_PASS` input pixels goes through the network in slices
+        (the same maps: the backbone is in eval mode), so that the memory of the activations is
+        bounded by one slice, not the batch. While tracing for export, the batch goes through whole.
+        """
         wanted = self.check_levels(levels)
+        per_pass = images_per_pass(images)
+        if images.shape[0] <= per_pass or torch.jit.is_tracing():
+            return self._feature_maps(images, wanted)
+        slices = [self._feature_maps(part, wanted) for part in images.split(per_pass)]
+        return [torch.cat(level_maps) for level_maps in zip(*slices, strict=True)]
+
+    def _feature_maps(self, images: Tensor, wanted: list[int]) -> list[Tensor]:
         x = self.normalise(images)
         maps: list[Tensor] = []
         with torch.no_grad():

@@ -38,7 +38,7 @@ class VectorPooling(Pooling):
         return shapes
 
     def scorer_from_tensors(self, tensors: dict[str, Tensor], in_dim: int) -> GaussianScorer:
-        scorer = GaussianScorer(1)  # placeholders, replaced below without allocating a D x D identity
+        scorer = GaussianScorer(1)  # placeholders, replaced below
         for name in ("mean", "precision", "std", "shrinkage"):
             setattr(scorer, name, tensors[name].clone())
         scorer.projection = tensors.get("projection", torch.zeros(in_dim, 0, dtype=torch.float64)).clone()

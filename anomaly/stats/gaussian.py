@@ -9,6 +9,7 @@ form of Ledoit & Wolf as implemented by ``sklearn.covariance.ledoit_wolf_shrinka
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,18 +21,27 @@ from anomaly.stats.moments import Moments
 
 @dataclass(frozen=True)
 class GaussianFit:
-    """One level's fitted Gaussian (all tensors float64)."""
+    """One level's fitted Gaussian (all tensors float64).
+
+    The shrunk covariance is not kept (the precision is computed in its memory):
+    :attr:`covariance` rebuilds it from the moments.
+    """
 
     mean: Tensor  # (D,)
-    covariance: Tensor  # (D, D), shrunk
-    precision: Tensor  # (D, D), inverse of ``covariance``
+    precision: Tensor  # (D, D), inverse of the shrunk covariance
     shrinkage: float
     std: Tensor  # (D,), unbiased per-feature standard deviation (for SED, eq. 9)
     n: int
+    moments: Moments  # what the fit was made from
 
     @property
     def dim(self) -> int:
         return int(self.mean.shape[0])
+
+    @property
+    def covariance(self) -> Tensor:
+        """The shrunk covariance of eq. (6), ``(D, D)``, rebuilt from the moments (a new matrix)."""
+        return shrunk_covariance(self.moments, self.shrinkage)
 
 
 def ledoit_wolf_shrinkage(emp_cov: Tensor, centred_quartic: Tensor, n: int) -> float:
@@ -46,7 +56,8 @@ def ledoit_wolf_shrinkage(emp_cov: Tensor, centred_quartic: Tensor, n: int) -> f
     if dim == 1:
         return 0.0
     trace_mean = torch.diagonal(emp_cov).sum() / dim
-    frob = (emp_cov * emp_cov).sum()  # ||X^T X||_F^2 / n^2
+    flat = emp_cov.reshape(-1)
+    frob = torch.dot(flat, flat)  # ||X^T X||_F^2 / n^2, without a D x D temporary
     beta = (centred_quartic / n - frob) / (dim * n)
     delta = (frob - 2.0 * trace_mean * torch.diagonal(emp_cov).sum() + dim * trace_mean**2) / dim
     beta = torch.minimum(beta, delta)
@@ -64,16 +75,69 @@ def shrink_covariance(emp_cov: Tensor, shrinkage: float, inplace: bool = False) 
     return shrunk
 
 
-def inverse_is_accurate(matrix: Tensor, inverse: Tensor, probes: int = 4, tolerance: float = 1e-6) -> bool:
-    """Whether ``matrix @ inverse`` acts as the identity on a few fixed random vectors.
+def inverse_is_accurate(
+    times: Callable[[Tensor], Tensor], inverse: Tensor, probes: int = 4, tolerance: float = 1e-6
+) -> bool:
+    """Whether ``inverse`` inverts the matrix that ``times`` multiplies by, on a few fixed random vectors.
 
     Cholesky can succeed on a numerically singular matrix (a pivot of rounding
     size), and its inverse is then garbage; this O(D^2) check catches that.
     """
     generator = torch.Generator(device="cpu").manual_seed(0)
-    vectors = torch.randn(matrix.shape[0], probes, generator=generator, dtype=matrix.dtype).to(matrix.device)
-    residual = matrix @ (inverse @ vectors) - vectors
-    return bool(torch.isfinite(inverse).all()) and float(residual.norm() / vectors.norm()) < tolerance
+    vectors = torch.randn(inverse.shape[0], probes, generator=generator, dtype=inverse.dtype)
+    vectors = vectors.to(inverse.device)
+    solved = inverse @ vectors  # not finite when the inverse is not
+    residual = times(solved) - vectors
+    return bool(torch.isfinite(solved).all()) and float(residual.norm() / vectors.norm()) < tolerance
+
+
+def symmetrise_(matrix: Tensor, block: int = 256) -> Tensor:
+    """``(A + A^T) / 2`` written over ``A``, a block at a time (no second ``D x D`` matrix)."""
+    dim = matrix.shape[0]
+    for start in range(0, dim, block):
+        stop = min(start + block, dim)
+        diagonal = matrix[start:stop, start:stop]
+        diagonal.copy_((diagonal + diagonal.T) * 0.5)
+        upper, lower = matrix[start:stop, stop:], matrix[stop:, start:stop]
+        mean = (upper + lower.T) * 0.5
+        upper.copy_(mean)
+        lower.copy_(mean.T)
+    return matrix
+
+
+def cholesky_inverse_(matrix: Tensor) -> Tensor | None:
+    """The inverse of a float64 symmetric positive definite matrix, written over it; ``None`` (and the
+    matrix lost) when Cholesky finds it is not positive definite.
+
+    ``A = L L^T``, ``L^-1`` by a triangular solve, then ``A^-1 = L^-T L^-1`` into ``A``'s memory:
+    one more ``D x D`` matrix at most, as LAPACK's ``potri`` but with the batched, threaded kernels.
+    """
+    info = torch.empty((), dtype=torch.int32, device=matrix.device)
+    torch.linalg.cholesky_ex(matrix, out=(matrix, info))  # L, lower; zeros above the diagonal
+    if int(info.item()) != 0:
+        return None
+    factor_inverse = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    torch.linalg.solve_triangular(matrix, factor_inverse, upper=False, out=factor_inverse)
+    torch.matmul(factor_inverse.T, factor_inverse, out=matrix)
+    del factor_inverse
+    return symmetrise_(matrix)
+
+
+def pseudo_inverse(matrix: Tensor) -> Tensor:
+    """The eigen-decomposition pseudo-inverse of a symmetric matrix, as ``scipy.linalg.pinvh``."""
+    eigval, eigvec = torch.linalg.eigh(matrix)
+    cutoff = eigval.abs().max() * matrix.shape[0] * torch.finfo(torch.float64).eps
+    inv_val = torch.where(eigval.abs() > cutoff, 1.0 / eigval, torch.zeros_like(eigval))
+    return (eigvec * inv_val) @ eigvec.T
+
+
+def warn_singular() -> None:
+    warnings.warn(
+        "covariance is singular or not positive definite; using the pseudo-inverse instead "
+        "(constant or duplicated features, or too few training images)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def invert_spd(matrix: Tensor) -> Tensor:
@@ -85,26 +149,12 @@ def invert_spd(matrix: Tensor) -> Tensor:
     ``scipy.linalg.pinvh`` does (and sklearn's ``precision_``), and warns.
     """
     matrix = matrix.to(torch.float64)
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info.item()) == 0:
-        identity = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-        solved = torch.cholesky_solve(identity, factor)  # several times faster than cholesky_inverse on CPU
-        del factor
-        # symmetrised into the identity's memory: three D x D matrices at most besides ``matrix``
-        inverse = torch.add(solved, solved.T, out=identity).mul_(0.5)
-        del solved
-        if inverse_is_accurate(matrix, inverse):
-            return inverse
-    warnings.warn(
-        "covariance is singular or not positive definite; using the pseudo-inverse instead "
-        "(constant or duplicated features, or too few training images)",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-    eigval, eigvec = torch.linalg.eigh(matrix)
-    cutoff = eigval.abs().max() * matrix.shape[0] * torch.finfo(torch.float64).eps
-    inv_val = torch.where(eigval.abs() > cutoff, 1.0 / eigval, torch.zeros_like(eigval))
-    return (eigvec * inv_val) @ eigvec.T
+    inverse = cholesky_inverse_(matrix.clone())
+    if inverse is not None and inverse_is_accurate(matrix.__matmul__, inverse):
+        return inverse
+    del inverse
+    warn_singular()
+    return pseudo_inverse(matrix)
 
 
 #: Total variance below this fraction of the mean's squared norm counts as none (rounding only).
@@ -127,25 +177,48 @@ def warn_if_no_variance(emp_cov: Tensor, mean: Tensor) -> None:
         )
 
 
+def scatter_matrix(moments: Moments) -> Tensor:
+    """The centred scatter matrix ``sum_i (x_i - mu)(x_i - mu)^T`` as one new ``D x D`` matrix."""
+    mean_y = moments.sum / moments.count
+    return moments.outer.clone().addr_(mean_y, mean_y, alpha=-moments.count.item())
+
+
+def shrunk_covariance(moments: Moments, shrinkage: float) -> Tensor:
+    """Eq. (6) from the moments, as one new ``D x D`` matrix."""
+    return shrink_covariance(scatter_matrix(moments).div_(moments.n), shrinkage, inplace=True)
+
+
+def covariance_times(moments: Moments, shrinkage: float, vectors: Tensor) -> Tensor:
+    """``shrunk_covariance(moments, shrinkage) @ vectors`` from the moments, without a ``D x D`` matrix."""
+    n, mean_y = moments.count, moments.sum / moments.count
+    trace = (torch.diagonal(moments.outer).sum() - n * (mean_y @ mean_y)) / n
+    empirical = (moments.outer @ vectors - n * torch.outer(mean_y, mean_y @ vectors)) / n
+    return (1.0 - shrinkage) * empirical + (shrinkage * trace / mean_y.shape[0]) * vectors
+
+
 def fit_gaussian(moments: Moments) -> GaussianFit:
-    """Mean, Ledoit-Wolf covariance and precision from streamed moments."""
+    """Mean, Ledoit-Wolf shrinkage and precision from streamed moments.
+
+    One new ``D x D`` matrix becomes the scatter, the empirical and the shrunk covariance, its
+    Cholesky factor and the precision in turn (in place; one more while inverting); the moments
+    stay as they are (they can be updated and merged further).
+    """
     n = moments.n
     if n < 2:
         raise UserError(f"a Gaussian needs at least 2 training images, got {n}: add normal images to fit on")
-    # one D x D matrix becomes the scatter, the empirical and the shrunk covariance in turn (in place);
-    # the moments stay as they are (they can be updated and merged further)
-    mean_y = moments.sum / moments.count
-    emp_cov = moments.outer.clone().addr_(mean_y, mean_y, alpha=-moments.count.item())
+    emp_cov = scatter_matrix(moments)
     std = torch.sqrt(torch.clamp(torch.diagonal(emp_cov) / (n - 1), min=0.0))
     emp_cov.div_(n)
     warn_if_no_variance(emp_cov, moments.mean)
     shrinkage = ledoit_wolf_shrinkage(emp_cov, moments.centred_quartic(), n)
-    covariance = shrink_covariance(emp_cov, shrinkage, inplace=True)
+    precision = cholesky_inverse_(shrink_covariance(emp_cov, shrinkage, inplace=True))
+    del emp_cov
+    if precision is None or not inverse_is_accurate(
+        lambda vectors: covariance_times(moments, shrinkage, vectors), precision
+    ):
+        del precision
+        warn_singular()
+        precision = pseudo_inverse(shrunk_covariance(moments, shrinkage))
     return GaussianFit(
-        mean=moments.mean,
-        covariance=covariance,
-        precision=invert_spd(covariance),
-        shrinkage=shrinkage,
-        std=std,
-        n=n,
+        mean=moments.mean, precision=precision, shrinkage=shrinkage, std=std, n=n, moments=moments
     )

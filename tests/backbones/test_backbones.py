@@ -14,6 +14,7 @@ from efficientnet_pytorch import EfficientNet
 from torch import Tensor, nn
 
 from anomaly.backbones import BACKBONES, FeatureExtractor, backbone_spec, build_backbone
+from anomaly.backbones import extractor as extractor_module
 from anomaly.backbones.efficientnet import stage_ends
 from anomaly.errors import UserError
 
@@ -158,6 +159,23 @@ def test_uint8_and_float_inputs_agree() -> None:
     as_float = extractor(images.float() / 255)
     for a, b in zip(as_uint8, as_float, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_large_batch_goes_through_the_network_in_slices_with_the_same_features(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The activations of one slice, not of the whole batch, bound the memory of a pass."""
+    extractor = build_backbone("efficientnet-lite0", pretrained=False)
+    images = random_images(64, batch=7)
+    whole = extractor(images, levels=[2, 5], grid=2)
+    monkeypatch.setattr(extractor_module, "PIXELS_PER_PASS", 3 * 64 * 64 + 1)  # three 64 px images a pass
+    passes: list[int] = []
+    extractor.net._conv_stem.register_forward_hook(lambda module, args, out: passes.append(len(args[0])))
+    sliced = extractor(images, levels=[2, 5], grid=2)
+    assert passes == [3, 3, 1]
+    for a, b in zip(sliced, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert [m.shape[0] for m in extractor.feature_maps(images, [1])] == [7]
 
 
 # --- frozen ------------------------------------------------------------------------------------------

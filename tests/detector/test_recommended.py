@@ -100,3 +100,16 @@ def test_the_fit_leaves_the_streamed_moments_as_they_were():
     fit_gaussian(accumulator.moments())
     for name, value in before.items():
         assert torch.equal(getattr(accumulator, name), value), name
+
+
+def test_a_model_for_fitting_holds_its_moments_and_no_placeholder_precisions():
+    """Before its fit a level holds its streamed moments, not also an identity of their size."""
+    pooling = GridMaps(7, coarse_levels=[2])
+    model = GaussianDetectorModel.for_fitting(None, [1, 2], [24, 80], pooling)
+    moments = sum(b.numel() for accumulator in model.moments for b in accumulator.buffers())
+    scorers = sum(b.numel() for scorer in model.scorers for b in scorer.buffers())
+    assert moments > (49 * 24) ** 2 and scorers < moments / 10
+    rows = [torch.randn(60, 49 * 24), torch.randn(60, 80)]
+    model.update(rows)
+    model.finalise()
+    assert [tuple(s.precision.shape) for s in model.scorers] == [(49 * 24, 49 * 24), (80, 80)]

@@ -1,6 +1,7 @@
 """Streaming Ledoit-Wolf against sklearn, and the distances against scipy."""
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +140,32 @@ def test_two_images_give_sklearns_mahalanobis(seed):
     ours = mahalanobis(torch.from_numpy(queries), fit.mean, fit.precision).numpy()
     expected = np.sqrt(np.maximum(reference.mahalanobis(queries), 0))
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-9)
+
+
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+def test_the_fit_needs_two_matrices_of_the_dimension_besides_the_moments():
+    """The scatter, the covariance, its Cholesky factor and the precision share one D x D matrix;
+    the triangular inverse is the only other one (not five, as a fit with copies needs)."""
+    clear_refs = Path("/proc/self/clear_refs")
+    if not clear_refs.exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident memory")
+    dim = 2100  # a matrix above glibc's largest mmap threshold (32 MiB): freed, it leaves the process
+    matrix_bytes = dim * dim * 8
+    accumulator = RunningMoments(dim)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        accumulator.update(torch.randn(40, dim, generator=generator))
+    moments = accumulator.moments()
+    clear_refs.write_text("5")  # the peak resident memory restarts from the current one
+    before = peak_rss_bytes()
+    fit = fit_gaussian(moments)
+    growth = peak_rss_bytes() - before
+    assert growth < 3 * matrix_bytes, f"the fit took {growth / matrix_bytes:.1f} D x D matrices"
+    vectors = torch.randn(dim, 3, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(fit.covariance @ (fit.precision @ vectors), vectors, rtol=0, atol=1e-8)
