@@ -135,19 +135,25 @@ class CellGaussianScorer(nn.Module):
         self.fitted = torch.ones((), dtype=torch.bool, device=device)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """``{"mahalanobis", "l2", "sed"}``: ``(n, K)`` distances of each cell's feature to its Gaussian.
+        """``{"mahalanobis", "l2", "sed"}``: ``(n, K)`` distances of each cell's feature to its Gaussian."""
+        return cell_distances(x, self.mean, self.precision, self.std)
 
-        SED is the L2 distance after dividing by the per-feature std; features with
-        zero training variance are left out, as in
-        :func:`~anomaly.stats.distances.standardised_euclidean`.
-        """
-        x = x.to(torch.float64)
-        alive = self.std > 0
-        safe_std = torch.where(alive, self.std, torch.ones_like(self.std))
-        scaled_x = torch.where(alive, x / safe_std, torch.zeros_like(x))
-        scaled_mean = torch.where(alive, self.mean / safe_std, torch.zeros_like(self.mean))
-        return {
-            "mahalanobis": _cell_mahalanobis(x, self.mean, self.precision),
-            "l2": _cell_l2(x, self.mean),
-            "sed": _cell_l2(scaled_x, scaled_mean),
-        }
+
+def cell_distances(x: Tensor, mean: Tensor, precision: Tensor, std: Tensor) -> dict[str, Tensor]:
+    """``{"mahalanobis", "l2", "sed"}``: ``(n, K)`` distances of features ``(n, K, D)`` to per-cell
+    Gaussians (``mean`` and ``std`` ``(K, D)``, ``precision`` ``(K, D, D)``).
+
+    SED is the L2 distance after dividing by the per-feature std; features with
+    zero training variance are left out, as in
+    :func:`~anomaly.stats.distances.standardised_euclidean`.
+    """
+    x = x.to(torch.float64)
+    alive = std > 0
+    safe_std = torch.where(alive, std, torch.ones_like(std))
+    scaled_x = torch.where(alive, x / safe_std, torch.zeros_like(x))
+    scaled_mean = torch.where(alive, mean / safe_std, torch.zeros_like(mean))
+    return {
+        "mahalanobis": _cell_mahalanobis(x, mean, precision),
+        "l2": _cell_l2(x, mean),
+        "sed": _cell_l2(scaled_x, scaled_mean),
+    }
