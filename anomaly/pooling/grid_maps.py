@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from anomaly.backbones import FeatureExtractor
 from anomaly.backbones.extractor import grid_means
@@ -57,11 +56,30 @@ def check_fine_weight(weight: object) -> float:
     return float(weight)
 
 
+def bilinear_matrix(size: int, source: int) -> Tensor:
+    """``(size, source)`` float64: 1-D bilinear resampling as ``F.interpolate`` does it with
+    ``align_corners=False`` (source position ``(i + 0.5) source / size - 0.5``, clamped at 0)."""
+    matrix = torch.zeros(size, source, dtype=torch.float64)
+    for i in range(size):
+        position = max((i + 0.5) * source / size - 0.5, 0.0)
+        low = min(int(position), source - 1)
+        high = min(low + 1, source - 1)
+        weight = position - low
+        matrix[i, low] += 1.0 - weight
+        matrix[i, high] += weight
+    return matrix
+
+
 def resize_maps(maps: Tensor, size: int) -> Tensor:
-    """``(B, h, w)`` maps bilinearly resized to ``(B, size, size)`` (unchanged when already that size)."""
-    if maps.shape[-2:] == (size, size):
+    """``(B, h, w)`` maps bilinearly resized to ``(B, size, size)`` (``F.interpolate``'s ``bilinear``,
+    written as two constant matrix products so that it exports in float64; unchanged when already
+    that size)."""
+    height, width = int(maps.shape[-2]), int(maps.shape[-1])
+    if (height, width) == (size, size):
         return maps
-    return F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    rows = bilinear_matrix(size, height).to(maps)
+    cols = bilinear_matrix(size, width).to(maps)
+    return rows @ maps @ cols.T
 
 
 class GridMaps(Grid):

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from anomaly.errors import UserError
 from anomaly.pooling import Cells, GridMaps, build_pooling
+from anomaly.pooling.grid_maps import resize_maps
 from anomaly.stats.cells import cell_moments
 from anomaly.stats.grid_fine import GridFineMoments
 from anomaly.stats.moments import all_gather_moments, moment_tensors, moments_like
@@ -113,3 +114,10 @@ def test_fine_levels_options_memory_and_refusals():
             GridMaps(7, fine_levels=[4], fine_weight=weight)
     with pytest.raises(UserError, match="fine_levels must be increasing"):
         GridMaps(7, fine_levels=[4, 3])
+
+
+@pytest.mark.parametrize(("source", "size"), [(7, 28), (7, 7), (2, 4), (5, 3), (3, 8)])
+def test_resize_maps_is_torch_bilinear_upsampling(source: int, size: int):
+    maps = torch.randn(3, source, source, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    want = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(resize_maps(maps, size), want, rtol=1e-12, atol=1e-12)
