@@ -277,17 +277,27 @@ class GridFineCells(GridMaps):
         return super().to_map(distances) + self.fine_weight * resize_maps(fine, self.map_size)
 
 
-#: The recommended detector (configs/recommended.yaml): levels 3-5 on a 7x7 grid with maps,
-#: levels 6-9 pooled globally for the image score.
+#: The recommended detector (configs/recommended.yaml): levels 3-5 on a 7x7 grid with maps, level 4
+#: also as 28x28 cells (half weight in the map), levels 6-9 pooled globally for the image score.
 RECOMMENDED_LEVELS = (3, 4, 5, 6, 7, 8, 9)
 RECOMMENDED_GRID_SIZE = 7
 RECOMMENDED_COARSE_LEVELS = (6, 7, 8, 9)
+RECOMMENDED_FINE_LEVELS = (4,)
+RECOMMENDED_FINE_GRID_SIZE = 28
+RECOMMENDED_FINE_WEIGHT = 0.5
 
 
 def recommended_pooling(levels: Sequence[int] = RECOMMENDED_LEVELS) -> GridMaps:
-    """The recommended detector's pooling for ``levels`` (the coarse ones among them stay coarse)."""
-    coarse = [lv for lv in RECOMMENDED_COARSE_LEVELS if lv in levels]
-    return GridMaps(RECOMMENDED_GRID_SIZE, coarse_levels=coarse, coarse_grid_size=1)
+    """The recommended detector's pooling for ``levels`` (the coarse ones among them stay coarse, the
+    fine ones keep their fine cells)."""
+    return GridMaps(
+        RECOMMENDED_GRID_SIZE,
+        coarse_levels=[lv for lv in RECOMMENDED_COARSE_LEVELS if lv in levels],
+        coarse_grid_size=1,
+        fine_levels=[lv for lv in RECOMMENDED_FINE_LEVELS if lv in levels],
+        fine_grid_size=RECOMMENDED_FINE_GRID_SIZE,
+        fine_weight=RECOMMENDED_FINE_WEIGHT,
+    )
 
 
 __all__ = [

@@ -115,7 +115,11 @@ class GridFineScorer(GridCellScorer):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         joint, fine = split_rows(x, int(self.projection.shape[0]), self.fine_cells)
         coarse = super().forward(joint)
-        cells = cell_distances(fine, self.fine_mean, self.fine_precision, self.fine_std)
+        # a few rows at a time: the per-cell float64 temporaries stay small whatever the batch
+        # (a traced export scores its batch in one piece, so that the batch size can change)
+        chunks = [fine] if torch.jit.is_tracing() else fine.split(CHUNK_ROWS)
+        parts = [cell_distances(rows, self.fine_mean, self.fine_precision, self.fine_std) for rows in chunks]
+        cells = {kind: torch.cat([part[kind] for part in parts]) for kind in coarse}
         return {kind: torch.cat([coarse[kind], cells[kind]], dim=1) for kind in coarse}
 
 

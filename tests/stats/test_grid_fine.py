@@ -12,6 +12,7 @@ from anomaly.errors import UserError
 from anomaly.pooling import Cells, GridMaps, build_pooling
 from anomaly.pooling.grid_maps import resize_maps
 from anomaly.stats.cells import cell_moments
+from anomaly.stats import grid_fine
 from anomaly.stats.grid_fine import GridFineMoments
 from anomaly.stats.moments import all_gather_moments, moment_tensors, moments_like
 from tests.stats.test_grid_cells import fitted
@@ -30,14 +31,18 @@ def fine_rows(pooling: GridMaps, maps: torch.Tensor) -> torch.Tensor:
     return pooling.for_level(4).rows_from(lambda k: F.adaptive_avg_pool2d(maps, k))
 
 
-def test_fine_cells_are_sklearn_ledoit_wolf_per_cell_and_the_coarse_part_the_grid_maps():
+def test_fine_cells_are_sklearn_ledoit_wolf_per_cell_and_the_coarse_part_the_grid_maps(monkeypatch):
     pooling = GridMaps(K, fine_levels=[4], fine_grid_size=FINE, fine_weight=0.5)
     level = pooling.for_level(4)
     train_maps, test_maps = feature_maps(50, 0), feature_maps(6, 1)
     train, test = fine_rows(pooling, train_maps), fine_rows(pooling, test_maps)
     assert train.shape[1] == level.modelled_dim(CHANNELS) == (K * K + FINE * FINE) * CHANNELS
-    distances = fitted(level, train)(test)
+    scorer = fitted(level, train)
+    distances = scorer(test)
     assert distances["mahalanobis"].shape == (6, 1 + K * K + FINE * FINE)
+    monkeypatch.setattr(grid_fine, "CHUNK_ROWS", 4)  # streamed and scored a few rows at a time: the same
+    for kind, values in fitted(level, train)(test).items():
+        torch.testing.assert_close(values, distances[kind], rtol=1e-10, atol=1e-10)
 
     # the first 1 + k^2 columns are the grid_maps pooling's, for every kind
     coarse = fitted(GridMaps(K), train[:, : K * K * CHANNELS])(test[:, : K * K * CHANNELS])
