@@ -11,8 +11,8 @@ from torch.nn import functional as F
 from anomaly.errors import UserError
 from anomaly.pooling import Cells, GridMaps, build_pooling
 from anomaly.pooling.grid_maps import resize_maps
-from anomaly.stats.cells import cell_moments
 from anomaly.stats import grid_fine
+from anomaly.stats.cells import cell_moments
 from anomaly.stats.grid_fine import GridFineMoments
 from anomaly.stats.moments import all_gather_moments, moment_tensors, moments_like
 from tests.stats.test_grid_cells import fitted
