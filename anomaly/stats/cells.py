@@ -16,7 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from anomaly.stats.distances import l2_distance, mahalanobis
-from anomaly.stats.gaussian import GaussianFit, fit_gaussian
+from anomaly.stats.gaussian import (
+    GaussianFit,
+    fit_gaussian,
+    inverse_is_accurate,
+    ledoit_wolf_shrinkages,
+    warn_if_no_variance,
+)
 from anomaly.stats.moments import Moments, RunningMoments, batch_moments, merge_moments
 
 FLOAT64_BYTES = 8
@@ -92,8 +98,52 @@ class CellMoments(RunningMoments):
 
 
 def fit_cells(moments: Moments) -> list[GaussianFit]:
-    """One Ledoit-Wolf :class:`GaussianFit` per cell (:func:`fit_gaussian` on each cell's moments)."""
-    return [fit_gaussian(cell_moments(moments, k)) for k in range(moments.count.shape[0])]
+    """One Ledoit-Wolf :class:`GaussianFit` per cell: :func:`fit_gaussian` on each cell's moments,
+    computed for all cells at once (batched Cholesky); a cell whose covariance does not invert
+    accurately is fitted alone (:func:`fit_gaussian`'s pseudo-inverse and warning)."""
+    cells, n = moments.count.shape[0], int(moments.count[0].item())
+    if n < 2:
+        return [fit_gaussian(cell_moments(moments, k)) for k in range(cells)]  # its one-line error
+    mean_y = moments.sum / moments.count[:, None]
+    emp_cov = moments.outer - moments.count[:, None, None] * mean_y[:, :, None] * mean_y[:, None, :]
+    std = torch.sqrt(torch.clamp(torch.diagonal(emp_cov, dim1=-2, dim2=-1) / (n - 1), min=0.0))
+    emp_cov = emp_cov / n
+    quartics = _cell_centred_quartic(*_fields(moments))
+    shrinkage = ledoit_wolf_shrinkages(emp_cov, quartics, n)
+    target = torch.diagonal(emp_cov, dim1=-2, dim2=-1).mean(dim=-1)
+    covariance = (1.0 - shrinkage)[:, None, None] * emp_cov
+    covariance.diagonal(dim1=-2, dim2=-1).add_((shrinkage * target)[:, None])
+    precision, accurate = batched_inverse(covariance)
+    fits = []
+    for k in range(cells):
+        if not accurate[k]:
+            fits.append(fit_gaussian(cell_moments(moments, k)))
+            continue
+        mean = moments.shift[k] + mean_y[k]
+        warn_if_no_variance(emp_cov[k], mean)
+        fits.append(GaussianFit(mean, covariance[k], precision[k], float(shrinkage[k]), std[k], n))
+    return fits
+
+
+def batched_inverse(matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverses of ``(K, D, D)`` symmetric positive definite matrices by one batched Cholesky, and
+    whether each is accurate (:func:`~anomaly.stats.gaussian.inverse_is_accurate`)."""
+    factor, info = torch.linalg.cholesky_ex(matrices)
+    identity = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
+    solved = torch.cholesky_solve(identity.expand_as(matrices), factor)
+    inverse = (solved + solved.mT) / 2
+    accurate = [
+        int(info[k].item()) == 0 and inverse_is_accurate(matrices[k], inverse[k])
+        for k in range(matrices.shape[0])
+    ]
+    return inverse, torch.tensor(accurate)
+
+
+def _centred_quartic(*fields: Tensor) -> Tensor:
+    return Moments(*fields).centred_quartic()
+
+
+_cell_centred_quartic = torch.vmap(_centred_quartic)
 
 
 _cell_mahalanobis = torch.vmap(mahalanobis, in_dims=(1, 0, 0), out_dims=1)
