@@ -5,9 +5,10 @@ feature map to ``k x k`` cells and models every cell's ``C``-dim feature with
 its own Ledoit-Wolf Gaussian (eqs. 2 and 6 of the paper, applied per cell).
 Nothing here is new maths: the single-Gaussian pieces of
 :mod:`anomaly.stats.moments`, :mod:`anomaly.stats.gaussian` and
-:mod:`anomaly.stats.distances` are mapped over the cell axis with
-:func:`torch.vmap`, so one batch of ``(n, K, C)`` features updates all
-``K = k^2`` accumulators at once. Memory is ``K * C^2`` float64 per level.
+:mod:`anomaly.stats.distances` are batched over the cell axis (batched matrix
+products, one batched Cholesky, :func:`torch.vmap` for merges and distances), so
+one batch of ``(n, K, C)`` features updates all ``K = k^2`` accumulators at once.
+Memory is ``K * C^2`` float64 per level.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from anomaly.stats.gaussian import (
     ledoit_wolf_shrinkages,
     warn_if_no_variance,
 )
-from anomaly.stats.moments import Moments, RunningMoments, batch_moments, merge_moments
+from anomaly.stats.moments import Moments, RunningMoments, merge_moments
 
 FLOAT64_BYTES = 8
 
@@ -32,16 +33,10 @@ def _fields(m: Moments) -> tuple[Tensor, ...]:
     return tuple(getattr(m, name) for name in RunningMoments.FIELDS)
 
 
-def _batch_fields(x: Tensor, shift: Tensor) -> tuple[Tensor, ...]:
-    return _fields(batch_moments(x, shift))
-
-
 def _merge_fields(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return _fields(merge_moments(Moments(*a), Moments(*b)))
 
 
-#: Moments of a batch ``(n, K, D)`` about per-cell shifts ``(K, D)``: every field gains a leading K.
-cell_batch_moments = torch.vmap(_batch_fields, in_dims=(1, 0))
 #: Merge of two per-cell :class:`Moments` (all fields with a leading K axis).
 _cell_merge = torch.vmap(_merge_fields)
 
@@ -86,8 +81,14 @@ class CellMoments(RunningMoments):
             return
         if self.n == 0:
             self.shift.copy_(x.to(torch.float64).mean(dim=0))
-        batch = Moments(*cell_batch_moments(x, self.shift))
-        self.load_moments(merge_cell_moments(self.moments(), batch))
+        # about the accumulator's own shift the batch's moments add in place (as RunningMoments.update)
+        y = (x.to(torch.float64) - self.shift).transpose(0, 1)  # (K, n, D)
+        squares = (y * y).sum(dim=2)  # (K, n)
+        self.count += y.shape[1]
+        self.sum += y.sum(dim=1)
+        self.outer.baddbmm_(y.mT, y)
+        self.sqnorm_vec += torch.bmm(squares[:, None, :], y)[:, 0]
+        self.quartic += (squares * squares).sum(dim=1)
 
     @torch.no_grad()
     def merge_(self, other: Moments) -> None:
@@ -105,13 +106,14 @@ def fit_cells(moments: Moments) -> list[GaussianFit]:
     if n < 2:
         return [fit_gaussian(cell_moments(moments, k)) for k in range(cells)]  # its one-line error
     mean_y = moments.sum / moments.count[:, None]
-    emp_cov = moments.outer - moments.count[:, None, None] * mean_y[:, :, None] * mean_y[:, None, :]
-    std = torch.sqrt(torch.clamp(torch.diagonal(emp_cov, dim1=-2, dim2=-1) / (n - 1), min=0.0))
-    emp_cov = emp_cov / n
-    quartics = _cell_centred_quartic(*_fields(moments))
-    shrinkage = ledoit_wolf_shrinkages(emp_cov, quartics, n)
-    target = torch.diagonal(emp_cov, dim1=-2, dim2=-1).mean(dim=-1)
-    covariance = (1.0 - shrinkage)[:, None, None] * emp_cov
+    # one (K, D, D) tensor becomes the scatter, the empirical and the shrunk covariances in turn
+    scaled = mean_y[:, None, :] * -moments.count[:, None, None]
+    covariance = torch.baddbmm(moments.outer, mean_y[:, :, None], scaled)
+    std = torch.sqrt(torch.clamp(torch.diagonal(covariance, dim1=-2, dim2=-1) / (n - 1), min=0.0))
+    covariance.div_(n)
+    shrinkage = ledoit_wolf_shrinkages(covariance, _cell_centred_quartic(*_fields(moments)), n)
+    target = torch.diagonal(covariance, dim1=-2, dim2=-1).mean(dim=-1)
+    covariance.mul_((1.0 - shrinkage)[:, None, None])
     covariance.diagonal(dim1=-2, dim2=-1).add_((shrinkage * target)[:, None])
     precision, accurate = batched_inverse(covariance)
     fits = []
@@ -120,7 +122,7 @@ def fit_cells(moments: Moments) -> list[GaussianFit]:
             fits.append(fit_gaussian(cell_moments(moments, k)))
             continue
         mean = moments.shift[k] + mean_y[k]
-        warn_if_no_variance(emp_cov[k], mean)
+        warn_if_no_variance(covariance[k], mean)  # the shrinkage keeps the trace
         fits.append(GaussianFit(mean, covariance[k], precision[k], float(shrinkage[k]), std[k], n))
     return fits
 
@@ -131,7 +133,9 @@ def batched_inverse(matrices: Tensor) -> tuple[Tensor, Tensor]:
     factor, info = torch.linalg.cholesky_ex(matrices)
     identity = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
     solved = torch.cholesky_solve(identity.expand_as(matrices), factor)
-    inverse = (solved + solved.mT) / 2
+    del factor
+    inverse = torch.add(solved, solved.mT).mul_(0.5)
+    del solved
     accurate = [
         int(info[k].item()) == 0 and inverse_is_accurate(matrices[k], inverse[k])
         for k in range(matrices.shape[0])
