@@ -126,3 +126,45 @@ def test_resize_maps_is_torch_bilinear_upsampling(source: int, size: int):
     maps = torch.randn(3, source, source, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     want = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
     torch.testing.assert_close(resize_maps(maps, size), want, rtol=1e-12, atol=1e-12)
+
+
+def _synchronise_half(rank: int, world: int, init: str, rows: torch.Tensor, out: str) -> None:
+    """One DDP process (gloo): stream its half of ``rows``, synchronise, save what it then holds."""
+    import torch.distributed as dist
+
+    from anomaly.stats.moments import synchronise
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        accumulator = (
+            GridMaps(K, fine_levels=[4], fine_grid_size=FINE).for_level(4).accumulator(rows.shape[1])
+        )
+        accumulator.update(rows[rank::world])
+        synchronise([accumulator])
+        torch.save(dict(accumulator.named_buffers()), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fine_moments_synchronised_over_two_processes_equal_one_stream(tmp_path):
+    import torch.multiprocessing as mp
+
+    pooling = GridMaps(K, fine_levels=[4], fine_grid_size=FINE)
+    rows = fine_rows(pooling, feature_maps(24, 3)).double()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_synchronise_half, args=(2, init, rows, str(tmp_path)), nprocs=2, join=True)
+    whole = pooling.for_level(4).accumulator(rows.shape[1])
+    whole.update(rows)
+    for rank in range(2):
+        held = pooling.for_level(4).accumulator(rows.shape[1])
+        for name, value in torch.load(tmp_path / f"rank{rank}.pt").items():
+            held.get_buffer(name).copy_(value)
+        assert held.n == 24
+        ours, theirs = held.moments(), whole.moments()
+        torch.testing.assert_close(ours.joint.scatter(), theirs.joint.scatter(), rtol=1e-10, atol=1e-10)
+        for j in range(FINE * FINE):
+            a, b = cell_moments(ours.cells, j), cell_moments(theirs.cells, j)
+            torch.testing.assert_close(a.mean, b.mean, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(a.scatter(), b.scatter(), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(a.centred_quartic(), b.centred_quartic(), rtol=1e-10, atol=1e-10)
