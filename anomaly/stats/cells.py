@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from anomaly.stats.distances import l2_distance, mahalanobis
 from anomaly.stats.gaussian import (
     GaussianFit,
     fit_gaussian,
@@ -150,10 +149,6 @@ def _centred_quartic(*fields: Tensor) -> Tensor:
 _cell_centred_quartic = torch.vmap(_centred_quartic)
 
 
-_cell_mahalanobis = torch.vmap(mahalanobis, in_dims=(1, 0, 0), out_dims=1)
-_cell_l2 = torch.vmap(l2_distance, in_dims=(1, 0), out_dims=1)
-
-
 class CellGaussianScorer(nn.Module):
     """Scores ``(n, K, D)`` features per cell: Mahalanobis (eq. 2), L2 and SED (eq. 9), each ``(n, K)``."""
 
@@ -195,19 +190,18 @@ class CellGaussianScorer(nn.Module):
 
 def cell_distances(x: Tensor, mean: Tensor, precision: Tensor, std: Tensor) -> dict[str, Tensor]:
     """``{"mahalanobis", "l2", "sed"}``: ``(n, K)`` distances of features ``(n, K, D)`` to per-cell
-    Gaussians (``mean`` and ``std`` ``(K, D)``, ``precision`` ``(K, D, D)``).
+    Gaussians (``mean`` and ``std`` ``(K, D)``, ``precision`` ``(K, D, D)``), one batched product.
 
     SED is the L2 distance after dividing by the per-feature std; features with
     zero training variance are left out, as in
     :func:`~anomaly.stats.distances.standardised_euclidean`.
     """
-    x = x.to(torch.float64)
+    diff = x.to(torch.float64) - mean
+    whitened = torch.einsum("nkc,kcd->nkd", diff, precision)
     alive = std > 0
-    safe_std = torch.where(alive, std, torch.ones_like(std))
-    scaled_x = torch.where(alive, x / safe_std, torch.zeros_like(x))
-    scaled_mean = torch.where(alive, mean / safe_std, torch.zeros_like(mean))
+    standardised = torch.where(alive, diff / torch.where(alive, std, torch.ones_like(std)), 0.0)
     return {
-        "mahalanobis": _cell_mahalanobis(x, mean, precision),
-        "l2": _cell_l2(x, mean),
-        "sed": _cell_l2(scaled_x, scaled_mean),
+        "mahalanobis": torch.sqrt(torch.clamp((whitened * diff).sum(dim=2), min=0.0)),
+        "l2": torch.linalg.vector_norm(diff, dim=2),
+        "sed": torch.linalg.vector_norm(standardised, dim=2),
     }
