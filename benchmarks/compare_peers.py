@@ -285,13 +285,15 @@ class Ours(Method):
         if pooling.grid_size == 1:  # a 1x1 grid is the global average
             pooled = feats.pooled[level - 1][rows]
             return pooling.arrange(pooled.reshape(*pooled.shape, 1, 1))
-        return pooling.arrange(feats.grid(level, pooling.grid_size, rows))
+        return pooling.rows_from(lambda k: feats.grid(level, k, rows))
 
     def _cacheable(self, level: int) -> bool:
         pooling = self.model.pooling.for_level(level)
         if pooling.name == "global" or pooling.grid_size == 1:
             return True
-        return pooling.name in CACHED_POOLINGS and (pooling.grid_size in GRID_SIZES or level in MAP_LEVELS)
+        fine = getattr(pooling, "fine_levels", ())  # a fine level's own grid comes from its cached map
+        grids_cached = pooling.grid_size in GRID_SIZES and level not in fine
+        return pooling.name in CACHED_POOLINGS and (grids_cached or level in MAP_LEVELS)
 
     def fit(self, feats: Features, fit_rows: Tensor, holdout_rows: Tensor) -> None:
         self.model = self.make()

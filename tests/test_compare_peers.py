@@ -96,12 +96,14 @@ def test_our_configs_end_to_end_with_costs(tmp_path: Path):
     out = tmp_path / "out.json"
     code = peers.main(
         ["--mvtec", str(root), "--datasets", "bottle", "--folds", "0", "--configs", "paper",
-         "spatial_fine", "--methods", "ours: paper", "ours: spatial_fine", "--repeats", "1",
-         "--speed-images", "2", "--pixel-size", "48", "--out", str(out)]
+         "spatial_fine", "recommended", "--methods", "ours: paper", "ours: spatial_fine",
+         "ours: recommended", "--repeats", "1", "--speed-images", "2", "--pixel-size", "48",
+         "--out", str(out)]
     )  # fmt: skip
     assert code == 0
     methods = json.loads(out.read_text())["results"][0]["methods"]
-    assert list(methods) == ["ours: paper", "ours: spatial_fine"]
+    assert list(methods) == ["ours: paper", "ours: spatial_fine", "ours: recommended"]
+    assert 0 <= methods["ours: recommended"]["pixel_auroc"][0] <= 1  # its fine cells from the cache
     for entry in methods.values():
         assert 0 <= entry["image_auroc"][0] <= 1
         assert entry["fit_seconds"][0] > 0 and entry["images_per_second"] > 0

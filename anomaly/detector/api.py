@@ -166,7 +166,8 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             paper), ``"grid"``, ``"cells"`` (anomaly maps), ... by name with default options, or a
             :mod:`anomaly.pooling` object such as ``Cells(grid_size=8)``. ``None`` (default): the
             recommended detector (``configs/recommended.yaml``: ``grid_maps`` 7x7 of levels
-            3-5 with anomaly maps, levels 6-9 pooled globally); features passed with
+            3-5 with anomaly maps, level 4 also as 28x28 cells, levels 6-9 pooled globally);
+            features passed with
             ``backbone=None`` are already pooled, and get ``global``, the only pooling for them.
         image_size: square input size; ``None``: the backbone's native resolution.
         resize: how images are made square (``area``, ``linear``, ``cubic``: see

@@ -387,7 +387,7 @@ def check_tensor_layout(path: Path, meta: dict, layout: dict[str, tuple[str, tup
     if meta.get("learning") is not None:
         samples = meta["learning"]["samples"]
         for level, in_dim in zip(levels, level_in_dims(meta), strict=True):
-            for name, shape in pooling.moment_shapes(in_dim).items():
+            for name, shape in pooling.for_level(level).moment_shapes(in_dim).items():
                 expected[f"{MOMENTS_PREFIX}{level}.{name}"] = shape
             if reduction_name(meta) != "none":
                 expected[f"{ROWS_PREFIX}{level}"] = (samples, in_dim)

@@ -373,7 +373,7 @@ class GaussianDetectorModel(nn.Module):
             pooling = self.pooling.for_level(level)
             per_level.append({kind: pooling.image_distances(d) for kind, d in distances.items()})
             if self.pooling.level_makes_maps(level):
-                level_map = self.standardise(map_kind, i, distances[map_kind])
+                level_map = pooling.to_map(self.standardise(map_kind, i, distances[map_kind]))
                 maps = level_map if maps is None else maps + level_map
         columns = level_columns(self.levels, per_level)
         if self.level_weighting != "none":
@@ -382,7 +382,7 @@ class GaussianDetectorModel(nn.Module):
                     self.standardise(kind, i, columns[column_name(kind, level)])
                     for i, level in enumerate(self.levels)
                 )
-        return self.merge_tiles(columns, None if maps is None else self.pooling.to_map(maps))
+        return self.merge_tiles(columns, maps)
 
     def forward(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
         """(score columns, anomaly maps or ``None``) for (B, 3, S, S) uint8 or [0, 1] float images

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from torch import Tensor, nn
@@ -177,6 +177,10 @@ class KGrid:
 
     def arrange(self, grid: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def rows_from(self, grid_of: Callable[[int], Tensor]) -> Tensor:
+        """A level's modelled rows, given ``grid_of(k)``: its map average-pooled to ``(B, C, k, k)``."""
+        return self.arrange(grid_of(self.grid_size))
 
 
 __all__ = ["GIB", "MAX_GRID_SIZE", "KGrid", "Pooling", "check_grid_size", "check_memory_budget"]

@@ -9,11 +9,17 @@ per cell), the cells are judged together, which keeps the grid's image AUROC.
 in the paper) and modelled as by ``grid``: their joint distances add to the image score, not
 to the map. Deep levels see the whole part; at the map's grid their ``k^2 C`` Gaussians would
 be large, on a coarse grid they are small.
+
+``fine_levels`` are modelled twice: as above, and by one Gaussian per cell of a finer
+``fine_grid_size`` grid (:mod:`anomaly.stats.grid_fine`, ``f^2 C^2`` floats a level). Their fine
+cells' distances, times ``fine_weight``, add to the map, which is then ``f x f`` (the
+coarse cells' maps bilinearly upsampled to it); the image score is unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,22 +29,57 @@ from anomaly.backbones.extractor import grid_means
 from anomaly.errors import UserError
 from anomaly.pooling.base import FLOAT64_BYTES, check_grid_size
 from anomaly.pooling.grid import Grid
+from anomaly.stats.cells import cells_memory_bytes, fit_cells
 from anomaly.stats.gaussian import fit_gaussian
 from anomaly.stats.grid_cells import GridCellScorer
+from anomaly.stats.grid_fine import GridFineMoments, GridFineMomentsValue, GridFineScorer
 from anomaly.stats.moments import Moments
 
 
-def check_coarse_levels(levels: object) -> tuple[int, ...]:
-    """``coarse_levels`` as increasing distinct level numbers (1-based)."""
+def check_coarse_levels(levels: object, option: str = "coarse_levels") -> tuple[int, ...]:
+    """``coarse_levels`` (or another ``option``) as increasing distinct level numbers (1-based)."""
     if levels is None:
         return ()
     if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
-        raise UserError(f"coarse_levels must be a list of level numbers, got {levels!r}")
+        raise UserError(f"{option} must be a list of level numbers, got {levels!r}")
     if any(isinstance(lv, bool) or not isinstance(lv, int) or lv < 1 for lv in levels):
-        raise UserError(f"coarse_levels must be level numbers 1, 2, ..., got {list(levels)!r}")
+        raise UserError(f"{option} must be level numbers 1, 2, ..., got {list(levels)!r}")
     if list(levels) != sorted(set(levels)):
-        raise UserError(f"coarse_levels must be increasing and distinct, got {list(levels)!r}")
+        raise UserError(f"{option} must be increasing and distinct, got {list(levels)!r}")
     return tuple(levels)
+
+
+def check_fine_weight(weight: object) -> float:
+    """``fine_weight`` as a finite positive number."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+        raise UserError(f"fine_weight must be a finite positive number, got {weight!r}")
+    return float(weight)
+
+
+def bilinear_matrix(size: int, source: int) -> Tensor:
+    """``(size, source)`` float64: 1-D bilinear resampling as ``F.interpolate`` does it with
+    ``align_corners=False`` (source position ``(i + 0.5) source / size - 0.5``, clamped at 0)."""
+    matrix = torch.zeros(size, source, dtype=torch.float64)
+    for i in range(size):
+        position = max((i + 0.5) * source / size - 0.5, 0.0)
+        low = min(int(position), source - 1)
+        high = min(low + 1, source - 1)
+        weight = position - low
+        matrix[i, low] += 1.0 - weight
+        matrix[i, high] += weight
+    return matrix
+
+
+def resize_maps(maps: Tensor, size: int) -> Tensor:
+    """``(B, h, w)`` maps bilinearly resized to ``(B, size, size)`` (``F.interpolate``'s ``bilinear``,
+    written as two constant matrix products so that it exports in float64; unchanged when already
+    that size)."""
+    height, width = int(maps.shape[-2]), int(maps.shape[-1])
+    if (height, width) == (size, size):
+        return maps
+    rows = bilinear_matrix(size, height).to(maps)
+    cols = bilinear_matrix(size, width).to(maps)
+    return rows @ maps @ cols.T
 
 
 class GridMaps(Grid):
@@ -49,6 +90,10 @@ class GridMaps(Grid):
         coarse_levels: levels pooled to ``coarse_grid_size`` cells per side instead, for the
             image score only (their joint distance under one Gaussian, as ``grid``).
         coarse_grid_size: the coarse levels' cells per side (1: global average pooling).
+        fine_levels: map levels also modelled by one Gaussian per cell of a
+            ``fine_grid_size`` grid, whose distances add to the map.
+        fine_grid_size: f, the fine cells per side (the map is then ``f x f``).
+        fine_weight: the fine cells' distances' weight in the map.
     """
 
     name = "grid_maps"
@@ -56,31 +101,56 @@ class GridMaps(Grid):
     supports_reduction = False  # a projection mixes the cells
 
     def __init__(
-        self, grid_size: int = 4, coarse_levels: Sequence[int] = (), coarse_grid_size: int = 1
+        self,
+        grid_size: int = 4,
+        coarse_levels: Sequence[int] = (),
+        coarse_grid_size: int = 1,
+        fine_levels: Sequence[int] = (),
+        fine_grid_size: int = 28,
+        fine_weight: float = 1.0,
     ) -> None:
         super().__init__(grid_size)
         self.coarse_levels = check_coarse_levels(coarse_levels)
         self.coarse_grid_size = check_grid_size(coarse_grid_size, self.name)
         self.coarse = Grid(self.coarse_grid_size)
+        self.fine_levels = check_coarse_levels(fine_levels, "fine_levels")
+        both = sorted(set(self.fine_levels) & set(self.coarse_levels))
+        if both:
+            raise UserError(
+                f"levels {both} are both coarse_levels and fine_levels: a coarse level gives no map"
+            )
+        self.fine_grid_size = check_grid_size(fine_grid_size, self.name)
+        self.fine_weight = check_fine_weight(fine_weight)
+        #: The map's cells per side: the fine grid's, where there are fine levels.
+        self.map_size = max(self.grid_size, self.fine_grid_size) if self.fine_levels else self.grid_size
 
     def options(self) -> dict:
         options = super().options()
         if self.coarse_levels:  # files without coarse levels keep their options as they were
             options.update(coarse_levels=list(self.coarse_levels), coarse_grid_size=self.coarse_grid_size)
+        if self.fine_levels:  # likewise without fine levels
+            options.update(
+                fine_levels=list(self.fine_levels),
+                fine_grid_size=self.fine_grid_size,
+                fine_weight=self.fine_weight,
+            )
         return options
 
     def describe_size(self) -> str:
         coarse = self.coarse_levels and f" (levels {list(self.coarse_levels)}: {self.coarse_grid_size})"
-        return super().describe_size() + (coarse or "")
+        fine = self.fine_levels and f" (fine cells of levels {list(self.fine_levels)}: {self.fine_grid_size})"
+        return super().describe_size() + (coarse or "") + (fine or "")
 
     def for_level(self, level: int) -> Grid:
-        return self.coarse if level in self.coarse_levels else self
+        if level in self.coarse_levels:
+            return self.coarse
+        return GridFineCells(self) if level in self.fine_levels else self
 
     def pool(self, extractor: FeatureExtractor, images: Tensor, levels: Sequence[int]) -> list[Tensor]:
-        """One backbone pass; each level pooled to its own grid."""
+        """One backbone pass; each level pooled to its own grid(s)."""
         maps = extractor.feature_maps(images, levels)
         return [
-            self.for_level(level).arrange(grid_means(fmap.float(), self.for_level(level).grid_size))
+            self.for_level(level).rows_from(lambda k, fmap=fmap: grid_means(fmap.float(), k))
             for level, fmap in zip(levels, maps, strict=True)
         ]
 
@@ -122,20 +192,119 @@ class GridMaps(Grid):
         return distances[:, 0]
 
     def to_map(self, distances: Tensor) -> Tensor:
-        return distances[:, 1:].reshape(-1, self.grid_size, self.grid_size)
+        """The coarse cells' distances as a ``(B, k, k)`` map, resized to the map's size."""
+        cells = distances[:, 1 : 1 + self.grid_size**2]
+        return resize_maps(cells.reshape(-1, self.grid_size, self.grid_size), self.map_size)
 
 
-#: The recommended detector (configs/recommended.yaml): levels 3-5 on a 7x7 grid with maps,
-#: levels 6-9 pooled globally for the image score.
+class GridFineCells(GridMaps):
+    """How :class:`GridMaps` models one of its ``fine_levels``: the grid's joint Gaussian, and
+    one Gaussian per cell of the fine grid (rows ``[k^2 C grid vector, f^2 C fine cells]``)."""
+
+    def __init__(self, parent: GridMaps) -> None:
+        super().__init__(
+            parent.grid_size,
+            fine_levels=parent.fine_levels,
+            fine_grid_size=parent.fine_grid_size,
+            fine_weight=parent.fine_weight,
+        )
+
+    @property
+    def fine_cells(self) -> int:
+        return self.fine_grid_size**2
+
+    def for_level(self, level: int) -> Grid:
+        return self
+
+    def rows_from(self, grid_of: Callable[[int], Tensor]) -> Tensor:
+        fine = grid_of(self.fine_grid_size).flatten(2).transpose(1, 2).flatten(1)  # cell-major, as Cells
+        return torch.cat([self.arrange(grid_of(self.grid_size)), fine], dim=1)
+
+    def modelled_dim(self, channels: int) -> int:
+        return (self.grid_size**2 + self.fine_cells) * channels
+
+    def channels(self, dim: int) -> int:
+        return max(dim // (self.grid_size**2 + self.fine_cells), 1)
+
+    def state_bytes(self, channels: Sequence[int]) -> int:
+        joint = GridMaps(self.grid_size).state_bytes(channels)
+        return joint + sum(cells_memory_bytes(self.fine_cells, c) for c in channels)
+
+    def accumulator(self, dim: int) -> GridFineMoments:
+        return GridFineMoments(self.grid_size**2, self.fine_cells, self.channels(dim))
+
+    def moment_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
+        channels = self.channels(dim)
+        joint = super().moment_shapes(self.grid_size**2 * channels)
+        cells = super().moment_shapes(channels)
+        return {
+            **{f"joint.{name}": shape for name, shape in joint.items()},
+            **{f"cells.{name}": (self.fine_cells, *shape) for name, shape in cells.items()},
+        }
+
+    def scorer(self, dim: int) -> GridFineScorer:
+        return GridFineScorer(self.grid_size**2, self.fine_cells, dim)
+
+    def fit(self, scorer: nn.Module, moments: GridFineMomentsValue, projection: Tensor | None = None) -> None:
+        if projection is not None:
+            raise ValueError("pooling grid_maps has no PCA/NPCA reduction")
+        scorer.set_fit((fit_gaussian(moments.joint), fit_cells(moments.cells)))
+
+    def expected_shapes(self, in_dim: int, tensors: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        channels, cells = self.channels(in_dim), self.fine_cells
+        return {
+            **super().expected_shapes(self.grid_size**2 * channels, tensors),
+            "fine_mean": (cells, channels),
+            "fine_precision": (cells, channels, channels),
+            "fine_std": (cells, channels),
+            "fine_shrinkage": (cells,),
+        }
+
+    def scorer_from_tensors(self, tensors: dict[str, Tensor], in_dim: int) -> GridFineScorer:
+        joint = super().scorer_from_tensors(tensors, self.grid_size**2 * self.channels(in_dim))
+        cells = self.grid_size**2
+        # placeholders, replaced below
+        scorer = GridFineScorer(cells, self.fine_cells, cells + self.fine_cells)
+        for name, value in joint.named_buffers():
+            setattr(scorer, name, value)
+        for name in ("fine_mean", "fine_precision", "fine_std", "fine_shrinkage"):
+            setattr(scorer, name, tensors[name].clone())
+        return scorer
+
+    def to_map(self, distances: Tensor) -> Tensor:
+        """The coarse cells' map, upsampled, plus ``fine_weight`` times the fine cells' distances."""
+        fine = distances[:, 1 + self.grid_size**2 :].reshape(-1, self.fine_grid_size, self.fine_grid_size)
+        return super().to_map(distances) + self.fine_weight * resize_maps(fine, self.map_size)
+
+
+#: The recommended detector (configs/recommended.yaml): levels 3-5 on a 7x7 grid with maps, level 4
+#: also as 28x28 cells (half weight in the map), levels 6-9 pooled globally for the image score.
 RECOMMENDED_LEVELS = (3, 4, 5, 6, 7, 8, 9)
 RECOMMENDED_GRID_SIZE = 7
 RECOMMENDED_COARSE_LEVELS = (6, 7, 8, 9)
+RECOMMENDED_FINE_LEVELS = (4,)
+RECOMMENDED_FINE_GRID_SIZE = 28
+RECOMMENDED_FINE_WEIGHT = 0.5
 
 
 def recommended_pooling(levels: Sequence[int] = RECOMMENDED_LEVELS) -> GridMaps:
-    """The recommended detector's pooling for ``levels`` (the coarse ones among them stay coarse)."""
-    coarse = [lv for lv in RECOMMENDED_COARSE_LEVELS if lv in levels]
-    return GridMaps(RECOMMENDED_GRID_SIZE, coarse_levels=coarse, coarse_grid_size=1)
+    """The recommended detector's pooling for ``levels`` (the coarse ones among them stay coarse, the
+    fine ones keep their fine cells)."""
+    return GridMaps(
+        RECOMMENDED_GRID_SIZE,
+        coarse_levels=[lv for lv in RECOMMENDED_COARSE_LEVELS if lv in levels],
+        coarse_grid_size=1,
+        fine_levels=[lv for lv in RECOMMENDED_FINE_LEVELS if lv in levels],
+        fine_grid_size=RECOMMENDED_FINE_GRID_SIZE,
+        fine_weight=RECOMMENDED_FINE_WEIGHT,
+    )
 
 
-__all__ = ["RECOMMENDED_LEVELS", "GridMaps", "check_coarse_levels", "recommended_pooling"]
+__all__ = [
+    "RECOMMENDED_LEVELS",
+    "GridFineCells",
+    "GridMaps",
+    "check_coarse_levels",
+    "recommended_pooling",
+    "resize_maps",
+]

@@ -5,9 +5,10 @@ feature map to ``k x k`` cells and models every cell's ``C``-dim feature with
 its own Ledoit-Wolf Gaussian (eqs. 2 and 6 of the paper, applied per cell).
 Nothing here is new maths: the single-Gaussian pieces of
 :mod:`anomaly.stats.moments`, :mod:`anomaly.stats.gaussian` and
-:mod:`anomaly.stats.distances` are mapped over the cell axis with
-:func:`torch.vmap`, so one batch of ``(n, K, C)`` features updates all
-``K = k^2`` accumulators at once. Memory is ``K * C^2`` float64 per level.
+:mod:`anomaly.stats.distances` are batched over the cell axis (batched matrix
+products, one batched Cholesky, :func:`torch.vmap` for merges and distances), so
+one batch of ``(n, K, C)`` features updates all ``K = k^2`` accumulators at once.
+Memory is ``K * C^2`` float64 per level.
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from anomaly.stats.distances import l2_distance, mahalanobis
-from anomaly.stats.gaussian import GaussianFit, fit_gaussian
-from anomaly.stats.moments import Moments, RunningMoments, batch_moments, merge_moments
+from anomaly.stats.gaussian import (
+    GaussianFit,
+    fit_gaussian,
+    inverse_is_accurate,
+    ledoit_wolf_shrinkages,
+    warn_if_no_variance,
+)
+from anomaly.stats.moments import Moments, RunningMoments, merge_moments
 
 FLOAT64_BYTES = 8
 
@@ -26,16 +32,10 @@ def _fields(m: Moments) -> tuple[Tensor, ...]:
     return tuple(getattr(m, name) for name in RunningMoments.FIELDS)
 
 
-def _batch_fields(x: Tensor, shift: Tensor) -> tuple[Tensor, ...]:
-    return _fields(batch_moments(x, shift))
-
-
 def _merge_fields(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return _fields(merge_moments(Moments(*a), Moments(*b)))
 
 
-#: Moments of a batch ``(n, K, D)`` about per-cell shifts ``(K, D)``: every field gains a leading K.
-cell_batch_moments = torch.vmap(_batch_fields, in_dims=(1, 0))
 #: Merge of two per-cell :class:`Moments` (all fields with a leading K axis).
 _cell_merge = torch.vmap(_merge_fields)
 
@@ -80,8 +80,14 @@ class CellMoments(RunningMoments):
             return
         if self.n == 0:
             self.shift.copy_(x.to(torch.float64).mean(dim=0))
-        batch = Moments(*cell_batch_moments(x, self.shift))
-        self.load_moments(merge_cell_moments(self.moments(), batch))
+        # about the accumulator's own shift the batch's moments add in place (as RunningMoments.update)
+        y = (x.to(torch.float64) - self.shift).transpose(0, 1)  # (K, n, D)
+        squares = (y * y).sum(dim=2)  # (K, n)
+        self.count += y.shape[1]
+        self.sum += y.sum(dim=1)
+        self.outer.baddbmm_(y.mT, y)
+        self.sqnorm_vec += torch.bmm(squares[:, None, :], y)[:, 0]
+        self.quartic += (squares * squares).sum(dim=1)
 
     @torch.no_grad()
     def merge_(self, other: Moments) -> None:
@@ -92,12 +98,55 @@ class CellMoments(RunningMoments):
 
 
 def fit_cells(moments: Moments) -> list[GaussianFit]:
-    """One Ledoit-Wolf :class:`GaussianFit` per cell (:func:`fit_gaussian` on each cell's moments)."""
-    return [fit_gaussian(cell_moments(moments, k)) for k in range(moments.count.shape[0])]
+    """One Ledoit-Wolf :class:`GaussianFit` per cell: :func:`fit_gaussian` on each cell's moments,
+    computed for all cells at once (batched Cholesky); a cell whose covariance does not invert
+    accurately is fitted alone (:func:`fit_gaussian`'s pseudo-inverse and warning)."""
+    cells, n = moments.count.shape[0], int(moments.count[0].item())
+    if n < 2:
+        return [fit_gaussian(cell_moments(moments, k)) for k in range(cells)]  # its one-line error
+    mean_y = moments.sum / moments.count[:, None]
+    # one (K, D, D) tensor becomes the scatter, the empirical and the shrunk covariances in turn
+    scaled = mean_y[:, None, :] * -moments.count[:, None, None]
+    covariance = torch.baddbmm(moments.outer, mean_y[:, :, None], scaled)
+    std = torch.sqrt(torch.clamp(torch.diagonal(covariance, dim1=-2, dim2=-1) / (n - 1), min=0.0))
+    covariance.div_(n)
+    shrinkage = ledoit_wolf_shrinkages(covariance, _cell_centred_quartic(*_fields(moments)), n)
+    target = torch.diagonal(covariance, dim1=-2, dim2=-1).mean(dim=-1)
+    covariance.mul_((1.0 - shrinkage)[:, None, None])
+    covariance.diagonal(dim1=-2, dim2=-1).add_((shrinkage * target)[:, None])
+    precision, accurate = batched_inverse(covariance)
+    fits = []
+    for k in range(cells):
+        if not accurate[k]:
+            fits.append(fit_gaussian(cell_moments(moments, k)))
+            continue
+        mean = moments.shift[k] + mean_y[k]
+        warn_if_no_variance(covariance[k], mean)  # the shrinkage keeps the trace
+        fits.append(GaussianFit(mean, covariance[k], precision[k], float(shrinkage[k]), std[k], n))
+    return fits
 
 
-_cell_mahalanobis = torch.vmap(mahalanobis, in_dims=(1, 0, 0), out_dims=1)
-_cell_l2 = torch.vmap(l2_distance, in_dims=(1, 0), out_dims=1)
+def batched_inverse(matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverses of ``(K, D, D)`` symmetric positive definite matrices by one batched Cholesky, and
+    whether each is accurate (:func:`~anomaly.stats.gaussian.inverse_is_accurate`)."""
+    factor, info = torch.linalg.cholesky_ex(matrices)
+    identity = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
+    solved = torch.cholesky_solve(identity.expand_as(matrices), factor)
+    del factor
+    inverse = torch.add(solved, solved.mT).mul_(0.5)
+    del solved
+    accurate = [
+        int(info[k].item()) == 0 and inverse_is_accurate(matrices[k], inverse[k])
+        for k in range(matrices.shape[0])
+    ]
+    return inverse, torch.tensor(accurate)
+
+
+def _centred_quartic(*fields: Tensor) -> Tensor:
+    return Moments(*fields).centred_quartic()
+
+
+_cell_centred_quartic = torch.vmap(_centred_quartic)
 
 
 class CellGaussianScorer(nn.Module):
@@ -135,19 +184,24 @@ class CellGaussianScorer(nn.Module):
         self.fitted = torch.ones((), dtype=torch.bool, device=device)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """``{"mahalanobis", "l2", "sed"}``: ``(n, K)`` distances of each cell's feature to its Gaussian.
+        """``{"mahalanobis", "l2", "sed"}``: ``(n, K)`` distances of each cell's feature to its Gaussian."""
+        return cell_distances(x, self.mean, self.precision, self.std)
 
-        SED is the L2 distance after dividing by the per-feature std; features with
-        zero training variance are left out, as in
-        :func:`~anomaly.stats.distances.standardised_euclidean`.
-        """
-        x = x.to(torch.float64)
-        alive = self.std > 0
-        safe_std = torch.where(alive, self.std, torch.ones_like(self.std))
-        scaled_x = torch.where(alive, x / safe_std, torch.zeros_like(x))
-        scaled_mean = torch.where(alive, self.mean / safe_std, torch.zeros_like(self.mean))
-        return {
-            "mahalanobis": _cell_mahalanobis(x, self.mean, self.precision),
-            "l2": _cell_l2(x, self.mean),
-            "sed": _cell_l2(scaled_x, scaled_mean),
-        }
+
+def cell_distances(x: Tensor, mean: Tensor, precision: Tensor, std: Tensor) -> dict[str, Tensor]:
+    """``{"mahalanobis", "l2", "sed"}``: ``(n, K)`` distances of features ``(n, K, D)`` to per-cell
+    Gaussians (``mean`` and ``std`` ``(K, D)``, ``precision`` ``(K, D, D)``), one batched product.
+
+    SED is the L2 distance after dividing by the per-feature std; features with
+    zero training variance are left out, as in
+    :func:`~anomaly.stats.distances.standardised_euclidean`.
+    """
+    diff = x.to(torch.float64) - mean
+    whitened = torch.einsum("nkc,kcd->nkd", diff, precision)
+    alive = std > 0
+    standardised = torch.where(alive, diff / torch.where(alive, std, torch.ones_like(std)), 0.0)
+    return {
+        "mahalanobis": torch.sqrt(torch.clamp((whitened * diff).sum(dim=2), min=0.0)),
+        "l2": torch.linalg.vector_norm(diff, dim=2),
+        "sed": torch.linalg.vector_norm(standardised, dim=2),
+    }

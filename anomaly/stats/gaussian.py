@@ -52,18 +52,23 @@ def ledoit_wolf_shrinkage(emp_cov: Tensor, centred_quartic: Tensor, n: int) -> f
     ``delta = ||S - mu I||_F^2 / D`` with ``mu = tr(S) / D``;
     ``rho = min(beta, delta) / delta``.
     """
-    dim = emp_cov.shape[0]
+    return float(ledoit_wolf_shrinkages(emp_cov[None], centred_quartic[None], n)[0].item())
+
+
+def ledoit_wolf_shrinkages(emp_covs: Tensor, centred_quartics: Tensor, n: int) -> Tensor:
+    """:func:`ledoit_wolf_shrinkage` of a batch: ``(K, D, D)`` covariances, ``(K,)`` quartics -> ``(K,)``."""
+    dim = emp_covs.shape[-1]
     if dim == 1:
-        return 0.0
-    trace_mean = torch.diagonal(emp_cov).sum() / dim
-    flat = emp_cov.reshape(-1)
-    frob = torch.dot(flat, flat)  # ||X^T X||_F^2 / n^2, without a D x D temporary
-    beta = (centred_quartic / n - frob) / (dim * n)
-    delta = (frob - 2.0 * trace_mean * torch.diagonal(emp_cov).sum() + dim * trace_mean**2) / dim
+        return torch.zeros(emp_covs.shape[0], dtype=emp_covs.dtype, device=emp_covs.device)
+    trace = torch.diagonal(emp_covs, dim1=-2, dim2=-1).sum(dim=-1)
+    trace_mean = trace / dim
+    flat = emp_covs.reshape(emp_covs.shape[0], -1)
+    frob = torch.einsum("kd,kd->k", flat, flat)  # ||X^T X||_F^2 / n^2, without a (K, D, D) temporary
+    beta = (centred_quartics / n - frob) / (dim * n)
+    delta = (frob - 2.0 * trace_mean * trace + dim * trace_mean**2) / dim
     beta = torch.minimum(beta, delta)
-    if beta.item() <= 0.0:  # beta >= 0 in exact arithmetic; rounding can make it slightly negative
-        return 0.0
-    return float((beta / delta).item())
+    # beta >= 0 in exact arithmetic; rounding can make it slightly negative
+    return torch.where(beta > 0.0, beta / torch.where(beta > 0.0, delta, 1.0), 0.0)
 
 
 def shrink_covariance(emp_cov: Tensor, shrinkage: float, inplace: bool = False) -> Tensor:

@@ -19,6 +19,7 @@ Memory is O(D^2) per level, independent of the number of images and epochs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -188,14 +189,38 @@ class RunningMoments(nn.Module):
             self.load_moments(merge_moments(self.moments(), other))
 
 
-def all_gather_moments(moments: Moments) -> list[Moments]:
+def moment_tensors(moments) -> list[Tensor]:
+    """The tensors of :class:`Moments`, or of a frozen dataclass of them, in field order."""
+    tensors = []
+    for item in dataclasses.fields(moments):
+        value = getattr(moments, item.name)
+        tensors.extend([value] if isinstance(value, Tensor) else moment_tensors(value))
+    return tensors
+
+
+def moments_like(template, tensors: Sequence[Tensor]):
+    """Moments of ``template``'s kind (:class:`Moments`, or a dataclass of them) from
+    :func:`moment_tensors`' list."""
+    parts, rest = {}, list(tensors)
+    for item in dataclasses.fields(template):
+        value = getattr(template, item.name)
+        if isinstance(value, Tensor):
+            parts[item.name] = rest.pop(0)
+        else:
+            count = len(moment_tensors(value))
+            parts[item.name], rest = moments_like(value, rest[:count]), rest[count:]
+    return type(template)(**parts)
+
+
+def all_gather_moments(moments):
     """Every process's moments, in rank order (a list of one without DDP).
 
-    Works for moments of any shape (e.g. batched over grid cells).
+    Works for moments of any shape (e.g. batched over grid cells) and for dataclasses of
+    :class:`Moments` (a level modelled by several Gaussians).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [moments]
-    fields = [getattr(moments, name) for name in RunningMoments.FIELDS]
+    fields = moment_tensors(moments)
     flat = torch.cat([f.reshape(-1) for f in fields])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
@@ -205,7 +230,7 @@ def all_gather_moments(moments: Moments) -> list[Moments]:
         for f in fields:
             parts.append(buffer[offset : offset + f.numel()].reshape(f.shape))
             offset += f.numel()
-        out.append(Moments(*parts))
+        out.append(moments_like(moments, parts))
     return out
 
 

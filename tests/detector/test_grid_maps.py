@@ -53,3 +53,28 @@ def test_grid_maps_detector_reloads_and_exports_scores_and_maps(tiny_mvtec: Path
 
     _, (_, level_scores, _) = onnx_outputs_match_pytorch(detector, images, tmp_path / "d.onnx")
     assert level_scores.shape == (3, 2)
+
+
+def test_fine_levels_save_load_and_export_their_finer_maps(tmp_path: Path):
+    from anomaly.detector.inputs import image_batch
+    from anomaly.export import export_torchscript
+    from anomaly.pooling import GridMaps
+    from tests.detector.helpers import demo_images, fit_demo_detector
+
+    pooling = GridMaps(2, fine_levels=[4], fine_grid_size=4, fine_weight=0.5)
+    detector = fit_demo_detector(pooling=pooling)
+    _, good, bad = demo_images()
+    images = image_batch(good[:2] + bad[:2], detector.image_size_)
+    columns, maps = detector.model_(images)
+    assert maps.shape == (4, 4, 4)
+    loaded = GaussianDetector.load(detector.save(tmp_path / "fine.safetensors"))
+    assert loaded.model_.pooling == pooling
+    again, loaded_maps = loaded.model_(images)
+    np.testing.assert_allclose(loaded_maps, maps, rtol=1e-10)
+    np.testing.assert_allclose(again["mahalanobis/sum"], columns["mahalanobis/sum"], rtol=1e-10)
+
+    scripted = torch.jit.load(str(export_torchscript(detector, tmp_path / "d.pt")))
+    ts_score, _, ts_maps = scripted(images)
+    np.testing.assert_allclose(ts_score, columns["mahalanobis/sum"], rtol=1e-4)
+    np.testing.assert_allclose(ts_maps, maps, rtol=1e-4)
+    onnx_outputs_match_pytorch(detector, images, tmp_path / "d.onnx")

@@ -51,6 +51,8 @@ def detector(**kwargs) -> GaussianDetector:
 
 def summary(m: Moments) -> list[torch.Tensor]:
     """Count, mean, centred scatter and centred fourth moment: independent of the shift and of order."""
+    if not isinstance(m, Moments):  # a level modelled by several Gaussians (e.g. fine cells)
+        return [part for value in vars(m).values() for part in summary(value)]
     if m.count.ndim:  # per-cell moments
         cells = [Moments(*(getattr(m, f)[k] for f in RunningMoments.FIELDS)) for k in range(m.count.shape[0])]
         return [torch.stack(parts) for parts in zip(*map(summary, cells), strict=True)]
@@ -76,10 +78,11 @@ CASES = {
     "grid pca": {"pooling": "grid", "reduction": "pca", "variance_threshold": 0.9},
     "cells": {"pooling": "cells"},
     "grid_maps": {"pooling": "grid_maps"},
+    "grid_maps fine": {"pooling": "grid_maps", "fine": {"fine_levels": [2], "fine_grid_size": 4}},
     "tiled": {"pooling": "global", "tiles": "1x2", "fit_rule": "pad"},
     "recommended": {},  # the default pooling
 }
-FAST_CASES = ("global", "global npca", "cells")
+FAST_CASES = ("global", "global npca", "cells", "grid_maps fine")
 
 
 @pytest.mark.parametrize(
@@ -90,7 +93,7 @@ def test_update_and_merge_equal_one_fit_of_the_union(case: str, images, tmp_path
 
     options = dict(CASES[case])
     if "pooling" in options:
-        options["pooling"] = build_pooling(options["pooling"], grid_size=2)
+        options["pooling"] = build_pooling(options["pooling"], grid_size=2, **options.pop("fine", {}))
     union = detector(**options).fit(images["a"] + images["b"])
     first, second = detector(**options).fit(images["a"]), detector(**options).fit(images["b"])
     merged = merge([first, second])
@@ -99,13 +102,13 @@ def test_update_and_merge_equal_one_fit_of_the_union(case: str, images, tmp_path
     assert_same_detector(merged, union, images["test"])
 
 
-@pytest.mark.parametrize("case", ["global", "global npca", "cells"])
+@pytest.mark.parametrize("case", ["global", "global npca", "cells", "grid_maps fine"])
 def test_a_saved_detector_keeps_all_it_needs_to_learn_more(case: str, images, tmp_path: Path):
     from anomaly.pooling import build_pooling
 
     options = dict(CASES[case])
     if "pooling" in options:
-        options["pooling"] = build_pooling(options["pooling"], grid_size=2)
+        options["pooling"] = build_pooling(options["pooling"], grid_size=2, **options.pop("fine", {}))
     more = write_images(tmp_path / "c", 3, 5)
     loaded = GaussianDetector.load(detector(**options).fit(images["a"]).save(tmp_path / "a.safetensors"))
     assert_same_detector(
@@ -381,7 +384,7 @@ def test_bottle_halves_update_and_merge_to_the_fit_of_all(case: str):
     test = list_images(BOTTLE / "test" / "good")[:4] + list_images(BOTTLE / "test" / "broken_large")[:4]
     options = dict(CASES[case])
     if "pooling" in options:
-        options["pooling"] = build_pooling(options["pooling"], grid_size=2)
+        options["pooling"] = build_pooling(options["pooling"], grid_size=2, **options.pop("fine", {}))
 
     def bottle_detector() -> GaussianDetector:
         return GaussianDetector(levels=(3, 5), image_size=128, batch_size=10, **options)

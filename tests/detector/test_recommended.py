@@ -62,7 +62,8 @@ def test_coarse_levels_are_checked():
 
 def test_the_recommended_config_is_the_api_default():
     init = yaml.safe_load((CONFIG_DIR / "recommended.yaml").read_text())["model"]["init_args"]
-    options = {k: init[k] for k in ("grid_size", "coarse_levels", "coarse_grid_size")}
+    keys = ("grid_size", "coarse_levels", "coarse_grid_size", "fine_levels", "fine_grid_size", "fine_weight")
+    options = {k: init[k] for k in keys}
     assert build_pooling(init["pooling"], **options) == recommended_pooling()
     assert tuple(init["levels"]) == RECOMMENDED_LEVELS
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -78,3 +80,23 @@ def test_merge_of_two_shards_equals_one_stream():
 
 def test_memory_estimate_is_k2_c2_float64_twice():
     assert cells_memory_bytes(16, 100) == 2 * 16 * 100 * 100 * 8
+
+
+def test_batched_cell_fits_equal_one_fit_per_cell_and_fall_back_alone():
+    from anomaly.stats.cells import cell_moments
+    from anomaly.stats.gaussian import fit_gaussian
+
+    x = cell_data(30, 5, 6)
+    x[:, 2, :3] = 7.0  # cell 2 has constant features: zero shrinkage would leave it singular
+    x[:, 4] = 5.0  # cell 4 is constant: its covariance is 0, inverted alone (pseudo-inverse)
+    accumulator = CellMoments(5, 6)
+    accumulator.update(x)
+    with pytest.warns(RuntimeWarning) as record:
+        fits = fit_cells(accumulator.moments())
+    assert any("pseudo-inverse" in str(w.message) for w in record)
+    for k, fit in enumerate(fits):
+        with pytest.warns(RuntimeWarning) if k == 4 else contextlib.nullcontext():
+            alone = fit_gaussian(cell_moments(accumulator.moments(), k))
+        assert fit.shrinkage == pytest.approx(alone.shrinkage, rel=1e-12, abs=1e-15)
+        for name in ("mean", "covariance", "precision", "std"):
+            torch.testing.assert_close(getattr(fit, name), getattr(alone, name), rtol=1e-9, atol=1e-9)

@@ -58,6 +58,10 @@ class SpatialGaussianAD(GaussianAD):
             per side (1: globally) whose distances add to the image score, not to the map (others
             are ignored, so that ``levels`` can be changed alone).
         coarse_grid_size: the coarse levels' cells per side.
+        fine_levels: ``grid_maps`` only: those of the map levels also modelled by one Gaussian per
+            cell of a ``fine_grid_size`` grid, whose distances (times ``fine_weight``) add to the map.
+        fine_grid_size: the fine cells per side (the map's resolution with fine levels).
+        fine_weight: the fine cells' weight in the map.
         level_weighting: ``none`` (the paper's equal-weight sum) or ``holdout``
             (standardise each level by its held-out normal scores before summing).
         memory_budget_gb: the most float64 statistics state allowed (GiB).
@@ -84,6 +88,9 @@ class SpatialGaussianAD(GaussianAD):
         grid_size: int = 4,
         coarse_levels: Sequence[int] = (),
         coarse_grid_size: int = 1,
+        fine_levels: Sequence[int] = (),
+        fine_grid_size: int = 28,
+        fine_weight: float = 1.0,
         level_weighting: str = "none",
         memory_budget_gb: float = 4.0,
         overlays: int = 8,
@@ -92,9 +99,12 @@ class SpatialGaussianAD(GaussianAD):
         spec = backbone_spec(backbone)
         resolved = resolve_levels(levels, spec.num_levels, backbone)
         coarse_levels = [lv for lv in check_coarse_levels(coarse_levels) if lv in resolved]  # of these levels
+        fine_levels = [lv for lv in check_coarse_levels(fine_levels, "fine_levels") if lv in resolved]
         coarse = {"coarse_levels": coarse_levels, "coarse_grid_size": coarse_grid_size}
-        strategy = build_pooling(pooling, grid_size=grid_size, **coarse)
+        fine = {"fine_levels": fine_levels, "fine_grid_size": fine_grid_size, "fine_weight": fine_weight}
+        strategy = build_pooling(pooling, grid_size=grid_size, **coarse, **fine)
         coarse_levels = list(getattr(strategy, "coarse_levels", ()))  # other poolings ignore them
+        fine_levels = list(getattr(strategy, "fine_levels", ()))
         if strategy.makes_maps and set(coarse_levels) == set(resolved):
             raise UserError(
                 f"every level of {resolved} is one of the coarse_levels: leave at least one level for the "
@@ -113,6 +123,7 @@ class SpatialGaussianAD(GaussianAD):
         )  # fmt: skip
         self.grid_size = grid_size
         self.coarse_levels, self.coarse_grid_size = list(coarse_levels), coarse_grid_size
+        self.fine_levels, self.fine_grid_size, self.fine_weight = fine_levels, fine_grid_size, fine_weight
         self.level_weighting = level_weighting
         self.overlays = overlays
 
@@ -133,6 +144,8 @@ class SpatialGaussianAD(GaussianAD):
             name += f"_{self.pooling.name}-{self.grid_size}"
         if self.coarse_levels:
             name += f"_coarse-{'-'.join(map(str, self.coarse_levels))}-{self.coarse_grid_size}"
+        if self.fine_levels:
+            name += f"_fine-{'-'.join(map(str, self.fine_levels))}-{self.fine_grid_size}-{self.fine_weight:g}"
         if self.level_weighting != "none":
             name += f"_weighting-{self.level_weighting}"
         return name
@@ -193,6 +206,10 @@ class SpatialGaussianAD(GaussianAD):
         )
         if self.coarse_levels:
             results.update(coarse_levels=self.coarse_levels, coarse_grid_size=self.coarse_grid_size)
+        if self.fine_levels:
+            results.update(
+                fine_levels=self.fine_levels, fine_grid_size=self.fine_grid_size, fine_weight=self.fine_weight
+            )
         if self.level_weighting != "none":
             results["level_stats"] = {
                 score_type: {str(lv): self.level_stats[t, i].tolist() for i, lv in enumerate(self.levels)}

@@ -1,0 +1,126 @@
+"""A level modelled twice: the grid's joint Gaussian, and one Gaussian per cell of a finer grid.
+
+The joint Gaussian of a ``k x k`` grid (:mod:`anomaly.stats.grid_cells`) gives the level's
+image score and a ``k x k`` map of conditional distances; it is ``k^2 C``-dimensional, so
+``k`` stays small. A finer ``f x f`` grid of the same level's map, one ``C``-dim Ledoit-Wolf
+Gaussian per cell (:mod:`anomaly.stats.cells`, PaDiM's per-position model), costs only
+``f^2 C^2`` and sees defects the coarse cells average away. The rows of such a level are
+the two poolings side by side, ``[k^2 C grid vector, f^2 C cells]``; both models stream
+their own exact, mergeable moments, held together as :class:`GridFineMoments`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from anomaly.stats.cells import CellMoments, cell_distances
+from anomaly.stats.gaussian import GaussianFit
+from anomaly.stats.grid_cells import GridCellScorer
+from anomaly.stats.moments import Moments, RunningMoments
+
+#: Rows whose fine cells are streamed at once (the per-cell moments' temporaries scale with it).
+CHUNK_ROWS = 32
+
+
+@dataclass(frozen=True)
+class GridFineMomentsValue:
+    """The streamed moments of a grid-and-fine-cells level: the joint ones and the per-cell ones."""
+
+    joint: Moments
+    cells: Moments  # every field with a leading axis of f^2 cells
+
+
+def split_rows(x: Tensor, joint_dim: int, fine_cells: int) -> tuple[Tensor, Tensor]:
+    """Rows ``(n, k^2 C + f^2 C)`` -> the grid vectors ``(n, k^2 C)`` and the fine cells ``(n, f^2, C)``."""
+    return x[:, :joint_dim], x[:, joint_dim:].reshape(x.shape[0], fine_cells, -1)
+
+
+class GridFineMoments(nn.Module):
+    """The accumulator of a grid-and-fine-cells level (``update``, ``merge_``, ``reset`` as
+    :class:`~anomaly.stats.moments.RunningMoments`); buffers ``joint.*`` and ``cells.*``."""
+
+    def __init__(self, cells: int, fine_cells: int, channels: int) -> None:
+        super().__init__()
+        self.joint = RunningMoments(cells * channels)
+        self.cells = CellMoments(fine_cells, channels)
+
+    @property
+    def n(self) -> int:
+        return self.joint.n
+
+    def moments(self) -> GridFineMomentsValue:
+        return GridFineMomentsValue(self.joint.moments(), self.cells.moments())
+
+    def reset(self) -> None:
+        self.joint.reset()
+        self.cells.reset()
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """Add a batch of rows ``(n, k^2 C + f^2 C)``."""
+        width = self.joint.dim + self.cells.cells * self.cells.dim
+        if x.ndim != 2 or x.shape[1] != width:
+            raise ValueError(f"expected features of shape (n, {width}), got {tuple(x.shape)}")
+        joint, fine = split_rows(x, self.joint.dim, self.cells.cells)
+        self.joint.update(joint)
+        for rows in fine.split(CHUNK_ROWS):  # bounded float64 temporaries, whatever the batch
+            self.cells.update(rows)
+
+    @torch.no_grad()
+    def merge_(self, other: GridFineMomentsValue) -> None:
+        self.joint.merge_(other.joint)
+        self.cells.merge_(other.cells)
+
+
+class GridFineScorer(GridCellScorer):
+    """Scores grid-and-fine-cells rows: ``{"mahalanobis", "l2", "sed"}``, each ``(n, 1 + k^2 + f^2)``.
+
+    Column 0 is the joint distance of the grid vector, columns ``1 .. k^2`` each coarse cell's
+    distance given the other cells (:class:`~anomaly.stats.grid_cells.GridCellScorer`), the
+    last ``f^2`` each fine cell's distance to its own Gaussian.
+    """
+
+    def __init__(self, cells: int, fine_cells: int, in_dim: int) -> None:
+        if fine_cells < 1 or in_dim % (cells + fine_cells):
+            raise ValueError(f"a {in_dim}-dim row does not split into {cells} + {fine_cells} cells")
+        channels = in_dim // (cells + fine_cells)
+        super().__init__(cells, cells * channels)
+        f64 = {"dtype": torch.float64}
+        self.register_buffer("fine_mean", torch.zeros(fine_cells, channels, **f64))
+        self.register_buffer("fine_precision", torch.eye(channels, **f64).repeat(fine_cells, 1, 1))
+        self.register_buffer("fine_std", torch.ones(fine_cells, channels, **f64))
+        self.register_buffer("fine_shrinkage", torch.zeros(fine_cells, **f64))
+
+    @property
+    def fine_cells(self) -> int:
+        return int(self.fine_mean.shape[0])
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.projection.shape[0] + self.fine_mean.numel())
+
+    def set_fit(self, fit: tuple[GaussianFit, list[GaussianFit]], projection: Tensor | None = None) -> None:
+        """Store the joint fit and the fine cells' fits (:func:`~anomaly.stats.cells.fit_cells`)."""
+        joint, fine = fit
+        super().set_fit(joint, projection)
+        device = self.mean.device
+        self.fine_mean = torch.stack([f.mean for f in fine]).to(device)
+        self.fine_precision = torch.stack([f.precision for f in fine]).to(device)
+        self.fine_std = torch.stack([f.std for f in fine]).to(device)
+        self.fine_shrinkage = torch.tensor([f.shrinkage for f in fine], dtype=torch.float64, device=device)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        joint, fine = split_rows(x, int(self.projection.shape[0]), self.fine_cells)
+        coarse = super().forward(joint)
+        # a few rows at a time: the per-cell float64 temporaries stay small whatever the batch
+        # (a traced export scores its batch in one piece, so that the batch size can change)
+        chunks = [fine] if torch.jit.is_tracing() else fine.split(CHUNK_ROWS)
+        parts = [cell_distances(rows, self.fine_mean, self.fine_precision, self.fine_std) for rows in chunks]
+        cells = {kind: torch.cat([part[kind] for part in parts]) for kind in coarse}
+        return {kind: torch.cat([coarse[kind], cells[kind]], dim=1) for kind in coarse}
+
+
+__all__ = ["GridFineMoments", "GridFineMomentsValue", "GridFineScorer", "split_rows"]
