@@ -122,7 +122,7 @@ def fit_cells(moments: Moments) -> list[GaussianFit]:
             continue
         mean = moments.shift[k] + mean_y[k]
         warn_if_no_variance(covariance[k], mean)  # the shrinkage keeps the trace
-        fits.append(GaussianFit(mean, covariance[k], precision[k], float(shrinkage[k]), std[k], n))
+        fits.append(GaussianFit(mean, precision[k], float(shrinkage[k]), std[k], n, cell_moments(moments, k)))
     return fits
 
 
@@ -136,7 +136,7 @@ def batched_inverse(matrices: Tensor) -> tuple[Tensor, Tensor]:
     inverse = torch.add(solved, solved.mT).mul_(0.5)
     del solved
     accurate = [
-        int(info[k].item()) == 0 and inverse_is_accurate(matrices[k], inverse[k])
+        int(info[k].item()) == 0 and inverse_is_accurate(matrices[k].__matmul__, inverse[k])
         for k in range(matrices.shape[0])
     ]
     return inverse, torch.tensor(accurate)
