@@ -70,18 +70,22 @@ def test_spatial_options_fail_before_any_allocation():
         )
 
 
+def fit_run(root: Path, tiny_mvtec: Path, *extra: str) -> Path:
+    args = ["--data.root", str(tiny_mvtec), "--data.category", "widget", "--config", "configs/spatial_cells.yaml",
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+            "--model.levels", "[2, 4]", "--model.grid_size", "2", "--model.overlays", "0", *extra]  # fmt: skip
+    assert fit_main([*FAST, *args]) == 0
+    (run_dir,) = {p.parent for p in root.rglob("detector.safetensors")}
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def cells_run(tmp_path_factory) -> tuple[Path, Path]:
     """(the run folder, the data root) of one spatial cells run on a tiny category; its training images
     are deleted after the fit (loading the detector needs none). Tests read it and write elsewhere."""
     folder = tmp_path_factory.mktemp("cells_run")
     data = make_mvtec_category(folder / "mvtec")
-    args = ["--data.root", str(data), "--data.category", "widget", "--config", "configs/spatial_cells.yaml",
-            "--trainer.default_root_dir", str(folder / "runs"), "--trainer.enable_progress_bar", "false",
-            "--model.levels", "[2, 4]", "--model.grid_size", "2", "--model.overlays", "0",
-            "--figures", "false"]  # fmt: skip
-    assert fit_main([*FAST, *args]) == 0
-    (run_dir,) = {p.parent for p in (folder / "runs").rglob("detector.safetensors")}
+    run_dir = fit_run(folder / "runs", data, "--figures", "false")
     shutil.rmtree(data / "widget" / "train")
     return run_dir, data
 
