@@ -255,7 +255,11 @@ def test_merge_command_equals_a_fit_of_the_union_and_refuses_mismatches(
     assert run("merge", "--detectors", saved, b, "--out", out) == 0
     assert_same_detector(GaussianDetector.load(out), fitted("recommended", "a", "b"), images["test"])
     capsys.readouterr()
-    other = detector(pooling="grid").fit(images["b"]).save(tmp_path / "grid.safetensors")
+    other = (
+        detector(pooling=build_pooling("grid", grid_size=2))
+        .fit(images["b"])
+        .save(tmp_path / "grid.safetensors")
+    )
     refused = tmp_path / "refused.safetensors"
     assert run("merge", "--detectors", saved, other, "--out", refused) == 2
     err = capsys.readouterr().err
