@@ -49,7 +49,7 @@ def test_fit_selects_the_best_checkpoint_and_scores_both_ways(tmp_path: Path):
     dm = MVTecDataModule(str(root), "widget", fold=0, batch_size=8, num_workers=0, augment=True)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/loss", mode="min", save_top_k=1)
     trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", devices=1, callbacks=[checkpoint, RunReport()],
+        max_epochs=2, accelerator="cpu", devices=1, callbacks=[checkpoint, RunReport(figures=False)],
         enable_progress_bar=False, enable_model_summary=False,
         logger=TensorBoardLogger(tmp_path, name="tb", version="v"), num_sanity_val_steps=0,
         use_distributed_sampler=False, log_every_n_steps=1,
@@ -99,7 +99,7 @@ def test_without_masks_the_cca_score_is_left_out_with_a_warning(tmp_path: Path):
     trainer = pl.Trainer(
         max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
         logger=TensorBoardLogger(tmp_path, name="tb", version="v"), num_sanity_val_steps=0,
-        use_distributed_sampler=False, enable_checkpointing=False, callbacks=[RunReport()],
+        use_distributed_sampler=False, enable_checkpointing=False, callbacks=[RunReport(figures=False)],
     )  # fmt: skip
     with pytest.warns(UserWarning, match="no ground-truth masks: the CCA score is left out"):
         fit(trainer, model, dm)
