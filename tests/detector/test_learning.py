@@ -393,7 +393,6 @@ def test_an_augmented_run_updated_equals_the_run_of_the_union(options: dict, ima
 @pytest.mark.parametrize("case", ["global", "global npca", "cells"])
 def test_bottle_halves_update_and_merge_to_the_fit_of_all(case: str):
     from anomaly.data.images import list_images
-    from anomaly.pooling import build_pooling
     from tests.conftest import BOTTLE, require
 
     train = list_images(require(BOTTLE) / "train" / "good")[:60]
