@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
+import torch
 from PIL import Image
 
 from anomaly.evaluation.callback import RunReport
 from anomaly.methods.run import fit
+
+# One compute thread per test process (and for the commands that tests start), unless the caller says
+# otherwise: the tests' tensors are tiny, so a second thread gains nothing, and on a busy machine
+# OpenMP's spinning threads multiply the suite's CPU time.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BOTTLE = SHARED_DATA / "mvtec_ad" / "bottle"
@@ -73,12 +82,13 @@ def require(path: Path) -> Path:
     return path
 
 
-def cpu_trainer(out: Path, epochs: int = 1, precision: str = "32-true") -> pl.Trainer:
-    """A quiet single-process CPU trainer for method tests, which reports its tests into ``out``."""
+def cpu_trainer(out: Path, epochs: int = 1, precision: str = "32-true", figures: bool = False) -> pl.Trainer:
+    """A quiet single-process CPU trainer for method tests, which reports its tests into ``out`` (results
+    and scores; the figures only when asked: drawing them is tested in tests/evaluation)."""
     return pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
-        use_distributed_sampler=False, precision=precision, callbacks=[RunReport()],
+        use_distributed_sampler=False, precision=precision, callbacks=[RunReport(figures)],
     )  # fmt: skip
 
 
@@ -94,9 +104,10 @@ def fit_and_test(
     out: Path,
     epochs: int = 1,
     precision: str = "32-true",
+    figures: bool = False,
 ) -> pl.Trainer:
     """Fit ``model`` on ``dm`` (data configured, fit, calibrated), then test it; returns the trainer."""
-    trainer = cpu_trainer(out, epochs, precision)
+    trainer = cpu_trainer(out, epochs, precision, figures)
     fit(trainer, model, dm)
     trainer.test(model, datamodule=dm, verbose=False)
     return trainer

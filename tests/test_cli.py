@@ -21,9 +21,10 @@ from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT
 
 pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
-# the paper's detector (these tests read its run folders and messages), small and quick
+# the paper's detector (these tests read its run folders and messages), small and quick; no figures
+# (drawn in tests/evaluation/test_tensorboard.py)
 FAST = ["--config", "paper", "--model.backbone", "efficientnet-lite0", "--data.num_workers", "0",
-        "--data.batch_size", "8"]  # fmt: skip
+        "--data.batch_size", "8", "--figures", "false"]  # fmt: skip
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:
@@ -202,7 +203,7 @@ def test_test_set_of_one_class_warns_and_still_writes_its_scores(tiny_mvtec: Pat
             shutil.rmtree(folder)
     root = tmp_path / "runs"
     args = ["--data.root", str(only_good.parent), "--data.category", "widget", "--data.fold", "null",
-            "--trainer.default_root_dir", str(root), "--figures", "false"]  # fmt: skip
+            "--trainer.default_root_dir", str(root)]  # fmt: skip
     with pytest.warns(UserWarning) as caught:
         code, out, _ = run(args, capsys)
     assert code == 0 and "fold all |" in out

@@ -18,9 +18,9 @@ from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT
 
 pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
-# the paper's detector (the tests below read its run folders), small and quick
+# the paper's detector (the tests below read its run folders), small and quick; no figures
 FAST = ["--config", "paper", "--data.num_workers", "0", "--data.batch_size", "8", "--model.levels", "[3, 5]",
-        "--trainer.enable_progress_bar", "false"]  # fmt: skip
+        "--trainer.enable_progress_bar", "false", "--figures", "false"]  # fmt: skip
 
 
 def test_both_word_separators_reach_each_parser():

@@ -145,7 +145,7 @@ def test_train_cli_on_folder_config_writes_results_and_detector(tmp_path: Path, 
     code = main(["--config", "magnetic_tile", "--config", "paper", "--data.root", str(root),
                  "--data.num_workers", "0", "--data.batch_size", "8", "--model.levels", "[3]",
                  "--trainer.default_root_dir", str(runs),
-                 "--trainer.enable_progress_bar", "false"])  # fmt: skip
+                 "--trainer.enable_progress_bar", "false", "--figures", "false"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     run_dir = runs / "gaussian" / "efficientnet-lite0_levels-3" / "magnetic_tile" / "fold_0"
     results = json.loads((run_dir / "results.json").read_text())

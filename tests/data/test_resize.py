@@ -22,7 +22,7 @@ from anomaly.detector.inputs import recorded_resize
 from anomaly.errors import UserError
 from anomaly.features import FeatureCache
 from tests.conftest import FEW_HELD_OUT, write_noise_images
-from tests.detector.helpers import LEVELS, demo_images
+from tests.detector.helpers import LEVELS, demo_images, fit_demo_detector
 
 
 @pytest.fixture
@@ -111,7 +111,8 @@ def test_detector_scores_with_its_rule_and_older_files_mean_area(tmp_path: Path)
     loaded = GaussianDetector.load(linear.save(tmp_path / "linear.safetensors"))
     assert loaded.resize == "linear"
     np.testing.assert_allclose(loaded.score_samples(good + bad), linear.score_samples(good + bad), rtol=1e-6)
-    area = GaussianDetector(**paper).fit(train)
+    area = fit_demo_detector()  # the same detector with the default rule (area), fitted once per session
+    assert area.resize == "area" and area.get_params() | {"resize": "linear"} == linear.get_params()
     assert not np.allclose(area.score_samples(good), linear.score_samples(good))
     # files written before the rule was recorded by name: a description, or nothing, means area
     assert recorded_resize({"resize": "cv2 INTER_AREA when shrinking, INTER_LINEAR when enlarging"}) == "area"

@@ -329,7 +329,9 @@ def test_cells_pooling_fits_one_sklearn_gaussian_per_cell_and_maps_them(tmp_path
 
 def test_grid_pooling_by_name_models_the_whole_grid_as_one_vector():
     train, good, bad = demo_images()
-    detector = GaussianDetector(backbone="efficientnet-lite0", levels=[4], pooling="grid", batch_size=8)
+    detector = GaussianDetector(
+        backbone="efficientnet-lite0", levels=[4], pooling="grid", image_size=128, batch_size=8
+    )  # smaller inputs (level 4: 8 x 8, pooled to 4 x 4): the grid size does not depend on them
     detector.fit(train)
     assert detector.pooling_ == Grid(grid_size=4)
     (fit_level,), (new_level,) = grid_features(detector, train, 4), grid_features(detector, good + bad, 4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from PIL import Image
 from anomaly.commands import main
 from anomaly.detector import GaussianDetector, merge, read_detector
 from anomaly.errors import UserError
+from anomaly.pooling import build_pooling
 from anomaly.stats.moments import Moments, RunningMoments
 from tests.conftest import DEFAULT_SWITCHES
 
@@ -47,6 +49,14 @@ def images(tmp_path_factory) -> dict[str, list[Path]]:
 
 def detector(**kwargs) -> GaussianDetector:
     return GaussianDetector(levels=LEVELS, image_size=SIZE, batch_size=4, **kwargs)
+
+
+def case_detector(case: str) -> GaussianDetector:
+    """An unfitted detector of one of the :data:`CASES`."""
+    options = dict(CASES[case])
+    if "pooling" in options:
+        options["pooling"] = build_pooling(options["pooling"], grid_size=2, **options.pop("fine", {}))
+    return detector(**options)
 
 
 def summary(m: Moments) -> list[torch.Tensor]:
@@ -85,17 +95,26 @@ CASES = {
 FAST_CASES = ("global", "global npca", "cells", "grid_maps fine")
 
 
+@pytest.fixture(scope="module")
+def fitted(images):
+    """``fitted(case, *parts)``: a copy of the detector of ``case`` fitted on those parts of ``images``
+    (each fitted once per module; tests change their copy, never the shared fit)."""
+    fits = {}
+
+    def copy_of(case: str, *parts: str) -> GaussianDetector:
+        if (case, parts) not in fits:
+            fits[case, parts] = case_detector(case).fit([path for part in parts for path in images[part]])
+        return copy.deepcopy(fits[case, parts])
+
+    return copy_of
+
+
 @pytest.mark.parametrize(
     "case", [c if c in FAST_CASES else pytest.param(c, marks=pytest.mark.slow) for c in CASES]
 )
-def test_update_and_merge_equal_one_fit_of_the_union(case: str, images, tmp_path: Path):
-    from anomaly.pooling import build_pooling
-
-    options = dict(CASES[case])
-    if "pooling" in options:
-        options["pooling"] = build_pooling(options["pooling"], grid_size=2, **options.pop("fine", {}))
-    union = detector(**options).fit(images["a"] + images["b"])
-    first, second = detector(**options).fit(images["a"]), detector(**options).fit(images["b"])
+def test_update_and_merge_equal_one_fit_of_the_union(case: str, images, fitted):
+    union = fitted(case, "a", "b")
+    first, second = fitted(case, "a"), fitted(case, "b")
     merged = merge([first, second])
     updated = first.partial_fit(images["b"])
     assert_same_detector(updated, union, images["test"])
@@ -103,17 +122,12 @@ def test_update_and_merge_equal_one_fit_of_the_union(case: str, images, tmp_path
 
 
 @pytest.mark.parametrize("case", ["global", "global npca", "cells", "grid_maps fine"])
-def test_a_saved_detector_keeps_all_it_needs_to_learn_more(case: str, images, tmp_path: Path):
-    from anomaly.pooling import build_pooling
-
-    options = dict(CASES[case])
-    if "pooling" in options:
-        options["pooling"] = build_pooling(options["pooling"], grid_size=2, **options.pop("fine", {}))
+def test_a_saved_detector_keeps_all_it_needs_to_learn_more(case: str, images, fitted, tmp_path: Path):
     more = write_images(tmp_path / "c", 3, 5)
-    loaded = GaussianDetector.load(detector(**options).fit(images["a"]).save(tmp_path / "a.safetensors"))
+    loaded = GaussianDetector.load(fitted(case, "a").save(tmp_path / "a.safetensors"))
     assert_same_detector(
         loaded.partial_fit(images["b"] + more),
-        detector(**options).fit(images["a"] + images["b"] + more),
+        case_detector(case).fit(images["a"] + images["b"] + more),
         images["test"],
     )
 
@@ -142,18 +156,18 @@ def test_features_update_exactly_and_a_mismatched_merge_names_the_field():
 
 # ------------------------------------------------------------------------------ the commands
 @pytest.fixture(scope="module")
-def saved(images, tmp_path_factory) -> Path:
+def saved(images, fitted, tmp_path_factory) -> Path:
     """A detector fitted on the ``a`` images, its threshold well above held-out good scores, saved."""
-    fitted = detector().fit(images["a"])
-    fitted.threshold_ = 3 * float(fitted.decision_function(images["test"][:3]).max())
-    return fitted.save(tmp_path_factory.mktemp("saved") / "a.safetensors")
+    on_a = fitted("recommended", "a")
+    on_a.threshold_ = 3 * float(on_a.decision_function(images["test"][:3]).max())
+    return on_a.save(tmp_path_factory.mktemp("saved") / "a.safetensors")
 
 
 def run(*args: str) -> int:
     return main([str(a) for a in args])
 
 
-def test_update_command_equals_a_fit_of_the_union(saved: Path, images, tmp_path: Path, capsys):
+def test_update_command_equals_a_fit_of_the_union(saved: Path, images, fitted, tmp_path: Path, capsys):
     before = saved.read_bytes()
     folder = images["b"][0].parent
     out = tmp_path / "new.safetensors"
@@ -162,7 +176,7 @@ def test_update_command_equals_a_fit_of_the_union(saved: Path, images, tmp_path:
     assert "flags none of the 8 new images" in err and "threshold kept at" in err
     assert saved.read_bytes() == before
     updated = GaussianDetector.load(out)
-    assert_same_detector(updated, detector().fit(images["a"] + images["b"]), images["test"])
+    assert_same_detector(updated, fitted("recommended", "a", "b"), images["test"])
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["learning"]["images"] == 18 and len(meta["learning"]["digests"]) == 18
     # a second update with the same images skips them all: nothing to absorb, nothing written
@@ -236,15 +250,19 @@ def test_an_interrupted_update_leaves_the_detector_and_no_output(
     assert "interrupted" in capsys.readouterr().err
 
 
-def test_merge_command_equals_a_fit_of_the_union_and_refuses_mismatches(saved, images, tmp_path, capsys):
-    b = detector().fit(images["b"]).save(tmp_path / "b.safetensors")
+def test_merge_command_equals_a_fit_of_the_union_and_refuses_mismatches(
+    saved, images, fitted, tmp_path, capsys
+):
+    b = fitted("recommended", "b").save(tmp_path / "b.safetensors")
     out = tmp_path / "merged.safetensors"
     assert run("merge", "--detectors", saved, b, "--out", out) == 0
-    assert_same_detector(
-        GaussianDetector.load(out), detector().fit(images["a"] + images["b"]), images["test"]
-    )
+    assert_same_detector(GaussianDetector.load(out), fitted("recommended", "a", "b"), images["test"])
     capsys.readouterr()
-    other = detector(pooling="grid").fit(images["b"]).save(tmp_path / "grid.safetensors")
+    other = (
+        detector(pooling=build_pooling("grid", grid_size=2))
+        .fit(images["b"])
+        .save(tmp_path / "grid.safetensors")
+    )
     refused = tmp_path / "refused.safetensors"
     assert run("merge", "--detectors", saved, other, "--out", refused) == 2
     err = capsys.readouterr().err
@@ -253,9 +271,10 @@ def test_merge_command_equals_a_fit_of_the_union_and_refuses_mismatches(saved, i
     assert "share 10 image(s)" in capsys.readouterr().err and not refused.exists()
 
 
-def test_a_file_without_moments_loads_and_says_it_cannot_be_updated(images, tmp_path: Path, capsys):
-    small = detector().fit(images["a"]).save(tmp_path / "small.safetensors", moments=False)
-    full = detector().fit(images["a"]).save(tmp_path / "full.safetensors")
+def test_a_file_without_moments_loads_and_says_it_cannot_be_updated(images, fitted, tmp_path: Path, capsys):
+    on_a = fitted("recommended", "a")
+    small = on_a.save(tmp_path / "small.safetensors", moments=False)
+    full = on_a.save(tmp_path / "full.safetensors")
     assert small.stat().st_size < full.stat().st_size
     loaded = GaussianDetector.load(small)
     assert loaded.decision_function(images["test"]).shape == (5,)
@@ -377,7 +396,6 @@ def test_an_augmented_run_updated_equals_the_run_of_the_union(options: dict, ima
 @pytest.mark.parametrize("case", ["global", "global npca", "cells"])
 def test_bottle_halves_update_and_merge_to_the_fit_of_all(case: str):
     from anomaly.data.images import list_images
-    from anomaly.pooling import build_pooling
     from tests.conftest import BOTTLE, require
 
     train = list_images(require(BOTTLE) / "train" / "good")[:60]

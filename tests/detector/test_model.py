@@ -23,7 +23,7 @@ from anomaly.errors import UserError
 from anomaly.methods.spatial import SpatialGaussianAD
 from anomaly.pooling import Cells, Grid, build_pooling
 from predict import main as predict_main
-from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT
+from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT, make_mvtec_category
 from tests.detector.helpers import onnx_outputs_match_pytorch
 
 pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
@@ -79,8 +79,19 @@ def fit_run(root: Path, tiny_mvtec: Path, *extra: str) -> Path:
     return run_dir
 
 
-def test_cells_run_detector_reproduces_the_run_and_predict_writes_maps(tiny_mvtec: Path, tmp_path: Path):
-    run_dir = fit_run(tmp_path / "runs", tiny_mvtec)
+@pytest.fixture(scope="module")
+def cells_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(the run folder, the data root) of one spatial cells run on a tiny category; its training images
+    are deleted after the fit (loading the detector needs none). Tests read it and write elsewhere."""
+    folder = tmp_path_factory.mktemp("cells_run")
+    data = make_mvtec_category(folder / "mvtec")
+    run_dir = fit_run(folder / "runs", data, "--figures", "false")
+    shutil.rmtree(data / "widget" / "train")
+    return run_dir, data
+
+
+def test_cells_run_detector_reproduces_the_run_and_predict_writes_maps(cells_run, tmp_path: Path):
+    run_dir, _ = cells_run
     meta = json.loads((run_dir / "detector.json").read_text())
     assert meta["pooling"] == {"name": "cells", "grid_size": 2} and meta["version"] == 3
     assert meta["precision"] == "32-true" and meta["tensors_sha256"] == tensors_sha256(
@@ -88,7 +99,6 @@ def test_cells_run_detector_reproduces_the_run_and_predict_writes_maps(tiny_mvte
     )
     with open(run_dir / "scores.csv") as file:
         rows = list(csv.DictReader(file))
-    shutil.rmtree(tiny_mvtec / "widget" / "train")  # loading needs no training image
 
     out, maps = tmp_path / "predicted.csv", tmp_path / "maps"
     paths = [row["path"] for row in rows]
@@ -126,11 +136,12 @@ def test_cells_run_detector_reproduces_the_run_and_predict_writes_maps(tiny_mvte
     )
 
 
-def test_cells_export_outputs_the_map(tiny_mvtec: Path, tmp_path: Path):
+def test_cells_export_outputs_the_map(cells_run, tmp_path: Path):
     from anomaly.detector.inputs import image_batch
 
-    detector = GaussianDetector.load(fit_run(tmp_path / "runs", tiny_mvtec))
-    images = image_batch(sorted((tiny_mvtec / "widget" / "test").rglob("*.png"))[:3], detector.image_size_)
+    run_dir, data = cells_run
+    detector = GaussianDetector.load(run_dir)
+    images = image_batch(sorted((data / "widget" / "test").rglob("*.png"))[:3], detector.image_size_)
     _, (_, level_scores, _) = onnx_outputs_match_pytorch(detector, images, tmp_path / "d.onnx")
     assert level_scores.shape == (3, 2)
 

@@ -70,7 +70,9 @@ def test_tiles_reduce_by_max_and_stitch_the_maps(strips: Path, tmp_path: Path):
 
 
 def test_a_tiled_padded_run_is_reproduced_by_its_file_predict_and_the_api(strips: Path, tmp_path: Path):
-    run_dir = fit_cells(strips, tmp_path / "runs", "--data.tiles", "1x2", "--data.fit", "pad")
+    run_dir = fit_cells(
+        strips, tmp_path / "runs", "--data.tiles", "1x2", "--data.fit", "pad", "--figures", "false"
+    )
     assert "_fit-pad_tiles-1x2" in str(run_dir)
     meta = json.loads((run_dir / "detector.json").read_text())
     assert meta["preprocessing"]["fit"] == "pad" and meta["preprocessing"]["tiles"] == "1x2"

@@ -139,14 +139,27 @@ def sklearn_reduced_mahalanobis(train: np.ndarray, test: np.ndarray, reduction: 
     return np.sqrt(reference.mahalanobis(pca.transform(test)[:, keep])), keep.indices(rank)
 
 
+@pytest.fixture(scope="module")
+def reduction_data(tmp_path_factory) -> dict:
+    """``root``: a category of 60 training images; ``train``, ``test``: its unreduced features of each level,
+    stored by the first test that extracts them (they do not depend on the reduction)."""
+    return {"root": make_mvtec_category(tmp_path_factory.mktemp("reduction"), n_train=60, n_good=6, n_bad=6,
+                                        size=64)}  # fmt: skip
+
+
 @pytest.mark.parametrize(("reduction", "t"), [("pca", 0.99), ("npca", 0.99), ("npca", 0.999)])
-def test_reduction_equals_sklearn_pca_then_ledoit_wolf(tmp_path: Path, reduction: str, t: float):
-    root = make_mvtec_category(tmp_path / "data", n_train=60, n_good=6, n_bad=6, size=64)
+def test_reduction_equals_sklearn_pca_then_ledoit_wolf(
+    reduction_data, tmp_path: Path, reduction: str, t: float
+):
     model = GaussianAD("efficientnet-lite0", levels=[2, 3, 9], reduction=reduction, variance_threshold=t)
-    dm = MVTecDataModule(str(root), "widget", fold=0, batch_size=16, num_workers=0, image_size=SMALL)
+    dm = MVTecDataModule(
+        str(reduction_data["root"]), "widget", fold=0, batch_size=16, num_workers=0, image_size=SMALL
+    )
     results = run_results(fit_and_test(model, dm, tmp_path))
-    train = stacked_features(model, dm.train_dataloader())
-    test = stacked_features(model, dm.test_dataloader())
+    if "train" not in reduction_data:
+        reduction_data["train"] = stacked_features(model, dm.train_dataloader())
+        reduction_data["test"] = stacked_features(model, dm.test_dataloader())
+    train, test = reduction_data["train"], reduction_data["test"]
     labels = torch.tensor([s.label for s in dm.test_samples])
     ours = model.score_features([torch.from_numpy(x) for x in test])
     for i, level in enumerate(model.levels):

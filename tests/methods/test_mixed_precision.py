@@ -6,13 +6,14 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
 from anomaly.data import MVTecDataModule
 from anomaly.detector import GaussianDetector, read_detector, save_run_detector
 from anomaly.methods.gaussian import GaussianAD
-from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT, fit_and_test
+from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT, fit_and_test, make_mvtec_category
 
 pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 
@@ -33,9 +34,21 @@ def run(root: Path, out: Path, precision: str, cache: Path | None = None):
     return model, dm, rows
 
 
-def test_bf16_features_feed_float64_statistics_and_scores(tiny_mvtec: Path, tmp_path: Path):
-    full, _, full_rows = run(tiny_mvtec, tmp_path / "fp32", "32-true")
-    mixed, _, mixed_rows = run(tiny_mvtec, tmp_path / "bf16", "bf16-mixed")
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_mvtec_category(tmp_path_factory.mktemp("mvtec"))
+
+
+@pytest.fixture(scope="module")
+def bf16_run(data: Path, tmp_path_factory):
+    """(model, rows of scores.csv) of one bf16-mixed run without a feature cache, shared: tests read it."""
+    model, _, rows = run(data, tmp_path_factory.mktemp("bf16"), "bf16-mixed")
+    return model, rows
+
+
+def test_bf16_features_feed_float64_statistics_and_scores(data: Path, bf16_run, tmp_path: Path):
+    full, _, full_rows = run(data, tmp_path / "fp32", "32-true")
+    mixed, mixed_rows = bf16_run
     images = torch.zeros(2, 3, SMALL, SMALL, dtype=torch.uint8)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the maps are bf16; pooling sums in float32
         assert all(m.dtype == torch.bfloat16 for m in mixed.extractor.feature_maps(images, LEVELS))
@@ -57,8 +70,8 @@ def test_bf16_features_feed_float64_statistics_and_scores(tiny_mvtec: Path, tmp_
         assert abs(roc_auc_score(labels, bf16) - roc_auc_score(labels, fp32)) <= 0.1, column
 
 
-def test_the_detector_records_bf16_and_prediction_reproduces_it(tiny_mvtec: Path, tmp_path: Path):
-    mixed, _, rows = run(tiny_mvtec, tmp_path / "bf16", "bf16-mixed")
+def test_the_detector_records_bf16_and_prediction_reproduces_it(bf16_run, tmp_path: Path):
+    mixed, rows = bf16_run
     path = save_run_detector(mixed, SMALL, tmp_path / "saved")
     assert read_detector(path)[1]["precision"] == "bf16-mixed"
     detector = GaussianDetector.load(path)
@@ -69,12 +82,12 @@ def test_the_detector_records_bf16_and_prediction_reproduces_it(tiny_mvtec: Path
     assert not np.allclose(detector.decision_function([r["path"] for r in rows]), scores, rtol=1e-6)
 
 
-def test_bf16_features_have_their_own_cache_entries_and_equal_uncached(tiny_mvtec: Path, tmp_path: Path):
+def test_bf16_features_have_their_own_cache_entries_and_equal_uncached(data: Path, bf16_run, tmp_path: Path):
     cache = tmp_path / "cache"
-    _, _, plain = run(tiny_mvtec, tmp_path / "plain", "bf16-mixed")
-    _, dm, cached = run(tiny_mvtec, tmp_path / "cached", "bf16-mixed", cache)
+    _, plain = bf16_run
+    _, dm, cached = run(data, tmp_path / "cached", "bf16-mixed", cache)
     assert dm.feature_source.identity["compute"] == "cpu/bf16-mixed"
     assert cached == plain
-    _, full_dm, _ = run(tiny_mvtec, tmp_path / "fp32", "32-true", cache)
+    _, full_dm, _ = run(data, tmp_path / "fp32", "32-true", cache)
     assert full_dm.feature_source.key != dm.feature_source.key
     assert (full_dm.feature_source.stats.hits, full_dm.feature_source.stats.misses) == (0, 20)

@@ -26,9 +26,11 @@ pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
 SIZE = 64  # small inputs keep the backbone cheap; level 6 is then a 4x4 map
 
 
-def fit_and_test_on(model: GaussianAD, root: Path, tmp_path: Path, fold: int | None = 0) -> pl.Trainer:
+def fit_and_test_on(
+    model: GaussianAD, root: Path, tmp_path: Path, fold: int | None = 0, figures: bool = False
+) -> pl.Trainer:
     dm = MVTecDataModule(str(root), "widget", fold=fold, batch_size=4, num_workers=0, image_size=SIZE)
-    return fit_and_test(model, dm, tmp_path)
+    return fit_and_test(model, dm, tmp_path, figures=figures)
 
 
 def spatial(**kwargs) -> SpatialGaussianAD:
@@ -100,7 +102,7 @@ def test_grid_pooling_models_k2c_vector_with_npca(tiny_mvtec: Path, tmp_path: Pa
 
 def test_cells_streamed_fit_equals_sklearn_on_stored_features(tiny_mvtec: Path, tmp_path: Path):
     model = spatial(pooling="cells", grid_size=2, overlays=3)
-    trainer = fit_and_test_on(model, tiny_mvtec, tmp_path)
+    trainer = fit_and_test_on(model, tiny_mvtec, tmp_path, figures=True)  # with the overlays
     stored: list[list[torch.Tensor]] = [[], []]
     for batch in model.datamodule.train_dataloader():
         for store, feats in zip(stored, model.features(batch["image"]), strict=True):
