@@ -9,12 +9,16 @@ layout of ``anomaly.data.folder.FolderDataModule``: ``ROOT/normal`` and ``ROOT/t
 
     python benchmarks/peak_memory.py /tmp/large_bottle --make ../shared/data/mvtec_ad/bottle
     python benchmarks/peak_memory.py /tmp/large_bottle --configs recommended spatial_grid_maps
+
+The commands run this clone's code, or with ``PYTHONPATH=OTHER_CLONE`` another clone's (for a
+before/after comparison on one machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import cv2
 
+CLONE = Path(__file__).resolve().parents[1]
 CONFIGS = ["recommended", "spatial_grid", "spatial_grid_maps", "paper"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -59,10 +64,13 @@ def measure(config: str, root: Path, out: Path) -> dict:
     """Peak RSS (MiB) and wall time (s) of one ``anomaly fit`` in a fresh parent."""
     command = [
         sys.executable, "-m", "anomaly", "fit", "--config", "folder", "--config", config,
-        "--data.root", str(root), "--data.num_workers", "0", "--trainer.logger", "false",
+        "--data.root", str(root.resolve()), "--data.num_workers", "0", "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out / config),
     ]  # fmt: skip
-    code, seconds, max_rss_kib = subprocess.check_output([sys.executable, "-c", PROBE, *command]).split()
+    # from the scratch folder: ``python -m`` puts the working directory first on the path
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or str(CLONE)}
+    probe = [sys.executable, "-c", PROBE, *command]
+    code, seconds, max_rss_kib = subprocess.check_output(probe, cwd=out, env=env).split()
     results = sorted((out / config).rglob("results.json"))
     metrics = json.loads(results[-1].read_text()) if results else {}
     return {
