@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from anomaly.stats.gaussian import (
     GaussianFit,
+    batched_inverse,
     fit_gaussian,
-    inverse_is_accurate,
     ledoit_wolf_shrinkages,
     warn_if_no_variance,
 )
@@ -124,22 +124,6 @@ def fit_cells(moments: Moments) -> list[GaussianFit]:
         warn_if_no_variance(covariance[k], mean)  # the shrinkage keeps the trace
         fits.append(GaussianFit(mean, precision[k], float(shrinkage[k]), std[k], n, cell_moments(moments, k)))
     return fits
-
-
-def batched_inverse(matrices: Tensor) -> tuple[Tensor, Tensor]:
-    """Inverses of ``(K, D, D)`` symmetric positive definite matrices by one batched Cholesky, and
-    whether each is accurate (:func:`~anomaly.stats.gaussian.inverse_is_accurate`)."""
-    factor, info = torch.linalg.cholesky_ex(matrices)
-    identity = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
-    solved = torch.cholesky_solve(identity.expand_as(matrices), factor)
-    del factor
-    inverse = torch.add(solved, solved.mT).mul_(0.5)
-    del solved
-    accurate = [
-        int(info[k].item()) == 0 and inverse_is_accurate(matrices[k].__matmul__, inverse[k])
-        for k in range(matrices.shape[0])
-    ]
-    return inverse, torch.tensor(accurate)
 
 
 def _centred_quartic(*fields: Tensor) -> Tensor:

@@ -96,36 +96,34 @@ def inverse_is_accurate(
     return bool(torch.isfinite(solved).all()) and float(residual.norm() / vectors.norm()) < tolerance
 
 
-def symmetrise_(matrix: Tensor, block: int = 256) -> Tensor:
-    """``(A + A^T) / 2`` written over ``A``, a block at a time (no second ``D x D`` matrix)."""
-    dim = matrix.shape[0]
-    for start in range(0, dim, block):
-        stop = min(start + block, dim)
-        diagonal = matrix[start:stop, start:stop]
-        diagonal.copy_((diagonal + diagonal.T) * 0.5)
-        upper, lower = matrix[start:stop, stop:], matrix[stop:, start:stop]
-        mean = (upper + lower.T) * 0.5
-        upper.copy_(mean)
-        lower.copy_(mean.T)
-    return matrix
-
-
 def cholesky_inverse_(matrix: Tensor) -> Tensor | None:
-    """The inverse of a float64 symmetric positive definite matrix, written over it; ``None`` (and the
-    matrix lost) when Cholesky finds it is not positive definite.
+    """The inverse of float64 symmetric positive definite matrices ``(..., D, D)``, written over them;
+    ``None`` (and the matrices lost) when Cholesky finds one that is not positive definite.
 
-    ``A = L L^T``, ``L^-1`` by a triangular solve, then ``A^-1 = L^-T L^-1`` into ``A``'s memory:
-    one more ``D x D`` matrix at most, as LAPACK's ``potri`` but with the batched, threaded kernels.
+    ``A = L L^T`` in place, then LAPACK's ``potri`` (``A^-1 = L^-T L^-1``, exactly symmetric) in place:
+    about ``D^3`` flops, and one more ``D x D`` matrix at most (the kernel's column-major copy).
     """
-    info = torch.empty((), dtype=torch.int32, device=matrix.device)
+    info = torch.empty(matrix.shape[:-2], dtype=torch.int32, device=matrix.device)
     torch.linalg.cholesky_ex(matrix, out=(matrix, info))  # L, lower; zeros above the diagonal
-    if int(info.item()) != 0:
+    if bool((info != 0).any()):
         return None
-    factor_inverse = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    torch.linalg.solve_triangular(matrix, factor_inverse, upper=False, out=factor_inverse)
-    torch.matmul(factor_inverse.T, factor_inverse, out=matrix)
-    del factor_inverse
-    return symmetrise_(matrix)
+    return torch.cholesky_inverse(matrix, out=matrix)
+
+
+def batched_inverse(matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverses of ``(K, D, D)`` symmetric positive definite matrices by one batched Cholesky and
+    ``potri``, and whether each is accurate (:func:`inverse_is_accurate`);
+    a matrix that is not positive definite gets the identity in its place, marked inaccurate."""
+    factor, info = torch.linalg.cholesky_ex(matrices)
+    failed = info != 0
+    if bool(failed.any()):
+        factor[failed] = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
+    inverse = torch.cholesky_inverse(factor, out=factor)
+    accurate = [
+        not bool(failed[k]) and inverse_is_accurate(matrices[k].__matmul__, inverse[k])
+        for k in range(matrices.shape[0])
+    ]
+    return inverse, torch.tensor(accurate, dtype=torch.bool)
 
 
 def pseudo_inverse(matrix: Tensor) -> Tensor:

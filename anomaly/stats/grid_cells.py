@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from anomaly.stats.gaussian import GaussianFit, invert_spd
+from anomaly.stats.gaussian import GaussianFit, batched_inverse, invert_spd
 from anomaly.stats.scorer import GaussianScorer
 
 
@@ -29,7 +29,11 @@ def cell_conditional_covariances(precision: Tensor, cells: int) -> Tensor:
     """``(k^2, C, C)``: each cell's covariance given all other cells, ``(P_jj)^-1``."""
     channels = precision.shape[0] // cells
     blocks = precision.reshape(channels, cells, channels, cells).diagonal(dim1=1, dim2=3)  # (C, C, K)
-    return torch.stack([invert_spd(blocks[..., j].contiguous()) for j in range(cells)])
+    blocks = blocks.permute(2, 0, 1).contiguous()
+    inverses, accurate = batched_inverse(blocks)
+    for j in torch.nonzero(~accurate).flatten().tolist():
+        inverses[j] = invert_spd(blocks[j])  # its pseudo-inverse, and a warning
+    return inverses
 
 
 class GridCellScorer(GaussianScorer):
