@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from itertools import accumulate
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
 from efficientnet_pytorch.utils import efficientnet, round_filters, round_repeats, url_map
 from torch import Tensor, nn
@@ -91,19 +93,73 @@ class EfficientNetExtractor(FeatureExtractor):
         self._check_dims([*dims, net._bn1.num_features])
 
     def _level_maps(self, x: Tensor) -> Iterator[Tensor]:
+        """The levels' maps of the frozen network, each convolution with its batch norm folded in
+        (see :func:`conv_bn`): the features of ``EfficientNet.extract_features`` in eval mode."""
         net = self.net
-        x = net._swish(net._bn0(net._conv_stem(x)))
+        x = activate_(net._swish, conv_bn(x, net._conv_stem, net._bn0))
         yield x
         ends = set(self._stage_ends)
         for idx, block in enumerate(net._blocks):
-            # the same stochastic-depth schedule as EfficientNet.extract_features (inactive in eval)
-            drop_connect_rate = net._global_params.drop_connect_rate
-            if drop_connect_rate:
-                drop_connect_rate *= float(idx) / len(net._blocks)
-            x = block(x, drop_connect_rate=drop_connect_rate)
+            x = block_forward(block, x)
             if idx in ends:
                 yield x
-        yield net._swish(net._bn1(net._conv_head(x)))
+        yield activate_(net._swish, conv_bn(x, net._conv_head, net._bn1))
+
+
+def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
+    """``bn(conv(x))`` of a frozen network in one convolution, with TensorFlow's "SAME" padding as
+    ``Conv2dDynamicSamePadding``: the batch norm's scale and shift fold into the kernel and bias,
+    and symmetric padding is the convolution's own (no padded copy of ``x``). Under autocast the
+    modules run as they are: a kernel folded in half precision would lose the batch norm's float32.
+    """
+    if autocasting(x.device.type):
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    pads = []
+    for size, kernel, stride, dilation in zip(
+        x.shape[-2:], conv.weight.shape[-2:], conv.stride, conv.dilation, strict=True
+    ):
+        out = -(-int(size) // stride)
+        pads.append(max((out - 1) * stride + (kernel - 1) * dilation + 1 - int(size), 0))
+    (pad_h, pad_w), padding = pads, (0, 0)
+    if pad_h % 2 or pad_w % 2:  # the extra row or column goes after, as TensorFlow pads
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+    else:
+        padding = (pad_h // 2, pad_w // 2)
+    return F.conv2d(x, weight, shift, conv.stride, padding, conv.dilation, conv.groups)
+
+
+def autocasting(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (torch < 2.4 has no device argument)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def activate_(activation: nn.Module, x: Tensor) -> Tensor:
+    """The block's activation, in place where it is ReLU6 (Lite)."""
+    return x.clamp_(0.0, 6.0) if isinstance(activation, nn.ReLU6) else activation(x)
+
+
+def block_forward(block: nn.Module, inputs: Tensor) -> Tensor:
+    """``MBConvBlock.forward`` in eval mode (no drop connect), with :func:`conv_bn`."""
+    x = inputs
+    if block._block_args.expand_ratio != 1:
+        x = activate_(block._swish, conv_bn(x, block._expand_conv, block._bn0))
+    x = activate_(block._swish, conv_bn(x, block._depthwise_conv, block._bn1))
+    if block.has_se:
+        squeezed = block._se_expand(block._swish(block._se_reduce(F.adaptive_avg_pool2d(x, 1))))
+        x = torch.sigmoid(squeezed) * x
+    x = conv_bn(x, block._project_conv, block._bn2)
+    args = block._block_args
+    if block.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
+        x = x + inputs
+    return x
 
 
 def build(spec: BackboneSpec, weights: str | None = None, pretrained: bool = True) -> EfficientNetExtractor:

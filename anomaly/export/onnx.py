@@ -35,6 +35,8 @@ def export_onnx(detector: GaussianDetector, path: str | Path, input_dtype: str =
     with torch.no_grad(), warnings.catch_warnings():
         # the backbone's SAME padding is fixed for this input size on purpose (see module.py)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # the constant pads of the stride-2 convolutions stay an unfolded Slice in the graph (harmless)
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
         torch.onnx.export(
             module,
             (example,),

@@ -114,6 +114,32 @@ def test_b0_levels_are_stem_stage_ends_and_head() -> None:
     torch.testing.assert_close(feats[-1], head.mean(dim=(2, 3)))
 
 
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-b0"])
+@pytest.mark.parametrize("size", [64, 67])
+def test_folded_batch_norms_give_the_networks_own_maps(name: str, size: int) -> None:
+    """Each level equals the network's modules run one after the other (conv, batch norm, padding
+    as ``Conv2dDynamicSamePadding``), at an even and an odd size (symmetric and one-sided padding)."""
+    extractor = build_backbone(name, pretrained=False)
+    net, generator = extractor.net, torch.Generator().manual_seed(1)
+    for module in net.modules():  # batch norms that change their inputs
+        if isinstance(module, nn.BatchNorm2d):
+            for tensor in (module.weight, module.bias, module.running_mean):
+                tensor.data.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+    images = random_images(size)
+    with torch.no_grad():
+        x = net._swish(net._bn0(net._conv_stem(extractor.normalise(images))))
+        expected, ends = [x], set(stage_ends(net))
+        for idx, block in enumerate(net._blocks):
+            x = block(x)
+            if idx in ends:
+                expected.append(x)
+        expected.append(net._swish(net._bn1(net._conv_head(x))))
+    for level, (ours, theirs) in enumerate(zip(extractor.feature_maps(images), expected, strict=True), 1):
+        scale = theirs.abs().max()
+        torch.testing.assert_close(ours / scale, theirs / scale, rtol=0, atol=1e-5, msg=f"level {level}")
+
+
 def test_b4_stage_boundaries_follow_scaled_repeats() -> None:
     extractor = build_backbone("efficientnet-b4", pretrained=False)
     assert len(extractor.net._blocks) == 32
@@ -170,7 +196,10 @@ def test_a_large_batch_goes_through_the_network_in_slices_with_the_same_features
     whole = extractor(images, levels=[2, 5], grid=2)
     monkeypatch.setattr(extractor_module, "PIXELS_PER_PASS", 3 * 64 * 64 + 1)  # three 64 px images a pass
     passes: list[int] = []
-    extractor.net._conv_stem.register_forward_hook(lambda module, args, out: passes.append(len(args[0])))
+    one_pass = extractor._feature_maps
+    monkeypatch.setattr(
+        extractor, "_feature_maps", lambda part, wanted: passes.append(len(part)) or one_pass(part, wanted)
+    )
     sliced = extractor(images, levels=[2, 5], grid=2)
     assert passes == [3, 3, 1]
     for a, b in zip(sliced, whole, strict=True):
