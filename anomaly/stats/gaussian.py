@@ -100,25 +100,32 @@ def cholesky_inverse_(matrix: Tensor) -> Tensor | None:
     """The inverse of float64 symmetric positive definite matrices ``(..., D, D)``, written over them;
     ``None`` (and the matrices lost) when Cholesky finds one that is not positive definite.
 
-    ``A = L L^T`` in place, then LAPACK's ``potri`` (``A^-1 = L^-T L^-1``, exactly symmetric) in place:
-    about ``D^3`` flops, and one more ``D x D`` matrix at most (the kernel's column-major copy).
+    ``A = L L^T`` and LAPACK's ``potri`` (``A^-1 = L^-T L^-1``, exactly symmetric), about ``D^3``
+    flops, both in place on the column-major view ``A^T = A``: LAPACK's own layout, so that neither
+    makes a copy and the inverse needs no memory beyond the matrix.
     """
+    column_major = matrix.mT
     info = torch.empty(matrix.shape[:-2], dtype=torch.int32, device=matrix.device)
-    torch.linalg.cholesky_ex(matrix, out=(matrix, info))  # L, lower; zeros above the diagonal
+    torch.linalg.cholesky_ex(column_major, out=(column_major, info))  # L, zeros above the diagonal
     if bool((info != 0).any()):
         return None
-    return torch.cholesky_inverse(matrix, out=matrix)
+    torch.cholesky_inverse(column_major, out=column_major)
+    return matrix
 
 
 def batched_inverse(matrices: Tensor) -> tuple[Tensor, Tensor]:
-    """Inverses of ``(K, D, D)`` symmetric positive definite matrices by one batched Cholesky and
-    ``potri``, and whether each is accurate (:func:`inverse_is_accurate`);
-    a matrix that is not positive definite gets the identity in its place, marked inaccurate."""
-    factor, info = torch.linalg.cholesky_ex(matrices)
+    """Inverses of ``(K, D, D)`` symmetric positive definite matrices (one batched Cholesky and
+    ``potri`` on a copy, as :func:`cholesky_inverse_`), and whether each is accurate
+    (:func:`inverse_is_accurate`); a matrix that is not positive definite gets the identity's
+    inverse in its place, marked inaccurate."""
+    inverse = matrices.clone()
+    column_major = inverse.mT
+    info = torch.empty(matrices.shape[:-2], dtype=torch.int32, device=matrices.device)
+    torch.linalg.cholesky_ex(column_major, out=(column_major, info))
     failed = info != 0
     if bool(failed.any()):
-        factor[failed] = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
-    inverse = torch.cholesky_inverse(factor, out=factor)
+        column_major[failed] = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
+    torch.cholesky_inverse(column_major, out=column_major)
     accurate = [
         not bool(failed[k]) and inverse_is_accurate(matrices[k].__matmul__, inverse[k])
         for k in range(matrices.shape[0])
