@@ -8,7 +8,8 @@ end to end from the same image files: anomalib's Lightning model and ``Engine``,
 the images ``anomaly fit`` fits (its fold of ``ROOT/normal``, read from our data module) and
 tested on all the test images, with the same efficientnet-lite0 weights at the same 224 px input.
 ``--rounds`` repeats everything, the methods alternating so that they share the machine's load;
-each run is killed above ``--max-rss-gb`` or after ``--time-limit`` s. ``--make SOURCE`` first
+each run is killed above ``--max-rss-gb`` or after ``--time-limit`` s, and a run that fails
+leaves its last lines of output on stderr and in ``--out``'s JSON. ``--make SOURCE`` first
 writes a category of large images from the images of an MVTec AD category ``SOURCE`` (resized to
 ``--size``, flipped copies where more are needed) in the layout of
 ``anomaly.data.folder.FolderDataModule``: ``ROOT/normal`` and ``ROOT/test/{good,defect}``.
@@ -46,6 +47,8 @@ CLONE = Path(__file__).resolve().parents[1]
 CONFIGS = ["recommended", "spatial_grid", "spatial_grid_maps", "paper"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 MIB = 2**20
+#: Lines of a failed run's output kept with its result (and printed).
+LOG_LINES = 10
 
 
 def images_in(folder: Path) -> list[Path]:
@@ -99,12 +102,15 @@ def run(argv: list[str], out: Path, args: argparse.Namespace) -> dict:
     out.mkdir(parents=True)
     load = os.getloadavg()[0]
     report = watch(argv, args.max_rss_gb, args.time_limit, log=out / "output.log", cwd=out, env=env)
+    failed = report["returncode"] != 0
     return {
         "exit_code": report["returncode"],
         "stopped": report["stopped"],
         "peak_rss_mib": report["peak_rss_bytes"] / MIB,
         "seconds": report["wall_seconds"],
         "load_1min": load,
+        # the scratch folder goes at the end: what a failed run said is kept with its result
+        "output_tail": (out / "output.log").read_text().splitlines()[-LOG_LINES:] if failed else [],
     }
 
 
@@ -135,6 +141,14 @@ def measure_peer(peer: str, folders: Path, out: Path, args: argparse.Namespace) 
     result["saved_mib"] = None if checkpoint is None else checkpoint / MIB
     result["images"] = metrics.get("n_fit"), metrics.get("n_test")
     return result
+
+
+def report(result: dict) -> None:
+    """The result's table row; a failed run's last lines of output on stderr."""
+    print(row(result), flush=True)
+    if result["output_tail"]:
+        print(f"{result['method']} failed; its last lines of output:", file=sys.stderr)
+        print("\n".join("    " + line for line in result["output_tail"]), file=sys.stderr, flush=True)
 
 
 def row(r: dict) -> str:
@@ -201,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             for config in args.configs:
                 out = Path(scratch) / f"{round_}_{config}"
                 results.append(measure_config(config, args.root, out, args))
-                print(row(results[-1]), flush=True)
+                report(results[-1])
             for peer in args.peers:
                 out = Path(scratch) / f"{round_}_{peer.replace(' ', '_').replace('%', 'pc')}"
                 results.append(measure_peer(peer, Path(scratch) / "fold", out, args))
-                print(row(results[-1]), flush=True)
+                report(results[-1])
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,26 @@ def test_a_peer_fits_the_fold_and_tests_every_test_image(category: Path, tmp_pat
     assert result["exit_code"] == 0 and result["stopped"] is None
     assert result["images"] == [8, 5]
     assert 0 <= result["image_auroc"] <= 1 and result["peak_rss_mib"] > 100 and result["saved_mib"] > 0
+
+
+def test_a_failed_run_keeps_the_end_of_its_output(tmp_path: Path, capsys):
+    fail = "print('\\n'.join(map(str, range(20)))); raise SystemExit('error: what went wrong')"
+    limits = argparse.Namespace(max_rss_gb=None, time_limit=60)
+    result = peak_memory.run([sys.executable, "-c", fail], tmp_path / "run", limits)
+    assert result["exit_code"] == 1 and result["stopped"] is None
+    assert result["output_tail"] == [*map(str, range(11, 20)), "error: what went wrong"]
+    result.update(method="ours: failing", image_auroc=None, pixel_auroc=None, saved_mib=None)
+    peak_memory.report(result)
+    table, err = capsys.readouterr()
+    assert table.startswith("| ours: failing |") and table.rstrip().endswith("| 1 |")
+    assert err.splitlines() == [
+        "ours: failing failed; its last lines of output:",
+        *("    " + line for line in result["output_tail"]),
+    ]
+
+
+def test_a_run_that_succeeds_keeps_no_output(tmp_path: Path):
+    limits = argparse.Namespace(max_rss_gb=None, time_limit=60)
+    result = peak_memory.run([sys.executable, "-c", "print('fine')"], tmp_path / "run", limits)
+    assert result["exit_code"] == 0 and result["output_tail"] == []
+    assert (tmp_path / "run" / "output.log").read_text() == "fine\n"
