@@ -5,7 +5,8 @@
 ``Patchcore``) is fitted and tested by anomalib's ``Engine`` on the CPU, from anomalib's ``Folder``
 data module over three folders (of links) that peak_memory.py writes: the fitting images of our
 fold, the normal and the defective test images. There is no validation split
-(``val_split_mode="none"``), so every test image is tested and none is scored twice.
+(``val_split_mode="none"``, ``limit_val_batches=0``), so every test image is tested and none is
+scored twice.
 
 The peers' settings are those of ``benchmarks/compare_peers.py`` (their defaults, the timm layers
 mapped onto our efficientnet-lite0 levels by stride, PaDiM's 100 random channels, PatchCore's
