@@ -709,25 +709,31 @@ def group_rss(pgid: int) -> int:
     return total
 
 
-def watch(argv: list[str], max_rss_gb: float | None, time_limit: float | None) -> dict:
+def watch(
+    argv: list[str], max_rss_gb: float | None, time_limit: float | None, log: Path | None = None, **popen
+) -> dict:
     """Run ``argv`` in its own process group, killed above ``max_rss_gb`` (RSS summed over the group,
-    polled every second) or after ``time_limit`` s; its peak RSS (``ru_maxrss``) and wall time."""
-    started = time.perf_counter()
-    child = subprocess.Popen(argv, start_new_session=True)
-    stopped, group_peak = None, 0
-    while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        if pid:
-            break
-        rss, elapsed = group_rss(child.pid), time.perf_counter() - started
-        group_peak = max(group_peak, rss)
-        if stopped is None and max_rss_gb is not None and rss > max_rss_gb * GB:
-            stopped = f"killed at {rss / GB:.1f} GB RSS (limit {max_rss_gb:g} GB) after {elapsed:.0f} s"
-        elif stopped is None and time_limit is not None and elapsed > time_limit:
-            stopped = f"killed at the time limit ({time_limit:.0f} s), {rss / GB:.1f} GB RSS"
-        if stopped is not None:
-            os.killpg(child.pid, signal.SIGKILL)
-        time.sleep(1)  # polling another process's memory: there is nothing to wait on
+    polled every second) or after ``time_limit`` s; its peak RSS (``ru_maxrss``) and wall time.
+    ``log``: a file for its stdout and stderr (default: this process's); ``popen``: for ``Popen``."""
+    with contextlib.ExitStack() as stack:
+        output = None if log is None else stack.enter_context(log.open("w"))
+        errors = None if log is None else subprocess.STDOUT
+        started = time.perf_counter()
+        child = subprocess.Popen(argv, start_new_session=True, stdout=output, stderr=errors, **popen)
+        stopped, group_peak = None, 0
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            rss, elapsed = group_rss(child.pid), time.perf_counter() - started
+            group_peak = max(group_peak, rss)
+            if stopped is None and max_rss_gb is not None and rss > max_rss_gb * GB:
+                stopped = f"killed at {rss / GB:.1f} GB RSS (limit {max_rss_gb:g} GB) after {elapsed:.0f} s"
+            elif stopped is None and time_limit is not None and elapsed > time_limit:
+                stopped = f"killed at the time limit ({time_limit:.0f} s), {rss / GB:.1f} GB RSS"
+            if stopped is not None:
+                os.killpg(child.pid, signal.SIGKILL)
+            time.sleep(1)  # polling another process's memory: there is nothing to wait on
     child.returncode = os.waitstatus_to_exitcode(status)
     return {
         "returncode": child.returncode,

@@ -1,34 +1,54 @@
-"""Peak memory and wall time of ``anomaly fit`` (fit + test) for several configs, side by side.
+"""Peak memory and wall time of fit + test, end to end, for our configs and anomalib's peers side by side.
 
-Each config runs in a fresh Python process on the same category, one after the other; the peak
-resident memory (RSS) is that of the largest process (``getrusage(RUSAGE_CHILDREN)`` in a fresh
-parent; ``--data.num_workers 0``, so that one process holds everything), the wall time that of the
-whole command. ``--make SOURCE`` first writes a category of large images from the images of an
-MVTec AD category ``SOURCE`` (resized to ``--size``, flipped copies where more are needed) in the
-layout of ``anomaly.data.folder.FolderDataModule``: ``ROOT/normal`` and ``ROOT/test/{good,defect}``.
+Each config runs ``anomaly fit`` (fit and test) in a fresh Python process on one folder category;
+the peak resident memory (RSS) is that of the process (``ru_maxrss``; ``--data.num_workers 0``, so
+that one process holds everything), the wall time that of the whole command. ``--peers`` adds
+anomalib's DFM, PaDiM and PatchCore (``benchmarks/anomalib_fit.py``), each in a fresh process too,
+end to end from the same image files: anomalib's Lightning model and ``Engine``, fitted on exactly
+the images ``anomaly fit`` fits (its fold of ``ROOT/normal``, read from our data module) and
+tested on all the test images, with the same efficientnet-lite0 weights at the same 224 px input.
+``--rounds`` repeats everything, the methods alternating so that they share the machine's load;
+each run is killed above ``--max-rss-gb`` or after ``--time-limit`` s, and a run that fails
+leaves its last lines of output on stderr and in ``--out``'s JSON. ``--make SOURCE`` first
+writes a category of large images from the images of an MVTec AD category ``SOURCE`` (resized to
+``--size``, flipped copies where more are needed) in the layout of
+``anomaly.data.folder.FolderDataModule``: ``ROOT/normal`` and ``ROOT/test/{good,defect}``.
 
     python benchmarks/peak_memory.py /tmp/large_bottle --make ../shared/data/mvtec_ad/bottle
     python benchmarks/peak_memory.py /tmp/large_bottle --configs recommended spatial_grid_maps
+    python benchmarks/peak_memory.py /tmp/large_bottle --configs recommended --rounds 2 \\
+        --peers "anomalib DFM" "anomalib PaDiM" "anomalib PatchCore 1%"
 
-The commands run this clone's code, or with ``PYTHONPATH=OTHER_CLONE`` another clone's (for a
-before/after comparison on one machine).
+The peers need anomalib (``pip install -e '.[bench]'``) in the Python that runs this script; our
+configs run in the same Python. The commands run this clone's code, or with
+``PYTHONPATH=OTHER_CLONE`` another clone's (for a before/after comparison on one machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import cv2
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_peers import PEERS, watch
+
+from anomaly.configs import resolve_config
+from anomaly.data.folder import FolderDataModule
 
 CLONE = Path(__file__).resolve().parents[1]
 CONFIGS = ["recommended", "spatial_grid", "spatial_grid_maps", "paper"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+MIB = 2**20
+#: Lines of a failed run's output kept with its result (and printed).
+LOG_LINES = 10
 
 
 def images_in(folder: Path) -> list[Path]:
@@ -53,41 +73,106 @@ def make_category(root: Path, source: Path, size: int, normal: int, good: int, d
             cv2.imwrite(str(root / folder / f"{i:04d}.png"), image)
 
 
-PROBE = (
-    "import resource, subprocess, sys, time; started = time.perf_counter(); "
-    "code = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
-    "print(code, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-)
+def fold_folders(root: Path, folder: Path) -> dict[str, int]:
+    """Links to the images that ``anomaly fit --config folder --data.root ROOT`` fits and tests.
+
+    The data module is the one ``configs/folder.yaml`` builds (its fold and split), so ``FOLDER/fit``
+    holds exactly the fold's fitting images, ``FOLDER/good`` and ``FOLDER/defect`` every test image
+    by label. Returns the number of images in each.
+    """
+    init_args = yaml.safe_load(Path(resolve_config("folder")).read_text())["data"]["init_args"]
+    data = FolderDataModule(**{**init_args, "root": str(root.resolve()), "num_workers": 0})
+    test = data.test_samples
+    groups = {
+        "fit": data.fit_samples,
+        "good": [s for s in test if s.label == 0],
+        "defect": [s for s in test if s.label == 1],
+    }
+    for name, samples in groups.items():
+        (folder / name).mkdir(parents=True)
+        for i, sample in enumerate(samples):  # numbered: images of several test folders may share a name
+            (folder / name / f"{i:04d}_{Path(sample.path).name}").symlink_to(Path(sample.path).resolve())
+    return {name: len(samples) for name, samples in groups.items()}
 
 
-def measure(config: str, root: Path, out: Path) -> dict:
-    """Peak RSS (MiB) and wall time (s) of one ``anomaly fit`` in a fresh parent."""
+def run(argv: list[str], out: Path, args: argparse.Namespace) -> dict:
+    """Peak RSS (MiB), wall time (s) and outcome of one fresh process writing under ``out``."""
+    # from the scratch folder: ``python -m`` puts the working directory first on the path
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or str(CLONE)}
+    out.mkdir(parents=True)
+    load = os.getloadavg()[0]
+    report = watch(argv, args.max_rss_gb, args.time_limit, log=out / "output.log", cwd=out, env=env)
+    failed = report["returncode"] != 0
+    return {
+        "exit_code": report["returncode"],
+        "stopped": report["stopped"],
+        "peak_rss_mib": report["peak_rss_bytes"] / MIB,
+        "seconds": report["wall_seconds"],
+        "load_1min": load,
+        # the scratch folder goes at the end: what a failed run said is kept with its result
+        "output_tail": (out / "output.log").read_text().splitlines()[-LOG_LINES:] if failed else [],
+    }
+
+
+def measure_config(config: str, root: Path, out: Path, args: argparse.Namespace) -> dict:
+    """One ``anomaly fit --config folder --config CONFIG`` (fit + test)."""
     command = [
         sys.executable, "-m", "anomaly", "fit", "--config", "folder", "--config", config,
         "--data.root", str(root.resolve()), "--data.num_workers", "0", "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out / config),
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out / "run"),
     ]  # fmt: skip
-    # from the scratch folder: ``python -m`` puts the working directory first on the path
-    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or str(CLONE)}
-    probe = [sys.executable, "-c", PROBE, *command]
-    code, seconds, max_rss_kib = subprocess.check_output(probe, cwd=out, env=env).split()
-    results = sorted((out / config).rglob("results.json"))
+    result = {"method": f"ours: {config}", **run(command, out, args)}
+    results = sorted(out.rglob("results.json"))
     metrics = json.loads(results[-1].read_text()) if results else {}
-    return {
-        "config": config,
-        "exit_code": int(code),
-        "peak_rss_mib": int(max_rss_kib) / 1024,
-        "seconds": float(seconds),
-        "image_auroc": metrics.get("image_auroc"),
-        "pixel_auroc": metrics.get("pixel_auroc"),
-        "detector_mib": sum(p.stat().st_size for p in (out / config).rglob("detector.safetensors")) / 2**20,
-    }
+    result["image_auroc"], result["pixel_auroc"] = metrics.get("image_auroc"), metrics.get("pixel_auroc")
+    result["saved_mib"] = sum(p.stat().st_size for p in out.rglob("detector.safetensors")) / MIB
+    return result
+
+
+def measure_peer(peer: str, folders: Path, out: Path, args: argparse.Namespace) -> dict:
+    """One anomalib peer's fit + test (``benchmarks/anomalib_fit.py``) on the fold's links."""
+    command = [sys.executable, str(Path(__file__).resolve().parent / "anomalib_fit.py"), peer]
+    command += [arg for name in ("fit", "good", "defect") for arg in (f"--{name}", str(folders / name))]
+    result = {"method": peer, **run([*command, "--out", str(out / "run")], out, args)}
+    path = out / "run" / "results.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    result["image_auroc"], result["pixel_auroc"] = metrics.get("image_auroc"), None
+    checkpoint = metrics.get("checkpoint_bytes")
+    result["saved_mib"] = None if checkpoint is None else checkpoint / MIB
+    result["images"] = metrics.get("n_fit"), metrics.get("n_test")
+    return result
+
+
+def report(result: dict) -> None:
+    """The result's table row; a failed run's last lines of output on stderr."""
+    print(row(result), flush=True)
+    if result["output_tail"]:
+        print(f"{result['method']} failed; its last lines of output:", file=sys.stderr)
+        print("\n".join("    " + line for line in result["output_tail"]), file=sys.stderr, flush=True)
+
+
+def row(r: dict) -> str:
+    auroc, pixel = ("-" if r[k] is None else f"{r[k]:.4f}" for k in ("image_auroc", "pixel_auroc"))
+    saved = "-" if r["saved_mib"] is None else f"{r['saved_mib']:.0f}"
+    outcome = r["stopped"] or str(r["exit_code"])
+    return (
+        f"| {r['method']} | {r['peak_rss_mib']:.0f} | {r['seconds']:.0f} | {auroc} | {pixel} | {saved} "
+        f"| {r['load_1min']:.2f} | {outcome} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path, help="the category: ROOT/normal and ROOT/test/<type>")
-    parser.add_argument("--configs", nargs="+", default=CONFIGS)
+    parser.add_argument("--configs", nargs="*", default=CONFIGS, help="our configs; default: %(default)s")
+    parser.add_argument(
+        "--peers", nargs="+", default=[], choices=PEERS, metavar="PEER",
+        help="anomalib's peers, by compare_peers.py's names: " + ", ".join(PEERS),
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every method, alternating")
+    parser.add_argument("--max-rss-gb", type=float, default=8.0, help="kill a run above this RSS (GB)")
+    parser.add_argument("--time-limit", type=float, default=1800.0, help="kill a run after these seconds")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument(
         "--make", type=Path, default=None, help="write ROOT first from this MVTec AD category"
     )
@@ -96,6 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         "--counts", nargs=3, type=int, default=[240, 20, 40], metavar=("NORMAL", "GOOD", "DEFECT")
     )
     args = parser.parse_args(argv)
+    if args.peers and importlib.util.find_spec("anomalib") is None:
+        print(
+            f"error: --peers needs anomalib, which {sys.executable} lacks: pip install -e '.[bench]' "
+            "into an environment and run this script with its python",
+            file=sys.stderr,
+        )
+        return 2
+    if args.rounds < 1:
+        print(f"error: --rounds must be at least 1, got {args.rounds}", file=sys.stderr)
+        return 2
     if args.make is not None:
         make_category(args.root, args.make, args.size, *args.counts)
     if not (args.root / "normal").is_dir():
@@ -105,17 +200,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     print(f"{len(images_in(args.root))} images in {args.root}", file=sys.stderr)
-    print("| config | peak RSS (MiB) | fit + test (s) | image AUROC | pixel AUROC | detector (MiB) | exit |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| method | peak RSS (MiB) | fit + test (s) | image AUROC | pixel AUROC | saved (MiB) "
+        "| load (1 min) | exit |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    results = []
     with tempfile.TemporaryDirectory() as scratch:
-        for config in args.configs:
-            r = measure(config, args.root, Path(scratch))
-            auroc, pixel = ("-" if r[k] is None else f"{r[k]:.4f}" for k in ("image_auroc", "pixel_auroc"))
-            print(
-                f"| {config} | {r['peak_rss_mib']:.0f} | {r['seconds']:.0f} | {auroc} | {pixel} | "
-                f"{r['detector_mib']:.0f} | {r['exit_code']} |",
-                flush=True,
-            )
+        if args.peers:
+            counts = fold_folders(args.root, Path(scratch) / "fold")
+            print(f"fold: {counts['fit']} fitting images, {counts['good']} + {counts['defect']} tested",
+                  file=sys.stderr)  # fmt: skip
+        for round_ in range(args.rounds):
+            for config in args.configs:
+                out = Path(scratch) / f"{round_}_{config}"
+                results.append(measure_config(config, args.root, out, args))
+                report(results[-1])
+            for peer in args.peers:
+                out = Path(scratch) / f"{round_}_{peer.replace(' ', '_').replace('%', 'pc')}"
+                results.append(measure_peer(peer, Path(scratch) / "fold", out, args))
+                report(results[-1])
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
     return 0
 
 

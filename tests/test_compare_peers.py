@@ -35,6 +35,13 @@ def test_watch_reports_the_peak_rss_of_its_child():
     assert report["peak_rss_bytes"] >= 300_000_000
 
 
+def test_watch_writes_its_childs_output_to_the_log(tmp_path: Path):
+    code = "import os, sys; print(os.getcwd()); print('to stderr', file=sys.stderr)"
+    report = peers.watch([sys.executable, "-c", code], None, 60, log=tmp_path / "child.log", cwd=tmp_path)
+    assert report["returncode"] == 0
+    assert (tmp_path / "child.log").read_text().split() == [str(tmp_path), "to", "stderr"]
+
+
 def test_watch_kills_a_child_above_the_memory_limit():
     grow = "import time\nb = b'x' * 300_000_000\nwhile True:\n    time.sleep(0.1)"
     report = peers.watch([sys.executable, "-c", grow], 0.1, 60)

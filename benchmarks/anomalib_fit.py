@@ -1,0 +1,148 @@
+"""One anomalib peer's fit + test, end to end from the image files, in this process.
+
+``benchmarks/peak_memory.py --peers`` runs this script in a fresh process per peer, as it runs
+``anomaly fit`` for our configs. anomalib's own Lightning model (``Dfm``, ``Padim`` or
+``Patchcore``) is fitted and tested by anomalib's ``Engine`` on the CPU, from anomalib's ``Folder``
+data module over three folders (of links) that peak_memory.py writes: the fitting images of our
+fold, the normal and the defective test images. There is no validation split
+(``val_split_mode="none"``, ``limit_val_batches=0``), so every test image is tested and none is
+scored twice.
+
+The peers' settings are those of ``benchmarks/compare_peers.py`` (their defaults, the timm layers
+mapped onto our efficientnet-lite0 levels by stride, PaDiM's 100 random channels, PatchCore's
+coreset ratio), and their timm feature extractor is replaced by ``compare_peers.TimmLevels``: the
+same ImageNet weights as ours. The pre-processor resizes to our input size (224 px) and does
+not normalise (our extractor does). The visualizer is off: anomalib's default would write an
+image of every test result. anomalib's evaluator is off too: without a validation set its
+post-processor leaves the scores unnormalised, and torchmetrics' AUROC takes scores outside
+[0, 1] for logits (all near 1 after its sigmoid: 0.5 whatever the ranking). The image AUROC is
+instead computed from the raw test scores, as compare_peers.py computes it for every method.
+The results (image AUROC, the fit and test seconds, the checkpoint's size, the images fitted and
+tested) are written as JSON to ``OUT/results.json``.
+
+    python benchmarks/anomalib_fit.py "anomalib DFM" --fit FIT --good GOOD --defect DEFECT --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback  # anomalib's Lightning (``lightning``)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_peers import (
+    BACKBONE,
+    DFM_LAYER,
+    PADIM_FEATURES,
+    PADIM_LAYERS,
+    PATCHCORE_LAYERS,
+    PATCHCORE_RATIOS,
+    PEERS,
+    TIMM_NAME,
+    TimmLevels,
+)
+
+from anomaly.backbones import build_backbone
+from anomaly.evaluation.metrics import image_auroc
+
+
+class TestScores(Callback):
+    """A Lightning callback that keeps the raw image scores and labels of the test batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scores, self.labels, self.paths = [], [], []
+
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.scores.append(outputs.pred_score.detach().flatten().double())
+        self.labels.append(outputs.gt_label.detach().flatten().long())
+        self.paths += list(outputs.image_path)
+
+
+def build_peer(name: str):
+    """anomalib's Lightning model for a peer of ``compare_peers.PEERS``, on our extractor's levels."""
+    from anomalib.models import Dfm, Padim, Patchcore
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Resize
+
+    extractor = build_backbone(BACKBONE)
+    size = extractor.image_size
+    # pre_trained=False builds timm's lite0 without a hub download; its extractor is replaced below
+    common = {
+        "pre_trained": False,
+        "pre_processor": PreProcessor(transform=Resize((size, size), antialias=True)),
+        "visualizer": False,
+        "evaluator": False,
+    }
+    ratios = {f"anomalib PatchCore {r:.0%}": r for r in PATCHCORE_RATIOS}
+    if name == "anomalib DFM":
+        model, layers = Dfm(backbone=TIMM_NAME, layer=DFM_LAYER, **common), [DFM_LAYER]
+    elif name == "anomalib PaDiM":
+        torch.manual_seed(0)  # PaDiM's random channel choice
+        model = Padim(backbone=TIMM_NAME, layers=PADIM_LAYERS, n_features=PADIM_FEATURES, **common)
+        layers = PADIM_LAYERS
+    else:
+        torch.manual_seed(0)  # the coreset's random first centre
+        model = Patchcore(
+            backbone=TIMM_NAME, layers=PATCHCORE_LAYERS, coreset_sampling_ratio=ratios[name], **common
+        )
+        layers = PATCHCORE_LAYERS
+    model.model.feature_extractor = TimmLevels(extractor, layers)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("peer", choices=PEERS)
+    parser.add_argument("--fit", type=Path, required=True, help="folder of the fitting images")
+    parser.add_argument("--good", type=Path, required=True, help="folder of the normal test images")
+    parser.add_argument("--defect", type=Path, required=True, help="folder of the defective test images")
+    parser.add_argument("--out", type=Path, required=True, help="anomalib's run folder; results.json")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+
+    from anomalib.data import Folder
+    from anomalib.engine import Engine
+
+    model = build_peer(args.peer)
+    data = Folder(
+        name="category", root=None, normal_dir=args.fit, normal_test_dir=args.good,
+        abnormal_dir=args.defect, train_batch_size=args.batch_size, eval_batch_size=args.batch_size,
+        num_workers=0, test_split_mode="from_dir", val_split_mode="none",
+    )  # fmt: skip
+    tested_scores = TestScores()
+    engine = Engine(
+        accelerator="cpu", devices=1, logger=False, default_root_dir=args.out, enable_progress_bar=False,
+        limit_val_batches=0, callbacks=[tested_scores],
+    )  # fmt: skip
+    started = time.perf_counter()
+    engine.fit(model=model, datamodule=data)
+    fitted = time.perf_counter()
+    engine.test(model=model, datamodule=data, verbose=False)
+    tested = time.perf_counter()
+    scores, labels = torch.cat(tested_scores.scores), torch.cat(tested_scores.labels)
+    checkpoints = sorted(args.out.rglob("*.ckpt"))
+    result = {
+        "peer": args.peer,
+        "n_fit": len(data.train_data),
+        "n_test": len(tested_scores.paths),
+        "n_test_defective": int(labels.sum()),
+        "image_auroc": image_auroc(scores, labels),
+        "fit_seconds": fitted - started,
+        "test_seconds": tested - fitted,
+        "checkpoint_bytes": checkpoints[-1].stat().st_size if checkpoints else None,
+    }
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""benchmarks/peak_memory.py: the fold that anomalib's peers are given, its argument errors, a peer's run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from anomaly.data.folder import FolderDataModule
+from tests.conftest import make_mvtec_category
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("peak_memory", REPO / "benchmarks" / "peak_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+peak_memory = load_script()
+
+
+@pytest.fixture
+def category(tmp_path: Path) -> Path:
+    """A folder category written by ``--make``: 10 normal images, 2 good and 3 defective test images."""
+    source = make_mvtec_category(tmp_path / "mvtec", n_train=6, n_good=2, n_bad=3, size=32) / "widget"
+    root = tmp_path / "category"
+    peak_memory.make_category(root, source, 40, 10, 2, 3)
+    return root
+
+
+def targets(folder: Path) -> list[str]:
+    return sorted(str(link.resolve()) for link in folder.iterdir())
+
+
+def test_the_peers_fold_is_the_one_anomaly_fit_fits_and_tests(category: Path, tmp_path: Path):
+    counts = peak_memory.fold_folders(category, tmp_path / "fold")
+    assert counts == {"fit": 8, "good": 2, "defect": 3}  # fold 0 of 5 holds out 2 of the 10 normals
+    # what `anomaly fit --config folder --data.root ROOT` builds (configs/folder.yaml)
+    data = FolderDataModule(root=str(category), normal_dir="normal", test_dirs=["test/*"], fold=0)
+    fitted = sorted(str(Path(s.path).resolve()) for s in data.fit_samples)
+    assert targets(tmp_path / "fold" / "fit") == fitted
+    held_out = {str(Path(s.path).resolve()) for s in data.holdout_samples}
+    assert len(held_out) == 2 and not held_out & set(fitted)
+    for label, folder in (("good", "test/good"), ("defect", "test/defect")):
+        assert targets(tmp_path / "fold" / label) == sorted(
+            str(p.resolve()) for p in (category / folder).iterdir()
+        )
+
+
+def test_peers_without_anomalib_are_a_one_line_error(category: Path, monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "anomalib" else real_find_spec(name, *a)
+    )
+    assert peak_memory.main([str(category), "--configs", "--peers", "anomalib DFM"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: --peers needs anomalib") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rounds", "0"], "error: --rounds must be at least 1"),
+        (["--configs", "recommended"], "normal does not exist: give --make SOURCE"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(argv: list[str], message: str, tmp_path: Path, capsys):
+    assert peak_memory.main([str(tmp_path / "nothing"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_an_unknown_peer_is_refused_with_the_known_names(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        peak_memory.main([str(tmp_path), "--peers", "anomalib DFN"])
+    assert exit_.value.code == 2
+    assert "'anomalib DFM'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_peer_fits_the_fold_and_tests_every_test_image(category: Path, tmp_path: Path):
+    pytest.importorskip("anomalib")
+    out = tmp_path / "results.json"
+    argv = [str(category), "--configs", "--peers", "anomalib DFM", "--time-limit", "600", "--out", str(out)]
+    assert peak_memory.main(argv) == 0
+    (result,) = json.loads(out.read_text())
+    assert result["exit_code"] == 0 and result["stopped"] is None
+    assert result["images"] == [8, 5]
+    assert 0 <= result["image_auroc"] <= 1 and result["peak_rss_mib"] > 100 and result["saved_mib"] > 0
+
+
+def test_a_failed_run_keeps_the_end_of_its_output(tmp_path: Path, capsys):
+    fail = "print('\\n'.join(map(str, range(20)))); raise SystemExit('error: what went wrong')"
+    limits = argparse.Namespace(max_rss_gb=None, time_limit=60)
+    result = peak_memory.run([sys.executable, "-c", fail], tmp_path / "run", limits)
+    assert result["exit_code"] == 1 and result["stopped"] is None
+    assert result["output_tail"] == [*map(str, range(11, 20)), "error: what went wrong"]
+    result.update(method="ours: failing", image_auroc=None, pixel_auroc=None, saved_mib=None)
+    peak_memory.report(result)
+    table, err = capsys.readouterr()
+    assert table.startswith("| ours: failing |") and table.rstrip().endswith("| 1 |")
+    assert err.splitlines() == [
+        "ours: failing failed; its last lines of output:",
+        *("    " + line for line in result["output_tail"]),
+    ]
+
+
+def test_a_run_that_succeeds_keeps_no_output(tmp_path: Path):
+    limits = argparse.Namespace(max_rss_gb=None, time_limit=60)
+    result = peak_memory.run([sys.executable, "-c", "print('fine')"], tmp_path / "run", limits)
+    assert result["exit_code"] == 0 and result["output_tail"] == []
+    assert (tmp_path / "run" / "output.log").read_text() == "fine\n"
