@@ -65,18 +65,18 @@ def check_fine_weight(weight: object) -> float:
 
 
 def check_fine_grid_sizes(fine_levels: Sequence[int], fine_grid_size: object) -> dict[int, int]:
-    """Each fine level's cells per side: one ``fine_grid_size`` for all, or a list of one per fine level."""
-    if isinstance(fine_grid_size, Sequence) and not isinstance(fine_grid_size, (str, bytes)):
-        sizes = list(fine_grid_size)
-        if len(sizes) != len(fine_levels):
-            raise UserError(
-                f"fine_grid_size lists {len(sizes)} sizes for the {len(fine_levels)} fine_levels "
-                f"{list(fine_levels)}: give one size for all, or one per fine level"
-            )
-    else:
-        sizes = [fine_grid_size] * max(len(fine_levels), 1)  # checked even without fine levels
-    checked = [check_grid_size(size, GridMaps.name) for size in sizes]
-    return dict(zip(fine_levels, checked, strict=False))
+    """Each fine level's cells per side: one ``fine_grid_size`` for all, or a list of one per fine level
+    (without fine levels, e.g. ``fine_levels: []`` over a config that had some, any sizes are left)."""
+    listed = isinstance(fine_grid_size, Sequence) and not isinstance(fine_grid_size, (str, bytes))
+    sizes = [
+        check_grid_size(size, GridMaps.name) for size in (fine_grid_size if listed else [fine_grid_size])
+    ]
+    if listed and fine_levels and len(sizes) != len(fine_levels):
+        raise UserError(
+            f"fine_grid_size lists {len(sizes)} sizes for the {len(fine_levels)} fine_levels "
+            f"{list(fine_levels)}: give one size for all, or one per fine level"
+        )
+    return dict(zip(fine_levels, sizes if listed else sizes * len(fine_levels), strict=False))
 
 
 def fine_levels_among(
@@ -343,13 +343,14 @@ class GridFineCells(Pooling):
         return resize_maps(joint, self.map_size) + self.fine_weight * fine
 
 
-#: The recommended detector (configs/recommended.yaml): levels 3-5 on a 7x7 grid with maps, level 4
-#: also as 28x28 cells (half weight in the map), levels 6-9 pooled globally for the image score.
+#: The recommended detector (configs/recommended.yaml): levels 3-5 on a 7x7 grid with maps, levels
+#: 6-9 pooled globally for the image score; level 4 also as 28x28 cells and level 6 as 14x14 cells,
+#: at half weight in the map.
 RECOMMENDED_LEVELS = (3, 4, 5, 6, 7, 8, 9)
 RECOMMENDED_GRID_SIZE = 7
 RECOMMENDED_COARSE_LEVELS = (6, 7, 8, 9)
-RECOMMENDED_FINE_LEVELS = (4,)
-RECOMMENDED_FINE_GRID_SIZE = 28
+RECOMMENDED_FINE_LEVELS = (4, 6)
+RECOMMENDED_FINE_GRID_SIZE = (28, 14)
 RECOMMENDED_FINE_WEIGHT = 0.5
 
 

@@ -13,7 +13,7 @@ from anomaly.configs import CONFIG_DIR
 from anomaly.detector.model import GaussianDetectorModel
 from anomaly.errors import UserError
 from anomaly.pooling import RECOMMENDED_LEVELS, Grid, GridMaps, build_pooling, recommended_pooling
-from anomaly.pooling.grid_maps import resize_maps
+from anomaly.pooling.grid_maps import fine_levels_among, resize_maps
 from anomaly.stats.gaussian import fit_gaussian
 from anomaly.stats.moments import RunningMoments
 
@@ -84,6 +84,28 @@ def test_the_recommended_config_is_the_api_default():
     options = {k: init[k] for k in keys}
     assert build_pooling(init["pooling"], **options) == recommended_pooling()
     assert tuple(init["levels"]) == RECOMMENDED_LEVELS
+
+
+def test_every_spatial_config_over_the_recommended_one_builds_its_pooling():
+    """``anomaly fit --config NAME`` reads NAME over the recommended config: options NAME leaves out
+    (e.g. the fine grid sizes where it has no fine levels) must not make its own invalid."""
+    recommended = yaml.safe_load((CONFIG_DIR / "recommended.yaml").read_text())["model"]
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        if model.get("class_path") != recommended["class_path"]:
+            continue
+        init = {**recommended["init_args"], **model.get("init_args", {})}
+        levels = init["levels"] or range(1, 10)
+        fine_levels, fine_grid_size = fine_levels_among(levels, init["fine_levels"], init["fine_grid_size"])
+        pooling = build_pooling(
+            init["pooling"],
+            grid_size=init["grid_size"],
+            coarse_levels=init["coarse_levels"],
+            fine_levels=fine_levels,
+            fine_grid_size=fine_grid_size,
+            fine_weight=init["fine_weight"],
+        )
+        assert pooling.name == init["pooling"], path.name
 
 
 @pytest.mark.parametrize(
