@@ -61,17 +61,21 @@ PROBE = (
 
 
 def measure(config: str, root: Path, out: Path) -> dict:
-    """Peak RSS (MiB) and wall time (s) of one ``anomaly fit`` in a fresh parent."""
+    """Peak RSS (MiB) and wall time (s) of one ``anomaly fit`` in a fresh parent (``config``: a shipped
+    config's name or a config file)."""
+    name = Path(config).stem
+    if Path(config).is_file():
+        config = str(Path(config).resolve())  # the command runs in the scratch folder
     command = [
         sys.executable, "-m", "anomaly", "fit", "--config", "folder", "--config", config,
         "--data.root", str(root.resolve()), "--data.num_workers", "0", "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out / config),
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out / name),
     ]  # fmt: skip
     # from the scratch folder: ``python -m`` puts the working directory first on the path
     env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or str(CLONE)}
     probe = [sys.executable, "-c", PROBE, *command]
     code, seconds, max_rss_kib = subprocess.check_output(probe, cwd=out, env=env).split()
-    results = sorted((out / config).rglob("results.json"))
+    results = sorted((out / name).rglob("results.json"))
     metrics = json.loads(results[-1].read_text()) if results else {}
     return {
         "config": config,
@@ -80,7 +84,7 @@ def measure(config: str, root: Path, out: Path) -> dict:
         "seconds": float(seconds),
         "image_auroc": metrics.get("image_auroc"),
         "pixel_auroc": metrics.get("pixel_auroc"),
-        "detector_mib": sum(p.stat().st_size for p in (out / config).rglob("detector.safetensors")) / 2**20,
+        "detector_mib": sum(p.stat().st_size for p in (out / name).rglob("detector.safetensors")) / 2**20,
     }
 
 
