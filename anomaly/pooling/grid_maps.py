@@ -176,10 +176,10 @@ class GridMaps(Grid):
         return super().describe_size() + (coarse or "") + (fine or "")
 
     def for_level(self, level: int) -> Pooling:
-        joint = self.coarse if level in self.coarse_levels else self
+        coarse = level in self.coarse_levels
         if level not in self.fine_levels:
-            return joint
-        joint = joint if joint is self.coarse else GridMaps(self.grid_size)
+            return self.coarse if coarse else self
+        joint = self.coarse if coarse else GridMaps(self.grid_size)  # the map level's k x k maps
         return GridFineCells(joint, self.fine_grid_sizes[level], self.fine_weight, self.map_size)
 
     def pool(self, extractor: FeatureExtractor, images: Tensor, levels: Sequence[int]) -> list[Tensor]:
