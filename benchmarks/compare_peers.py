@@ -101,6 +101,7 @@ from anomaly.evaluation.pixel import upsample_maps
 from anomaly.evaluation.pro import pixel_auroc_and_pro
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.spatial import SpatialGaussianAD
+from anomaly.pooling.grid_maps import GridFineCells
 
 BACKBONE = "efficientnet-lite0"
 TIMM_NAME = "efficientnet_lite0"
@@ -158,6 +159,8 @@ class Features:
 
     def grid(self, level: int, k: int, rows: Tensor) -> Tensor:
         """A level's map of the given images average-pooled to ``(n, C, k, k)``."""
+        if k == 1:  # the global average, as pooled from the full-precision map
+            return self.pooled[level - 1][rows][..., None, None]
         if k in self.grids:
             return self.grids[k][level - 1][rows]
         return F.adaptive_avg_pool2d(self.maps[level][rows].float(), k)
@@ -282,17 +285,14 @@ class Ours(Method):
         pooling = self.model.pooling.for_level(level)
         if pooling.name == "global":
             return feats.pooled[level - 1][rows]
-        if pooling.grid_size == 1:  # a 1x1 grid is the global average
-            pooled = feats.pooled[level - 1][rows]
-            return pooling.arrange(pooled.reshape(*pooled.shape, 1, 1))
         return pooling.rows_from(lambda k: feats.grid(level, k, rows))
 
     def _cacheable(self, level: int) -> bool:
         pooling = self.model.pooling.for_level(level)
-        if pooling.name == "global" or pooling.grid_size == 1:
+        if pooling.name == "global":
             return True
-        fine = getattr(pooling, "fine_levels", ())  # a fine level's own grid comes from its cached map
-        grids_cached = pooling.grid_size in GRID_SIZES and level not in fine
+        fine = isinstance(pooling, GridFineCells)  # its fine grid comes from the level's cached map
+        grids_cached = pooling.grid_size in (1, *GRID_SIZES) and not fine
         return pooling.name in CACHED_POOLINGS and (grids_cached or level in MAP_LEVELS)
 
     def fit(self, feats: Features, fit_rows: Tensor, holdout_rows: Tensor) -> None:

@@ -115,13 +115,16 @@ def run(argv: list[str], out: Path, args: argparse.Namespace) -> dict:
 
 
 def measure_config(config: str, root: Path, out: Path, args: argparse.Namespace) -> dict:
-    """One ``anomaly fit --config folder --config CONFIG`` (fit + test)."""
+    """One ``anomaly fit --config folder --config CONFIG`` (fit + test); CONFIG a shipped name or a file."""
+    method = f"ours: {Path(config).stem}"
+    if Path(config).is_file():
+        config = str(Path(config).resolve())  # the command runs in the scratch folder
     command = [
         sys.executable, "-m", "anomaly", "fit", "--config", "folder", "--config", config,
         "--data.root", str(root.resolve()), "--data.num_workers", "0", "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out / "run"),
     ]  # fmt: skip
-    result = {"method": f"ours: {config}", **run(command, out, args)}
+    result = {"method": method, **run(command, out, args)}
     results = sorted(out.rglob("results.json"))
     metrics = json.loads(results[-1].read_text()) if results else {}
     result["image_auroc"], result["pixel_auroc"] = metrics.get("image_auroc"), metrics.get("pixel_auroc")
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
         for round_ in range(args.rounds):
             for config in args.configs:
-                out = Path(scratch) / f"{round_}_{config}"
+                out = Path(scratch) / f"{round_}_{Path(config).stem}"
                 results.append(measure_config(config, args.root, out, args))
                 report(results[-1])
             for peer in args.peers:

@@ -121,6 +121,23 @@ def test_our_configs_end_to_end_with_costs(tmp_path: Path):
     assert sizes[0] > 2 * sizes[1] > 10_000_000
 
 
+def test_the_recommended_levels_come_from_the_feature_cache():
+    """Every level of the recommended detector (level 6: global for the image score, 14x14 cells for
+    the map) is served by the cache, pooled as the detector pools the level's feature map."""
+    method = peers.config_method("recommended", extractor=None)
+    method.model = method.make()
+    assert all(method._cacheable(level) for level in method.model.levels)
+    generator = torch.Generator().manual_seed(0)
+    level_maps = {lv: torch.randn(3, 8, 14, 14, generator=generator) for lv in peers.MAP_LEVELS}
+    pooled = [level_maps.get(lv, torch.randn(3, 8, 7, 7)).mean(dim=(2, 3)) for lv in range(1, 10)]
+    feats = peers.Features(paths=["a", "b", "c"], pooled=pooled, grids={}, maps=level_maps)
+    rows = torch.tensor([2, 0])
+    pooling = method.model.pooling.for_level(6)
+    want = pooling.rows_from(lambda k: F.adaptive_avg_pool2d(level_maps[6][rows], k))
+    assert want.shape == (2, (1 + 14 * 14) * 8)
+    torch.testing.assert_close(method._cached_rows(feats, 6, rows), want)
+
+
 def test_bad_arguments_are_one_line_errors(capsys):
     assert peers.main(["--datasets", "bottle", "--mvtec", "x", "--isolate"]) == 2
     assert capsys.readouterr().err.strip() == (

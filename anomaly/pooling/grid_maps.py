@@ -10,10 +10,12 @@ in the paper) and modelled as by ``grid``: their joint distances add to the imag
 to the map. Deep levels see the whole part; at the map's grid their ``k^2 C`` Gaussians would
 be large, on a coarse grid they are small.
 
-``fine_levels`` are modelled twice: as above, and by one Gaussian per cell of a finer
-``fine_grid_size`` grid (:mod:`anomaly.stats.grid_fine`, ``f^2 C^2`` floats a level). Their fine
-cells' distances, times ``fine_weight``, add to the map, which is then ``f x f`` (the
-coarse cells' maps bilinearly upsampled to it); the image score is unchanged.
+``fine_levels`` are modelled twice: as above (on the map's grid, or on the coarse grid for a
+coarse level), and by one Gaussian per cell of a finer ``fine_grid_size`` grid
+(:mod:`anomaly.stats.grid_fine`, ``f^2 C^2`` floats a level; one size for all fine levels, or
+one per fine level). Their fine cells' distances, times ``fine_weight``, add to the map, which is
+then as fine as the finest of them (coarser maps bilinearly upsampled to it); the image score is
+unchanged. A coarse level with fine cells thus adds to the map too, through its fine cells only.
 """
 
 from __future__ import annotations
@@ -27,12 +29,18 @@ from torch import Tensor, nn
 from anomaly.backbones import FeatureExtractor
 from anomaly.backbones.extractor import grid_means
 from anomaly.errors import UserError
-from anomaly.pooling.base import FLOAT64_BYTES, check_grid_size
+from anomaly.pooling.base import FLOAT64_BYTES, Pooling, check_grid_size
 from anomaly.pooling.grid import Grid
 from anomaly.stats.cells import cells_memory_bytes, fit_cells
 from anomaly.stats.gaussian import fit_gaussian
 from anomaly.stats.grid_cells import GridCellScorer
-from anomaly.stats.grid_fine import GridFineMoments, GridFineMomentsValue, GridFineScorer
+from anomaly.stats.grid_fine import (
+    CoarseFineScorer,
+    FineCellsScorer,
+    GridFineMoments,
+    GridFineMomentsValue,
+    GridFineScorer,
+)
 from anomaly.stats.moments import Moments
 
 
@@ -54,6 +62,32 @@ def check_fine_weight(weight: object) -> float:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
         raise UserError(f"fine_weight must be a finite positive number, got {weight!r}")
     return float(weight)
+
+
+def check_fine_grid_sizes(fine_levels: Sequence[int], fine_grid_size: object) -> dict[int, int]:
+    """Each fine level's cells per side: one ``fine_grid_size`` for all, or a list of one per fine level
+    (without fine levels, e.g. ``fine_levels: []`` over a config that had some, any sizes are left)."""
+    listed = isinstance(fine_grid_size, Sequence) and not isinstance(fine_grid_size, (str, bytes))
+    sizes = [
+        check_grid_size(size, GridMaps.name) for size in (fine_grid_size if listed else [fine_grid_size])
+    ]
+    if listed and fine_levels and len(sizes) != len(fine_levels):
+        raise UserError(
+            f"fine_grid_size lists {len(sizes)} sizes for the {len(fine_levels)} fine_levels "
+            f"{list(fine_levels)}: give one size for all, or one per fine level"
+        )
+    return dict(zip(fine_levels, sizes if listed else sizes * len(fine_levels), strict=False))
+
+
+def fine_levels_among(
+    levels: Sequence[int], fine_levels: object, fine_grid_size: object
+) -> tuple[list[int], int | list[int]]:
+    """``fine_levels`` and ``fine_grid_size`` (checked) for those fine levels that are among ``levels``
+    (a list of sizes keeps the kept levels' sizes), so that ``levels`` can be changed alone."""
+    fine_levels = check_coarse_levels(fine_levels, "fine_levels")
+    sizes = check_fine_grid_sizes(fine_levels, fine_grid_size)
+    kept = [lv for lv in fine_levels if lv in levels]
+    return kept, fine_grid_size if isinstance(fine_grid_size, int) else [sizes[lv] for lv in kept]
 
 
 def bilinear_matrix(size: int, source: int) -> Tensor:
@@ -90,9 +124,10 @@ class GridMaps(Grid):
         coarse_levels: levels pooled to ``coarse_grid_size`` cells per side instead, for the
             image score only (their joint distance under one Gaussian, as ``grid``).
         coarse_grid_size: the coarse levels' cells per side (1: global average pooling).
-        fine_levels: map levels also modelled by one Gaussian per cell of a
+        fine_levels: levels (map or coarse levels) also modelled by one Gaussian per cell of a
             ``fine_grid_size`` grid, whose distances add to the map.
-        fine_grid_size: f, the fine cells per side (the map is then ``f x f``).
+        fine_grid_size: f, the fine cells per side: one for all fine levels, or a list of one per
+            fine level (the map is then as fine as the finest).
         fine_weight: the fine cells' distances' weight in the map.
     """
 
@@ -106,7 +141,7 @@ class GridMaps(Grid):
         coarse_levels: Sequence[int] = (),
         coarse_grid_size: int = 1,
         fine_levels: Sequence[int] = (),
-        fine_grid_size: int = 28,
+        fine_grid_size: int | Sequence[int] = 28,
         fine_weight: float = 1.0,
     ) -> None:
         super().__init__(grid_size)
@@ -114,15 +149,14 @@ class GridMaps(Grid):
         self.coarse_grid_size = check_grid_size(coarse_grid_size, self.name)
         self.coarse = Grid(self.coarse_grid_size)
         self.fine_levels = check_coarse_levels(fine_levels, "fine_levels")
-        both = sorted(set(self.fine_levels) & set(self.coarse_levels))
-        if both:
-            raise UserError(
-                f"levels {both} are both coarse_levels and fine_levels: a coarse level gives no map"
-            )
-        self.fine_grid_size = check_grid_size(fine_grid_size, self.name)
+        #: Each fine level's cells per side.
+        self.fine_grid_sizes = check_fine_grid_sizes(self.fine_levels, fine_grid_size)
+        sizes = list(self.fine_grid_sizes.values())
+        #: ``fine_grid_size`` as saved: one size where all fine levels share it, else one per level.
+        self.fine_grid_size = sizes[0] if len(set(sizes)) == 1 else sizes or fine_grid_size
         self.fine_weight = check_fine_weight(fine_weight)
-        #: The map's cells per side: the fine grid's, where there are fine levels.
-        self.map_size = max(self.grid_size, self.fine_grid_size) if self.fine_levels else self.grid_size
+        #: The map's cells per side: the finest fine grid's, where there are fine levels.
+        self.map_size = max([self.grid_size, *sizes])
 
     def options(self) -> dict:
         options = super().options()
@@ -141,10 +175,12 @@ class GridMaps(Grid):
         fine = self.fine_levels and f" (fine cells of levels {list(self.fine_levels)}: {self.fine_grid_size})"
         return super().describe_size() + (coarse or "") + (fine or "")
 
-    def for_level(self, level: int) -> Grid:
-        if level in self.coarse_levels:
-            return self.coarse
-        return GridFineCells(self) if level in self.fine_levels else self
+    def for_level(self, level: int) -> Pooling:
+        coarse = level in self.coarse_levels
+        if level not in self.fine_levels:
+            return self.coarse if coarse else self
+        joint = self.coarse if coarse else GridMaps(self.grid_size)  # the map level's k x k maps
+        return GridFineCells(joint, self.fine_grid_sizes[level], self.fine_weight, self.map_size)
 
     def pool(self, extractor: FeatureExtractor, images: Tensor, levels: Sequence[int]) -> list[Tensor]:
         """One backbone pass; each level pooled to its own grid(s)."""
@@ -197,53 +233,76 @@ class GridMaps(Grid):
         return resize_maps(cells.reshape(-1, self.grid_size, self.grid_size), self.map_size)
 
 
-class GridFineCells(GridMaps):
-    """How :class:`GridMaps` models one of its ``fine_levels``: the grid's joint Gaussian, and
-    one Gaussian per cell of the fine grid (rows ``[k^2 C grid vector, f^2 C fine cells]``)."""
+class GridFineCells(Pooling):
+    """How :class:`GridMaps` models one of its ``fine_levels``: its ``joint`` pooling (the map's
+    ``k x k`` grid with conditional cell maps, or a coarse level's ``c x c`` grid) and one Gaussian
+    per cell of an ``f x f`` grid (rows ``[joint vector, f^2 C fine cells]``)."""
 
-    def __init__(self, parent: GridMaps) -> None:
-        super().__init__(
-            parent.grid_size,
-            fine_levels=parent.fine_levels,
-            fine_grid_size=parent.fine_grid_size,
-            fine_weight=parent.fine_weight,
-        )
+    name = "grid_maps"
+    makes_maps = True
+    supports_reduction = False
+
+    def __init__(self, joint: Grid, fine_grid_size: int, fine_weight: float, map_size: int) -> None:
+        self.joint, self.fine_grid_size, self.fine_weight = joint, fine_grid_size, fine_weight
+        self.map_size = map_size
+        self.grid_size = joint.grid_size
+
+    def options(self) -> dict:
+        return {
+            "name": self.name,
+            "joint": self.joint.options(),
+            "fine_grid_size": self.fine_grid_size,
+            "fine_weight": self.fine_weight,
+            "map_size": self.map_size,
+        }
+
+    @property
+    def joint_cells(self) -> int:
+        return self.grid_size**2
 
     @property
     def fine_cells(self) -> int:
         return self.fine_grid_size**2
 
-    def for_level(self, level: int) -> Grid:
-        return self
+    @property
+    def joint_map_columns(self) -> int:
+        """The joint scorer's map columns after its column 0 (none for a coarse level)."""
+        return self.joint_cells if self.joint.makes_maps else 0
+
+    def pool(self, extractor: FeatureExtractor, images: Tensor, levels: Sequence[int]) -> list[Tensor]:
+        maps = extractor.feature_maps(images, levels)
+        return [self.rows_from(lambda k, fmap=fmap: grid_means(fmap.float(), k)) for fmap in maps]
 
     def rows_from(self, grid_of: Callable[[int], Tensor]) -> Tensor:
         fine = grid_of(self.fine_grid_size).flatten(2).transpose(1, 2).flatten(1)  # cell-major, as Cells
-        return torch.cat([self.arrange(grid_of(self.grid_size)), fine], dim=1)
+        return torch.cat([self.joint.rows_from(grid_of), fine], dim=1)
 
     def modelled_dim(self, channels: int) -> int:
-        return (self.grid_size**2 + self.fine_cells) * channels
+        return (self.joint_cells + self.fine_cells) * channels
 
     def channels(self, dim: int) -> int:
-        return max(dim // (self.grid_size**2 + self.fine_cells), 1)
+        return max(dim // (self.joint_cells + self.fine_cells), 1)
 
     def state_bytes(self, channels: Sequence[int]) -> int:
-        joint = GridMaps(self.grid_size).state_bytes(channels)
-        return joint + sum(cells_memory_bytes(self.fine_cells, c) for c in channels)
+        return self.joint.state_bytes(channels) + sum(
+            cells_memory_bytes(self.fine_cells, c) for c in channels
+        )
 
     def accumulator(self, dim: int) -> GridFineMoments:
-        return GridFineMoments(self.grid_size**2, self.fine_cells, self.channels(dim))
+        return GridFineMoments(self.joint_cells, self.fine_cells, self.channels(dim))
 
     def moment_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
         channels = self.channels(dim)
-        joint = super().moment_shapes(self.grid_size**2 * channels)
+        joint = self.joint.moment_shapes(self.joint_cells * channels)
         cells = super().moment_shapes(channels)
         return {
             **{f"joint.{name}": shape for name, shape in joint.items()},
             **{f"cells.{name}": (self.fine_cells, *shape) for name, shape in cells.items()},
         }
 
-    def scorer(self, dim: int) -> GridFineScorer:
-        return GridFineScorer(self.grid_size**2, self.fine_cells, dim)
+    def scorer(self, dim: int) -> FineCellsScorer:
+        kind = GridFineScorer if self.joint.makes_maps else CoarseFineScorer
+        return kind(self.joint_cells, self.fine_cells, dim)
 
     def fit(self, scorer: nn.Module, moments: GridFineMomentsValue, projection: Tensor | None = None) -> None:
         if projection is not None:
@@ -253,49 +312,60 @@ class GridFineCells(GridMaps):
     def expected_shapes(self, in_dim: int, tensors: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         channels, cells = self.channels(in_dim), self.fine_cells
         return {
-            **super().expected_shapes(self.grid_size**2 * channels, tensors),
+            **self.joint.expected_shapes(self.joint_cells * channels, tensors),
             "fine_mean": (cells, channels),
             "fine_precision": (cells, channels, channels),
             "fine_std": (cells, channels),
             "fine_shrinkage": (cells,),
         }
 
-    def scorer_from_tensors(self, tensors: dict[str, Tensor], in_dim: int) -> GridFineScorer:
-        joint = super().scorer_from_tensors(tensors, self.grid_size**2 * self.channels(in_dim))
-        cells = self.grid_size**2
-        # placeholders, replaced below
-        scorer = GridFineScorer(cells, self.fine_cells, cells + self.fine_cells)
+    def scorer_from_tensors(
+        self, tensors: dict[str, Tensor], in_dim: int
+    ) -> GridFineScorer | CoarseFineScorer:
+        joint = self.joint.scorer_from_tensors(tensors, self.joint_cells * self.channels(in_dim))
+        scorer = self.scorer(self.joint_cells + self.fine_cells)  # placeholders, replaced below
         for name, value in joint.named_buffers():
             setattr(scorer, name, value)
         for name in ("fine_mean", "fine_precision", "fine_std", "fine_shrinkage"):
             setattr(scorer, name, tensors[name].clone())
         return scorer
 
+    def image_distances(self, distances: Tensor) -> Tensor:
+        return distances[:, 0]
+
     def to_map(self, distances: Tensor) -> Tensor:
-        """The coarse cells' map, upsampled, plus ``fine_weight`` times the fine cells' distances."""
-        fine = distances[:, 1 + self.grid_size**2 :].reshape(-1, self.fine_grid_size, self.fine_grid_size)
-        return super().to_map(distances) + self.fine_weight * resize_maps(fine, self.map_size)
+        """``fine_weight`` times the fine cells' distances, plus the joint cells' map (a map level's)."""
+        fine_columns = distances[:, 1 + self.joint_map_columns :]
+        fine = resize_maps(fine_columns.reshape(-1, self.fine_grid_size, self.fine_grid_size), self.map_size)
+        if not self.joint.makes_maps:
+            return self.fine_weight * fine
+        joint = self.joint.to_map(distances[:, : 1 + self.joint_map_columns])
+        return resize_maps(joint, self.map_size) + self.fine_weight * fine
 
 
-#: The recommended detector (configs/recommended.yaml): levels 3-5 on a 7x7 grid with maps, level 4
-#: also as 28x28 cells (half weight in the map), levels 6-9 pooled globally for the image score.
+#: The recommended detector (configs/recommended.yaml): levels 3-5 on a 7x7 grid with maps, levels
+#: 6-9 pooled globally for the image score; level 4 also as 28x28 cells and level 6 as 14x14 cells,
+#: at half weight in the map.
 RECOMMENDED_LEVELS = (3, 4, 5, 6, 7, 8, 9)
 RECOMMENDED_GRID_SIZE = 7
 RECOMMENDED_COARSE_LEVELS = (6, 7, 8, 9)
-RECOMMENDED_FINE_LEVELS = (4,)
-RECOMMENDED_FINE_GRID_SIZE = 28
+RECOMMENDED_FINE_LEVELS = (4, 6)
+RECOMMENDED_FINE_GRID_SIZE = (28, 14)
 RECOMMENDED_FINE_WEIGHT = 0.5
 
 
 def recommended_pooling(levels: Sequence[int] = RECOMMENDED_LEVELS) -> GridMaps:
     """The recommended detector's pooling for ``levels`` (the coarse ones among them stay coarse, the
     fine ones keep their fine cells)."""
+    fine_levels, fine_grid_size = fine_levels_among(
+        levels, RECOMMENDED_FINE_LEVELS, RECOMMENDED_FINE_GRID_SIZE
+    )
     return GridMaps(
         RECOMMENDED_GRID_SIZE,
         coarse_levels=[lv for lv in RECOMMENDED_COARSE_LEVELS if lv in levels],
         coarse_grid_size=1,
-        fine_levels=[lv for lv in RECOMMENDED_FINE_LEVELS if lv in levels],
-        fine_grid_size=RECOMMENDED_FINE_GRID_SIZE,
+        fine_levels=fine_levels,
+        fine_grid_size=fine_grid_size,
         fine_weight=RECOMMENDED_FINE_WEIGHT,
     )
 
@@ -305,6 +375,8 @@ __all__ = [
     "GridFineCells",
     "GridMaps",
     "check_coarse_levels",
+    "check_fine_grid_sizes",
+    "fine_levels_among",
     "recommended_pooling",
     "resize_maps",
 ]

@@ -7,6 +7,10 @@ Gaussian per cell (:mod:`anomaly.stats.cells`, PaDiM's per-position model), cost
 ``f^2 C^2`` and sees defects the coarse cells average away. The rows of such a level are
 the two poolings side by side, ``[k^2 C grid vector, f^2 C cells]``; both models stream
 their own exact, mergeable moments, held together as :class:`GridFineMoments`.
+
+A coarse level (pooled to a small ``c x c`` grid, often globally, for the image score only)
+can have fine cells too: its rows are ``[c^2 C coarse vector, f^2 C cells]``, its joint
+Gaussian gives no map of its own (:class:`CoarseFineScorer`), its fine cells do.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from anomaly.stats.cells import CellMoments, cell_distances
 from anomaly.stats.gaussian import GaussianFit
 from anomaly.stats.grid_cells import GridCellScorer
 from anomaly.stats.moments import Moments, RunningMoments
+from anomaly.stats.scorer import GaussianScorer
 
 #: Rows whose fine cells are streamed at once (the per-cell moments' temporaries scale with it).
 CHUNK_ROWS = 32
@@ -75,19 +80,11 @@ class GridFineMoments(nn.Module):
         self.cells.merge_(other.cells)
 
 
-class GridFineScorer(GridCellScorer):
-    """Scores grid-and-fine-cells rows: ``{"mahalanobis", "l2", "sed"}``, each ``(n, 1 + k^2 + f^2)``.
+class FineCellsScorer:
+    """What a level's scorer adds for its fine cells (a mixin before the joint scorer's class): one
+    Gaussian per fine cell (buffers ``fine_*``), whose distances follow the joint scorer's columns."""
 
-    Column 0 is the joint distance of the grid vector, columns ``1 .. k^2`` each coarse cell's
-    distance given the other cells (:class:`~anomaly.stats.grid_cells.GridCellScorer`), the
-    last ``f^2`` each fine cell's distance to its own Gaussian.
-    """
-
-    def __init__(self, cells: int, fine_cells: int, in_dim: int) -> None:
-        if fine_cells < 1 or in_dim % (cells + fine_cells):
-            raise ValueError(f"a {in_dim}-dim row does not split into {cells} + {fine_cells} cells")
-        channels = in_dim // (cells + fine_cells)
-        super().__init__(cells, cells * channels)
+    def add_fine_cells(self, fine_cells: int, channels: int) -> None:
         f64 = {"dtype": torch.float64}
         self.register_buffer("fine_mean", torch.zeros(fine_cells, channels, **f64))
         self.register_buffer("fine_precision", torch.eye(channels, **f64).repeat(fine_cells, 1, 1))
@@ -114,7 +111,7 @@ class GridFineScorer(GridCellScorer):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         joint, fine = split_rows(x, int(self.projection.shape[0]), self.fine_cells)
-        coarse = super().forward(joint)
+        coarse = {kind: value.reshape(x.shape[0], -1) for kind, value in super().forward(joint).items()}
         # a few rows at a time: the per-cell float64 temporaries stay small whatever the batch
         # (a traced export scores its batch in one piece, so that the batch size can change)
         chunks = [fine] if torch.jit.is_tracing() else fine.split(CHUNK_ROWS)
@@ -123,4 +120,43 @@ class GridFineScorer(GridCellScorer):
         return {kind: torch.cat([coarse[kind], cells[kind]], dim=1) for kind in coarse}
 
 
-__all__ = ["GridFineMoments", "GridFineMomentsValue", "GridFineScorer", "split_rows"]
+def split_channels(cells: int, fine_cells: int, in_dim: int) -> int:
+    """The channels of rows of ``cells`` joint and ``fine_cells`` fine cells, ``in_dim`` wide."""
+    if fine_cells < 1 or in_dim % (cells + fine_cells):
+        raise ValueError(f"a {in_dim}-dim row does not split into {cells} + {fine_cells} cells")
+    return in_dim // (cells + fine_cells)
+
+
+class GridFineScorer(FineCellsScorer, GridCellScorer):
+    """Scores grid-and-fine-cells rows: ``{"mahalanobis", "l2", "sed"}``, each ``(n, 1 + k^2 + f^2)``.
+
+    Column 0 is the joint distance of the grid vector, columns ``1 .. k^2`` each coarse cell's
+    distance given the other cells (:class:`~anomaly.stats.grid_cells.GridCellScorer`), the
+    last ``f^2`` each fine cell's distance to its own Gaussian.
+    """
+
+    def __init__(self, cells: int, fine_cells: int, in_dim: int) -> None:
+        channels = split_channels(cells, fine_cells, in_dim)
+        super().__init__(cells, cells * channels)
+        self.add_fine_cells(fine_cells, channels)
+
+
+class CoarseFineScorer(FineCellsScorer, GaussianScorer):
+    """Scores the rows of a coarse level with fine cells: ``{"mahalanobis", "l2", "sed"}``, each
+    ``(n, 1 + f^2)``: column 0 the joint distance of the coarse ``c^2 C`` grid vector (the
+    ``grid`` pooling's score), the last ``f^2`` each fine cell's distance to its own Gaussian."""
+
+    def __init__(self, cells: int, fine_cells: int, in_dim: int) -> None:
+        channels = split_channels(cells, fine_cells, in_dim)
+        super().__init__(cells * channels)
+        self.add_fine_cells(fine_cells, channels)
+
+
+__all__ = [
+    "CoarseFineScorer",
+    "FineCellsScorer",
+    "GridFineMoments",
+    "GridFineMomentsValue",
+    "GridFineScorer",
+    "split_rows",
+]

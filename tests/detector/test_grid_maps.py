@@ -55,13 +55,21 @@ def test_grid_maps_detector_reloads_and_exports_scores_and_maps(tiny_mvtec: Path
     assert level_scores.shape == (3, 2)
 
 
-def test_fine_levels_save_load_and_export_their_finer_maps(tmp_path: Path):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"fine_levels": [4], "fine_grid_size": 4},
+        # level 4 global for the image score, its 4x4 cells in the map beside level 2's 3x3 ones
+        {"coarse_levels": [4], "fine_levels": [2, 4], "fine_grid_size": [3, 4]},
+    ],
+)
+def test_fine_levels_save_load_and_export_their_finer_maps(options: dict, tmp_path: Path):
     from anomaly.detector.inputs import image_batch
     from anomaly.export import export_torchscript
     from anomaly.pooling import GridMaps
     from tests.detector.helpers import demo_images, fit_demo_detector
 
-    pooling = GridMaps(2, fine_levels=[4], fine_grid_size=4, fine_weight=0.5)
+    pooling = GridMaps(2, fine_weight=0.5, **options)
     detector = fit_demo_detector(pooling=pooling)
     _, good, bad = demo_images()
     images = image_batch(good[:2] + bad[:2], detector.image_size_)

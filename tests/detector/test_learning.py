@@ -89,10 +89,14 @@ CASES = {
     "cells": {"pooling": "cells"},
     "grid_maps": {"pooling": "grid_maps"},
     "grid_maps fine": {"pooling": "grid_maps", "fine": {"fine_levels": [2], "fine_grid_size": 4}},
+    "grid_maps coarse fine": {  # level 4 global for the image score, its 2x2 cells in the map
+        "pooling": "grid_maps",
+        "fine": {"coarse_levels": [4], "fine_levels": [2, 4], "fine_grid_size": [4, 2]},
+    },
     "tiled": {"pooling": "global", "tiles": "1x2", "fit_rule": "pad"},
     "recommended": {},  # the default pooling
 }
-FAST_CASES = ("global", "global npca", "cells", "grid_maps fine")
+FAST_CASES = ("global", "global npca", "cells", "grid_maps fine", "grid_maps coarse fine")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +125,9 @@ def test_update_and_merge_equal_one_fit_of_the_union(case: str, images, fitted):
     assert_same_detector(merged, union, images["test"])
 
 
-@pytest.mark.parametrize("case", ["global", "global npca", "cells", "grid_maps fine"])
+@pytest.mark.parametrize(
+    "case", ["global", "global npca", "cells", "grid_maps fine", "grid_maps coarse fine"]
+)
 def test_a_saved_detector_keeps_all_it_needs_to_learn_more(case: str, images, fitted, tmp_path: Path):
     more = write_images(tmp_path / "c", 3, 5)
     loaded = GaussianDetector.load(fitted(case, "a").save(tmp_path / "a.safetensors"))

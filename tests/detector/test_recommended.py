@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from sklearn.covariance import LedoitWolf
 
 from anomaly.commands import main
 from anomaly.configs import CONFIG_DIR
 from anomaly.detector.model import GaussianDetectorModel
 from anomaly.errors import UserError
 from anomaly.pooling import RECOMMENDED_LEVELS, Grid, GridMaps, build_pooling, recommended_pooling
+from anomaly.pooling.grid_maps import fine_levels_among, resize_maps
 from anomaly.stats.gaussian import fit_gaussian
 from anomaly.stats.moments import RunningMoments
 
@@ -49,6 +52,21 @@ def test_coarse_levels_score_as_their_own_grid_and_leave_the_map_to_the_others()
         columns["mahalanobis/sum"], fine_columns["mahalanobis/sum"] + coarse_columns["mahalanobis/sum"]
     )
 
+    # the coarse level with 3x3 fine cells (rows [5 global, 9 x 5 cells]): the same image scores, and
+    # the map gains half its cells' Ledoit-Wolf distances (sklearn), the map then 3x3
+    cells = torch.randn(train + test, 9 * 5, generator=generator)
+    with_cells = [fine[0], torch.cat([coarse[0], cells], dim=1)]
+    pooling = GridMaps(k, coarse_levels=[2], fine_levels=[2], fine_grid_size=3, fine_weight=0.5)
+    model = fitted_model([1, 2], [3, 5], pooling, [rows[:train] for rows in with_cells])
+    assert model.in_dims == [3 * k * k, 5 + 9 * 5]
+    cell_columns, cell_maps = model.score([rows[train:] for rows in with_cells])
+    for name in columns:
+        torch.testing.assert_close(cell_columns[name], columns[name], rtol=1e-12, atol=1e-12)
+    per_cell = cells.reshape(train + test, 9, 5).double().numpy()
+    squared = [LedoitWolf().fit(per_cell[:train, j]).mahalanobis(per_cell[train:, j]) for j in range(9)]
+    own = torch.from_numpy(np.sqrt(np.stack(squared, axis=1))).reshape(test, 3, 3)
+    torch.testing.assert_close(cell_maps, resize_maps(maps, 3) + 0.5 * own, rtol=1e-6, atol=1e-8)
+
 
 def test_coarse_levels_are_checked():
     with pytest.raises(UserError, match="increasing"):
@@ -66,6 +84,28 @@ def test_the_recommended_config_is_the_api_default():
     options = {k: init[k] for k in keys}
     assert build_pooling(init["pooling"], **options) == recommended_pooling()
     assert tuple(init["levels"]) == RECOMMENDED_LEVELS
+
+
+def test_every_spatial_config_over_the_recommended_one_builds_its_pooling():
+    """``anomaly fit --config NAME`` reads NAME over the recommended config: options NAME leaves out
+    (e.g. the fine grid sizes where it has no fine levels) must not make its own invalid."""
+    recommended = yaml.safe_load((CONFIG_DIR / "recommended.yaml").read_text())["model"]
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        if model.get("class_path") != recommended["class_path"]:
+            continue
+        init = {**recommended["init_args"], **model.get("init_args", {})}
+        levels = init["levels"] or range(1, 10)
+        fine_levels, fine_grid_size = fine_levels_among(levels, init["fine_levels"], init["fine_grid_size"])
+        pooling = build_pooling(
+            init["pooling"],
+            grid_size=init["grid_size"],
+            coarse_levels=init["coarse_levels"],
+            fine_levels=fine_levels,
+            fine_grid_size=fine_grid_size,
+            fine_weight=init["fine_weight"],
+        )
+        assert pooling.name == init["pooling"], path.name
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from sklearn.covariance import LedoitWolf
 from torch.nn import functional as F
 
 from anomaly.errors import UserError
-from anomaly.pooling import Cells, GridMaps, build_pooling
+from anomaly.pooling import Cells, Grid, GridMaps, build_pooling
 from anomaly.pooling.grid_maps import resize_maps
 from anomaly.stats import grid_fine
 from anomaly.stats.cells import cell_moments
@@ -27,49 +27,65 @@ def feature_maps(n: int, seed: int) -> torch.Tensor:
     return maps + 0.5 * maps.roll(1, dims=1) + torch.randn(n, CHANNELS, 1, 1, generator=generator)
 
 
+#: A map level with fine cells, and a coarse (global) level with fine cells.
+FINE_POOLINGS = {
+    "map level": GridMaps(K, fine_levels=[4], fine_grid_size=FINE, fine_weight=0.5),
+    "coarse level": GridMaps(K, coarse_levels=[4], fine_levels=[4], fine_grid_size=[FINE], fine_weight=0.5),
+}
+
+
 def fine_rows(pooling: GridMaps, maps: torch.Tensor) -> torch.Tensor:
     return pooling.for_level(4).rows_from(lambda k: F.adaptive_avg_pool2d(maps, k))
 
 
-def test_fine_cells_are_sklearn_ledoit_wolf_per_cell_and_the_coarse_part_the_grid_maps(monkeypatch):
-    pooling = GridMaps(K, fine_levels=[4], fine_grid_size=FINE, fine_weight=0.5)
-    level = pooling.for_level(4)
+@pytest.mark.parametrize("case", FINE_POOLINGS)
+def test_fine_cells_are_sklearn_ledoit_wolf_per_cell_and_the_joint_part_the_levels_own(case, monkeypatch):
+    pooling = FINE_POOLINGS[case]
+    level, joint = pooling.for_level(4), GridMaps(K) if case == "map level" else Grid(1)
+    joint_cells = K * K if case == "map level" else 1
+    map_columns = K * K if case == "map level" else 0
     train_maps, test_maps = feature_maps(50, 0), feature_maps(6, 1)
     train, test = fine_rows(pooling, train_maps), fine_rows(pooling, test_maps)
-    assert train.shape[1] == level.modelled_dim(CHANNELS) == (K * K + FINE * FINE) * CHANNELS
+    assert train.shape[1] == level.modelled_dim(CHANNELS) == (joint_cells + FINE * FINE) * CHANNELS
     scorer = fitted(level, train)
     distances = scorer(test)
-    assert distances["mahalanobis"].shape == (6, 1 + K * K + FINE * FINE)
+    assert distances["mahalanobis"].shape == (6, 1 + map_columns + FINE * FINE)
     monkeypatch.setattr(grid_fine, "CHUNK_ROWS", 4)  # streamed and scored a few rows at a time: the same
     for kind, values in fitted(level, train)(test).items():
         torch.testing.assert_close(values, distances[kind], rtol=1e-10, atol=1e-10)
 
-    # the first 1 + k^2 columns are the grid_maps pooling's, for every kind
-    coarse = fitted(GridMaps(K), train[:, : K * K * CHANNELS])(test[:, : K * K * CHANNELS])
+    # the first columns are the level's without fine cells (grid_maps, or the coarse grid), every kind
+    joint_dim = joint_cells * CHANNELS
+    coarse = fitted(joint, train[:, :joint_dim])(test[:, :joint_dim])
     for kind in coarse:
-        np.testing.assert_allclose(distances[kind][:, : 1 + K * K], coarse[kind], rtol=1e-10)
+        np.testing.assert_allclose(
+            distances[kind][:, : 1 + map_columns], coarse[kind].reshape(6, -1), rtol=1e-10
+        )
+    np.testing.assert_allclose(level.image_distances(distances["l2"]), joint.image_distances(coarse["l2"]))
 
     # the fine columns are sklearn's Ledoit-Wolf Mahalanobis distance of each cell (as pooling cells)
     cells = Cells(FINE).arrange(F.adaptive_avg_pool2d(train_maps, FINE)).double().numpy()
     test_cells = Cells(FINE).arrange(F.adaptive_avg_pool2d(test_maps, FINE)).double().numpy()
-    fine = distances["mahalanobis"][:, 1 + K * K :].numpy()
+    fine = distances["mahalanobis"][:, 1 + map_columns :].numpy()
     for j in range(FINE * FINE):
         expected = LedoitWolf().fit(cells[:, j]).mahalanobis(test_cells[:, j])
         np.testing.assert_allclose(fine[:, j] ** 2, expected, rtol=1e-6)
 
-    # the map: the coarse cells' map upsampled bilinearly to f x f, plus the weighted fine cells
-    coarse_map = distances["mahalanobis"][:, 1 : 1 + K * K].reshape(-1, 1, K, K)
-    upsampled = F.interpolate(coarse_map, size=(FINE, FINE), mode="bilinear", align_corners=False)[:, 0]
-    want = upsampled + 0.5 * torch.from_numpy(fine).reshape(-1, FINE, FINE)
+    # the map: the weighted fine cells, plus a map level's coarse cells upsampled bilinearly to f x f
+    want = 0.5 * torch.from_numpy(fine).reshape(-1, FINE, FINE)
+    if case == "map level":
+        coarse_map = distances["mahalanobis"][:, 1 : 1 + K * K].reshape(-1, 1, K, K)
+        upsampled = F.interpolate(coarse_map, size=(FINE, FINE), mode="bilinear", align_corners=False)[:, 0]
+        want = want + upsampled
+        # a level without fine cells gives its map at the same f x f size
+        assert pooling.to_map(coarse["mahalanobis"]).shape == (6, FINE, FINE)
+        np.testing.assert_allclose(pooling.to_map(coarse["mahalanobis"]), upsampled, rtol=1e-10)
     np.testing.assert_allclose(level.to_map(distances["mahalanobis"]), want, rtol=1e-10)
-    # a level without fine cells gives its map at the same f x f size
-    assert pooling.to_map(coarse["mahalanobis"]).shape == (6, FINE, FINE)
-    np.testing.assert_allclose(pooling.to_map(coarse["mahalanobis"]), upsampled, rtol=1e-10)
-    np.testing.assert_allclose(level.image_distances(distances["l2"]), coarse["l2"][:, 0], rtol=1e-10)
 
 
-def test_fine_moments_streamed_merged_and_gathered_equal_one_pass():
-    pooling = GridMaps(K, fine_levels=[4], fine_grid_size=FINE)
+@pytest.mark.parametrize("case", FINE_POOLINGS)
+def test_fine_moments_streamed_merged_and_gathered_equal_one_pass(case):
+    pooling = FINE_POOLINGS[case]
     level = pooling.for_level(4)
     rows = fine_rows(pooling, feature_maps(30, 2)).double()
     whole, first, second = (level.accumulator(rows.shape[1]) for _ in range(3))
@@ -112,8 +128,25 @@ def test_fine_levels_options_memory_and_refusals():
     # the fine cells cost f^2 C^2 float64 twice (moments and precisions), beside the grid's state
     assert pooling.levels_state_bytes([40], [4]) == GridMaps(7).state_bytes([40]) + 2 * 28**2 * 40**2 * 8
     assert pooling.levels_state_bytes([40], [3]) == GridMaps(7).state_bytes([40])
-    with pytest.raises(UserError, match="both coarse_levels and fine_levels"):
-        GridMaps(7, coarse_levels=[4, 6], fine_levels=[4])
+    # a coarse level with fine cells: its coarse grid's state and its cells'; one fine grid per level
+    both = GridMaps(7, coarse_levels=[6], fine_levels=[4, 6], fine_grid_size=[28, 14], fine_weight=0.5)
+    assert both.options()["fine_grid_size"] == [28, 14] and build_pooling(**both.options()) == both
+    assert both.fine_grid_sizes == {4: 28, 6: 14} and both.map_size == 28 and both.level_makes_maps(6)
+    assert (
+        both.levels_state_bytes([40, 112], [4, 6])
+        == pooling.levels_state_bytes([40], [4]) + Grid(1).state_bytes([112]) + 2 * 14**2 * 112**2 * 8
+    )
+    assert "fine cells of levels [4, 6]: [28, 14]" in both.describe_size()
+    same = GridMaps(7, fine_levels=[3, 4], fine_grid_size=[28, 28])  # one size for all: saved as one
+    assert same.options()["fine_grid_size"] == 28 and same == GridMaps(
+        7, fine_levels=[3, 4], fine_grid_size=28
+    )
+    assert GridMaps(7, coarse_levels=[6], fine_levels=[6], fine_grid_size=14).map_size == 14
+    with pytest.raises(UserError, match=r"fine_grid_size lists 1 sizes for the 2 fine_levels \[4, 6\]"):
+        GridMaps(7, fine_levels=[4, 6], fine_grid_size=[28])
+    for size in (0, 65, 2.5, True, [28, "14"]):
+        with pytest.raises(UserError, match="must be a whole number of cells per side"):
+            GridMaps(7, fine_levels=[4, 6], fine_grid_size=size)
     for weight in (0, -1.0, float("nan"), float("inf"), True, "1"):
         with pytest.raises(UserError, match="fine_weight must be a finite positive number"):
             GridMaps(7, fine_levels=[4], fine_weight=weight)
@@ -128,7 +161,7 @@ def test_resize_maps_is_torch_bilinear_upsampling(source: int, size: int):
     torch.testing.assert_close(resize_maps(maps, size), want, rtol=1e-12, atol=1e-12)
 
 
-def _synchronise_half(rank: int, world: int, init: str, rows: torch.Tensor, out: str) -> None:
+def _synchronise_half(rank: int, world: int, init: str, case: str, rows: torch.Tensor, out: str) -> None:
     """One DDP process (gloo): stream its half of ``rows``, synchronise, save what it then holds."""
     import torch.distributed as dist
 
@@ -136,9 +169,7 @@ def _synchronise_half(rank: int, world: int, init: str, rows: torch.Tensor, out:
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        accumulator = (
-            GridMaps(K, fine_levels=[4], fine_grid_size=FINE).for_level(4).accumulator(rows.shape[1])
-        )
+        accumulator = FINE_POOLINGS[case].for_level(4).accumulator(rows.shape[1])
         accumulator.update(rows[rank::world])
         synchronise([accumulator])
         torch.save(dict(accumulator.named_buffers()), f"{out}/rank{rank}.pt")
@@ -147,13 +178,14 @@ def _synchronise_half(rank: int, world: int, init: str, rows: torch.Tensor, out:
 
 
 @pytest.mark.slow
-def test_fine_moments_synchronised_over_two_processes_equal_one_stream(tmp_path):
+@pytest.mark.parametrize("case", FINE_POOLINGS)
+def test_fine_moments_synchronised_over_two_processes_equal_one_stream(case, tmp_path):
     import torch.multiprocessing as mp
 
-    pooling = GridMaps(K, fine_levels=[4], fine_grid_size=FINE)
+    pooling = FINE_POOLINGS[case]
     rows = fine_rows(pooling, feature_maps(24, 3)).double()
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_synchronise_half, args=(2, init, rows, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_synchronise_half, args=(2, init, case, rows, str(tmp_path)), nprocs=2, join=True)
     whole = pooling.for_level(4).accumulator(rows.shape[1])
     whole.update(rows)
     for rank in range(2):

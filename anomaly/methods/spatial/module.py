@@ -36,7 +36,7 @@ from anomaly.methods.features import resolve_levels
 from anomaly.methods.gaussian.module import DEFAULT_DECISION_SCORE, DEFAULT_TARGET_FPR, GaussianAD
 from anomaly.methods.gaussian.working_point import working_point_report
 from anomaly.pooling import POOLINGS, Pooling, build_pooling
-from anomaly.pooling.grid_maps import check_coarse_levels
+from anomaly.pooling.grid_maps import check_coarse_levels, fine_levels_among
 from anomaly.stats.distances import SCORE_TYPES
 
 
@@ -58,9 +58,11 @@ class SpatialGaussianAD(GaussianAD):
             per side (1: globally) whose distances add to the image score, not to the map (others
             are ignored, so that ``levels`` can be changed alone).
         coarse_grid_size: the coarse levels' cells per side.
-        fine_levels: ``grid_maps`` only: those of the map levels also modelled by one Gaussian per
-            cell of a ``fine_grid_size`` grid, whose distances (times ``fine_weight``) add to the map.
-        fine_grid_size: the fine cells per side (the map's resolution with fine levels).
+        fine_levels: ``grid_maps`` only: those of the levels (map or coarse levels) also modelled by
+            one Gaussian per cell of a ``fine_grid_size`` grid, whose distances (times ``fine_weight``)
+            add to the map.
+        fine_grid_size: the fine cells per side: one for all fine levels, or a list of one per fine
+            level (the map's resolution is the finest).
         fine_weight: the fine cells' weight in the map.
         level_weighting: ``none`` (the paper's equal-weight sum) or ``holdout``
             (standardise each level by its held-out normal scores before summing).
@@ -89,7 +91,7 @@ class SpatialGaussianAD(GaussianAD):
         coarse_levels: Sequence[int] = (),
         coarse_grid_size: int = 1,
         fine_levels: Sequence[int] = (),
-        fine_grid_size: int = 28,
+        fine_grid_size: int | Sequence[int] = 28,
         fine_weight: float = 1.0,
         level_weighting: str = "none",
         memory_budget_gb: float = 4.0,
@@ -99,16 +101,17 @@ class SpatialGaussianAD(GaussianAD):
         spec = backbone_spec(backbone)
         resolved = resolve_levels(levels, spec.num_levels, backbone)
         coarse_levels = [lv for lv in check_coarse_levels(coarse_levels) if lv in resolved]  # of these levels
-        fine_levels = [lv for lv in check_coarse_levels(fine_levels, "fine_levels") if lv in resolved]
+        fine_levels, fine_grid_size = fine_levels_among(resolved, fine_levels, fine_grid_size)
         coarse = {"coarse_levels": coarse_levels, "coarse_grid_size": coarse_grid_size}
         fine = {"fine_levels": fine_levels, "fine_grid_size": fine_grid_size, "fine_weight": fine_weight}
         strategy = build_pooling(pooling, grid_size=grid_size, **coarse, **fine)
         coarse_levels = list(getattr(strategy, "coarse_levels", ()))  # other poolings ignore them
         fine_levels = list(getattr(strategy, "fine_levels", ()))
-        if strategy.makes_maps and set(coarse_levels) == set(resolved):
+        fine_grid_size = getattr(strategy, "fine_grid_size", fine_grid_size)  # one size where all share it
+        if strategy.makes_maps and not any(strategy.level_makes_maps(lv) for lv in resolved):
             raise UserError(
-                f"every level of {resolved} is one of the coarse_levels: leave at least one level for the "
-                "anomaly map (--model.coarse_levels)"
+                f"every level of {resolved} is one of the coarse_levels, none with fine cells: leave at "
+                "least one level for the anomaly map (--model.coarse_levels, --model.fine_levels)"
             )
         check_weighting(level_weighting)
         if not strategy.supports_reduction and reduction != "none":
@@ -145,7 +148,8 @@ class SpatialGaussianAD(GaussianAD):
         if self.coarse_levels:
             name += f"_coarse-{'-'.join(map(str, self.coarse_levels))}-{self.coarse_grid_size}"
         if self.fine_levels:
-            name += f"_fine-{'-'.join(map(str, self.fine_levels))}-{self.fine_grid_size}-{self.fine_weight:g}"
+            sizes = self.fine_grid_size if isinstance(self.fine_grid_size, list) else [self.fine_grid_size]
+            name += f"_fine-{'-'.join(map(str, [*self.fine_levels, *sizes]))}-{self.fine_weight:g}"
         if self.level_weighting != "none":
             name += f"_weighting-{self.level_weighting}"
         return name
