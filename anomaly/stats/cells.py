@@ -13,6 +13,8 @@ Memory is ``K * C^2`` float64 per level.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -20,8 +22,8 @@ from anomaly.stats.gaussian import (
     GaussianFit,
     batched_inverse,
     fit_gaussian,
+    has_no_variance,
     ledoit_wolf_shrinkages,
-    warn_if_no_variance,
 )
 from anomaly.stats.moments import Moments, RunningMoments, merge_moments
 
@@ -115,15 +117,35 @@ def fit_cells(moments: Moments) -> list[GaussianFit]:
     covariance.mul_((1.0 - shrinkage)[:, None, None])
     covariance.diagonal(dim1=-2, dim2=-1).add_((shrinkage * target)[:, None])
     precision, accurate = batched_inverse(covariance)
-    fits = []
+    fits, quiet = [], 0
     for k in range(cells):
-        if not accurate[k]:
-            fits.append(fit_gaussian(cell_moments(moments, k)))
-            continue
         mean = moments.shift[k] + mean_y[k]
-        warn_if_no_variance(covariance[k], mean)  # the shrinkage keeps the trace
+        quiet += has_no_variance(covariance[k], mean)  # the shrinkage keeps the trace
+        if not accurate[k]:
+            with warnings.catch_warnings():  # one warning below for all cells
+                warnings.simplefilter("ignore", RuntimeWarning)
+                fits.append(fit_gaussian(cell_moments(moments, k)))
+            continue
         fits.append(GaussianFit(mean, precision[k], float(shrinkage[k]), std[k], n, cell_moments(moments, k)))
+    warn_degenerate_cells(quiet, int((~accurate).sum()), cells)
     return fits
+
+
+def warn_degenerate_cells(quiet: int, singular: int, cells: int) -> None:
+    """One warning for the cells without variance or with a singular covariance (a constant background
+    is common: one cell is not the whole image, as :func:`warn_if_no_variance` says of a level)."""
+    parts = []
+    if quiet:
+        parts.append(f"{quiet} of {cells} cells had (almost) no variance on the training images")
+    if singular:
+        parts.append(f"{singular} of {cells} cells a singular covariance (the pseudo-inverse is used)")
+    if parts:
+        warnings.warn(
+            " and ".join(parts) + ": a constant background or constant features there? Those cells' "
+            "distances rest on little or no variation",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _centred_quartic(*fields: Tensor) -> Tensor:

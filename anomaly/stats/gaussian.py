@@ -171,13 +171,19 @@ def invert_spd(matrix: Tensor) -> Tensor:
 NO_VARIANCE = 1e-12
 
 
+def has_no_variance(emp_cov: Tensor, mean: Tensor) -> bool:
+    """Whether the training samples are (almost) all the same: total variance of rounding size."""
+    total = float(torch.diagonal(emp_cov).sum())
+    return total <= NO_VARIANCE * float(mean.square().sum()) or total == 0.0
+
+
 def warn_if_no_variance(emp_cov: Tensor, mean: Tensor) -> None:
     """A specific warning when the training samples are (almost) all the same (identical or blank images).
 
     Every distance is then about 0, so the AUROC is chance and a threshold flags nothing.
     """
-    total = float(torch.diagonal(emp_cov).sum())
-    if total <= NO_VARIANCE * float(mean.square().sum()) or total == 0.0:
+    if has_no_variance(emp_cov, mean):
+        total = float(torch.diagonal(emp_cov).sum())
         warnings.warn(
             f"the training data have (almost) no variance (total {total:.3g} over {emp_cov.shape[0]} "
             "features): every score will be about 0 and nothing will be flagged; check that the training "

@@ -82,6 +82,23 @@ def test_memory_estimate_is_k2_c2_float64_twice():
     assert cells_memory_bytes(16, 100) == 2 * 16 * 100 * 100 * 8
 
 
+def test_constant_cells_give_one_warning_that_counts_them():
+    """A constant background leaves some cells without variance: one warning for all of them, not
+    one per cell that says the whole detector flags nothing."""
+    x = cell_data(30, 6, 4)
+    x[:, 1] = 3.0  # constant: singular, fitted alone by the pseudo-inverse
+    x[:, 3] = 2.0 + 1e-9 * x[:, 3]  # (almost) no variance
+    accumulator = CellMoments(6, 4)
+    accumulator.update(x)
+    with pytest.warns(RuntimeWarning) as record:
+        fit_cells(accumulator.moments())
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "2 of 6 cells had (almost) no variance" in message
+    assert "1 of 6 cells a singular covariance (the pseudo-inverse is used)" in message
+    assert "nothing will be flagged" not in message
+
+
 def test_batched_cell_fits_equal_one_fit_per_cell_and_fall_back_alone():
     from anomaly.stats.cells import cell_moments
     from anomaly.stats.gaussian import fit_gaussian
