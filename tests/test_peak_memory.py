@@ -117,3 +117,19 @@ def test_a_run_that_succeeds_keeps_no_output(tmp_path: Path):
     result = peak_memory.run([sys.executable, "-c", "print('fine')"], tmp_path / "run", limits)
     assert result["exit_code"] == 0 and result["output_tail"] == []
     assert (tmp_path / "run" / "output.log").read_text() == "fine\n"
+
+
+def test_a_config_file_runs_from_the_scratch_folder_under_its_name(tmp_path: Path, monkeypatch):
+    """``--configs FILE``: the command, run in the scratch folder, gets the file's absolute path; the
+    row is named by the file's stem."""
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "candidate.yaml"
+    config.write_text("model: {}\n")
+    commands = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(peak_memory, "run", lambda argv, out, args: commands.append(argv) or {"exit_code": 0})
+    result = peak_memory.measure_config("configs/candidate.yaml", tmp_path, tmp_path / "out", None)
+    assert result["method"] == "ours: candidate"
+    argv = commands[0]
+    configs = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--config"]
+    assert configs == ["folder", str(config.resolve())]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
 from efficientnet_pytorch.utils import efficientnet, round_filters, round_repeats, url_map
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from anomaly.backbones.extractor import BackboneSpec, FeatureExtractor
 from anomaly.backbones.weights import cached_checkpoint, load_weights, packaged_checkpoint
@@ -114,11 +115,9 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
     """
     if autocasting(x.device.type):
         return bn(conv(x))
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
-    if conv.bias is not None:
-        shift = shift + conv.bias * scale
-    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    weight, shift = fuse_conv_bn_weights(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    )
     pads = []
     for size, kernel, stride, dilation in zip(
         x.shape[-2:], conv.weight.shape[-2:], conv.stride, conv.dilation, strict=True

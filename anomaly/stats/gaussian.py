@@ -97,35 +97,36 @@ def inverse_is_accurate(
 
 
 def cholesky_inverse_(matrix: Tensor) -> Tensor | None:
-    """The inverse of float64 symmetric positive definite matrices ``(..., D, D)``, written over them;
-    ``None`` (and the matrices lost) when Cholesky finds one that is not positive definite.
+    """The inverse of a float64 symmetric positive definite matrix, written over it (see
+    :func:`invert_in_place_`); ``None`` (and the matrix lost) when it is not positive definite."""
+    return None if bool(invert_in_place_(matrix).any()) else matrix
+
+
+def invert_in_place_(matrices: Tensor) -> Tensor:
+    """Inverts float64 symmetric positive definite matrices ``(..., D, D)`` in their own memory;
+    returns which were not positive definite (those hold the identity instead).
 
     ``A = L L^T`` and LAPACK's ``potri`` (``A^-1 = L^-T L^-1``, exactly symmetric), about ``D^3``
     flops, both in place on the column-major view ``A^T = A``: LAPACK's own layout, so that neither
     makes a copy and the inverse needs no memory beyond the matrix.
     """
-    column_major = matrix.mT
-    info = torch.empty(matrix.shape[:-2], dtype=torch.int32, device=matrix.device)
+    column_major = matrices.mT
+    info = torch.empty(matrices.shape[:-2], dtype=torch.int32, device=matrices.device)
     torch.linalg.cholesky_ex(column_major, out=(column_major, info))  # L, zeros above the diagonal
-    if bool((info != 0).any()):
-        return None
+    failed = info != 0
+    if bool(failed.any()):
+        identity = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
+        column_major.copy_(torch.where(failed[..., None, None], identity, column_major))
     torch.cholesky_inverse(column_major, out=column_major)
-    return matrix
+    return failed
 
 
 def batched_inverse(matrices: Tensor) -> tuple[Tensor, Tensor]:
-    """Inverses of ``(K, D, D)`` symmetric positive definite matrices (one batched Cholesky and
-    ``potri`` on a copy, as :func:`cholesky_inverse_`), and whether each is accurate
-    (:func:`inverse_is_accurate`); a matrix that is not positive definite gets the identity's
-    inverse in its place, marked inaccurate."""
+    """Inverses of ``(K, D, D)`` symmetric positive definite matrices (:func:`invert_in_place_` on a
+    copy), and whether each is accurate (:func:`inverse_is_accurate`; not where the matrix is not
+    positive definite)."""
     inverse = matrices.clone()
-    column_major = inverse.mT
-    info = torch.empty(matrices.shape[:-2], dtype=torch.int32, device=matrices.device)
-    torch.linalg.cholesky_ex(column_major, out=(column_major, info))
-    failed = info != 0
-    if bool(failed.any()):
-        column_major[failed] = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
-    torch.cholesky_inverse(column_major, out=column_major)
+    failed = invert_in_place_(inverse)
     accurate = [
         not bool(failed[k]) and inverse_is_accurate(matrices[k].__matmul__, inverse[k])
         for k in range(matrices.shape[0])
