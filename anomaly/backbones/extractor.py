@@ -46,14 +46,19 @@ def grid_means(fmap: Tensor, grid: int) -> Tensor:
     return torch.stack(cells, dim=2).reshape(fmap.shape[0], fmap.shape[1], grid, grid)
 
 
-#: The most input pixels one backbone pass takes (8 images of 224 x 224 pixels): a larger batch goes
-#: through in slices (the activations of 32 such images take about 0.5 GB more than those of 8).
-PIXELS_PER_PASS = 8 * 224 * 224
+#: The most input pixels one backbone pass takes on the CPU (2 images of 224 x 224 pixels): a larger
+#: batch goes through in slices. The activations of 32 such images take about 0.5 GB more than those
+#: of 8; slices of 2 keep them in the processor's caches, and Lite0 ran 1.3-1.6x faster with one
+#: thread than in slices of 8 (docs/benchmarks.md).
+PIXELS_PER_PASS = 2 * 224 * 224
+#: The same on an accelerator, where small slices leave it idle (32 images of 224 x 224 pixels).
+ACCELERATOR_PIXELS_PER_PASS = 32 * 224 * 224
 
 
 def images_per_pass(images: Tensor) -> int:
     """How many of these ``(B, 3, H, W)`` images one backbone pass takes (at least one)."""
-    return max(1, PIXELS_PER_PASS // (int(images.shape[-2]) * int(images.shape[-1])))
+    budget = PIXELS_PER_PASS if images.device.type == "cpu" else ACCELERATOR_PIXELS_PER_PASS
+    return max(1, budget // (int(images.shape[-2]) * int(images.shape[-1])))
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,8 @@ class FeatureExtractor(nn.Module):
     def feature_maps(self, images: Tensor, levels: Sequence[int] | None = None) -> list[Tensor]:
         """Unpooled feature maps ``(B, C_l, H_l, W_l)`` of the requested levels (ascending; None = all).
 
-        A batch of more than :data:`PIXELS_PER_PASS` input pixels goes through the network in slices
+        A batch of more than :data:`PIXELS_PER_PASS` input pixels (on an accelerator
+        :data:`ACCELERATOR_PIXELS_PER_PASS`) goes through the network in slices
         (the same maps: the backbone is in eval mode), so that the memory of the activations is
         bounded by one slice, not the batch. While tracing for export, the batch goes through whole.
         """

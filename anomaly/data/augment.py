@@ -23,8 +23,12 @@ the number of loader workers or processes, and whatever other images are fitted 
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass
+
+# albumentations asks PyPI for a newer version on import (a network call, 2 s timeout) unless told not to
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A
 import cv2

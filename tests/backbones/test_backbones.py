@@ -355,3 +355,11 @@ def test_unknown_backbone_lists_the_choices() -> None:
         message = str(info.value)
         assert "vgg16" in message and "\n" not in message
         assert all(name in message for name in BACKBONES)
+
+
+def test_slices_are_small_on_the_cpu_and_whole_batches_on_an_accelerator() -> None:
+    cpu = torch.empty(32, 3, 224, 224)
+    elsewhere = torch.empty(32, 3, 224, 224, device="meta")  # stands for any accelerator
+    assert extractor_module.images_per_pass(cpu) == extractor_module.PIXELS_PER_PASS // (224 * 224)
+    assert extractor_module.images_per_pass(elsewhere) == 32
+    assert extractor_module.images_per_pass(torch.empty(1, 3, 2048, 2048)) == 1

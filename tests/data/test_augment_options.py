@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import albumentations as A
@@ -57,3 +60,20 @@ def test_the_data_module_hands_its_options_to_the_pipeline(tiny_mvtec):
         warnings.simplefilter("error")  # 'widget' is no MVTec category, but every switch is set
         pipeline = module._pipeline(augment=True)
     assert pipeline is not None and module.augment_options == ALL_SET
+
+
+def test_importing_the_augmentations_makes_no_network_call() -> None:
+    """albumentations asks PyPI for updates on import unless told not to; an offline line must not wait."""
+    probe = (
+        "import socket\n"
+        "attempts = []\n"
+        "def refuse(*args, **kwargs):\n"
+        "    attempts.append(args)\n"
+        "    raise OSError('offline')\n"
+        "socket.getaddrinfo = socket.create_connection = refuse\n"
+        "import anomaly.data.augment\n"
+        "print(len(attempts))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["0"], done.stdout + done.stderr
