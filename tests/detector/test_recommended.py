@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -35,7 +37,7 @@ def test_coarse_levels_score_as_their_own_grid_and_leave_the_map_to_the_others()
     assert pooling.options() == {
         "name": "grid_maps",
         "grid_size": 2,
-        "coarse_levels": [2],
+        "coarse_levels": (2,),
         "coarse_grid_size": 1,
     }
     both = fitted_model([1, 2], [3, 5], pooling, [fine[0][:train], coarse[0][:train]])
@@ -84,6 +86,35 @@ def test_the_recommended_config_is_the_api_default():
     options = {k: init[k] for k in keys}
     assert build_pooling(init["pooling"], **options) == recommended_pooling()
     assert tuple(init["levels"]) == RECOMMENDED_LEVELS
+
+
+def test_poolings_from_lists_and_from_tuples_are_one_hashable_value():
+    """Options given as YAML/JSON lists or as tuples make equal poolings, with equal hashes, of options
+    held as tuples; so do the levels' own poolings; the options survive JSON as the file stores them."""
+    init = yaml.safe_load((CONFIG_DIR / "recommended.yaml").read_text())["model"]["init_args"]
+    keys = ("grid_size", "coarse_levels", "coarse_grid_size", "fine_levels", "fine_grid_size", "fine_weight")
+    from_lists = build_pooling(init["pooling"], **{k: init[k] for k in keys})
+    assert isinstance(init["fine_grid_size"], list) and isinstance(init["coarse_levels"], list)
+    from_tuples = GridMaps(7, (6, 7, 8, 9), 1, (4, 6), (28, 14), 0.5)
+    assert from_lists == from_tuples and hash(from_lists) == hash(from_tuples)
+    assert len({from_lists, from_tuples, recommended_pooling()}) == 1
+    assert from_lists.options() == {
+        "name": "grid_maps",
+        "grid_size": 7,
+        "coarse_levels": (6, 7, 8, 9),
+        "coarse_grid_size": 1,
+        "fine_levels": (4, 6),
+        "fine_grid_size": (28, 14),
+        "fine_weight": 0.5,
+    }
+    assert build_pooling(**json.loads(json.dumps(from_lists.options()))) == from_lists
+    for level in RECOMMENDED_LEVELS:
+        assert hash(from_lists.for_level(level)) == hash(from_tuples.for_level(level))
+        assert from_lists.for_level(level) == from_tuples.for_level(level)
+    assert from_lists.for_level(4) != from_lists.for_level(6)  # 28x28 and 14x14 fine cells
+    # a list of equal sizes is one size; the levels kept by a config keep their sizes, as tuples
+    assert GridMaps(7, fine_levels=[3, 4], fine_grid_size=[28, 28]) == GridMaps(7, fine_levels=(3, 4))
+    assert fine_levels_among([3, 6], [4, 6], [28, 14]) == ((6,), (14,))
 
 
 def test_every_spatial_config_over_the_recommended_one_builds_its_pooling():
