@@ -10,6 +10,7 @@ import torch
 import yaml
 from sklearn.covariance import LedoitWolf
 
+from anomaly.backbones import backbone_spec
 from anomaly.commands import main
 from anomaly.configs import CONFIG_DIR
 from anomaly.detector.model import GaussianDetectorModel
@@ -185,3 +186,32 @@ def test_a_model_for_fitting_holds_its_moments_and_no_placeholder_precisions():
     model.update(rows)
     model.finalise()
     assert [tuple(s.precision.shape) for s in model.scorers] == [(49 * 24, 49 * 24), (80, 80)]
+
+
+def test_unfitted_scorers_of_the_recommended_detector_hold_no_per_cell_matrices():
+    """Before the fit a level's scorer holds vectors only: no identity C x C per cell (the 28x28 fine
+    cells of level 4 alone were 784 x 40^2 floats), as the joint precision is empty until fitted."""
+    spec = backbone_spec("efficientnet-lite0")
+    pooling, held = recommended_pooling(), 0
+    for level in RECOMMENDED_LEVELS:
+        level_pooling = pooling.for_level(level)
+        dim = level_pooling.modelled_dim(spec.level_dims[level - 1])
+        scorer = level_pooling.scorer(dim)
+        numel = sum(b.numel() for b in scorer.buffers())
+        assert numel < 3 * dim, level  # mean and std of the joint vector and of every fine cell
+        held += numel
+    assert held * 8 < 2**20  # under 1 MiB of float64 for all seven levels
+
+    # fitted, every cell has its matrices; saved and loaded, the same
+    generator = torch.Generator().manual_seed(0)
+    pooling = GridMaps(2, coarse_levels=[2], fine_levels=[1, 2], fine_grid_size=[3, 2])
+    rows = [
+        torch.randn(50, (4 + 9) * 3, generator=generator),
+        torch.randn(50, (1 + 4) * 5, generator=generator),
+    ]
+    model = GaussianDetectorModel.for_fitting(None, [1, 2], [3, 5], pooling)
+    assert [tuple(s.fine_precision.shape) for s in model.scorers] == [(9, 0, 0), (4, 0, 0)]
+    model.update(rows)
+    model.finalise()
+    assert [tuple(s.fine_precision.shape) for s in model.scorers] == [(9, 3, 3), (4, 5, 5)]
+    assert tuple(model.scorers[0].cell_covariance.shape) == (4, 3, 3)
