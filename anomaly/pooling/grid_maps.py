@@ -138,6 +138,8 @@ class GridMaps(Grid):
         fine_grid_size: f, the fine cells per side: one for all fine levels, or a list of one per
             fine level (the map is then as fine as the finest).
         fine_weight: the fine cells' distances' weight in the map.
+
+    Level lists (and a list of fine grid sizes) are held as tuples, whatever sequence was given.
     """
 
     name = "grid_maps"
