@@ -26,6 +26,11 @@ itself, ``tensors_sha256`` included): an edited field is refused like an edited 
 ``detector.json`` is a read-only copy: passed as ``--detector detector.json``, it must
 equal the metadata of the ``.safetensors`` file beside it, or it is refused.
 
+Format 4 is format 3 with poolings a format 3 reader cannot build: ``grid_maps`` levels that are
+both coarse and fine, and ``fine_grid_size`` as a list of one size per fine level. Such a reader
+refuses every format 4 file as written by a newer version, rather than with a pooling error;
+files of formats 1-3 are read as they always were.
+
 Loading runs no code from the file. Before any tensor is read, every field of
 the metadata and the name, dtype and shape of every tensor are checked against
 what the metadata implies, with sizes bounded; then the tensors' checksum is
@@ -59,7 +64,7 @@ from anomaly.stats.distances import SCORE_TYPES
 from anomaly.stats.pca import REDUCTIONS
 
 FORMAT = "gaussian-anomaly-detector"
-VERSION = 3
+VERSION = 4
 DETECTOR_FILE = "detector.safetensors"
 METADATA_FILE = "detector.json"
 METADATA_KEY = "detector"

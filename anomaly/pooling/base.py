@@ -58,7 +58,9 @@ class Pooling(ABC):
     chi2_calibratable: ClassVar[bool] = True
 
     def options(self) -> dict:
-        """The constructor's arguments, as saved in the detector file (``name`` included)."""
+        """The constructor's arguments, as saved in the detector file (``name`` included): immutable
+        values, checked once by the constructor (sequences as tuples, which the file's JSON stores as
+        lists and the constructor turns back), so that equal poolings compare and hash equal."""
         return {"name": self.name}
 
     def for_level(self, level: int) -> Pooling:

@@ -64,30 +64,39 @@ def check_fine_weight(weight: object) -> float:
     return float(weight)
 
 
-def check_fine_grid_sizes(fine_levels: Sequence[int], fine_grid_size: object) -> dict[int, int]:
-    """Each fine level's cells per side: one ``fine_grid_size`` for all, or a list of one per fine level
+def check_fine_grid_sizes(fine_levels: Sequence[int], fine_grid_size: object) -> int | tuple[int, ...]:
+    """``fine_grid_size`` checked: one size for all fine levels (an int), or a tuple of one per fine level
     (without fine levels, e.g. ``fine_levels: []`` over a config that had some, any sizes are left)."""
     listed = isinstance(fine_grid_size, Sequence) and not isinstance(fine_grid_size, (str, bytes))
-    sizes = [
+    sizes = tuple(
         check_grid_size(size, GridMaps.name) for size in (fine_grid_size if listed else [fine_grid_size])
-    ]
+    )
     if listed and fine_levels and len(sizes) != len(fine_levels):
         raise UserError(
             f"fine_grid_size lists {len(sizes)} sizes for the {len(fine_levels)} fine_levels "
             f"{list(fine_levels)}: give one size for all, or one per fine level"
         )
-    return dict(zip(fine_levels, sizes if listed else sizes * len(fine_levels), strict=False))
+    return sizes if listed else sizes[0]
+
+
+def sizes_per_level(fine_levels: Sequence[int], fine_grid_size: int | tuple[int, ...]) -> dict[int, int]:
+    """Each fine level's cells per side, from a checked ``fine_grid_size``."""
+    if isinstance(fine_grid_size, int):
+        return dict.fromkeys(fine_levels, fine_grid_size)
+    return dict(zip(fine_levels, fine_grid_size, strict=bool(fine_levels)))
 
 
 def fine_levels_among(
     levels: Sequence[int], fine_levels: object, fine_grid_size: object
-) -> tuple[list[int], int | list[int]]:
+) -> tuple[tuple[int, ...], int | tuple[int, ...]]:
     """``fine_levels`` and ``fine_grid_size`` (checked) for those fine levels that are among ``levels``
     (a list of sizes keeps the kept levels' sizes), so that ``levels`` can be changed alone."""
     fine_levels = check_coarse_levels(fine_levels, "fine_levels")
-    sizes = check_fine_grid_sizes(fine_levels, fine_grid_size)
-    kept = [lv for lv in fine_levels if lv in levels]
-    return kept, fine_grid_size if isinstance(fine_grid_size, int) else [sizes[lv] for lv in kept]
+    fine_grid_size = check_fine_grid_sizes(fine_levels, fine_grid_size)
+    if isinstance(fine_grid_size, int):
+        return tuple(lv for lv in fine_levels if lv in levels), fine_grid_size
+    kept = {lv: size for lv, size in sizes_per_level(fine_levels, fine_grid_size).items() if lv in levels}
+    return tuple(kept), tuple(kept.values())
 
 
 def bilinear_matrix(size: int, source: int) -> Tensor:
@@ -129,6 +138,8 @@ class GridMaps(Grid):
         fine_grid_size: f, the fine cells per side: one for all fine levels, or a list of one per
             fine level (the map is then as fine as the finest).
         fine_weight: the fine cells' distances' weight in the map.
+
+    Level lists (and a list of fine grid sizes) are held as tuples, whatever sequence was given.
     """
 
     name = "grid_maps"
@@ -149,22 +160,24 @@ class GridMaps(Grid):
         self.coarse_grid_size = check_grid_size(coarse_grid_size, self.name)
         self.coarse = Grid(self.coarse_grid_size)
         self.fine_levels = check_coarse_levels(fine_levels, "fine_levels")
+        sizes = check_fine_grid_sizes(self.fine_levels, fine_grid_size)
         #: Each fine level's cells per side.
-        self.fine_grid_sizes = check_fine_grid_sizes(self.fine_levels, fine_grid_size)
-        sizes = list(self.fine_grid_sizes.values())
-        #: ``fine_grid_size`` as saved: one size where all fine levels share it, else one per level.
-        self.fine_grid_size = sizes[0] if len(set(sizes)) == 1 else sizes or fine_grid_size
+        self.fine_grid_sizes = sizes_per_level(self.fine_levels, sizes)
+        shared = set(self.fine_grid_sizes.values())
+        #: ``fine_grid_size`` as saved: one size (an int) where all fine levels share it, else a tuple of
+        #: one per fine level.
+        self.fine_grid_size = shared.pop() if len(shared) == 1 else sizes
         self.fine_weight = check_fine_weight(fine_weight)
         #: The map's cells per side: the finest fine grid's, where there are fine levels.
-        self.map_size = max([self.grid_size, *sizes])
+        self.map_size = max([self.grid_size, *self.fine_grid_sizes.values()])
 
     def options(self) -> dict:
         options = super().options()
         if self.coarse_levels:  # files without coarse levels keep their options as they were
-            options.update(coarse_levels=list(self.coarse_levels), coarse_grid_size=self.coarse_grid_size)
+            options.update(coarse_levels=self.coarse_levels, coarse_grid_size=self.coarse_grid_size)
         if self.fine_levels:  # likewise without fine levels
             options.update(
-                fine_levels=list(self.fine_levels),
+                fine_levels=self.fine_levels,
                 fine_grid_size=self.fine_grid_size,
                 fine_weight=self.fine_weight,
             )
@@ -172,7 +185,8 @@ class GridMaps(Grid):
 
     def describe_size(self) -> str:
         coarse = self.coarse_levels and f" (levels {list(self.coarse_levels)}: {self.coarse_grid_size})"
-        fine = self.fine_levels and f" (fine cells of levels {list(self.fine_levels)}: {self.fine_grid_size})"
+        sizes = self.fine_grid_size if isinstance(self.fine_grid_size, int) else list(self.fine_grid_size)
+        fine = self.fine_levels and f" (fine cells of levels {list(self.fine_levels)}: {sizes})"
         return super().describe_size() + (coarse or "") + (fine or "")
 
     def for_level(self, level: int) -> Pooling:
@@ -250,7 +264,7 @@ class GridFineCells(Pooling):
     def options(self) -> dict:
         return {
             "name": self.name,
-            "joint": self.joint.options(),
+            "joint": self.joint,
             "fine_grid_size": self.fine_grid_size,
             "fine_weight": self.fine_weight,
             "map_size": self.map_size,

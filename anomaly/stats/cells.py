@@ -162,7 +162,7 @@ class CellGaussianScorer(nn.Module):
         super().__init__()
         f64 = {"dtype": torch.float64}
         self.register_buffer("mean", torch.zeros(cells, dim, **f64))
-        self.register_buffer("precision", torch.eye(dim, **f64).repeat(cells, 1, 1))
+        self.register_buffer("precision", torch.zeros(cells, 0, 0, **f64))  # set by set_fit
         self.register_buffer("std", torch.ones(cells, dim, **f64))
         self.register_buffer("shrinkage", torch.zeros(cells, **f64))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))

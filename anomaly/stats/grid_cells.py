@@ -49,9 +49,8 @@ class GridCellScorer(GaussianScorer):
             raise ValueError(f"a {in_dim}-dim grid vector does not split into {cells} cells")
         super().__init__(in_dim)
         self.cells = cells
-        channels = in_dim // cells
-        eye = torch.eye(channels, dtype=torch.float64)
-        self.register_buffer("cell_covariance", eye.repeat(cells, 1, 1))
+        # set by set_fit, as the precision: unfitted, no C x C matrix per cell
+        self.register_buffer("cell_covariance", torch.zeros(cells, 0, 0, dtype=torch.float64))
 
     def set_fit(self, fit: GaussianFit, projection: Tensor | None = None) -> None:
         if projection is not None:

@@ -87,7 +87,8 @@ class FineCellsScorer:
     def add_fine_cells(self, fine_cells: int, channels: int) -> None:
         f64 = {"dtype": torch.float64}
         self.register_buffer("fine_mean", torch.zeros(fine_cells, channels, **f64))
-        self.register_buffer("fine_precision", torch.eye(channels, **f64).repeat(fine_cells, 1, 1))
+        # set by set_fit: unfitted, the cells hold no C x C matrices (f^2 C^2 floats, e.g. 10 MB at 28x28)
+        self.register_buffer("fine_precision", torch.zeros(fine_cells, 0, 0, **f64))
         self.register_buffer("fine_std", torch.ones(fine_cells, channels, **f64))
         self.register_buffer("fine_shrinkage", torch.zeros(fine_cells, **f64))
 

@@ -14,9 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from anomaly.cli import main
+from anomaly.commands import main as anomaly_main
 from anomaly.detector import GaussianDetector, read_detector, save_run_detector
+from anomaly.detector.file import VERSION, seal
 from anomaly.errors import UserError
 from anomaly.methods.gaussian.module import GaussianAD
+from anomaly.pooling import GridMaps
 from anomaly.stats.gaussian import fit_gaussian
 from anomaly.stats.moments import RunningMoments
 from tests.conftest import FEW_HELD_OUT
@@ -167,3 +170,36 @@ def test_a_run_that_never_fitted_saves_no_detector(tmp_path: Path):
     with pytest.raises(UserError, match="the detector is not fitted"):
         save_run_detector(model, 224, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_older_format_loads_as_it_was_and_a_newer_one_asks_for_an_upgrade(tmp_path: Path, capsys):
+    """Files are written in format VERSION (4: a level both coarse and fine, a list of fine grid sizes);
+    a format 3 file of the same layout loads and scores as before; a file of a format newer than the
+    reader's is refused with one line asking for an upgrade, not with an error about its content."""
+    pooling = GridMaps(2, coarse_levels=[4], fine_levels=[2, 4], fine_grid_size=[3, 2], fine_weight=0.5)
+    detector = fit_demo_detector(pooling=pooling)
+    tensors, meta = read_detector(detector.save(tmp_path / "now.safetensors"))
+    assert VERSION == 4 and meta["version"] == VERSION
+    assert meta["pooling"]["coarse_levels"] == [4] and meta["pooling"]["fine_grid_size"] == [3, 2]
+
+    def written_as(version: int) -> Path:
+        path = tmp_path / f"v{version}.safetensors"
+        save_file(
+            tensors, str(path), metadata={"detector": json.dumps(seal({**meta, "version": version}, tensors))}
+        )
+        return path
+
+    old = GaussianDetector.load(written_as(3))
+    assert old.model_.pooling == pooling
+    _, good, bad = demo_images()
+    np.testing.assert_allclose(old.score_samples(good + bad), detector.score_samples(good + bad), rtol=1e-12)
+
+    newer = written_as(VERSION + 1)
+    with pytest.raises(UserError) as info:
+        GaussianDetector.load(newer)
+    assert str(info.value) == f"{newer} was written by a newer version (format {VERSION + 1}): upgrade"
+    out = tmp_path / "predicted.csv"
+    args = ["predict", "--detector", str(newer), "--input", str(good[0]), "--out", str(out)]
+    assert anomaly_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"error: {info.value}"] and not out.exists()

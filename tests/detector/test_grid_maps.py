@@ -76,7 +76,9 @@ def test_fine_levels_save_load_and_export_their_finer_maps(options: dict, tmp_pa
     columns, maps = detector.model_(images)
     assert maps.shape == (4, 4, 4)
     loaded = GaussianDetector.load(detector.save(tmp_path / "fine.safetensors"))
-    assert loaded.model_.pooling == pooling
+    # the file's JSON lists give back the pooling built from lists: an equal, hashable value
+    assert loaded.model_.pooling == pooling and hash(loaded.model_.pooling) == hash(pooling)
+    assert {pooling: "fitted"}[loaded.model_.pooling] == "fitted"
     again, loaded_maps = loaded.model_(images)
     np.testing.assert_allclose(loaded_maps, maps, rtol=1e-10)
     np.testing.assert_allclose(again["mahalanobis/sum"], columns["mahalanobis/sum"], rtol=1e-10)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from anomaly.cli import main as fit_main
 from anomaly.columns import SUM, ScoreColumn
 from anomaly.detector import GaussianDetector, read_detector
-from anomaly.detector.file import tensors_sha256
+from anomaly.detector.file import VERSION, tensors_sha256
 from anomaly.detector.maps import map_file_names
 from anomaly.errors import UserError
 from anomaly.methods.spatial import SpatialGaussianAD
@@ -93,7 +93,7 @@ def cells_run(tmp_path_factory) -> tuple[Path, Path]:
 def test_cells_run_detector_reproduces_the_run_and_predict_writes_maps(cells_run, tmp_path: Path):
     run_dir, _ = cells_run
     meta = json.loads((run_dir / "detector.json").read_text())
-    assert meta["pooling"] == {"name": "cells", "grid_size": 2} and meta["version"] == 3
+    assert meta["pooling"] == {"name": "cells", "grid_size": 2} and meta["version"] == VERSION
     assert meta["precision"] == "32-true" and meta["tensors_sha256"] == tensors_sha256(
         read_detector(run_dir)[0]
     )

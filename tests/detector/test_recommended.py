@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import yaml
 from sklearn.covariance import LedoitWolf
 
+from anomaly.backbones import backbone_spec
 from anomaly.commands import main
 from anomaly.configs import CONFIG_DIR
 from anomaly.detector.model import GaussianDetectorModel
@@ -35,7 +38,7 @@ def test_coarse_levels_score_as_their_own_grid_and_leave_the_map_to_the_others()
     assert pooling.options() == {
         "name": "grid_maps",
         "grid_size": 2,
-        "coarse_levels": [2],
+        "coarse_levels": (2,),
         "coarse_grid_size": 1,
     }
     both = fitted_model([1, 2], [3, 5], pooling, [fine[0][:train], coarse[0][:train]])
@@ -84,6 +87,35 @@ def test_the_recommended_config_is_the_api_default():
     options = {k: init[k] for k in keys}
     assert build_pooling(init["pooling"], **options) == recommended_pooling()
     assert tuple(init["levels"]) == RECOMMENDED_LEVELS
+
+
+def test_poolings_from_lists_and_from_tuples_are_one_hashable_value():
+    """Options given as YAML/JSON lists or as tuples make equal poolings, with equal hashes, of options
+    held as tuples; so do the levels' own poolings; the options survive JSON as the file stores them."""
+    init = yaml.safe_load((CONFIG_DIR / "recommended.yaml").read_text())["model"]["init_args"]
+    keys = ("grid_size", "coarse_levels", "coarse_grid_size", "fine_levels", "fine_grid_size", "fine_weight")
+    from_lists = build_pooling(init["pooling"], **{k: init[k] for k in keys})
+    assert isinstance(init["fine_grid_size"], list) and isinstance(init["coarse_levels"], list)
+    from_tuples = GridMaps(7, (6, 7, 8, 9), 1, (4, 6), (28, 14), 0.5)
+    assert from_lists == from_tuples and hash(from_lists) == hash(from_tuples)
+    assert len({from_lists, from_tuples, recommended_pooling()}) == 1
+    assert from_lists.options() == {
+        "name": "grid_maps",
+        "grid_size": 7,
+        "coarse_levels": (6, 7, 8, 9),
+        "coarse_grid_size": 1,
+        "fine_levels": (4, 6),
+        "fine_grid_size": (28, 14),
+        "fine_weight": 0.5,
+    }
+    assert build_pooling(**json.loads(json.dumps(from_lists.options()))) == from_lists
+    for level in RECOMMENDED_LEVELS:
+        assert hash(from_lists.for_level(level)) == hash(from_tuples.for_level(level))
+        assert from_lists.for_level(level) == from_tuples.for_level(level)
+    assert from_lists.for_level(4) != from_lists.for_level(6)  # 28x28 and 14x14 fine cells
+    # a list of equal sizes is one size; the levels kept by a config keep their sizes, as tuples
+    assert GridMaps(7, fine_levels=[3, 4], fine_grid_size=[28, 28]) == GridMaps(7, fine_levels=(3, 4))
+    assert fine_levels_among([3, 6], [4, 6], [28, 14]) == ((6,), (14,))
 
 
 def test_every_spatial_config_over_the_recommended_one_builds_its_pooling():
@@ -154,3 +186,32 @@ def test_a_model_for_fitting_holds_its_moments_and_no_placeholder_precisions():
     model.update(rows)
     model.finalise()
     assert [tuple(s.precision.shape) for s in model.scorers] == [(49 * 24, 49 * 24), (80, 80)]
+
+
+def test_unfitted_scorers_of_the_recommended_detector_hold_no_per_cell_matrices():
+    """Before the fit a level's scorer holds vectors only: no identity C x C per cell (the 28x28 fine
+    cells of level 4 alone were 784 x 40^2 floats), as the joint precision is empty until fitted."""
+    spec = backbone_spec("efficientnet-lite0")
+    pooling, held = recommended_pooling(), 0
+    for level in RECOMMENDED_LEVELS:
+        level_pooling = pooling.for_level(level)
+        dim = level_pooling.modelled_dim(spec.level_dims[level - 1])
+        scorer = level_pooling.scorer(dim)
+        numel = sum(b.numel() for b in scorer.buffers())
+        assert numel < 3 * dim, level  # mean and std of the joint vector and of every fine cell
+        held += numel
+    assert held * 8 < 2**20  # under 1 MiB of float64 for all seven levels
+
+    # fitted, every cell has its matrices; saved and loaded, the same
+    generator = torch.Generator().manual_seed(0)
+    pooling = GridMaps(2, coarse_levels=[2], fine_levels=[1, 2], fine_grid_size=[3, 2])
+    rows = [
+        torch.randn(50, (4 + 9) * 3, generator=generator),
+        torch.randn(50, (1 + 4) * 5, generator=generator),
+    ]
+    model = GaussianDetectorModel.for_fitting(None, [1, 2], [3, 5], pooling)
+    assert [tuple(s.fine_precision.shape) for s in model.scorers] == [(9, 0, 0), (4, 0, 0)]
+    model.update(rows)
+    model.finalise()
+    assert [tuple(s.fine_precision.shape) for s in model.scorers] == [(9, 3, 3), (4, 5, 5)]
+    assert tuple(model.scorers[0].cell_covariance.shape) == (4, 3, 3)

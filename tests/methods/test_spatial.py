@@ -66,7 +66,7 @@ def test_options_are_checked():
     # a coarse level with fine cells maps; fine levels not fitted are left out with their sizes
     fine = {"fine_levels": [3, 4, 6], "fine_grid_size": [8, 6, 4], "fine_weight": 0.5}
     model = spatial(pooling="grid_maps", grid_size=2, coarse_levels=[6], **fine)
-    assert model.fine_levels == [3, 6] and model.fine_grid_size == [8, 4] and model.pooling.map_size == 8
+    assert model.fine_levels == (3, 6) and model.fine_grid_size == (8, 4) and model.pooling.map_size == 8
     assert model.run_name().endswith("_grid_maps-2_coarse-6-1_fine-3-6-8-4-0.5")
     only_fine_cells = spatial(pooling="grid_maps", coarse_levels=[3, 6], fine_levels=[6], fine_grid_size=4)
     assert only_fine_cells.run_name().endswith("_coarse-3-6-1_fine-6-4-1")

@@ -119,7 +119,7 @@ def test_fine_levels_options_memory_and_refusals():
     assert pooling.options() == {
         "name": "grid_maps",
         "grid_size": 7,
-        "fine_levels": [4],
+        "fine_levels": (4,),
         "fine_grid_size": 28,
         "fine_weight": 0.5,
     }
@@ -130,7 +130,7 @@ def test_fine_levels_options_memory_and_refusals():
     assert pooling.levels_state_bytes([40], [3]) == GridMaps(7).state_bytes([40])
     # a coarse level with fine cells: its coarse grid's state and its cells'; one fine grid per level
     both = GridMaps(7, coarse_levels=[6], fine_levels=[4, 6], fine_grid_size=[28, 14], fine_weight=0.5)
-    assert both.options()["fine_grid_size"] == [28, 14] and build_pooling(**both.options()) == both
+    assert both.options()["fine_grid_size"] == (28, 14) and build_pooling(**both.options()) == both
     assert both.fine_grid_sizes == {4: 28, 6: 14} and both.map_size == 28 and both.level_makes_maps(6)
     assert (
         both.levels_state_bytes([40, 112], [4, 6])

@@ -100,13 +100,13 @@ class SpatialGaussianAD(GaussianAD):
         # every option is checked, and the statistics' size bounded, before anything is allocated
         spec = backbone_spec(backbone)
         resolved = resolve_levels(levels, spec.num_levels, backbone)
-        coarse_levels = [lv for lv in check_coarse_levels(coarse_levels) if lv in resolved]  # of these levels
+        coarse_levels = tuple(lv for lv in check_coarse_levels(coarse_levels) if lv in resolved)  # of these
         fine_levels, fine_grid_size = fine_levels_among(resolved, fine_levels, fine_grid_size)
         coarse = {"coarse_levels": coarse_levels, "coarse_grid_size": coarse_grid_size}
         fine = {"fine_levels": fine_levels, "fine_grid_size": fine_grid_size, "fine_weight": fine_weight}
         strategy = build_pooling(pooling, grid_size=grid_size, **coarse, **fine)
-        coarse_levels = list(getattr(strategy, "coarse_levels", ()))  # other poolings ignore them
-        fine_levels = list(getattr(strategy, "fine_levels", ()))
+        coarse_levels = getattr(strategy, "coarse_levels", ())  # other poolings ignore them
+        fine_levels = getattr(strategy, "fine_levels", ())
         fine_grid_size = getattr(strategy, "fine_grid_size", fine_grid_size)  # one size where all share it
         if strategy.makes_maps and not any(strategy.level_makes_maps(lv) for lv in resolved):
             raise UserError(
@@ -125,7 +125,7 @@ class SpatialGaussianAD(GaussianAD):
             target_fpr, decision_score, threshold_method, threshold,
         )  # fmt: skip
         self.grid_size = grid_size
-        self.coarse_levels, self.coarse_grid_size = list(coarse_levels), coarse_grid_size
+        self.coarse_levels, self.coarse_grid_size = coarse_levels, coarse_grid_size
         self.fine_levels, self.fine_grid_size, self.fine_weight = fine_levels, fine_grid_size, fine_weight
         self.level_weighting = level_weighting
         self.overlays = overlays
@@ -148,7 +148,7 @@ class SpatialGaussianAD(GaussianAD):
         if self.coarse_levels:
             name += f"_coarse-{'-'.join(map(str, self.coarse_levels))}-{self.coarse_grid_size}"
         if self.fine_levels:
-            sizes = self.fine_grid_size if isinstance(self.fine_grid_size, list) else [self.fine_grid_size]
+            sizes = (self.fine_grid_size,) if isinstance(self.fine_grid_size, int) else self.fine_grid_size
             name += f"_fine-{'-'.join(map(str, [*self.fine_levels, *sizes]))}-{self.fine_weight:g}"
         if self.level_weighting != "none":
             name += f"_weighting-{self.level_weighting}"
