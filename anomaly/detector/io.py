@@ -169,9 +169,9 @@ def restore_learning(model: GaussianDetectorModel, tensors: dict[str, Tensor], m
     """Give a loaded model the accumulators, rows and digests of its file."""
     accumulators = []
     for level, in_dim in zip(model.levels, level_in_dims(meta), strict=True):
-        accumulator = model.pooling.for_level(level).accumulator(in_dim)
-        for name, value in level_tensors(tensors, level, MOMENTS_PREFIX).items():
-            accumulator.get_buffer(name).copy_(value)
+        with torch.device("meta"):  # allocates nothing: the buffers become the file's tensors
+            accumulator = model.pooling.for_level(level).accumulator(in_dim)
+        accumulator.load_state_dict(level_tensors(tensors, level, MOMENTS_PREFIX), assign=True)
         accumulators.append(accumulator)
     model.moments = torch.nn.ModuleList(accumulators)
     if reduction_name(meta) != "none":

@@ -60,7 +60,7 @@ class Cells(KGrid, Pooling):
     def scorer_from_tensors(self, tensors: dict[str, Tensor], in_dim: int) -> CellGaussianScorer:
         scorer = CellGaussianScorer(1, 1)
         for name in ("mean", "precision", "std", "shrinkage"):
-            setattr(scorer, name, tensors[name].clone())
+            setattr(scorer, name, tensors[name])
         scorer.fitted = torch.ones((), dtype=torch.bool)
         return scorer
 

@@ -40,8 +40,8 @@ class VectorPooling(Pooling):
     def scorer_from_tensors(self, tensors: dict[str, Tensor], in_dim: int) -> GaussianScorer:
         scorer = GaussianScorer(1)  # placeholders, replaced below
         for name in ("mean", "precision", "std", "shrinkage"):
-            setattr(scorer, name, tensors[name].clone())
-        scorer.projection = tensors.get("projection", torch.zeros(in_dim, 0, dtype=torch.float64)).clone()
+            setattr(scorer, name, tensors[name])
+        scorer.projection = tensors.get("projection", torch.zeros(in_dim, 0, dtype=torch.float64))
         scorer.fitted = torch.ones((), dtype=torch.bool)
         return scorer
 

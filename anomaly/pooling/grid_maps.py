@@ -233,7 +233,7 @@ class GridMaps(Grid):
         cells = self.grid_size**2
         scorer = GridCellScorer(cells, cells)  # placeholders, replaced below
         for name in ("mean", "precision", "std", "shrinkage", "cell_covariance"):
-            setattr(scorer, name, tensors[name].clone())
+            setattr(scorer, name, tensors[name])
         scorer.projection = torch.zeros(in_dim, 0, dtype=torch.float64)
         scorer.fitted = torch.ones((), dtype=torch.bool)
         return scorer
@@ -341,7 +341,7 @@ class GridFineCells(Pooling):
         for name, value in joint.named_buffers():
             setattr(scorer, name, value)
         for name in ("fine_mean", "fine_precision", "fine_std", "fine_shrinkage"):
-            setattr(scorer, name, tensors[name].clone())
+            setattr(scorer, name, tensors[name])
         return scorer
 
     def image_distances(self, distances: Tensor) -> Tensor:

@@ -203,3 +203,33 @@ def test_an_older_format_loads_as_it_was_and_a_newer_one_asks_for_an_upgrade(tmp
     assert anomaly_main(args) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"error: {info.value}"] and not out.exists()
+
+
+def test_loading_makes_no_second_copy_of_the_statistics_and_learning_leaves_the_file_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The loaded detector's matrices are the file's tensors (read copy-on-write), not copies of them:
+    a second copy doubled the memory of ``anomaly predict``. Learning more changes the model, never
+    the file it was loaded from."""
+    import anomaly.detector.io as detector_io
+
+    pooling = GridMaps(2, coarse_levels=[4], fine_levels=[2, 4], fine_grid_size=[3, 2], fine_weight=0.5)
+    path = fit_demo_detector(pooling=pooling).save(tmp_path / "detector.safetensors")
+    written = path.read_bytes()
+    read: list[tuple[dict[str, torch.Tensor], dict]] = []
+    original = detector_io.read_detector
+    monkeypatch.setattr(detector_io, "read_detector", lambda p: read.append(original(p)) or read[-1])
+    loaded = GaussianDetector.load(path)
+    file_memory = {t.data_ptr() for t in read[-1][0].values()}
+    statistics = [
+        (name, t)
+        for name, t in loaded.model_.named_buffers()
+        if t.ndim >= 2 and t.numel() > 0 and name.startswith(("scorers.", "moments."))
+    ]
+    assert any(name.startswith("moments.") for name, _ in statistics)
+    assert any(name.endswith("fine_precision") for name, _ in statistics)
+    copies = [name for name, t in statistics if t.data_ptr() not in file_memory]
+    assert not copies, f"copied on loading: {copies}"
+    _, good, _ = demo_images()
+    loaded.partial_fit(good[:2])
+    assert path.read_bytes() == written
