@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "anomaly"
@@ -63,3 +66,32 @@ def test_no_module_of_the_package_is_part_of_an_import_circle():
     assert "anomaly.cli" in graph["anomaly.experiments.worker"]  # imports inside functions count too
     circle = import_circle(graph)
     assert circle is None, "import circle: " + " -> ".join(circle or [])
+
+
+#: What fitting needs and scoring with a saved detector does not (seconds and hundreds of MB to import).
+TRAINING_LIBRARIES = (
+    "pytorch_lightning",
+    "lightning_fabric",
+    "torchmetrics",
+    "torchvision",
+    "albumentations",
+)
+
+
+def test_scoring_with_a_saved_detector_imports_no_training_library(tmp_path: Path):
+    """``anomaly predict`` and the Python API score a part without importing Lightning & co."""
+    from tests.detector.helpers import demo_images, fit_demo_detector
+
+    detector = fit_demo_detector().save(tmp_path / "detector.safetensors")
+    _, good, _ = demo_images()
+    probe = f"""
+import json, sys
+from anomaly.commands import main
+from anomaly.detector import GaussianDetector
+code = main(["predict", "--detector", {str(detector)!r}, "--input", {str(good[0])!r},
+             "--out", {str(tmp_path / "scores.csv")!r}, "--no-progress"])
+GaussianDetector.load({str(detector)!r}).score_samples([{str(good[1])!r}])
+print(json.dumps([code, sorted(m for m in {TRAINING_LIBRARIES!r} if m in sys.modules)]))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout.splitlines()[-1]) == [0, []], done.stderr[-2000:]

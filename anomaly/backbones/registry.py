@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from anomaly.backbones import efficientnet, resnet
+from collections.abc import Sequence
+from importlib import import_module
+
 from anomaly.backbones.extractor import BackboneSpec, FeatureExtractor
 from anomaly.errors import UserError
 
@@ -50,10 +52,12 @@ def _specs() -> dict[str, BackboneSpec]:
 SPECS: dict[str, BackboneSpec] = _specs()
 BACKBONES: tuple[str, ...] = tuple(SPECS)
 
+#: The module whose ``build(spec, weights, pretrained)`` makes a family's extractor, imported when first
+#: used: the ResNets need torchvision (almost 2 s to import), which EfficientNet detectors never touch.
 _BUILDERS = {
-    "efficientnet": efficientnet.build,
-    "efficientnet-lite": efficientnet.build,
-    "resnet": resnet.build,
+    "efficientnet": "anomaly.backbones.efficientnet",
+    "efficientnet-lite": "anomaly.backbones.efficientnet",
+    "resnet": "anomaly.backbones.resnet",
 }
 
 
@@ -74,4 +78,23 @@ def build_backbone(name: str, weights: str | None = None, pretrained: bool = Tru
     ``pretrained=False`` leaves the random initialisation (for tests).
     """
     spec = backbone_spec(name)
-    return _BUILDERS[spec.family](spec, weights=weights, pretrained=pretrained)
+    return import_module(_BUILDERS[spec.family]).build(spec, weights=weights, pretrained=pretrained)
+
+
+def resolve_levels(levels: Sequence[int] | int | None, num_levels: int, backbone: str) -> list[int]:
+    """Sorted unique levels (paper numbering, 1-based); ``None`` means all of ``1..num_levels``."""
+    if levels is None:
+        return list(range(1, num_levels + 1))
+    if isinstance(levels, int):
+        levels = [levels]
+    chosen = sorted(set(levels))
+    bad = [
+        level
+        for level in chosen
+        if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= num_levels
+    ]
+    if bad or not chosen:
+        raise UserError(
+            f"levels {list(levels)} are not valid for {backbone}, which has levels 1..{num_levels}"
+        )
+    return chosen

@@ -26,12 +26,12 @@ import hashlib
 import os
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-# albumentations asks PyPI for a newer version on import (a network call, 2 s timeout) unless told not to
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-import albumentations as A
 import cv2
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 from anomaly.errors import UserError
 
@@ -131,6 +131,11 @@ def build_augmentation(
     category: str, noise: bool = True, seed: int | None = None, options: AugmentOptions | None = None
 ) -> A.Compose:
     """The Appendix Fig. 2 pipeline for ``category``, applied as a whole with p = 0.5."""
+    # imported here, not with the module: scoring reads images but augments none (albumentations takes a
+    # third of a second to import, and asks PyPI for a newer version unless told not to: 2 s offline)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations as A
+
     s = switches_for(category, noise, options)
     transforms: list[A.BasicTransform] = [
         A.OneOf([A.MotionBlur(p=0.2), A.MedianBlur(blur_limit=3, p=0.1), A.Blur(blur_limit=3, p=0.1)], p=0.2),

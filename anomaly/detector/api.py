@@ -27,7 +27,7 @@ import torch
 from sklearn.base import BaseEstimator, OutlierMixin
 from torch import Tensor
 
-from anomaly.backbones import backbone_spec, build_backbone
+from anomaly.backbones import backbone_spec, build_backbone, resolve_levels
 from anomaly.columns import ScoreColumn
 from anomaly.data.transforms import (
     DEFAULT_FIT,
@@ -49,7 +49,6 @@ from anomaly.detector.learning import (
 )
 from anomaly.detector.model import GaussianDetectorModel
 from anomaly.errors import UserError
-from anomaly.methods.features import resolve_levels
 from anomaly.pooling import RECOMMENDED_LEVELS, Global, Pooling, build_pooling, recommended_pooling
 from anomaly.stats.distances import SCORE_TYPES
 from anomaly.stats.threshold import DEFAULT_TARGET_FPR, check_fpr, chi2_threshold, empirical_threshold

@@ -62,7 +62,7 @@ def test_the_data_module_hands_its_options_to_the_pipeline(tiny_mvtec):
     assert pipeline is not None and module.augment_options == ALL_SET
 
 
-def test_importing_the_augmentations_makes_no_network_call() -> None:
+def test_building_the_augmentations_makes_no_network_call() -> None:
     """albumentations asks PyPI for updates on import unless told not to; an offline line must not wait."""
     probe = (
         "import socket\n"
@@ -71,7 +71,8 @@ def test_importing_the_augmentations_makes_no_network_call() -> None:
         "    attempts.append(args)\n"
         "    raise OSError('offline')\n"
         "socket.getaddrinfo = socket.create_connection = refuse\n"
-        "import anomaly.data.augment\n"
+        "from anomaly.data.augment import build_augmentation\n"
+        "build_augmentation('bottle')\n"
         "print(len(attempts))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}

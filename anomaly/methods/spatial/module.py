@@ -28,11 +28,10 @@ from dataclasses import replace
 
 from torch import Tensor
 
-from anomaly.backbones import backbone_spec
+from anomaly.backbones import backbone_spec, resolve_levels
 from anomaly.data.needs import DataNeeds
 from anomaly.detector.model import LEVEL_WEIGHTINGS, check_weighting
 from anomaly.errors import UserError
-from anomaly.methods.features import resolve_levels
 from anomaly.methods.gaussian.module import DEFAULT_DECISION_SCORE, DEFAULT_TARGET_FPR, GaussianAD
 from anomaly.methods.gaussian.working_point import working_point_report
 from anomaly.pooling import POOLINGS, Pooling, build_pooling
