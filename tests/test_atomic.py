@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomaly.atomic import replaced_atomically
+from anomaly.atomic import built_whole, open_atomically, replaced_atomically
 from anomaly.data.store import write_entry
 from anomaly.evaluation.results import write_atomic
 
@@ -40,3 +40,37 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_text_file_appears_only_when_complete(tmp_path: Path):
+    log = tmp_path / "run.log"
+    log.write_text("the earlier run's log\n")
+    with open_atomically(log) as file:
+        file.write("first line\n")
+        file.flush()
+        assert log.read_text() == "the earlier run's log\n"  # the new one is still beside it
+    assert log.read_text() == "first line\n" and os.listdir(tmp_path) == ["run.log"]
+    with pytest.raises(KeyboardInterrupt), open_atomically(log) as file:
+        file.write("half")
+        raise KeyboardInterrupt
+    assert log.read_text() == "first line\n" and os.listdir(tmp_path) == ["run.log"]
+
+
+def test_a_folder_is_built_whole_or_not_at_all(tmp_path: Path):
+    target = tmp_path / "dataset"
+    with pytest.raises(RuntimeError), built_whole(target) as building:
+        (building / "normal").mkdir()
+        (building / "normal" / "0000.png").write_bytes(b"image")
+        assert not target.exists()
+        raise RuntimeError("source unreadable")
+    assert os.listdir(tmp_path) == []  # neither the folder nor its temporary
+    target.mkdir()  # an empty folder is filled
+    with built_whole(target) as building:
+        (building / "normal").mkdir()
+        (building / "normal" / "0000.png").write_bytes(b"image")
+    assert os.listdir(tmp_path) == ["dataset"] and (target / "normal" / "0000.png").read_bytes() == b"image"
+    assert mode(target) == 0o777 & ~current_umask()
+    with pytest.raises(OSError) as error, built_whole(target) as building:  # never into a full folder
+        (building / "other").write_text("x")
+    assert error.value.filename == str(target) and os.listdir(target) == ["normal"]
+    assert os.listdir(tmp_path) == ["dataset"]
