@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,20 +12,9 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 from torch.nn import functional as F
 
-from tests.conftest import make_mvtec_category
+from tests.conftest import load_benchmark, make_mvtec_category
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("compare_peers", REPO / "benchmarks" / "compare_peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-peers = load_script()
+peers = load_benchmark("compare_peers")
 
 
 def test_watch_reports_the_peak_rss_of_its_child():

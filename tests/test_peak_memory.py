@@ -13,20 +13,10 @@ from pathlib import Path
 import pytest
 
 from anomaly.data.folder import FolderDataModule
-from tests.conftest import make_mvtec_category
+from tests.conftest import load_benchmark, make_mvtec_category
 from tests.test_outputs import file_size_limit
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("peak_memory", REPO / "benchmarks" / "peak_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-peak_memory = load_script()
+peak_memory = load_benchmark("peak_memory")
 
 
 @pytest.fixture
