@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 
 from anomaly.atomic import built_whole, open_atomically, replaced_atomically
-from anomaly.data.store import write_entry
+from anomaly.data.store import EntryFolder, write_entry
 from anomaly.evaluation.results import write_atomic
+from tests.test_outputs import file_size_limit
 
 
 def mode(path: Path) -> int:
@@ -74,3 +76,14 @@ def test_a_folder_is_built_whole_or_not_at_all(tmp_path: Path):
         (building / "other").write_text("x")
     assert error.value.filename == str(target) and os.listdir(target) == ["normal"]
     assert os.listdir(tmp_path) == ["dataset"]
+
+
+def test_a_cache_identity_is_never_left_half_written(tmp_path: Path):
+    """A disk that fills while ``identity.json`` is written leaves none (a later run writes it whole),
+    not a truncated one that every later run would keep."""
+    identity = {"backbone": "efficientnet-lite0", "image_size": 224, "levels": list(range(1, 10))}
+    with file_size_limit(20), pytest.warns(UserWarning, match="cannot be written"):
+        first = EntryFolder(tmp_path, identity, ".feat", "feature cache")
+    assert not (first.path / "identity.json").exists() and os.listdir(first.path) == []
+    later = EntryFolder(tmp_path, identity, ".feat", "feature cache")
+    assert json.loads((later.path / "identity.json").read_text()) == identity
