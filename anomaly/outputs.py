@@ -13,6 +13,10 @@ Every command that writes files a user names (``predict --out`` and ``--maps``,
   The folder must be new, empty (hidden files aside), or one the command wrote before: it keeps the
   list of the files it wrote in :data:`MANIFEST`, and only those are replaced.
   Its files are never taken as input of the command.
+* :func:`claim_json` and :func:`write_json` for a JSON document (a benchmark's ``--out``): its
+  first key, :data:`WRITTEN_BY`, names the command, which is how a rerun recognises it.
+* :func:`claim_new_folder` for a folder the command fills whole (a generated dataset): it must
+  be new or empty, and is written through :func:`anomaly.atomic.built_whole`.
 
 Files are then written whole through :mod:`anomaly.atomic`.
 """
@@ -29,6 +33,8 @@ from anomaly.errors import UserError
 
 #: The list of files an :class:`OutputFolder` holds that its command wrote (hidden: never an input).
 MANIFEST = ".written-by-anomaly.json"
+#: The first key of a JSON document written by :func:`write_json`: the command that wrote it.
+WRITTEN_BY = "written_by"
 OVERWRITE_HINT = "give another name, or --overwrite to replace it"
 
 
@@ -52,6 +58,11 @@ def check_writable_path(path: Path, option: str) -> None:
     """:class:`UserError` when ``path`` is a folder, or lies below a file."""
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder: give a file name")
+    check_parent_folders(path, option)
+
+
+def check_parent_folders(path: Path, option: str) -> None:
+    """:class:`UserError` when one of the folders above ``path`` is a file."""
     blocking = next((folder for folder in path.parents if folder.exists() and not folder.is_dir()), None)
     if blocking is not None:
         raise UserError(f"{option} {path}: {blocking} is a file, not a folder: give a path in a folder")
@@ -101,6 +112,47 @@ def starts_with(prefix: bytes) -> Callable[[Path], bool]:
             return False
 
     return recognise
+
+
+def json_start(command: str) -> bytes:
+    """The first bytes of every JSON document :func:`write_json` writes for ``command``."""
+    return ("{\n  " + json.dumps(WRITTEN_BY) + ": " + json.dumps(command) + ",\n").encode()
+
+
+def claim_json(
+    path: str | Path,
+    *,
+    command: str,
+    inputs: Iterable[str | Path] = (),
+    overwrite: bool = False,
+    option: str = "--out",
+) -> Path:
+    """:func:`claim_output` for a JSON document of ``command``: one it wrote before (:func:`write_json`)
+    is replaced."""
+    ours = starts_with(json_start(command))
+    return claim_output(path, inputs=inputs, ours=ours, overwrite=overwrite, option=option, command=command)
+
+
+def write_json(path: str | Path, document: dict, *, command: str) -> Path:
+    """``document`` as indented JSON, written whole, its first key :data:`WRITTEN_BY` naming ``command``."""
+    text = json.dumps({WRITTEN_BY: command, **document}, indent=2) + "\n"
+    return write_bytes_atomic(path, text.encode())
+
+
+def claim_new_folder(folder: str | Path, *, option: str, command: str) -> Path:
+    """``folder`` (``~`` expanded) when ``command`` may fill it whole: new or empty, not a file."""
+    if not str(folder).strip():
+        raise UserError(f"{option} is empty: give a folder name")
+    folder = Path(folder).expanduser()
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise UserError(f"{option} {folder} is a file, not a folder: give a new folder")
+    check_parent_folders(folder, option)
+    if folder.is_dir() and any(folder.iterdir()):
+        raise UserError(
+            f"{option} {folder} already exists and is not empty: {command} fills only a new or empty "
+            "folder; give another name, or remove it"
+        )
+    return folder
 
 
 class OutputFolder:
@@ -166,4 +218,14 @@ class OutputFolder:
         return paths
 
 
-__all__ = ["MANIFEST", "OutputFolder", "claim_output", "find_input", "starts_with"]
+__all__ = [
+    "MANIFEST",
+    "WRITTEN_BY",
+    "OutputFolder",
+    "claim_json",
+    "claim_new_folder",
+    "claim_output",
+    "find_input",
+    "starts_with",
+    "write_json",
+]

@@ -18,7 +18,9 @@ post-processor leaves the scores unnormalised, and torchmetrics' AUROC takes sco
 [0, 1] for logits (all near 1 after its sigmoid: 0.5 whatever the ranking). The image AUROC is
 instead computed from the raw test scores, as compare_peers.py computes it for every method.
 The results (image AUROC, the fit and test seconds, the checkpoint's size, the images fitted and
-tested) are written as JSON to ``OUT/results.json``.
+tested) are written whole as JSON to ``OUT/results.json``. ``OUT`` must be a new or empty folder, or
+one this script wrote before (it records what it wrote, as ``anomaly predict --maps`` does); it is
+checked before anything is fitted.
 
     python benchmarks/anomalib_fit.py "anomalib DFM" --fit FIT --good GOOD --defect DEFECT --out OUT
 """
@@ -49,7 +51,11 @@ from compare_peers import (
 )
 
 from anomaly.backbones import build_backbone
+from anomaly.console import run_command
 from anomaly.evaluation.metrics import image_auroc
+from anomaly.outputs import OutputFolder, write_json
+
+COMMAND = "benchmarks/anomalib_fit.py"
 
 
 class TestScores(Callback):
@@ -98,6 +104,10 @@ def build_peer(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: fit_and_test(argv))
+
+
+def fit_and_test(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("peer", choices=PEERS)
     parser.add_argument("--fit", type=Path, required=True, help="folder of the fitting images")
@@ -106,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="anomalib's run folder; results.json")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
+    inputs = [p for folder in (args.fit, args.good, args.defect) for p in sorted(folder.glob("*"))]
+    (results_file,) = OutputFolder(args.out, option="--out", command=COMMAND).claim(["results.json"], inputs)
     warnings.filterwarnings("ignore")
 
     from anomalib.data import Folder
@@ -139,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_seconds": tested - fitted,
         "checkpoint_bytes": checkpoints[-1].stat().st_size if checkpoints else None,
     }
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    write_json(results_file, result, command=COMMAND)
     print(json.dumps(result))
     return 0
 

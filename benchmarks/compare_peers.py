@@ -53,6 +53,10 @@ current RSS, baseline included, just before the fit). ``--max-rss-gb`` kills a m
 group above that RSS (summed over the group, polled each second) and ``--time-limit`` after that
 many seconds: the table then says what stopped it.
 
+``--out`` is written whole at the end (its first key ``written_by`` names this script); an
+existing file that this script did not write is refused before any work, unless ``--overwrite``.
+The feature cache's files and the isolated processes' logs are written whole too.
+
     python benchmarks/compare_peers.py \\
         --mvtec /data/mvtec_ad --magnetic-tile /data/magnetic_tile \\
         --cache runs/compare_peers_cache --out runs/compare_peers.json
@@ -84,9 +88,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from anomaly.atomic import open_atomically, replaced_atomically
 from anomaly.backbones import build_backbone
 from anomaly.backbones.extractor import FeatureExtractor
 from anomaly.configs import resolve_config
+from anomaly.console import run_command
 from anomaly.data import MVTecDataModule
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import ImageDataset, Sample
@@ -101,8 +107,10 @@ from anomaly.evaluation.pixel import upsample_maps
 from anomaly.evaluation.pro import pixel_auroc_and_pro
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.spatial import SpatialGaussianAD
+from anomaly.outputs import claim_json, write_json
 from anomaly.pooling.grid_maps import GridFineCells
 
+COMMAND = "benchmarks/compare_peers.py"
 BACKBONE = "efficientnet-lite0"
 TIMM_NAME = "efficientnet_lite0"
 #: timm feature names of efficientnet_lite0 -> our 1-based levels (same channel widths and strides).
@@ -212,9 +220,9 @@ def cached_extract(
             return Features(**stored)
     features = extract(extractor, samples, masks, bs)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = {k: getattr(features, k) for k in ("paths", "pooled", "grids", "maps", "masks")}
-        torch.save(data, path)
+        with replaced_atomically(path) as tmp:
+            torch.save(data, tmp)
     return features
 
 
@@ -714,9 +722,10 @@ def watch(
 ) -> dict:
     """Run ``argv`` in its own process group, killed above ``max_rss_gb`` (RSS summed over the group,
     polled every second) or after ``time_limit`` s; its peak RSS (``ru_maxrss``) and wall time.
-    ``log``: a file for its stdout and stderr (default: this process's); ``popen``: for ``Popen``."""
+    ``log``: a file for its stdout and stderr (default: this process's), which appears whole when the
+    process has ended (written beside it meanwhile); ``popen``: for ``Popen``."""
     with contextlib.ExitStack() as stack:
-        output = None if log is None else stack.enter_context(log.open("w"))
+        output = None if log is None else stack.enter_context(open_atomically(log))
         errors = None if log is None else subprocess.STDOUT
         started = time.perf_counter()
         child = subprocess.Popen(argv, start_new_session=True, stdout=output, stderr=errors, **popen)
@@ -783,6 +792,10 @@ def isolated(args: argparse.Namespace, names: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: compare(argv))
+
+
+def compare(argv: list[str] | None) -> int:
     labels = [f"ours: {c}" for c in CONFIGS] + [f"ours: {o}" for o, _ in OURS] + PEERS
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -814,6 +827,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="folder for the extracted features")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument(
+        "--overwrite", action="store_true", help="let --out replace a file that is not an earlier result"
+    )
+    parser.add_argument(
         "--isolate", action="store_true",
         help="each dataset and method in a process of its own, for its peak RSS (needs --cache)",
     )  # fmt: skip
@@ -823,6 +839,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=None, help="with --isolate: seconds per method")
     parser.add_argument("--extract-only", action="store_true", help="only build the feature cache")
     args = parser.parse_args(argv)
+    if args.out is not None:  # claimed before any work: never an input, nor a file of another origin
+        inputs = [Path(c) for c in args.configs if Path(c).is_file()]
+        inputs += [] if args.cache is None else sorted(args.cache.glob("*.pt"))
+        args.out = claim_json(args.out, command=COMMAND, inputs=inputs, overwrite=args.overwrite)
     roots = {"bottle": ("--mvtec", args.mvtec), "magnetic_tile": ("--magnetic-tile", args.magnetic_tile)}
     missing = [roots[name][0] for name in args.datasets if name in roots and roots[name][1] is None]
     if missing:
@@ -866,13 +886,9 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     print(table)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         names = {"best": BEST, "fine": FINE, "grid_maps": GRID_MAPS}
-        args.out.write_text(
-            json.dumps(
-                {"results": results, **{k: f"ours: {v}" for k, v in names.items()}, "table": table}, indent=2
-            )
-        )
+        document = {"results": results, **{k: f"ours: {v}" for k, v in names.items()}, "table": table}
+        write_json(args.out, document, command=COMMAND)
     return 0
 
 

@@ -22,6 +22,11 @@ layout, for a bounded comparison on a small machine::
     python benchmarks/long_strips.py subset --source /data/magnetic_tile --out /tmp/mt --every 3 2
     python benchmarks/long_strips.py compare --root /tmp/mt --config magnetic_tile --configs default \
         --layouts stretch pad crop "tiles 2x2" --runs /tmp/mt-runs
+
+``build`` and ``subset`` fill a new (or empty) folder, which appears only once it is complete.
+``compare``'s ``--runs`` must be a new or empty folder, or one ``compare`` wrote before (it
+records what it wrote, as ``anomaly predict --maps`` does): a rerun replaces its runs, logs
+and ``comparison.json``, each written whole.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from anomaly.atomic import built_whole, open_atomically
+from anomaly.console import run_command
+from anomaly.outputs import OutputFolder, claim_new_folder, write_json
+
+COMMAND = "benchmarks/long_strips.py"
 PROJECT = Path(__file__).resolve().parents[1]
 #: (label, extra ``anomaly fit`` options) of each compared layout.
 LAYOUTS = {
@@ -58,9 +68,14 @@ def strip_rows(height: int, strip_height: int, strips: int) -> list[int]:
 
 def build(bottle: Path, out: Path, category: str, strip_height: int, strips: int, train_images: int) -> None:
     """Write ``out/<category>`` in MVTec layout (train/good, test/good, test/defect, ground_truth)."""
-    base = out / category
-    if base.exists():
-        raise SystemExit(f"{base} exists: remove it or choose another --out")
+    base = claim_new_folder(out / category, option="--out", command=f"{COMMAND} build")
+    with built_whole(base) as building:
+        counts = write_strips(bottle, building, strip_height, strips, train_images)
+    print(f"wrote {base}: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+
+
+def write_strips(bottle: Path, base: Path, strip_height: int, strips: int, train_images: int) -> dict:
+    """The bands of :func:`build` written under ``base``; the number of images of each kind."""
     counts = {"train": 0, "test normal": 0, "test anomalous": 0}
 
     def save(array: np.ndarray, path: Path) -> None:
@@ -87,28 +102,33 @@ def build(bottle: Path, out: Path, category: str, strip_height: int, strips: int
                 else:
                     save(rgb[top : top + strip_height], base / "test" / "good" / f"{name}.png")
                     counts["test normal"] += 1
-    print(f"wrote {base}: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+    return counts
 
 
 def subset(source: Path, out: Path, every_normal: int, every_defect: int) -> None:
     """Symbolic links to every k-th ``.jpg`` (and its ``.png`` mask) of each ``*/Imgs`` folder."""
-    for folder in sorted(source.glob("*/Imgs")):
-        step = every_normal if folder.parent.name == "MT_Free" else every_defect
-        target = out / folder.relative_to(source)
-        target.mkdir(parents=True, exist_ok=True)
-        images = sorted(folder.glob("*.jpg"))[::step]
-        for image in images:
-            for path in (image, image.with_suffix(".png")):
-                if path.exists():
-                    (target / path.name).symlink_to(path.resolve())
-        print(f"{target}: {len(images)} images")
+    out = claim_new_folder(out, option="--out", command=f"{COMMAND} subset")
+    counts = {}
+    with built_whole(out) as building:
+        for folder in sorted(source.glob("*/Imgs")):
+            step = every_normal if folder.parent.name == "MT_Free" else every_defect
+            target = building / folder.relative_to(source)
+            target.mkdir(parents=True)
+            images = sorted(folder.glob("*.jpg"))[::step]
+            for image in images:
+                for path in (image, image.with_suffix(".png")):
+                    if path.exists():
+                        (target / path.name).symlink_to(path.resolve())
+            counts[out / folder.relative_to(source)] = len(images)
+    for target, count in counts.items():
+        print(f"{target}: {count} images")
 
 
 def run_fit(args: list[str], log: Path) -> dict | None:
     """One ``anomaly fit`` in a subprocess; its results.json, or ``None`` when it failed."""
     root_dir = Path(args[args.index("--trainer.default_root_dir") + 1])
     started = time.perf_counter()
-    with log.open("w") as handle:
+    with open_atomically(log) as handle:  # whole when the run has ended
         command = [sys.executable, "-m", "anomaly", "fit", *args]
         code = subprocess.call(command, stdout=handle, stderr=handle, cwd=PROJECT)
     if code != 0:
@@ -120,25 +140,32 @@ def run_fit(args: list[str], log: Path) -> dict | None:
     return data
 
 
+def slug(config: str, layout: str) -> str:
+    """The name of a (config, layout) run's folder and log in ``--runs``."""
+    return f"{config}-{layout.replace(' ', '').replace('+', '-')}"
+
+
 def compare(args: argparse.Namespace) -> None:
-    runs = Path(args.runs)
-    runs.mkdir(parents=True, exist_ok=True)
+    runs = OutputFolder(args.runs, option="--runs", command=f"{COMMAND} compare")
+    names = [slug(config, layout) for config in args.configs for layout in args.layouts]
+    runs.claim([*names, *(f"{name}.log" for name in names), "comparison.json"])
+    runs = runs.folder
     rows = []
     for config in args.configs:
         for layout in args.layouts:
-            slug = f"{config}-{layout.replace(' ', '').replace('+', '-')}"
+            name = slug(config, layout)
             fit_args = [
                 *([] if config == "default" else ["--config", config]),  # the model, then the data
                 *(["--config", args.config] if args.config else []),
                 "--data.root", str(args.root),
                 "--data.num_workers", "0",
                 "--data.fold", "0",
-                "--trainer.default_root_dir", str(runs / slug),
+                "--trainer.default_root_dir", str(runs / name),
                 *(["--data.category", args.category] if args.category else []),
                 *LAYOUTS[layout],
             ]  # fmt: skip
             print(f"{config:14s} {layout:16s} ...", flush=True)
-            results = run_fit(fit_args, runs / f"{slug}.log")
+            results = run_fit(fit_args, runs / f"{name}.log")
             if results is None:
                 continue
             row = {
@@ -153,7 +180,7 @@ def compare(args: argparse.Namespace) -> None:
             }
             rows.append(row)
             print("  " + json.dumps(row), flush=True)
-    (runs / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(runs / "comparison.json", {"rows": rows}, command=f"{COMMAND} compare")
     print("\n| config | layout | image AUROC | pixel AUROC | seconds |\n|---|---|---|---|---|")
     for row in rows:
         pixel = "" if row["pixel_auroc"] is None else f"{row['pixel_auroc']:.3f}"
@@ -163,6 +190,10 @@ def compare(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: dispatch(argv))
+
+
+def dispatch(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

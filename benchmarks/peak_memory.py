@@ -9,10 +9,13 @@ the images ``anomaly fit`` fits (its fold of ``ROOT/normal``, read from our data
 tested on all the test images, with the same efficientnet-lite0 weights at the same 224 px input.
 ``--rounds`` repeats everything, the methods alternating so that they share the machine's load;
 each run is killed above ``--max-rss-gb`` or after ``--time-limit`` s, and a run that fails
-leaves its last lines of output on stderr and in ``--out``'s JSON. ``--make SOURCE`` first
-writes a category of large images from the images of an MVTec AD category ``SOURCE`` (resized to
-``--size``, flipped copies where more are needed) in the layout of
-``anomaly.data.folder.FolderDataModule``: ``ROOT/normal`` and ``ROOT/test/{good,defect}``.
+leaves its last lines of output on stderr and in ``--out``'s JSON. ``--out`` is written whole at
+the end (``{"written_by": "benchmarks/peak_memory.py", "results": [...]}``); an existing file
+that this script did not write is refused before any work, unless ``--overwrite``. ``--make
+SOURCE`` first writes a category of large images from the images of an MVTec AD category
+``SOURCE`` (resized to ``--size``, flipped copies where more are needed) in the layout of
+``anomaly.data.folder.FolderDataModule``: ``ROOT/normal`` and ``ROOT/test/{good,defect}``, into a
+new (or empty) ``ROOT``, which appears only once every image is written.
 
     python benchmarks/peak_memory.py /tmp/large_bottle --make ../shared/data/mvtec_ad/bottle
     python benchmarks/peak_memory.py /tmp/large_bottle --configs recommended spatial_grid_maps
@@ -40,10 +43,15 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_peers import PEERS, watch
 
+from anomaly.atomic import built_whole
 from anomaly.configs import resolve_config
+from anomaly.console import run_command
 from anomaly.data.folder import FolderDataModule
+from anomaly.errors import UserError
+from anomaly.outputs import claim_json, claim_new_folder, write_json
 
 CLONE = Path(__file__).resolve().parents[1]
+COMMAND = "benchmarks/peak_memory.py"
 CONFIGS = ["recommended", "spatial_grid", "spatial_grid_maps", "paper"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 MIB = 2**20
@@ -56,21 +64,25 @@ def images_in(folder: Path) -> list[Path]:
 
 
 def make_category(root: Path, source: Path, size: int, normal: int, good: int, defects: int) -> None:
-    """``normal`` + ``good`` + ``defects`` images of ``size`` px from an MVTec AD category."""
+    """``normal`` + ``good`` + ``defects`` images of ``size`` px from an MVTec AD category, in a new
+    (or empty) ``root`` that appears whole once every image is written."""
+    root = claim_new_folder(root, option="ROOT", command=f"{COMMAND} --make")
     train = images_in(source / "train" / "good")
     test_good = images_in(source / "test" / "good")
     test_bad = [p for p in images_in(source / "test") if p.parent.name != "good"]
     plan = {"normal": (train, normal), "test/good": (test_good, good), "test/defect": (test_bad, defects)}
-    for folder, (paths, count) in plan.items():
-        if not paths:
-            raise SystemExit(f"error: {source} has no images for {folder}")
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            image = cv2.imread(str(paths[i % len(paths)]), cv2.IMREAD_COLOR)
-            if (i // len(paths)) % 2:
-                image = cv2.flip(image, 1)
-            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
-            cv2.imwrite(str(root / folder / f"{i:04d}.png"), image)
+    empty = next((folder for folder, (paths, _) in plan.items() if not paths), None)
+    if empty is not None:
+        raise UserError(f"--make {source} has no images for {empty}: give an MVTec AD category folder")
+    with built_whole(root) as building:
+        for folder, (paths, count) in plan.items():
+            (building / folder).mkdir(parents=True)
+            for i in range(count):
+                image = cv2.imread(str(paths[i % len(paths)]), cv2.IMREAD_COLOR)
+                if (i // len(paths)) % 2:
+                    image = cv2.flip(image, 1)
+                image = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
+                (building / folder / f"{i:04d}.png").write_bytes(cv2.imencode(".png", image)[1].tobytes())
 
 
 def fold_folders(root: Path, folder: Path) -> dict[str, int]:
@@ -165,6 +177,10 @@ def row(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: measure(argv))
+
+
+def measure(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path, help="the category: ROOT/normal and ROOT/test/<type>")
     parser.add_argument("--configs", nargs="*", default=CONFIGS, help="our configs; default: %(default)s")
@@ -177,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=1800.0, help="kill a run after these seconds")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument(
+        "--overwrite", action="store_true", help="let --out replace a file that is not an earlier result"
+    )
+    parser.add_argument(
         "--make", type=Path, default=None, help="write ROOT first from this MVTec AD category"
     )
     parser.add_argument("--size", type=int, default=1024)
@@ -184,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         "--counts", nargs=3, type=int, default=[240, 20, 40], metavar=("NORMAL", "GOOD", "DEFECT")
     )
     args = parser.parse_args(argv)
+    if args.out is not None:  # claimed before any work: never an input, nor a file of another origin
+        inputs = [*images_in(args.root), *(Path(c) for c in args.configs if Path(c).is_file())]
+        args.out = claim_json(args.out, command=COMMAND, inputs=inputs, overwrite=args.overwrite)
     if args.peers and importlib.util.find_spec("anomalib") is None:
         print(
             f"error: --peers needs anomalib, which {sys.executable} lacks: pip install -e '.[bench]' "
@@ -224,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(measure_peer(peer, Path(scratch) / "fold", out, args))
                 report(results[-1])
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+        write_json(args.out, {"results": results}, command=COMMAND)
     return 0
 
 

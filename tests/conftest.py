@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -21,9 +24,19 @@ if "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
+REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BOTTLE = SHARED_DATA / "mvtec_ad" / "bottle"
 MAGNETIC_TILE = SHARED_DATA / "magnetic_tile"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/<name>.py`` as a module, registered (its dataclasses look it up)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 #: The generated category has no augmentation switches of its own; the warning that says so is

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,20 +12,9 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 from torch.nn import functional as F
 
-from tests.conftest import make_mvtec_category
+from tests.conftest import load_benchmark, make_mvtec_category
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("compare_peers", REPO / "benchmarks" / "compare_peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-peers = load_script()
+peers = load_benchmark("compare_peers")
 
 
 def test_watch_reports_the_peak_rss_of_its_child():
@@ -40,6 +28,16 @@ def test_watch_writes_its_childs_output_to_the_log(tmp_path: Path):
     report = peers.watch([sys.executable, "-c", code], None, 60, log=tmp_path / "child.log", cwd=tmp_path)
     assert report["returncode"] == 0
     assert (tmp_path / "child.log").read_text().split() == [str(tmp_path), "to", "stderr"]
+
+
+def test_watch_writes_the_log_whole_when_its_child_has_ended(tmp_path: Path):
+    """The log replaces an earlier one only once the child has ended: never a part that looks complete."""
+    log = tmp_path / "child.log"
+    log.write_text("the earlier run\n")
+    code = f"import pathlib; print(pathlib.Path({str(log)!r}).read_text().strip(), 'while running')"
+    assert peers.watch([sys.executable, "-c", code], None, 60, log=log)["returncode"] == 0
+    assert log.read_text() == "the earlier run while running\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["child.log"]  # no temporary left beside it
 
 
 def test_watch_kills_a_child_above_the_memory_limit():
@@ -145,3 +143,57 @@ def test_bad_arguments_are_one_line_errors(capsys):
     )
     assert peers.main(["--datasets", "bottle", "--mvtec", "x", "--methods", "anomalib SVM"]) == 2
     assert capsys.readouterr().err.startswith("error: no method ['anomalib SVM']: choose among")
+
+
+def stub_the_work(monkeypatch) -> list[str]:
+    """No backbone, no dataset: each dataset's result names its methods as stopped; returns what ran."""
+    ran = []
+
+    def run_dataset(name, args, methods, extractor):
+        ran.append(name)
+        return {"dataset": name, "methods": {m.name: {"stopped": "not run here"} for m in methods}}
+
+    monkeypatch.setattr(peers, "build_backbone", lambda name: None)
+    monkeypatch.setattr(peers, "run_dataset", run_dataset)
+    return ran
+
+
+def test_out_never_replaces_a_file_of_another_origin(tmp_path: Path, monkeypatch, capsys):
+    """``--out`` is claimed before any work: a user's file is refused in one line and stays as it was;
+    ``--overwrite`` replaces it."""
+    ran = stub_the_work(monkeypatch)
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}\n')
+    argv = ["--datasets", "bottle", "--mvtec", "x", "--configs", "paper", "--methods", "ours: paper"]
+    assert peers.main([*argv, "--out", str(notes)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        f"error: --out {notes} already exists and was not written by benchmarks/compare_peers.py: give "
+        "another name, or --overwrite to replace it\n"
+    )
+    assert notes.read_text() == '{"mine": true}\n' and ran == []
+    assert peers.main([*argv, "--out", str(notes), "--overwrite"]) == 0 and ran == ["bottle"]
+    assert json.loads(notes.read_text())["results"][0]["methods"] == {
+        "ours: paper": {"stopped": "not run here"}
+    }
+
+
+def test_a_rerun_replaces_its_own_results_but_never_an_input(tmp_path: Path, monkeypatch, capsys):
+    stub_the_work(monkeypatch)
+    out = tmp_path / "runs" / "compare.json"
+    argv = ["--datasets", "bottle", "--mvtec", "x", "--out", str(out)]
+    for configs in (["paper"], ["paper", "recommended"]):
+        methods = [f"ours: {config}" for config in configs]
+        assert peers.main([*argv, "--configs", *configs, "--methods", *methods]) == 0
+    written = json.loads(out.read_text())
+    assert (
+        written["written_by"] == "benchmarks/compare_peers.py" and "| ours: recommended |" in written["table"]
+    )
+    assert list(written["results"][0]["methods"]) == ["ours: paper", "ours: recommended"]
+    assert [p.name for p in out.parent.iterdir()] == ["compare.json"]
+    config = tmp_path / "candidate.yaml"
+    config.write_text("model:\n  class_path: anomaly.methods.gaussian.GaussianAD\n")
+    code = peers.main(["--datasets", "bottle", "--mvtec", "x", "--configs", str(config), "--out", str(config),
+                       "--overwrite"])  # fmt: skip
+    assert code == 2 and "is an input of benchmarks/compare_peers.py" in capsys.readouterr().err
+    assert config.read_text().startswith("model:")

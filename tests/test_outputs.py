@@ -23,7 +23,15 @@ from anomaly.detector.file import claim_detector_output, detector_files
 from anomaly.detector.maps import OVERLAY_SIDE, map_file_names, overlay_size
 from anomaly.errors import UserError
 from anomaly.export.__main__ import main as export_main
-from anomaly.outputs import MANIFEST, OutputFolder, claim_output, starts_with
+from anomaly.outputs import (
+    MANIFEST,
+    OutputFolder,
+    claim_json,
+    claim_new_folder,
+    claim_output,
+    starts_with,
+    write_json,
+)
 from anomaly.pooling import build_pooling
 from predict import main as predict_main
 from tests.detector.helpers import fit_demo_detector
@@ -110,6 +118,40 @@ def test_an_output_folder_takes_only_what_it_wrote(tmp_path: Path):
     assert json.loads((folder / MANIFEST).read_text())["files"] == ["a.npy", "b.npy"]
     with pytest.raises(UserError, match="holds files that anomaly predict --maps did not write"):
         OutputFolder(tmp_path, option="--maps", command="anomaly predict --maps")  # maps/ is not listed
+
+
+def test_a_json_result_is_replaced_only_by_the_command_that_wrote_it(tmp_path: Path):
+    out = tmp_path / "results.json"
+    assert claim_json(out, command="bench a") == out and not out.exists()
+    write_json(out, {"results": [1]}, command="bench a")
+    assert json.loads(out.read_text()) == {"written_by": "bench a", "results": [1]}
+    assert claim_json(out, command="bench a") == out  # a rerun replaces its own result
+    for command in ("bench b", "bench"):  # another script's result, or a prefix of its name
+        with pytest.raises(UserError, match="already exists and was not written by bench"):
+            claim_json(out, command=command)
+    notes = tmp_path / "notes.json"
+    notes.write_text('{\n  "results": []\n}\n')
+    with pytest.raises(UserError, match="give another name, or --overwrite to replace it"):
+        claim_json(notes, command="bench a")
+    assert claim_json(notes, command="bench a", overwrite=True) == notes
+    with pytest.raises(UserError, match="never writes over its input"):
+        claim_json(out, command="bench a", inputs=[out], overwrite=True)
+
+
+def test_a_folder_filled_whole_must_be_new_or_empty(tmp_path: Path):
+    kw = {"option": "--out", "command": "bench build"}
+    assert claim_new_folder(tmp_path / "new", **kw) == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    assert claim_new_folder(tmp_path / "empty", **kw) == tmp_path / "empty"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.png").write_bytes(b"x")
+    with pytest.raises(UserError, match="already exists and is not empty: bench build fills only a new"):
+        claim_new_folder(tmp_path / "full", **kw)
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        claim_new_folder(tmp_path / "full" / "mine.png", **kw)
+    with pytest.raises(UserError, match=r"mine\.png is a file, not a folder: give a path in a folder"):
+        claim_new_folder(tmp_path / "full" / "mine.png" / "below", **kw)
+    assert os.listdir(tmp_path / "full") == ["mine.png"]
 
 
 # ---------------------------------------------------------------------- [1], [2]

@@ -1,29 +1,22 @@
-"""benchmarks/peak_memory.py: the fold that anomalib's peers are given, its argument errors, a peer's run."""
+"""benchmarks/peak_memory.py: the fold that anomalib's peers are given, its argument errors, a peer's run,
+what it may write."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 from anomaly.data.folder import FolderDataModule
-from tests.conftest import make_mvtec_category
+from tests.conftest import load_benchmark, make_mvtec_category
+from tests.test_outputs import file_size_limit
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("peak_memory", REPO / "benchmarks" / "peak_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-peak_memory = load_script()
+peak_memory = load_benchmark("peak_memory")
 
 
 @pytest.fixture
@@ -90,7 +83,7 @@ def test_a_peer_fits_the_fold_and_tests_every_test_image(category: Path, tmp_pat
     out = tmp_path / "results.json"
     argv = [str(category), "--configs", "--peers", "anomalib DFM", "--time-limit", "600", "--out", str(out)]
     assert peak_memory.main(argv) == 0
-    (result,) = json.loads(out.read_text())
+    (result,) = json.loads(out.read_text())["results"]
     assert result["exit_code"] == 0 and result["stopped"] is None
     assert result["images"] == [8, 5]
     assert 0 <= result["image_auroc"] <= 1 and result["peak_rss_mib"] > 100 and result["saved_mib"] > 0
@@ -133,3 +126,79 @@ def test_a_config_file_runs_from_the_scratch_folder_under_its_name(tmp_path: Pat
     argv = commands[0]
     configs = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--config"]
     assert configs == ["folder", str(config.resolve())]
+
+
+def measured(config: str, root: Path, out: Path, args: argparse.Namespace) -> dict:
+    """A stand-in for one measured run (the real one runs ``anomaly fit``)."""
+    return {
+        "method": f"ours: {config}", "exit_code": 0, "stopped": None, "peak_rss_mib": 900.0, "seconds": 3.0,
+        "load_1min": 0.5, "output_tail": [], "image_auroc": 0.9, "pixel_auroc": None, "saved_mib": 1.0,
+    }  # fmt: skip
+
+
+def test_out_never_replaces_a_file_of_another_origin(tmp_path: Path, monkeypatch, capsys):
+    """``--out`` is claimed before any work: a user's file is refused in one line and stays as it was."""
+    runs = []
+    monkeypatch.setattr(peak_memory, "measure_config", lambda *a: runs.append(a) or measured(*a))
+    (tmp_path / "category" / "normal").mkdir(parents=True)
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}\n')
+    assert peak_memory.main([str(tmp_path / "category"), "--configs", "paper", "--out", str(notes)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(
+        f"error: --out {notes} already exists and was not written by benchmarks/peak_memory.py"
+    )
+    assert notes.read_text() == '{"mine": true}\n' and runs == []
+    argv = [str(tmp_path / "category"), "--configs", "paper", "--out", str(notes), "--overwrite"]
+    assert peak_memory.main(argv) == 0 and len(runs) == 1
+    assert json.loads(notes.read_text())["results"][0]["method"] == "ours: paper"
+
+
+def test_a_rerun_replaces_its_own_results(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setattr(peak_memory, "measure_config", measured)
+    (tmp_path / "category" / "normal").mkdir(parents=True)
+    out = tmp_path / "results" / "peak.json"
+    for configs in (["paper"], ["paper", "recommended"]):
+        assert peak_memory.main([str(tmp_path / "category"), "--configs", *configs, "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["written_by"] == "benchmarks/peak_memory.py"
+    assert [r["method"] for r in written["results"]] == ["ours: paper", "ours: recommended"]
+    assert os.listdir(out.parent) == ["peak.json"]  # no temporary left beside it
+
+
+def test_make_never_writes_into_a_folder_of_other_files(category: Path, tmp_path: Path, capsys):
+    """``--make`` fills only a new or empty ROOT: a category already there keeps its images."""
+    before = {p: p.read_bytes() for p in category.rglob("*.png")}
+    argv = [
+        str(category),
+        "--make",
+        str(tmp_path / "mvtec" / "widget"),
+        "--size",
+        "40",
+        "--counts",
+        "3",
+        "1",
+        "1",
+    ]
+    assert peak_memory.main([*argv, "--configs"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        f"error: ROOT {category} already exists and is not empty: benchmarks/peak_memory.py --make fills "
+        "only a new or empty folder; give another name, or remove it"
+    )
+    assert {p: p.read_bytes() for p in category.rglob("*.png")} == before
+
+
+def test_make_writes_the_whole_category_or_nothing(tmp_path: Path, capsys):
+    """A disk that fills while ROOT is written (``ulimit -f`` stands for it) leaves no ROOT, nor a
+    half-written one beside it, and names ROOT."""
+    source = make_mvtec_category(tmp_path / "mvtec", n_train=3, n_good=1, n_bad=1, size=32) / "widget"
+    root = tmp_path / "large"
+    with file_size_limit(100):
+        assert peak_memory.main([str(root), "--make", str(source), "--size", "40", "--configs"]) == 2
+    assert capsys.readouterr().err == f"error: cannot read or write {root}: File too large\n"
+    assert sorted(os.listdir(tmp_path)) == ["mvtec"]
+    peak_memory.make_category(root, source, 40, 4, 1, 1)
+    assert sorted(os.listdir(tmp_path)) == ["large", "mvtec"]
+    assert len(peak_memory.images_in(root)) == 6

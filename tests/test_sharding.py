@@ -7,16 +7,18 @@ import itertools
 import json
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import anomaly.cli
 from anomaly.errors import UserError
 from anomaly.evaluation.evaluate import main as evaluate
+from anomaly.experiments import runner
 from anomaly.experiments.cells import RunIndex, job_text
 from anomaly.experiments.cli import main as reproduce
 from anomaly.experiments.grids import TABLES
-from anomaly.experiments.runner import grid_cells, run_grid
+from anomaly.experiments.runner import grid_cells, log_path, run_grid, worker_launcher
 from anomaly.experiments.sharding import Shard, device_ids, run_on_devices
 from anomaly.experiments.worker import run_job
 from tests.conftest import make_mvtec_category
@@ -234,6 +236,26 @@ def test_worker_records_its_cell(tiny_mvtec: Path, tmp_path: Path, monkeypatch):
     command = cell.command(tiny_mvtec, tmp_path, index.extra)
     assert run_job(job_text(cell, command, index)) == 0
     assert len(calls) == 1 and index.record(cell).category == "widget"
+
+
+def test_a_workers_log_replaces_an_earlier_one_when_the_worker_has_ended(
+    tiny_mvtec: Path, tmp_path: Path, monkeypatch
+):
+    """While a cell runs again its earlier log stays whole; the new one replaces it at the end."""
+    (cell,) = grid_cells(TABLES["table1"].with_backbones(["efficientnet-lite0"]), ["widget"], [0])
+    index = RunIndex(tmp_path, tiny_mvtec, [])
+    log = log_path(index, cell)
+    log.parent.mkdir(parents=True)
+    log.write_text("the earlier attempt\n")
+
+    def worker(argv, env, stdout, stderr, check):
+        stdout.write(f"run on device {env['CUDA_VISIBLE_DEVICES']}; the log reads: {log.read_text()}")
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(runner.subprocess, "run", worker)
+    assert worker_launcher(index, tiny_mvtec, tmp_path, [], None)(cell, "1") == 0
+    assert log.read_text() == "run on device 1; the log reads: the earlier attempt\n"
+    assert [p.name for p in log.parent.iterdir()] == [log.name]
 
 
 @pytest.mark.slow

@@ -9,13 +9,13 @@ built once, atomically, into ``$ANOMALY_CACHE`` (default ``~/.cache/anomaly``).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from anomaly.atomic import built_whole
 
 DEMO_CATEGORY = "demo"
 DEMO_VERSION = "v1"
@@ -92,15 +92,10 @@ def ensure_demo_dataset() -> Path:
     root = cache_dir() / "demo_data" / DEMO_VERSION
     if (root / DEMO_CATEGORY / "test").is_dir():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=".building-"))
     try:
-        build_demo_dataset(staging)
-        try:
-            staging.rename(root)
-        except OSError:  # built concurrently by another process
-            if not (root / DEMO_CATEGORY / "test").is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with built_whole(root) as staging:
+            build_demo_dataset(staging)
+    except OSError:  # built concurrently by another process
+        if not (root / DEMO_CATEGORY / "test").is_dir():
+            raise
     return root

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomaly.atomic import replaced_atomically
+from anomaly.atomic import replaced_atomically, write_bytes_atomic
 from anomaly.errors import UserError
 
 DIGEST_BYTES = 32
@@ -109,7 +109,8 @@ class EntryFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             identity_file = self.path / "identity.json"
             if not identity_file.is_file():
-                identity_file.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+                text = json.dumps(identity, indent=2, sort_keys=True) + "\n"
+                write_bytes_atomic(identity_file, text.encode())
         except OSError as error:
             if error.errno in (errno.ENOTDIR, errno.EEXIST):  # a file where the folder should be
                 raise UserError(f"cannot use {what} folder '{self.root}': {error}") from error

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from anomaly.atomic import open_atomically
 from anomaly.errors import UserError
 from anomaly.evaluation.aggregate import RunRecord, completeness_warnings
 from anomaly.evaluation.tables import LevelColumn, Table
@@ -103,7 +104,7 @@ def worker_launcher(
         log = log_path(index, cell)
         log.parent.mkdir(parents=True, exist_ok=True)
         environment = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
-        with open(log, "w") as output:
+        with open_atomically(log) as output:  # whole when the worker has ended
             return subprocess.run(
                 [sys.executable, "-m", "anomaly.experiments.worker", job],
                 env=environment,

@@ -7,7 +7,8 @@ largest 8-connected component as a fraction of the image area, and writes the
 smallest of these (see :mod:`anomaly.evaluation.connected_components`) to
 ``--output`` (default ``min_anomaly_sizes/<category>.json``), the file the
 autoencoder's ``--model.min_anomaly_size_file`` reads. Where a category has no
-masks, pass the fraction by hand with ``--model.min_anomaly_size``.
+masks, pass the fraction by hand with ``--model.min_anomaly_size``. An existing
+``--output`` is replaced only when it is such a file (a rerun), or with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from anomaly.data.images import load_mask
 from anomaly.data.mvtec import scan_mvtec
 from anomaly.errors import UserError
 from anomaly.evaluation.connected_components import min_anomaly_fraction, write_min_anomaly_size
+from anomaly.outputs import claim_output, starts_with
 
 DEFAULT_OUTPUT = "min_anomaly_sizes/{category}.json"
+#: How a file this command wrote begins (:func:`write_min_anomaly_size`): a rerun may replace it.
+SIZE_FILE_START = b'{\n  "category": '
 
 
 def compute(root: Path, category: str) -> tuple[float, int]:
@@ -52,6 +56,9 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", default=DEFAULT_OUTPUT, help=f"JSON file to write (default {DEFAULT_OUTPUT})"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="let --output replace a file that is not an earlier one"
+    )
     return parser.parse_args(args)
 
 
@@ -59,8 +66,11 @@ def main(args: list[str] | None = None) -> int:
     options = parse_args(args)
 
     def command() -> int:
+        output = claim_output(
+            options.output.format(category=options.category), ours=starts_with(SIZE_FILE_START),
+            overwrite=options.overwrite, option="--output", command="anomaly min-anomaly-size",
+        )  # fmt: skip
         fraction, n_masks = compute(Path(options.root).expanduser(), options.category)
-        output = Path(options.output.format(category=options.category))
         write_min_anomaly_size(output, options.category, fraction, n_masks, str(options.root))
         print(
             f"{options.category}: minimum anomaly size {fraction:.6g} of the image ({n_masks} masks)"

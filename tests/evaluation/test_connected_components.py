@@ -110,6 +110,26 @@ def test_command_writes_the_size_from_generated_masks(tmp_path: Path, capsys):
     assert "widget.json" in capsys.readouterr().out
 
 
+def test_command_replaces_only_its_own_file(tmp_path: Path, capsys):
+    """``--output`` is claimed before the masks are read: a user's file stays, an earlier size file
+    is replaced, ``--overwrite`` replaces any file but never writes into a folder."""
+    root = make_mvtec_category(tmp_path / "mvtec", n_train=2, n_good=1, n_bad=2)
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}\n')
+    argv = ["--data.root", str(root), "--data.category", "widget", "--output"]
+    assert min_size_main([*argv, str(notes)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output {notes} already exists and was not written by anomaly min-anomaly-size: give "
+        "another name, or --overwrite to replace it\n"
+    )
+    assert notes.read_text() == '{"mine": 1}\n'
+    assert min_size_main([*argv, str(notes), "--overwrite"]) == 0
+    assert json.loads(notes.read_text())["n_masks"] == 2
+    assert min_size_main([*argv, str(notes)]) == 0  # a rerun replaces the file it wrote
+    assert min_size_main([*argv, str(tmp_path)]) == 2
+    assert f"--output {tmp_path} is a folder" in capsys.readouterr().err
+
+
 def test_command_without_masks_names_the_manual_option(tmp_path: Path, capsys):
     root = make_mvtec_category(tmp_path / "mvtec", masks=False)
     code = min_size_main(

@@ -1,0 +1,99 @@
+"""benchmarks/anomalib_fit.py: what it may write into its run folder (anomalib stubbed: no fit here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+from pytorch_lightning import Callback
+
+from tests.conftest import load_benchmark
+
+
+class Folder:
+    """anomalib's data module, as far as the script uses it: the fitting images."""
+
+    def __init__(self, normal_dir: Path, normal_test_dir: Path, abnormal_dir: Path, **kwargs) -> None:
+        self.train_data = sorted(normal_dir.iterdir())
+        self.tested = sorted(normal_test_dir.iterdir()), sorted(abnormal_dir.iterdir())
+
+
+class Engine:
+    """anomalib's engine: writes a checkpoint and reports each tested image's score to the callbacks."""
+
+    def __init__(self, default_root_dir: Path, callbacks: list, **kwargs) -> None:
+        self.root, self.callbacks = Path(default_root_dir), callbacks
+
+    def fit(self, model, datamodule: Folder) -> None:
+        checkpoint = self.root / "Stub" / "latest" / "weights" / "model.ckpt"
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(b"x" * 100)
+
+    def test(self, model, datamodule: Folder, verbose: bool) -> None:
+        good, defect = datamodule.tested
+        outputs = SimpleNamespace(
+            pred_score=torch.arange(len(good + defect), dtype=torch.float32),
+            gt_label=torch.tensor([0] * len(good) + [1] * len(defect)),
+            image_path=[str(p) for p in good + defect],
+        )
+        for callback in self.callbacks:
+            callback.on_test_batch_end(None, model, outputs, None, 0)
+
+
+@pytest.fixture
+def anomalib_fit(monkeypatch) -> ModuleType:
+    """The script, with anomalib's data module and engine stubbed (and its ``lightning`` where absent)."""
+    stubs = {"anomalib": {}, "anomalib.data": {"Folder": Folder}, "anomalib.engine": {"Engine": Engine}}
+    if importlib.util.find_spec("lightning") is None:  # anomalib's Lightning: the same Callback
+        stubs |= {"lightning": {}, "lightning.pytorch": {}}
+        stubs["lightning.pytorch.callbacks"] = {"Callback": Callback}
+    for name, attributes in stubs.items():
+        module = ModuleType(name)
+        module.__dict__.update(attributes)
+        monkeypatch.setitem(sys.modules, name, module)
+    script = load_benchmark("anomalib_fit")
+    monkeypatch.setattr(script, "build_peer", lambda name: torch.nn.Identity())
+    return script
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> list[str]:
+    """``--fit``, ``--good`` and ``--defect``: 4 fitting images, 2 normal and 2 defective test images."""
+    argv = []
+    for name, count in (("fit", 4), ("good", 2), ("defect", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            (tmp_path / name / f"{i}.png").write_bytes(b"png")
+        argv += [f"--{name}", str(tmp_path / name)]
+    return argv
+
+
+def test_results_are_written_whole_and_a_rerun_replaces_them(anomalib_fit, folders, tmp_path: Path):
+    out = tmp_path / "run"
+    for _ in range(2):
+        assert anomalib_fit.main(["anomalib DFM", *folders, "--out", str(out)]) == 0
+        result = json.loads((out / "results.json").read_text())
+        assert result["written_by"] == "benchmarks/anomalib_fit.py"
+        assert (result["n_fit"], result["n_test"], result["n_test_defective"]) == (4, 4, 2)
+        assert result["image_auroc"] == 1.0 and result["checkpoint_bytes"] == 100
+
+
+def test_a_folder_of_other_files_is_refused_before_anything_is_fitted(
+    anomalib_fit, folders, tmp_path: Path, monkeypatch, capsys
+):
+    monkeypatch.setattr(Engine, "fit", lambda *a, **k: pytest.fail("fitted into a folder of other files"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text("my results\n")
+    assert anomalib_fit.main(["anomalib DFM", *folders, "--out", str(mine)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {mine} holds files that benchmarks/anomalib_fit.py did not write (e.g. results.json): "
+        "give a new or empty folder\n"
+    )
+    assert [p.name for p in mine.iterdir()] == ["results.json"]
+    assert (mine / "results.json").read_text() == "my results\n"
