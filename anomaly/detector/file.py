@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -132,6 +133,44 @@ def write_detector(path: str | Path, tensors: dict[str, Tensor], metadata: dict)
     return path
 
 
+#: safetensors' dtype names.
+TENSOR_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_tensors(path: Path, names: Iterable[str]) -> dict[str, Tensor]:
+    """The named tensors of a safetensors file (its layout already checked), each read once into
+    memory of its own.
+
+    Not mapped from the file, as safetensors' ``get_tensor`` does: a detector file replaced in
+    place while a loaded detector scores (``cp new.safetensors detector.safetensors``) must not
+    change its statistics under it, nor truncate them into a crash. Not read twice either: a copy
+    of mapped tensors would hold both for a while.
+    """
+    with open(path, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+        tensors = {}
+        for name in names:
+            begin, end = header[name]["data_offsets"]
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            handle.seek(8 + header_size + begin)
+            if handle.readinto(raw.numpy()) != end - begin:
+                raise ValueError(f"tensor {name} ends early: the file is truncated")
+            tensors[name] = raw.view(TENSOR_DTYPES[header[name]["dtype"]]).reshape(header[name]["shape"])
+    return tensors
+
+
 def read_detector(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     """(tensors, metadata) of a detector file, all checked; :class:`UserError` if anything is wrong.
 
@@ -150,7 +189,7 @@ def read_detector(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             }
             metadata = parse_metadata(path, header)
             check_tensor_layout(path, metadata, layout)  # before a single tensor is read
-            tensors = {key: file.get_tensor(key) for key in layout}
+        tensors = read_tensors(path, layout)
     except UserError:
         raise
     except Exception as exc:  # not a safetensors file, truncated, ...

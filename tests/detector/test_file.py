@@ -205,12 +205,13 @@ def test_an_older_format_loads_as_it_was_and_a_newer_one_asks_for_an_upgrade(tmp
     assert err.strip().splitlines() == [f"error: {info.value}"] and not out.exists()
 
 
-def test_loading_makes_no_second_copy_of_the_statistics_and_learning_leaves_the_file_alone(
+def test_a_loaded_detector_holds_one_copy_of_its_statistics_that_the_file_cannot_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """The loaded detector's matrices are the file's tensors (read copy-on-write), not copies of them:
-    a second copy doubled the memory of ``anomaly predict``. Learning more changes the model, never
-    the file it was loaded from."""
+    """The loaded detector's matrices are the tensors read from the file, not copies of them (a
+    second copy doubled the memory of ``anomaly predict``), and they are its own memory, not a
+    mapping of the file: the file overwritten in place (``cp`` onto it) changes nothing in a
+    loaded detector, and learning more changes the model, never the file."""
     import anomaly.detector.io as detector_io
 
     pooling = GridMaps(2, coarse_levels=[4], fine_levels=[2, 4], fine_grid_size=[3, 2], fine_weight=0.5)
@@ -230,6 +231,12 @@ def test_loading_makes_no_second_copy_of_the_statistics_and_learning_leaves_the_
     assert any(name.endswith("fine_precision") for name, _ in statistics)
     copies = [name for name, t in statistics if t.data_ptr() not in file_memory]
     assert not copies, f"copied on loading: {copies}"
-    _, good, _ = demo_images()
+    _, good, bad = demo_images()
+    before = loaded.score_samples(good + bad)
+    with open(path, "r+b") as file:  # in place, as cp does: the same inode, zeros for the statistics
+        file.seek(len(written) // 2)
+        file.write(bytes(len(written) - len(written) // 2))
+    np.testing.assert_array_equal(loaded.score_samples(good + bad), before)
+    path.write_bytes(written)
     loaded.partial_fit(good[:2])
     assert path.read_bytes() == written
