@@ -15,6 +15,12 @@ Every command that writes files a user names (``predict --out`` and ``--maps``,
   Its files are never taken as input of the command.
 * :func:`claim_json` and :func:`write_json` for a JSON document (a benchmark's ``--out``): its
   first key, :data:`WRITTEN_BY`, names the command, which is how a rerun recognises it.
+* The tables of ``anomaly evaluate --out`` and ``anomaly reproduce --out``
+  (:func:`anomaly.evaluation.tables.claim_table_file`): their first line is a comment in the
+  format's syntax naming the command, ``<!-- written by anomaly evaluate -->`` (md),
+  ``# written by anomaly evaluate`` (csv, whose tables already carry ``# title`` lines) or
+  ``% written by anomaly evaluate`` (latex); a rerun replaces a table of the command in any format.
+  No fixed header row could do for CSV: the columns follow the runs.
 * :func:`claim_new_folder` for a folder the command fills whole (a generated dataset): it must
   be new or empty, and is written through :func:`anomaly.atomic.built_whole`.
 

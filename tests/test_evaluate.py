@@ -53,7 +53,7 @@ def test_groups_by_settings_and_formats(tmp_path: Path, capsys):
     out_file = tmp_path / "tables.csv"
     assert main([str(tmp_path), "--format", "csv", "--out", str(out_file)]) == 0
     out = capsys.readouterr().out
-    assert out_file.read_text() == out
+    assert out_file.read_text() == "# written by anomaly evaluate\n" + out
     blocks = out.split("\n\n")
     assert blocks[1].startswith("# gaussian/efficientnet-lite0_npca-0.99: image AUROC")
     rows = list(csv.reader(io.StringIO(blocks[1].split("\n", 1)[1])))
@@ -97,3 +97,44 @@ def test_fields_of_the_wrong_type_skip_the_file_with_a_warning(tmp_path: Path, c
     (line,) = [line for line in err.splitlines() if "skipped" in line]
     assert line.startswith(f"warning: skipped {path}: ") and reason in line
     assert "| sum | 83.5 ± 8.5 |" in out  # the good runs are still tabled
+
+
+START = {"md": "<!-- written by anomaly evaluate -->\n", "csv": "# written by anomaly evaluate\n"}
+START["latex"] = "% written by anomaly evaluate\n"
+
+
+@pytest.mark.parametrize("fmt", ["md", "csv", "latex"])
+def test_out_is_replaced_on_a_rerun_in_any_format(tmp_path: Path, capsys, fmt):
+    runs, out_file = tmp_path / "runs", tmp_path / "tables.txt"
+    make_runs(runs)
+    assert main([str(runs), "--format", "md", "--out", str(out_file)]) == 0  # an earlier table
+    out_file.write_text(out_file.read_text() + "a line the rerun drops\n")
+    capsys.readouterr()
+    assert main([str(runs), "--format", fmt, "--out", str(out_file)]) == 0
+    printed = capsys.readouterr().out
+    assert out_file.read_text() == START[fmt] + printed  # the printout after one comment line
+
+
+def test_out_refuses_a_file_it_did_not_write(tmp_path: Path, capsys):
+    runs, notes = tmp_path / "runs", tmp_path / "notes.md"
+    make_runs(runs)
+    notes.write_text("# my notes\n")
+    assert main([str(runs), "--out", str(notes)]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: --out {notes} already exists and was not written by anomaly evaluate: " \
+        "give another name, or --overwrite to replace it\n"  # fmt: skip
+    assert out == "" and notes.read_text() == "# my notes\n"  # refused before any table was made
+    assert main([str(runs), "--format", "latex", "--out", str(notes), "--overwrite"]) == 0
+    assert notes.read_text() == START["latex"] + capsys.readouterr().out
+
+
+def test_out_is_never_a_results_json_it_reads(tmp_path: Path, capsys):
+    make_runs(tmp_path)
+    results = next(tmp_path.rglob("results.json"))
+    (tmp_path / "link.json").symlink_to(results)
+    before = results.read_bytes()
+    for out in (results, tmp_path / "link.json"):
+        assert main([str(tmp_path), "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out} is ") and "never writes over its input" in err
+        assert len(err.splitlines()) == 1 and results.read_bytes() == before

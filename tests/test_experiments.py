@@ -131,6 +131,70 @@ def test_missing_folds_are_warned(tiny_mvtec: Path, tmp_path: Path, capsys, monk
     assert sum_row[1].mean == pytest.approx(80.0) and sum_row[1].sem is None  # fold 0 only: no SEM
 
 
+REPRODUCE_START = {
+    "md": "<!-- written by anomaly reproduce -->\n",
+    "csv": "# written by anomaly reproduce\n",
+    "latex": "% written by anomaly reproduce\n",
+}
+
+
+@pytest.mark.parametrize("fmt", ["md", "csv", "latex"])
+def test_out_is_replaced_on_a_rerun_in_any_format(tiny_mvtec: Path, tmp_path: Path, capsys, monkeypatch, fmt):
+    monkeypatch.setattr(anomaly.cli, "fit_and_test", fake_fit([]))
+    out_file = tmp_path / "table1.txt"
+    args = ["table1", "--data.root", str(tiny_mvtec), "--folds", "0", "--runs-dir", str(tmp_path / "runs"),
+            *LITE, "--out", str(out_file)]  # fmt: skip
+    assert main(args) == 0  # an earlier table, in Markdown
+    out_file.write_text(out_file.read_text() + "a line the rerun drops\n")
+    capsys.readouterr()
+    assert main([*args, "--format", fmt]) == 0
+    assert out_file.read_text() == REPRODUCE_START[fmt] + capsys.readouterr().out
+
+
+def test_out_refuses_a_file_it_did_not_write(tiny_mvtec: Path, tmp_path: Path, capsys, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(anomaly.cli, "fit_and_test", fake_fit(calls))
+    results = tmp_path / "results.csv"
+    results.write_text("level,auroc\n7,0.9\n")
+    args = ["table1", "--data.root", str(tiny_mvtec), "--folds", "0", "--runs-dir", str(tmp_path / "runs"),
+            *LITE, "--format", "csv", "--out", str(results)]  # fmt: skip
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: --out {results} already exists and was not written by anomaly reproduce: " \
+        "give another name, or --overwrite to replace it\n"  # fmt: skip
+    assert not calls and out == "" and results.read_text() == "level,auroc\n7,0.9\n"  # nothing was run
+    assert main([*args, "--overwrite"]) == 0 and len(calls) == 1
+    assert results.read_text() == REPRODUCE_START["csv"] + capsys.readouterr().out
+
+
+def test_out_is_never_an_input_of_the_runs(tiny_mvtec: Path, tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setattr(anomaly.cli, "fit_and_test", fake_fit([]))
+    runs = tmp_path / "runs"
+    base = ["table1", "--data.root", str(tiny_mvtec), "--folds", "0", "--runs-dir", str(runs), *LITE]
+    image_cache = tmp_path / "images"
+    image_cache.mkdir()
+    (image_cache / "cached.npy").write_bytes(b"cached")
+    assert main([*base, "--image-cache", str(image_cache)]) == 0
+    config = tmp_path / "mine.yaml"
+    config.write_text("seed_everything: 0\n")
+    inputs = [
+        next(tiny_mvtec.rglob("*.png")),  # an image of the data root
+        next(runs.rglob("results.json")),  # a run's results
+        next((runs / ".experiments").glob("*.json")),  # the record that links the run to its folder
+        image_cache / "cached.npy",
+        config,  # a file named in the runs' arguments
+    ]
+    for path in inputs:
+        before = path.read_bytes()
+        capsys.readouterr()
+        extra = ["--", "--config", str(config)] if path == config else []
+        args = [*base, "--image-cache", str(image_cache), "--out", str(path), "--overwrite", *extra]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {path} is an input of anomaly reproduce"), err
+        assert len(err.splitlines()) == 1 and path.read_bytes() == before
+
+
 def test_rejected_option_is_one_line(tiny_mvtec: Path, tmp_path: Path, capsys):
     base = ["table3", "--data.root", str(tiny_mvtec), "--folds", "0", "--runs-dir", str(tmp_path), *LITE]
     assert main([*base, "--", "--data.num_workers", "0", "--model.no_such_option", "1"]) == 2

@@ -9,6 +9,12 @@ are warned about; unreadable or incomplete ``results.json`` files are skipped
 with a warning. A (category, fold) found twice in a group, in one folder or in
 several, counts once: the most recently written ``results.json`` is used, and a
 warning names the others.
+
+``--out FILE`` also writes the tables to FILE, whole, after a first comment line naming the
+command (``<!-- written by anomaly evaluate -->``, ``# written by anomaly evaluate`` or
+``% written by anomaly evaluate`` for md, csv and latex). FILE is claimed before any run is read:
+a file that begins so (an earlier --out) is replaced; any other existing file only with
+--overwrite; a ``results.json`` it reads, never.
 """
 
 from __future__ import annotations
@@ -32,14 +38,18 @@ from anomaly.evaluation.aggregate import (
     group_runs,
     level_sort_key,
 )
+from anomaly.evaluation.results import RESULTS_FILE
 from anomaly.evaluation.tables import (
     FORMATS,
     LevelColumn,
     Table,
     category_table,
+    claim_table_file,
     emit,
+    file_start,
     format_tables,
     level_table,
+    out_help,
     working_point_rows,
     working_point_table,
 )
@@ -102,9 +112,12 @@ def build_tables(
     return tables, warnings
 
 
+COMMAND = "anomaly evaluate"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="anomaly evaluate",
+        prog=COMMAND,
         description="Aggregate every results.json below RUNS_DIR into tables of mean ± SEM "
         "(per category: mean over folds; overall: mean ± SEM over the per-category means).",
     )
@@ -115,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         "files; several are merged, and a run found twice counts once (the most recently written)",
     )
     parser.add_argument("--format", choices=FORMATS, default="md", help="table format (default: md)")
-    parser.add_argument("--out", help="also write the tables to this file")
+    parser.add_argument(
+        "--out", help=out_help("also write the tables to this file", COMMAND, "a results.json it reads")
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="let --out replace a file that is not an earlier table"
+    )
     parser.add_argument(
         "--working-points",
         action="store_true",
@@ -149,6 +167,8 @@ def runs_folders(patterns: Sequence[str]) -> list[Path]:
 def run(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     roots = runs_folders(options.runs_dir)
+    inputs = (path for root in roots for path in Path(root).rglob(RESULTS_FILE))
+    out = claim_table_file(options.out, command=COMMAND, inputs=inputs, overwrite=options.overwrite)
     records, problems = [], []
     for root in roots:
         found, skipped = collect_runs(root)
@@ -168,7 +188,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"warning: {key.label}: {line}", file=sys.stderr)
         groups[key] = kept
     tables, warnings = build_tables(groups, options.working_points)
-    emit(format_tables(tables, options.format), warnings, options.out)
+    emit(format_tables(tables, options.format), warnings, out, file_start(COMMAND, options.format))
     return 0
 
 

@@ -11,7 +11,7 @@ import csv
 import io
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +26,11 @@ from anomaly.evaluation.aggregate import (
 )
 from anomaly.evaluation.paper_values import paper_level_value
 from anomaly.evaluation.results import write_atomic
+from anomaly.outputs import claim_output, starts_with
 
 FORMATS = ("md", "csv", "latex")
+#: Each format's comment line: the first line of a table file names the command that wrote it.
+COMMENTS = {"md": "<!-- {} -->", "csv": "# {}", "latex": "% {}"}
 
 
 @dataclass(frozen=True)
@@ -358,10 +361,43 @@ def methods_table(title: str, columns: Sequence[LevelColumn], notes: Sequence[st
     return Table(title, header, rows, [f"AUROC in percent over {basis}", *notes])
 
 
-def emit(text: str, warnings: Sequence[str], out: str | None = None) -> None:
-    """Warnings to stderr, the table to stdout and, when asked, to the file ``out`` (folders created)."""
+def file_start(command: str, fmt: str) -> str:
+    """The first line of every table file ``command`` writes in ``fmt``: a comment naming the command."""
+    return COMMENTS[fmt].format(f"written by {command}") + "\n"
+
+
+def out_help(what: str, command: str, inputs: str) -> str:
+    """The ``--out`` help of ``command``: ``what`` it does, and how it recognises its files."""
+    starts = ", ".join(f"{fmt}: '{file_start(command, fmt).strip()}'" for fmt in FORMATS)
+    text = (
+        f"{what}, after a first line naming the command ({starts}); a file that begins so is "
+        f"replaced, another existing file only with --overwrite; never {inputs}"
+    )
+    return text.replace("%", "%%")  # argparse formats help strings with %
+
+
+def claim_table_file(
+    out: str | None, *, command: str, inputs: Iterable[str | Path] = (), overwrite: bool = False
+) -> Path | None:
+    """``out`` claimed for ``command`` (:func:`anomaly.outputs.claim_output`) before any work.
+
+    A table file ``command`` wrote before, in any format (:func:`file_start`), is replaced; another
+    existing file only with ``overwrite``; one of ``inputs`` never.
+    """
+    if out is None:
+        return None
+    earlier = [starts_with(file_start(command, fmt).encode()) for fmt in FORMATS]
+    return claim_output(
+        out, inputs=inputs, ours=lambda path: any(recognise(path) for recognise in earlier),
+        overwrite=overwrite, command=command,
+    )  # fmt: skip
+
+
+def emit(text: str, warnings: Sequence[str], out: str | Path | None = None, start: str = "") -> None:
+    """Warnings to stderr, the table to stdout and, when asked, written whole to the file ``out``
+    (folders created) after the line ``start``."""
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
     print(text)
-    if out:
-        write_atomic(Path(out), text + "\n")
+    if out is not None:
+        write_atomic(Path(out), start + text + "\n")

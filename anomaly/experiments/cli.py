@@ -11,6 +11,13 @@ Examples::
     anomaly reproduce table5 --data.root /data/mvtec_ad --devices 4   # 4 runs at once
 
 Arguments after ``--`` go to every training run unchanged.
+
+``--out FILE`` also writes the table to FILE, whole, after a first comment line naming the
+command (``<!-- written by anomaly reproduce -->``, ``# written by anomaly reproduce`` or
+``% written by anomaly reproduce`` for md, csv and latex). FILE is claimed before any run: a file
+that begins so (an earlier --out) is replaced; any other existing file only with --overwrite;
+an input of the runs (an image of the data root, a file named in their arguments, a cache, a
+``results.json`` or record of the runs folder), never.
 """
 
 from __future__ import annotations
@@ -18,25 +25,27 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from anomaly.console import run_command
 from anomaly.data import MVTEC_CATEGORIES
 from anomaly.data.images import require_folder
 from anomaly.errors import UserError
-from anomaly.evaluation.tables import FORMATS, emit, format_table
-from anomaly.experiments.cells import RunIndex
-from anomaly.experiments.grids import TABLES
+from anomaly.evaluation.results import RESULTS_FILE
+from anomaly.evaluation.tables import FORMATS, claim_table_file, emit, file_start, format_table, out_help
+from anomaly.experiments.cells import INDEX_DIR, RunIndex
+from anomaly.experiments.grids import TABLES, TableSpec
 from anomaly.experiments.runner import grid_cells, measured_table, run_grid
 from anomaly.experiments.sharding import Shard, device_ids
 
 PAPER_FOLDS = (0, 1, 2, 3, 4)
+COMMAND = "anomaly reproduce"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="anomaly reproduce",
+        prog=COMMAND,
         description="Run the grid (categories × folds × settings) of one of the paper's tables, resumably, "
         "then print the table with the paper's values beside the measured ones.",
         epilog="Arguments after '--' are passed to every training run (e.g. -- --data.num_workers 4).",
@@ -91,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list the runs (done or to do) and run nothing"
     )
     parser.add_argument("--format", choices=FORMATS, default="md", help="table format (default: md)")
-    parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument(
+        "--out", help=out_help("also write the table to this file", COMMAND, "an input of the runs")
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="let --out replace a file that is not an earlier table"
+    )
     return parser
 
 
@@ -140,6 +154,24 @@ def dry_run_lines(
     return lines
 
 
+def run_inputs(
+    spec: TableSpec,
+    extra: Sequence[str],
+    root: Path,
+    categories: Sequence[str],
+    runs_dir: Path,
+    caches: Sequence[Path],
+) -> Iterator[Path]:
+    """What the runs read, looked for only when needed: the categories' files, the files named in
+    the runs' arguments (configs, weights), the caches, and the results and records of ``runs_dir``."""
+    for folder in [*(root / c for c in categories), *caches]:
+        yield from folder.rglob("*")
+    named = {argument for setting in spec.settings for argument in setting.args} | set(extra)
+    yield from (path for path in map(Path, sorted(named)) if path.is_file())
+    yield from runs_dir.rglob(RESULTS_FILE)
+    yield from (runs_dir / INDEX_DIR).rglob("*")
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     own, extra = split_extra(sys.argv[1:] if argv is None else argv)
     options = build_parser().parse_args(own)
@@ -157,6 +189,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     devices = device_ids(options.devices) if options.devices is not None else None
     cells = shard.select(grid_cells(spec, categories, folds))
     cache = None if options.no_feature_cache else Path(options.feature_cache or runs_dir / "feature_cache")
+    caches = [Path(p) for p in (cache, options.image_cache) if p is not None]
+    inputs = run_inputs(spec, extra, root, categories, runs_dir, caches)
+    out = claim_table_file(options.out, command=COMMAND, inputs=inputs, overwrite=options.overwrite)
     index = RunIndex(runs_dir, root, extra)
     if options.dry_run:
         lines = dry_run_lines(spec.name, cells, index, root, runs_dir, extra, cache)
@@ -174,7 +209,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     table, warnings = measured_table(spec, categories, folds, index)
-    emit(format_table(table, options.format), warnings, options.out)
+    emit(format_table(table, options.format), warnings, out, file_start(COMMAND, options.format))
     return 0
 
 
