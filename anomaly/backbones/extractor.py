@@ -48,7 +48,7 @@ def grid_means(fmap: Tensor, grid: int) -> Tensor:
 
 #: The most input pixels one backbone pass takes on the CPU (2 images of 224 x 224 pixels): a larger
 #: batch goes through in slices. The activations of 32 such images take about 0.5 GB more than those
-#: of 8; slices of 2 keep them in the processor's caches, and Lite0 ran 1.3-1.6x faster with one
+#: of 8; slices of 2 keep them in the processor's caches, and Lite0 ran 1.3-1.8x faster with one
 #: thread than in slices of 8 (docs/benchmarks.md).
 PIXELS_PER_PASS = 2 * 224 * 224
 #: The same on an accelerator, where small slices leave it idle (32 images of 224 x 224 pixels).
