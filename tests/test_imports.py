@@ -79,19 +79,23 @@ TRAINING_LIBRARIES = (
 
 
 def test_scoring_with_a_saved_detector_imports_no_training_library(tmp_path: Path):
-    """``anomaly predict`` and the Python API score a part without importing Lightning & co."""
+    """``anomaly predict`` scores a part without importing Lightning & co, nor scikit-learn (it scores
+    with the model, not the API); the Python API imports scikit-learn (its base classes), nothing more."""
     from tests.detector.helpers import demo_images, fit_demo_detector
 
     detector = fit_demo_detector().save(tmp_path / "detector.safetensors")
     _, good, _ = demo_images()
     probe = f"""
 import json, sys
+def loaded():
+    return sorted(m for m in {(*TRAINING_LIBRARIES, "sklearn")!r} if m in sys.modules)
 from anomaly.commands import main
-from anomaly.detector import GaussianDetector
 code = main(["predict", "--detector", {str(detector)!r}, "--input", {str(good[0])!r},
              "--out", {str(tmp_path / "scores.csv")!r}, "--no-progress"])
+by_predict = loaded()
+from anomaly.detector import GaussianDetector
 GaussianDetector.load({str(detector)!r}).score_samples([{str(good[1])!r}])
-print(json.dumps([code, sorted(m for m in {TRAINING_LIBRARIES!r} if m in sys.modules)]))
+print(json.dumps([code, by_predict, loaded()]))
 """
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert json.loads(done.stdout.splitlines()[-1]) == [0, []], done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == [0, [], ["sklearn"]], done.stderr[-2000:]

@@ -117,7 +117,7 @@ def test_rows_already_scored_survive_a_failure(detector_file: Path, new_images: 
     out = io.StringIO()
     paths = sorted(new_images.glob("*.png"))
     with pytest.raises(RuntimeError, match="device lost"):
-        predict_files(detector, paths, out, batch_size=2, progress=False)
+        predict_files(detector.model_, paths, out, batch_size=2, progress=False)
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 + 2 and all(line.split(",")[1] for line in lines[1:])
 

@@ -26,7 +26,8 @@ from anomaly.commands.update import (
     set_working_point,
 )
 from anomaly.console import run_command
-from anomaly.detector.api import GaussianDetector, check_device, merge
+from anomaly.detector.api import GaussianDetector, merge
+from anomaly.detector.io import check_device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

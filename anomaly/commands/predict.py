@@ -36,8 +36,8 @@ from typing import TextIO
 from anomaly.atomic import naming, replaced_atomically
 from anomaly.console import Terminated, run_command
 from anomaly.data.images import collect_images
-from anomaly.detector.api import GaussianDetector, check_device
 from anomaly.detector.file import detector_files
+from anomaly.detector.io import check_device, load_model
 from anomaly.detector.predict import check_loader_options, maps_folder, predict_files
 from anomaly.outputs import claim_output, starts_with
 
@@ -137,13 +137,13 @@ def partial_path(target: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     check_loader_options(args.batch_size, args.num_workers)
-    check_device(args.device, hint="--device cpu")
+    device = check_device(args.device, hint="--device cpu")
     leave_out = [] if args.maps is None else [maps_folder(args.maps).folder]  # checked before reading
     paths = collect_images(args.input, args.exclude, leave_out=leave_out)
     protected = [*detector_files(args.detector, args.weights), *paths]
     with output_file(args.out, protected, args.overwrite) as out:
-        detector = GaussianDetector.load(args.detector, weights=args.weights, device=args.device)
-        if detector.threshold_ is None:
+        model, _ = load_model(args.detector, weights=args.weights, device=device)
+        if model.threshold is None:
             print(
                 "note: this detector has no threshold (working point): the decision column is left empty; "
                 "rank by score, or give it one: fit on a fold (its held-out images set it), with "
@@ -151,12 +151,11 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         summary = predict_files(
-            detector, paths, out, args.batch_size, args.num_workers, not args.no_progress,
+            model, paths, out, args.batch_size, args.num_workers, not args.no_progress,
             args.maps, protected=detector_files(args.detector, args.weights),
         )  # fmt: skip
-    decided = "" if detector.threshold_ is None else f", {summary.anomalous} anomalous"
-    score = detector.decision_score_
-    threshold = "none" if detector.threshold_ is None else f"{detector.threshold_:.6g} on {score}"
+    decided = "" if model.threshold is None else f", {summary.anomalous} anomalous"
+    threshold = "none" if model.threshold is None else f"{model.threshold:.6g} on {model.decision_score}"
     print(
         f"scored {summary.scored} images{decided}, {summary.failed} unreadable (threshold: {threshold})",
         file=sys.stderr,

@@ -30,8 +30,9 @@ import torch
 
 from anomaly.console import run_command
 from anomaly.data.images import collect_images, sha256_file
-from anomaly.detector.api import GaussianDetector, check_device
+from anomaly.detector.api import GaussianDetector
 from anomaly.detector.file import claim_detector_output, detector_files
+from anomaly.detector.io import check_device
 from anomaly.detector.learning import CANNOT_LEARN, fresh_indices
 from anomaly.errors import UserError
 from anomaly.stats.threshold import check_fpr

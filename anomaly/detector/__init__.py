@@ -1,10 +1,27 @@
-"""A fitted detector you can keep: one scoring module, its safetensors + JSON file, an sklearn-like API."""
+"""A fitted detector you can keep: one scoring module, its safetensors + JSON file, an sklearn-like API.
 
-from anomaly.detector.api import GaussianDetector, merge
+The API (:class:`GaussianDetector`, :func:`merge`) and the run glue are imported on first use, so that
+scoring with the model alone (``anomaly predict``) does not import scikit-learn.
+"""
+
+from importlib import import_module
+
 from anomaly.detector.file import DETECTOR_FILE, METADATA_FILE, read_detector, write_detector
 from anomaly.detector.io import load_model, save_model
 from anomaly.detector.model import DetectorModel, GaussianDetectorModel
-from anomaly.detector.run import save_run_detector
+
+_ON_FIRST_USE = {
+    "GaussianDetector": "anomaly.detector.api",
+    "merge": "anomaly.detector.api",
+    "save_run_detector": "anomaly.detector.run",
+}
+
+
+def __getattr__(name: str):
+    if name in _ON_FIRST_USE:
+        return getattr(import_module(_ON_FIRST_USE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DETECTOR_FILE",

@@ -38,7 +38,7 @@ from anomaly.data.transforms import (
     resize_rule,
 )
 from anomaly.detector.inputs import feature_list, image_batch, image_items
-from anomaly.detector.io import load_model, model_metadata, save_model
+from anomaly.detector.io import check_device, load_model, model_metadata, save_model
 from anomaly.detector.learning import (
     CANNOT_LEARN,
     augmented_batches,
@@ -60,28 +60,6 @@ def primary_column(score: str) -> str:
     if column.kind not in SCORE_TYPES:
         raise UserError(f"unknown score {score!r}: choose one of {', '.join(SCORE_TYPES)}")
     return str(column)
-
-
-def check_device(device: str | torch.device, hint: str = "device='cpu'") -> torch.device:
-    """``device`` as a :class:`torch.device`; :class:`UserError` if malformed or absent on this machine.
-
-    ``hint`` is how the caller spells the CPU fallback (e.g. ``--device cpu``).
-    """
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UserError(f"unknown device {str(device)!r}: use e.g. cpu, cuda or cuda:0") from exc
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UserError(
-                f"device {str(device)!r} is not available: PyTorch finds no CUDA GPU here; use {hint}"
-            )
-        if resolved.index is not None and resolved.index >= count:
-            raise UserError(f"device {str(device)!r} is not available: this machine has {count} CUDA GPU(s)")
-    if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {str(device)!r} is not available on this machine; use {hint}")
-    return resolved
 
 
 def check_backbone(backbone: object) -> str | None:

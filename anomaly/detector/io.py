@@ -26,6 +26,28 @@ from anomaly.errors import UserError
 from anomaly.stats.distances import SCORE_TYPES
 
 
+def check_device(device: str | torch.device, hint: str = "device='cpu'") -> torch.device:
+    """``device`` as a :class:`torch.device`; :class:`UserError` if malformed or absent on this machine.
+
+    ``hint`` is how the caller spells the CPU fallback (e.g. ``--device cpu``).
+    """
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UserError(f"unknown device {str(device)!r}: use e.g. cpu, cuda or cuda:0") from exc
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(
+                f"device {str(device)!r} is not available: PyTorch finds no CUDA GPU here; use {hint}"
+            )
+        if resolved.index is not None and resolved.index >= count:
+            raise UserError(f"device {str(device)!r} is not available: this machine has {count} CUDA GPU(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {str(device)!r} is not available on this machine; use {hint}")
+    return resolved
+
+
 def model_tensors(
     model: GaussianDetectorModel, embed_weights: bool, moments: bool = True
 ) -> dict[str, Tensor]:
@@ -181,4 +203,4 @@ def restore_learning(model: GaussianDetectorModel, tensors: dict[str, Tensor], m
     model.augmentation = meta["learning"].get("augmentation")
 
 
-__all__ = ["load_model", "model_metadata", "model_tensors", "save_model"]
+__all__ = ["check_device", "load_model", "model_metadata", "model_tensors", "save_model"]

@@ -187,6 +187,11 @@ class GaussianDetectorModel(nn.Module):
         return self.pooling.makes_maps
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's buffers (and so its inputs) live."""
+        return self.decision_threshold.device
+
+    @property
     def threshold(self) -> float | None:
         value = float(self.decision_threshold)
         return None if math.isnan(value) else value

@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 from anomaly.columns import ScoreColumn
 from anomaly.console import ignore_interrupts
-from anomaly.detector.api import GaussianDetector
 from anomaly.detector.inputs import PredictionDataset
 from anomaly.detector.maps import (
     MAP_SUFFIX,
@@ -42,6 +41,7 @@ from anomaly.detector.maps import (
     overlay_size,
     write_map,
 )
+from anomaly.detector.model import GaussianDetectorModel
 from anomaly.errors import UserError
 from anomaly.outputs import OutputFolder
 
@@ -57,11 +57,11 @@ class PredictionSummary:
 MAP_FILE_COLUMNS = ["map_file", "overlay_file"]
 
 
-def output_columns(detector: GaussianDetector, with_map_files: bool = False) -> tuple[list[str], list[str]]:
+def output_columns(model: GaussianDetectorModel, with_map_files: bool = False) -> tuple[list[str], list[str]]:
     """(CSV header, the score columns written after ``score``): the primary kind on every level."""
-    kind = ScoreColumn.parse(detector.decision_score_).kind
-    per_level = [ScoreColumn(kind, level) for level in detector.levels_]
-    location = ["map_max_x", "map_max_y"] if detector.model_.makes_maps else []
+    kind = model.decision_score.kind
+    per_level = [ScoreColumn(kind, level) for level in model.levels]
+    location = ["map_max_x", "map_max_y"] if model.makes_maps else []
     files = MAP_FILE_COLUMNS if with_map_files else []
     header = ["path", "score", *(c.csv_name for c in per_level), *location, *files, "decision", "error"]
     return header, [str(c) for c in per_level]
@@ -86,7 +86,7 @@ def claim_map_files(
 
 
 def predict_files(
-    detector: GaussianDetector,
+    model: GaussianDetectorModel,
     paths: Iterable[Path],
     out: TextIO,
     batch_size: int = 32,
@@ -105,8 +105,7 @@ def predict_files(
     such as the detector) and named in the ``map_file`` and ``overlay_file`` columns.
     """
     check_loader_options(batch_size, num_workers)
-    model = detector.model_
-    if model is None or model.extractor is None:
+    if model.extractor is None:
         raise UserError("this detector was fitted on features, not images: it cannot score image files")
     if maps_dir is not None and not model.makes_maps:
         raise UserError(
@@ -116,7 +115,7 @@ def predict_files(
     paths = list(paths)
     if not paths:
         raise UserError("no image files found in the input")
-    dataset = PredictionDataset(paths, detector.image_size_, model.geometry)
+    dataset = PredictionDataset(paths, model.image_size, model.geometry)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -124,22 +123,22 @@ def predict_files(
         num_workers=num_workers,
         worker_init_fn=ignore_interrupts,
     )
-    header, per_level = output_columns(detector, with_map_files=maps_dir is not None)
+    header, per_level = output_columns(model, with_map_files=maps_dir is not None)
     writer = csv.writer(out)
     pending: list[list] | None = [header]  # held back until an image is scored; None once written
     summary = PredictionSummary()
-    threshold = detector.threshold_
+    threshold, decision_score, device = model.threshold, str(model.decision_score), model.device
     map_files = claim_map_files(maps_dir, paths, protected) if maps_dir is not None else []
     with tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr) as bar:
         for batch in loader:
             ok = [i for i, error in enumerate(batch["error"]) if not error]
-            columns, maps = score_batch(model, batch["image"][ok].to(detector.device_)) if ok else ({}, None)
+            columns, maps = score_batch(model, batch["image"][ok].to(device)) if ok else ({}, None)
             scored = {i: position for position, i in enumerate(ok)}
             for i, index in enumerate(batch["index"].tolist()):
                 row = [str(paths[index])]
                 error = batch["error"][i]
                 if i in scored:
-                    value = float(columns[detector.decision_score_][scored[i]])
+                    value = float(columns[decision_score][scored[i]])
                     if not math.isfinite(value):
                         error = f"the score is {value} (not a finite number): the image cannot be judged"
                 if not error:
