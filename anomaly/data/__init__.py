@@ -6,8 +6,13 @@ spend seconds and a quarter of a gigabyte importing Lightning.
 """
 
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 from anomaly.data.datasets import ImageDataset, Sample
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time, on first use (below)
+    from anomaly.data.datamodule import AnomalyDataModule
+    from anomaly.data.mvtec import MVTEC_CATEGORIES, MVTecDataModule
 
 _DATA_MODULES = {
     "AnomalyDataModule": "anomaly.data.datamodule",

@@ -5,10 +5,15 @@ scoring with the model alone (``anomaly predict``) does not import scikit-learn.
 """
 
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 from anomaly.detector.file import DETECTOR_FILE, METADATA_FILE, read_detector, write_detector
 from anomaly.detector.io import load_model, save_model
 from anomaly.detector.model import DetectorModel, GaussianDetectorModel
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time, on first use (below)
+    from anomaly.detector.api import GaussianDetector, merge
+    from anomaly.detector.run import save_run_detector
 
 _ON_FIRST_USE = {
     "GaussianDetector": "anomaly.detector.api",
