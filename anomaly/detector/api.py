@@ -550,7 +550,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             tiles=str(model.tiles),
             score=str(model.decision_score),
             fpr=fpr,
-            device=device if device is not None else model.level_stats.device,
+            device=device if device is not None else model.device,
             reduction=model.reduction,
             variance_threshold=model.variance_threshold,
         )

@@ -189,7 +189,7 @@ class GaussianDetectorModel(nn.Module):
     @property
     def device(self) -> torch.device:
         """Where the model's buffers (and so its inputs) live."""
-        return self.decision_threshold.device
+        return self.level_stats.device
 
     @property
     def threshold(self) -> float | None:
@@ -219,7 +219,7 @@ class GaussianDetectorModel(nn.Module):
         if self.extractor is None:
             raise UserError("this detector was fitted on features, not images: pass features instead")
         dtype = MIXED_PRECISIONS.get(self.precision)
-        device = self.level_stats.device.type
+        device = self.device.type
         with torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext():
             if self.tiles.count == 1:
                 return self.pooling.pool(self.extractor, images, self.levels)
@@ -370,7 +370,7 @@ class GaussianDetectorModel(nn.Module):
             raise UserError("the detector is not fitted yet: run fit before scoring")
         if len(features) != len(self.scorers):
             raise UserError(f"expected features for {len(self.scorers)} levels, got {len(features)}")
-        device = self.level_stats.device
+        device = self.device
         map_kind = self.decision_score.kind
         per_level, maps = [], None
         for i, (level, scorer, feats) in enumerate(zip(self.levels, self.scorers, features, strict=True)):
