@@ -31,6 +31,13 @@ both coarse and fine, and ``fine_grid_size`` as a list of one size per fine leve
 refuses every format 4 file as written by a newer version, rather than with a pooling error;
 files of formats 1-3 are read as they always were.
 
+Format 5 lets a level hold what was fitted from fewer rows than dimensions in its exact low-rank
+form (:mod:`anomaly.stats.low_rank`): ``level.<L>.basis``, ``.basis_precision`` and
+``.residual_precision`` instead of ``.precision``, and the rows themselves, ``moments.<L>.rows``
+(samples x width, ``joint.rows`` for a level with fine cells), instead of ``.outer``. A file is
+thus never larger than the dense form, and far smaller while there are fewer images than
+dimensions. Formats 1-4 are read as before.
+
 Loading runs no code from the file. Before any tensor is read, every field of
 the metadata and the name, dtype and shape of every tensor are checked against
 what the metadata implies, with sizes bounded; then the tensors' checksum is
@@ -65,7 +72,7 @@ from anomaly.stats.distances import SCORE_TYPES
 from anomaly.stats.pca import REDUCTIONS
 
 FORMAT = "gaussian-anomaly-detector"
-VERSION = 4
+VERSION = 5
 DETECTOR_FILE = "detector.safetensors"
 METADATA_FILE = "detector.json"
 METADATA_KEY = "detector"
@@ -431,8 +438,11 @@ def check_tensor_layout(path: Path, meta: dict, layout: dict[str, tuple[str, tup
     if meta.get("learning") is not None:
         samples = meta["learning"]["samples"]
         for level, in_dim in zip(levels, level_in_dims(meta), strict=True):
-            for name, shape in pooling.for_level(level).moment_shapes(in_dim).items():
-                expected[f"{MOMENTS_PREFIX}{level}.{name}"] = shape
+            prefix = f"{MOMENTS_PREFIX}{level}."
+            keeps_rows = any(k.startswith(prefix) and k.endswith("rows") for k in layout)
+            shapes = pooling.for_level(level).moment_shapes(in_dim, samples if keeps_rows else None)
+            for name, shape in shapes.items():
+                expected[prefix + name] = shape
             if reduction_name(meta) != "none":
                 expected[f"{ROWS_PREFIX}{level}"] = (samples, in_dim)
     if meta.get("level_weighting", "none") != "none":

@@ -24,6 +24,7 @@ from anomaly.detector.model import GaussianDetectorModel
 from anomaly.detector.weights import embedded_tensors, rebuild_backbone, weights_reference
 from anomaly.errors import UserError
 from anomaly.stats.distances import SCORE_TYPES
+from anomaly.stats.moments import kept_buffers
 
 
 def check_device(device: str | torch.device, hint: str = "device='cpu'") -> torch.device:
@@ -60,13 +61,14 @@ def model_tensors(
         )
     tensors: dict[str, Tensor] = {}
     for level, scorer in zip(model.levels, model.scorers, strict=True):
+        unused = {"fitted", *getattr(scorer, "unused_buffers", tuple)()}
         for name, value in scorer.named_buffers():
-            if name == "fitted" or (name == "projection" and not scorer.reduced):
+            if name in unused or (name == "projection" and not scorer.reduced):
                 continue
             tensors[f"level.{level}.{name}"] = value.to(torch.float64)
     if moments and model.learns:
         for level, accumulator in zip(model.levels, model.moments, strict=True):
-            for name, value in accumulator.named_buffers():
+            for name, value in kept_buffers(accumulator).items():
                 tensors[f"{MOMENTS_PREFIX}{level}.{name}"] = value
         for level, rows in zip(model.levels, model.rows, strict=False):
             tensors[f"{ROWS_PREFIX}{level}"] = torch.cat(rows).to(torch.float64)
@@ -187,13 +189,26 @@ def load_model(
     return model.to(device), meta
 
 
+def take_buffers(module: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Make ``tensors`` (by buffer name) the buffers of a module built on the meta device, whatever
+    their shapes; a buffer the file leaves out (an empty one, see :func:`model_tensors`) stays empty."""
+    for name, value in list(module.named_buffers()):
+        owner, _, attribute = name.rpartition(".")
+        taken = tensors.get(name)
+        if taken is None:
+            if value.numel():
+                raise ValueError(f"no tensor for the accumulator's buffer {name}")
+            taken = torch.zeros(value.shape, dtype=value.dtype)
+        setattr(module.get_submodule(owner), attribute, taken)
+
+
 def restore_learning(model: GaussianDetectorModel, tensors: dict[str, Tensor], meta: dict) -> None:
     """Give a loaded model the accumulators, rows and digests of its file."""
     accumulators = []
     for level, in_dim in zip(model.levels, level_in_dims(meta), strict=True):
         with torch.device("meta"):  # allocates nothing: the buffers become the file's tensors
             accumulator = model.pooling.for_level(level).accumulator(in_dim)
-        accumulator.load_state_dict(level_tensors(tensors, level, MOMENTS_PREFIX), assign=True)
+        take_buffers(accumulator, level_tensors(tensors, level, MOMENTS_PREFIX))
         accumulators.append(accumulator)
     model.moments = torch.nn.ModuleList(accumulators)
     if reduction_name(meta) != "none":

@@ -297,7 +297,7 @@ class GaussianDetectorModel(nn.Module):
         if not (self.learns and other.learns):
             raise UserError("only detectors that keep their streamed moments can be merged")
         for accumulator, theirs in zip(self.moments, other.moments, strict=True):
-            accumulator.merge_(theirs.moments())
+            accumulator.merge_(theirs.value())
         for rows, theirs in zip(self.rows, other.rows, strict=True):
             rows.extend(theirs)
         self.absorbed = [*self.absorbed, *other.absorbed]
@@ -334,7 +334,7 @@ class GaussianDetectorModel(nn.Module):
 
         After a reduction, ``moments`` are those of the projected rows and ``projections`` the projections.
         """
-        moments = [a.moments() for a in self.moments] if moments is None else list(moments)
+        moments = [a.value() for a in self.moments] if moments is None else list(moments)
         projections = [None] * len(self.scorers) if projections is None else list(projections)
         for level, scorer, m, projection in zip(self.levels, self.scorers, moments, projections, strict=True):
             self.pooling.for_level(level).fit(scorer, m, projection)

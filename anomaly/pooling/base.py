@@ -111,16 +111,11 @@ class Pooling(ABC):
     def accumulator(self, dim: int) -> RunningMoments:
         """An empty streamed accumulator for one level of modelled width ``dim``."""
 
-    def moment_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
-        """The shape of each field of a level's streamed moments (:meth:`accumulator`'s buffers)."""
-        return {
-            "count": (),
-            "shift": (dim,),
-            "sum": (dim,),
-            "outer": (dim, dim),
-            "sqnorm_vec": (dim,),
-            "quartic": (),
-        }
+    def moment_shapes(self, dim: int, kept_rows: int | None = None) -> dict[str, tuple[int, ...]]:
+        """The shape of each field of a level's streamed moments (:meth:`accumulator`'s buffers, as a
+        file holds them): ``kept_rows`` rows instead of ``outer`` while the accumulator keeps them."""
+        second = {"outer": (dim, dim)} if kept_rows is None else {"rows": (kept_rows, dim)}
+        return {"count": (), "shift": (dim,), "sum": (dim,), **second, "sqnorm_vec": (dim,), "quartic": ()}
 
     @abstractmethod
     def scorer(self, dim: int) -> nn.Module:

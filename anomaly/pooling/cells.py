@@ -42,7 +42,8 @@ class Cells(KGrid, Pooling):
     def accumulator(self, dim: int) -> RunningMoments:
         return CellMoments(self.cells, dim)
 
-    def moment_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
+    def moment_shapes(self, dim: int, kept_rows: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Every field with a leading cell axis (per-cell accumulators keep no rows)."""
         return {name: (self.cells, *shape) for name, shape in super().moment_shapes(dim).items()}
 
     def scorer(self, dim: int) -> CellGaussianScorer:

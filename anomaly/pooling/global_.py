@@ -9,9 +9,9 @@ from torch import Tensor, nn
 
 from anomaly.backbones import FeatureExtractor
 from anomaly.pooling.base import FLOAT64_BYTES, Pooling
-from anomaly.stats.gaussian import fit_gaussian
-from anomaly.stats.moments import Moments, RunningMoments
-from anomaly.stats.scorer import GaussianScorer
+from anomaly.stats.low_rank import fit_streamed
+from anomaly.stats.moments import Moments, Rows, RunningMoments
+from anomaly.stats.scorer import GaussianScorer, precision_shapes
 
 
 class VectorPooling(Pooling):
@@ -26,23 +26,21 @@ class VectorPooling(Pooling):
     def scorer(self, dim: int) -> GaussianScorer:
         return GaussianScorer(dim)
 
-    def fit(self, scorer: nn.Module, moments: Moments, projection: Tensor | None = None) -> None:
-        scorer.set_fit(fit_gaussian(moments), projection)
+    def fit(self, scorer: nn.Module, moments: Moments | Rows, projection: Tensor | None = None) -> None:
+        scorer.set_fit(fit_streamed(moments), projection)
 
     def expected_shapes(self, in_dim: int, tensors: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         projection = tensors.get("projection")
         dim = projection[1] if projection is not None and len(projection) == 2 else in_dim
-        shapes = {"mean": (dim,), "precision": (dim, dim), "std": (dim,), "shrinkage": ()}
+        shapes = precision_shapes(dim, tensors)
         if projection is not None:
             shapes["projection"] = (in_dim, dim)
         return shapes
 
     def scorer_from_tensors(self, tensors: dict[str, Tensor], in_dim: int) -> GaussianScorer:
         scorer = GaussianScorer(1)  # placeholders, replaced below
-        for name in ("mean", "precision", "std", "shrinkage"):
-            setattr(scorer, name, tensors[name])
         scorer.projection = tensors.get("projection", torch.zeros(in_dim, 0, dtype=torch.float64))
-        scorer.fitted = torch.ones((), dtype=torch.bool)
+        scorer.set_tensors(tensors)
         return scorer
 
 

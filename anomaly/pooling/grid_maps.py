@@ -32,7 +32,6 @@ from anomaly.errors import UserError
 from anomaly.pooling.base import FLOAT64_BYTES, Pooling, check_grid_size
 from anomaly.pooling.grid import Grid
 from anomaly.stats.cells import cells_memory_bytes, fit_cells
-from anomaly.stats.gaussian import fit_gaussian
 from anomaly.stats.grid_cells import GridCellScorer
 from anomaly.stats.grid_fine import (
     CoarseFineScorer,
@@ -41,7 +40,9 @@ from anomaly.stats.grid_fine import (
     GridFineMomentsValue,
     GridFineScorer,
 )
-from anomaly.stats.moments import Moments
+from anomaly.stats.low_rank import fit_streamed
+from anomaly.stats.moments import Moments, Rows
+from anomaly.stats.scorer import precision_shapes
 
 
 def check_coarse_levels(levels: object, option: str = "coarse_levels") -> tuple[int, ...]:
@@ -213,29 +214,22 @@ class GridMaps(Grid):
             FLOAT64_BYTES * self.grid_size**2 * c * c for c in channels
         )
 
-    def fit(self, scorer: nn.Module, moments: Moments, projection: Tensor | None = None) -> None:
+    def fit(self, scorer: nn.Module, moments: Moments | Rows, projection: Tensor | None = None) -> None:
         if projection is not None:
             raise ValueError("pooling grid_maps has no PCA/NPCA reduction")
-        scorer.set_fit(fit_gaussian(moments))
+        scorer.set_fit(fit_streamed(moments))
 
     def expected_shapes(self, in_dim: int, tensors: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         cells = self.grid_size**2
         channels = max(in_dim // cells, 1)
-        return {
-            "mean": (in_dim,),
-            "precision": (in_dim, in_dim),
-            "std": (in_dim,),
-            "shrinkage": (),
-            "cell_covariance": (cells, channels, channels),
-        }
+        return {**precision_shapes(in_dim, tensors), "cell_covariance": (cells, channels, channels)}
 
     def scorer_from_tensors(self, tensors: dict[str, Tensor], in_dim: int) -> GridCellScorer:
         cells = self.grid_size**2
         scorer = GridCellScorer(cells, cells)  # placeholders, replaced below
-        for name in ("mean", "precision", "std", "shrinkage", "cell_covariance"):
-            setattr(scorer, name, tensors[name])
         scorer.projection = torch.zeros(in_dim, 0, dtype=torch.float64)
-        scorer.fitted = torch.ones((), dtype=torch.bool)
+        scorer.set_tensors(tensors)
+        scorer.cell_covariance = tensors["cell_covariance"]
         return scorer
 
     def image_distances(self, distances: Tensor) -> Tensor:
@@ -305,9 +299,9 @@ class GridFineCells(Pooling):
     def accumulator(self, dim: int) -> GridFineMoments:
         return GridFineMoments(self.joint_cells, self.fine_cells, self.channels(dim))
 
-    def moment_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
+    def moment_shapes(self, dim: int, kept_rows: int | None = None) -> dict[str, tuple[int, ...]]:
         channels = self.channels(dim)
-        joint = self.joint.moment_shapes(self.joint_cells * channels)
+        joint = self.joint.moment_shapes(self.joint_cells * channels, kept_rows)  # the cells keep no rows
         cells = super().moment_shapes(channels)
         return {
             **{f"joint.{name}": shape for name, shape in joint.items()},
@@ -321,7 +315,7 @@ class GridFineCells(Pooling):
     def fit(self, scorer: nn.Module, moments: GridFineMomentsValue, projection: Tensor | None = None) -> None:
         if projection is not None:
             raise ValueError("pooling grid_maps has no PCA/NPCA reduction")
-        scorer.set_fit((fit_gaussian(moments.joint), fit_cells(moments.cells)))
+        scorer.set_fit((fit_streamed(moments.joint), fit_cells(moments.cells)))
 
     def expected_shapes(self, in_dim: int, tensors: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         channels, cells = self.channels(in_dim), self.fine_cells

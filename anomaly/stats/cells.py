@@ -60,6 +60,8 @@ def cells_memory_bytes(cells: int, dim: int) -> int:
 class CellMoments(RunningMoments):
     """:class:`RunningMoments` of ``K`` cells at once; every buffer has a leading K axis."""
 
+    KEEPS_ROWS = False  # C-dimensional cells: their moments are small, and a batched fit needs them
+
     def __init__(self, cells: int, dim: int) -> None:
         super().__init__(dim)
         self.cells = cells

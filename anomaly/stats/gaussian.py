@@ -11,12 +11,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from anomaly.errors import UserError
-from anomaly.stats.moments import Moments
+from anomaly.stats.moments import Moments, Rows
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,13 @@ class GaussianFit:
     """
 
     mean: Tensor  # (D,)
-    precision: Tensor  # (D, D), inverse of the shrunk covariance
+    #: (D, D), the inverse of the shrunk covariance; fitted from rows, its exact low-rank form
+    #: (:class:`anomaly.stats.low_rank.LowRankPrecision`)
+    precision: Tensor | Any
     shrinkage: float
     std: Tensor  # (D,), unbiased per-feature standard deviation (for SED, eq. 9)
     n: int
-    moments: Moments  # what the fit was made from
+    moments: Moments | Rows  # what the fit was made from
 
     @property
     def dim(self) -> int:
@@ -41,7 +44,8 @@ class GaussianFit:
     @property
     def covariance(self) -> Tensor:
         """The shrunk covariance of eq. (6), ``(D, D)``, rebuilt from the moments (a new matrix)."""
-        return shrunk_covariance(self.moments, self.shrinkage)
+        moments = self.moments.moments() if isinstance(self.moments, Rows) else self.moments
+        return shrunk_covariance(moments, self.shrinkage)
 
 
 def ledoit_wolf_shrinkage(emp_cov: Tensor, centred_quartic: Tensor, n: int) -> float:
@@ -57,13 +61,18 @@ def ledoit_wolf_shrinkage(emp_cov: Tensor, centred_quartic: Tensor, n: int) -> f
 
 def ledoit_wolf_shrinkages(emp_covs: Tensor, centred_quartics: Tensor, n: int) -> Tensor:
     """:func:`ledoit_wolf_shrinkage` of a batch: ``(K, D, D)`` covariances, ``(K,)`` quartics -> ``(K,)``."""
-    dim = emp_covs.shape[-1]
-    if dim == 1:
-        return torch.zeros(emp_covs.shape[0], dtype=emp_covs.dtype, device=emp_covs.device)
     trace = torch.diagonal(emp_covs, dim1=-2, dim2=-1).sum(dim=-1)
-    trace_mean = trace / dim
     flat = emp_covs.reshape(emp_covs.shape[0], -1)
     frob = torch.einsum("kd,kd->k", flat, flat)  # ||X^T X||_F^2 / n^2, without a (K, D, D) temporary
+    return shrinkages_from_sums(trace, frob, centred_quartics, n, emp_covs.shape[-1])
+
+
+def shrinkages_from_sums(trace: Tensor, frob: Tensor, centred_quartics: Tensor, n: int, dim: int) -> Tensor:
+    """:func:`ledoit_wolf_shrinkages` from ``tr(S)``, ``||S||_F^2`` and ``sum_i ||x_i - mu||^4`` alone
+    (each ``(K,)``): all that the closed form needs of the ``D x D`` covariance ``S``."""
+    if dim == 1:
+        return torch.zeros_like(trace)
+    trace_mean = trace / dim
     beta = (centred_quartics / n - frob) / (dim * n)
     delta = (frob - 2.0 * trace_mean * trace + dim * trace_mean**2) / dim
     beta = torch.minimum(beta, delta)
@@ -174,19 +183,23 @@ NO_VARIANCE = 1e-12
 
 def has_no_variance(emp_cov: Tensor, mean: Tensor) -> bool:
     """Whether the training samples are (almost) all the same: total variance of rounding size."""
-    total = float(torch.diagonal(emp_cov).sum())
+    return total_is_rounding(float(torch.diagonal(emp_cov).sum()), mean)
+
+
+def total_is_rounding(total: float, mean: Tensor) -> bool:
+    """Whether a total variance ``tr(S)`` is of rounding size next to the mean's squared norm."""
     return total <= NO_VARIANCE * float(mean.square().sum()) or total == 0.0
 
 
-def warn_if_no_variance(emp_cov: Tensor, mean: Tensor) -> None:
-    """A specific warning when the training samples are (almost) all the same (identical or blank images).
+def warn_if_no_variance(total: float, mean: Tensor) -> None:
+    """A specific warning when the training samples are (almost) all the same (identical or blank
+    images), from their total variance ``tr(S)`` and their mean.
 
     Every distance is then about 0, so the AUROC is chance and a threshold flags nothing.
     """
-    if has_no_variance(emp_cov, mean):
-        total = float(torch.diagonal(emp_cov).sum())
+    if total_is_rounding(total, mean):
         warnings.warn(
-            f"the training data have (almost) no variance (total {total:.3g} over {emp_cov.shape[0]} "
+            f"the training data have (almost) no variance (total {total:.3g} over {mean.shape[0]} "
             "features): every score will be about 0 and nothing will be flagged; check that the training "
             "images differ (identical, blank or all-black images?)",
             RuntimeWarning,
@@ -226,7 +239,7 @@ def fit_gaussian(moments: Moments) -> GaussianFit:
     emp_cov = scatter_matrix(moments)
     std = torch.sqrt(torch.clamp(torch.diagonal(emp_cov) / (n - 1), min=0.0))
     emp_cov.div_(n)
-    warn_if_no_variance(emp_cov, moments.mean)
+    warn_if_no_variance(float(torch.diagonal(emp_cov).sum()), moments.mean)
     shrinkage = ledoit_wolf_shrinkage(emp_cov, moments.centred_quartic(), n)
     precision = cholesky_inverse_(shrink_covariance(emp_cov, shrinkage, inplace=True))
     del emp_cov

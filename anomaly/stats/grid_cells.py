@@ -22,14 +22,22 @@ import torch
 from torch import Tensor
 
 from anomaly.stats.gaussian import GaussianFit, batched_inverse, invert_spd
+from anomaly.stats.low_rank import LowRankPrecision
 from anomaly.stats.scorer import GaussianScorer
 
 
-def cell_conditional_covariances(precision: Tensor, cells: int) -> Tensor:
-    """``(k^2, C, C)``: each cell's covariance given all other cells, ``(P_jj)^-1``."""
+def cell_blocks(precision: Tensor | LowRankPrecision, cells: int) -> Tensor:
+    """``(k^2, C, C)``: the precision's diagonal blocks ``P_jj``, one per cell."""
+    if isinstance(precision, LowRankPrecision):
+        return precision.cell_blocks(cells)
     channels = precision.shape[0] // cells
     blocks = precision.reshape(channels, cells, channels, cells).diagonal(dim1=1, dim2=3)  # (C, C, K)
-    blocks = blocks.permute(2, 0, 1).contiguous()
+    return blocks.permute(2, 0, 1).contiguous()
+
+
+def cell_conditional_covariances(precision: Tensor | LowRankPrecision, cells: int) -> Tensor:
+    """``(k^2, C, C)``: each cell's covariance given all other cells, ``(P_jj)^-1``."""
+    blocks = cell_blocks(precision, cells)
     inverses, accurate = batched_inverse(blocks)
     for j in torch.nonzero(~accurate).flatten().tolist():
         inverses[j] = invert_spd(blocks[j])  # its pseudo-inverse, and a warning
@@ -61,7 +69,7 @@ class GridCellScorer(GaussianScorer):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         diff = x.to(torch.float64) - self.mean
         n, cells = diff.shape[0], self.cells
-        whitened = diff @ self.precision  # w = P (x - mu)
+        whitened = self.whiten(diff)  # w = P (x - mu)
         per_cell = whitened.reshape(n, -1, cells).transpose(1, 2)  # (n, K, C)
         conditional = torch.einsum("nkc,kcd,nkd->nk", per_cell, self.cell_covariance, per_cell)
         alive = self.std > 0
@@ -76,7 +84,7 @@ class GridCellScorer(GaussianScorer):
             return squares.reshape(n, -1, cells).sum(dim=1)
 
         return {
-            "mahalanobis": scored((whitened * diff).sum(dim=1), conditional),
+            "mahalanobis": scored(self.squared_mahalanobis(diff), conditional),
             "l2": scored((diff * diff).sum(dim=1), own(diff * diff)),
             "sed": scored((standardised * standardised).sum(dim=1), own(standardised * standardised)),
         }

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from anomaly.stats.cells import CellMoments, cell_distances
 from anomaly.stats.gaussian import GaussianFit
 from anomaly.stats.grid_cells import GridCellScorer
-from anomaly.stats.moments import Moments, RunningMoments
+from anomaly.stats.moments import Moments, Rows, RunningMoments
 from anomaly.stats.scorer import GaussianScorer
 
 #: Rows whose fine cells are streamed at once (the per-cell moments' temporaries scale with it).
@@ -34,7 +34,7 @@ CHUNK_ROWS = 32
 class GridFineMomentsValue:
     """The streamed moments of a grid-and-fine-cells level: the joint ones and the per-cell ones."""
 
-    joint: Moments
+    joint: Moments | Rows  # the joint accumulator's value (its rows while it keeps them)
     cells: Moments  # every field with a leading axis of f^2 cells
 
 
@@ -58,6 +58,10 @@ class GridFineMoments(nn.Module):
 
     def moments(self) -> GridFineMomentsValue:
         return GridFineMomentsValue(self.joint.moments(), self.cells.moments())
+
+    def value(self) -> GridFineMomentsValue:
+        """What was absorbed, each part in its accumulator's own form (see ``RunningMoments.value``)."""
+        return GridFineMomentsValue(self.joint.value(), self.cells.moments())
 
     def reset(self) -> None:
         self.joint.reset()

@@ -15,6 +15,12 @@ Moments about one shift can be re-expressed about any other shift exactly
 (:func:`shift_moments`), which gives both the centred moments (shift to the
 mean) and the merge of two accumulators with different shifts (DDP ranks).
 Memory is O(D^2) per level, independent of the number of images and epochs.
+
+While it has absorbed no more rows than it has dimensions, an accumulator keeps
+the rows ``y_i`` themselves (:class:`Rows`) instead of ``S2``: ``n D`` floats
+instead of ``D^2``, from which every moment follows exactly, and from which the
+Gaussian has an exact low-rank form (:mod:`anomaly.stats.low_rank`). With the
+row that would make ``n > D`` it switches to ``S2`` for good.
 """
 
 from __future__ import annotations
@@ -62,9 +68,34 @@ class Moments:
         return shifted_quartic(self, self.mean)
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Every absorbed row about a shift, ``rows[i] = x_i - shift``: exact moments while ``n <= D``."""
+
+    count: Tensor  # scalar
+    shift: Tensor  # (D,)
+    rows: Tensor  # (n, D)
+
+    @property
+    def n(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def mean(self) -> Tensor:
+        return self.shift + self.rows.mean(dim=0)
+
+    def moments(self) -> Moments:
+        """The same sample's :class:`Moments` (a new ``D x D`` matrix)."""
+        return moments_about(self.rows, self.shift)
+
+
 def batch_moments(x: Tensor, shift: Tensor) -> Moments:
     """Moments of one batch ``x`` (n, D) about ``shift`` (D,), in float64."""
-    y = x.to(torch.float64) - shift
+    return moments_about(x.to(torch.float64) - shift, shift)
+
+
+def moments_about(y: Tensor, shift: Tensor) -> Moments:
+    """The :class:`Moments` of rows already taken about ``shift``, ``y = x - shift`` (float64)."""
     sq = (y * y).sum(dim=1)
     return Moments(
         count=torch.tensor(float(y.shape[0]), dtype=torch.float64, device=y.device),
@@ -128,10 +159,14 @@ class RunningMoments(nn.Module):
     """An accumulator of :class:`Moments` whose state lives in buffers.
 
     Buffers follow the module to the batch's device, are saved in checkpoints
-    and can be all-reduced across processes. Nothing per image is stored.
+    and can be all-reduced across processes. While ``n <= D`` (and
+    :attr:`KEEPS_ROWS`) it holds the rows themselves in ``rows`` and ``outer``
+    is empty; then ``outer`` and ``rows`` is empty (see the module docstring).
     """
 
     FIELDS = ("count", "shift", "sum", "outer", "sqnorm_vec", "quartic")
+    #: Whether the accumulator keeps its rows while ``n <= D`` (see the module docstring).
+    KEEPS_ROWS = True
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -140,22 +175,44 @@ class RunningMoments(nn.Module):
         self.register_buffer("count", torch.zeros((), **f64))
         self.register_buffer("shift", torch.zeros(dim, **f64))
         self.register_buffer("sum", torch.zeros(dim, **f64))
-        self.register_buffer("outer", torch.zeros(dim, dim, **f64))
+        self.register_buffer("outer", torch.zeros(*self._outer_shape(dense=not self.KEEPS_ROWS), **f64))
         self.register_buffer("sqnorm_vec", torch.zeros(dim, **f64))
         self.register_buffer("quartic", torch.zeros((), **f64))
+        if self.KEEPS_ROWS:
+            self.register_buffer("rows", torch.zeros(0, dim, **f64))
+
+    def _outer_shape(self, dense: bool) -> tuple[int, int]:
+        return (self.dim, self.dim) if dense else (0, 0)
+
+    @property
+    def keeps_rows(self) -> bool:
+        """Whether the accumulator holds its rows (``outer`` is then empty)."""
+        return self.KEEPS_ROWS and self.outer.numel() == 0
 
     def reset(self) -> None:
         for name in self.FIELDS:
             getattr(self, name).zero_()
+        if self.KEEPS_ROWS:
+            self.outer = self.outer.new_zeros(self._outer_shape(dense=False))
+            self.rows = self.rows.new_zeros(0, self.dim)
 
     @property
     def n(self) -> int:
         return int(self.count.item())
 
     def moments(self) -> Moments:
-        return Moments(*(getattr(self, name) for name in self.FIELDS))
+        """The :class:`Moments` (while the rows are kept, with a new ``D x D`` ``outer``)."""
+        fields = {name: getattr(self, name) for name in self.FIELDS}
+        return Moments(**{**fields, "outer": self.rows.T @ self.rows} if self.keeps_rows else fields)
+
+    def value(self) -> Moments | Rows:
+        """What was absorbed: :class:`Rows` while the accumulator keeps them, else :class:`Moments`."""
+        return Rows(self.count, self.shift, self.rows) if self.keeps_rows else self.moments()
 
     def load_moments(self, m: Moments) -> None:
+        if self.keeps_rows:  # from now on the D x D moments
+            self.outer = torch.empty_like(m.outer)
+            self.rows = self.rows.new_zeros(0, self.dim)
         for name in self.FIELDS:
             getattr(self, name).copy_(getattr(m, name))
 
@@ -168,25 +225,45 @@ class RunningMoments(nn.Module):
             return
         if self.count.item() == 0:
             self.shift.copy_(x.to(torch.float64).mean(dim=0))
-        # the batch is taken about this accumulator's own shift, so its moments add in place
+        self.add_centred(x.to(torch.float64) - self.shift)
+
+    @torch.no_grad()
+    def add_centred(self, y: Tensor) -> None:
+        """Add rows already taken about this accumulator's shift, ``y = x - shift`` (float64)."""
+        # about the accumulator's own shift the batch's moments add in place
         # (merge_moments with d = 0, without its D x D temporaries)
-        y = x.to(torch.float64) - self.shift
         squares = (y * y).sum(dim=1)
         self.count += y.shape[0]
         self.sum += y.sum(dim=0)
-        self.outer.addmm_(y.T, y)
         self.sqnorm_vec.addmv_(y.T, squares)
         self.quartic += (squares * squares).sum()
+        if self.keeps_rows and self.count.item() <= self.dim:
+            self.rows = torch.cat([self.rows, y])
+            return
+        if self.keeps_rows:  # the rows would outgrow D x D moments: switch to them for good
+            self.outer = self.rows.T @ self.rows
+            self.rows = self.rows.new_zeros(0, self.dim)
+        self.outer.addmm_(y.T, y)
 
     @torch.no_grad()
-    def merge_(self, other: Moments) -> None:
-        """Add another accumulator's moments (e.g. from another process)."""
+    def merge_(self, other: Moments | Rows) -> None:
+        """Add another accumulator's :meth:`value` (e.g. from another process)."""
         if other.count.item() == 0:
             return
-        if self.count.item() == 0:
+        if isinstance(other, Rows):  # added as rows, in whatever form this accumulator is
+            if self.count.item() == 0:
+                self.shift.copy_(other.shift)
+            self.add_centred(other.rows + (other.shift - self.shift))
+        elif self.count.item() == 0:
             self.load_moments(other)
         else:
             self.load_moments(merge_moments(self.moments(), other))
+
+
+def kept_buffers(accumulator: nn.Module) -> dict[str, Tensor]:
+    """An accumulator's buffers by name as a file holds them: all but the form not in use (an empty
+    ``outer`` while the rows are kept, or empty ``rows`` once they are not)."""
+    return {name: value for name, value in accumulator.named_buffers() if value.numel() or value.ndim == 0}
 
 
 def moment_tensors(moments) -> list[Tensor]:

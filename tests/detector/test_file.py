@@ -21,6 +21,7 @@ from anomaly.errors import UserError
 from anomaly.methods.gaussian.module import GaussianAD
 from anomaly.pooling import GridMaps
 from anomaly.stats.gaussian import fit_gaussian
+from anomaly.stats.low_rank import LowRankPrecision
 from anomaly.stats.moments import RunningMoments
 from tests.conftest import FEW_HELD_OUT
 from tests.detector.helpers import demo_images, fit_demo_detector
@@ -172,15 +173,36 @@ def test_a_run_that_never_fitted_saves_no_detector(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []
 
 
+def dense_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A file's tensors as formats 1-4 held them: every precision ``D x D``, every moment ``outer``."""
+    dense = {}
+    for name, value in tensors.items():
+        level, _, field = name.rpartition(".")
+        if field == "basis":
+            form = LowRankPrecision(
+                value, tensors[f"{level}.basis_precision"], tensors[f"{level}.residual_precision"]
+            )
+            dense[f"{level}.precision"] = form.dense()
+        elif field == "rows":
+            dense[f"{level}.outer"] = value.T @ value
+        elif field not in ("basis_precision", "residual_precision"):
+            dense[name] = value
+    return dense
+
+
 def test_an_older_format_loads_as_it_was_and_a_newer_one_asks_for_an_upgrade(tmp_path: Path, capsys):
-    """Files are written in format VERSION (4: a level both coarse and fine, a list of fine grid sizes);
-    a format 3 file of the same layout loads and scores as before; a file of a format newer than the
+    """Files are written in format VERSION (5: a level's precision in low-rank form and its rows
+    instead of its second moments, where it saw fewer images than dimensions); a format 3 file (a
+    level both coarse and fine, a list of fine grid sizes: format 4) with every precision and moment
+    dense loads and scores as before, and learns the same; a file of a format newer than the
     reader's is refused with one line asking for an upgrade, not with an error about its content."""
     pooling = GridMaps(2, coarse_levels=[4], fine_levels=[2, 4], fine_grid_size=[3, 2], fine_weight=0.5)
     detector = fit_demo_detector(pooling=pooling)
     tensors, meta = read_detector(detector.save(tmp_path / "now.safetensors"))
-    assert VERSION == 4 and meta["version"] == VERSION
+    assert VERSION == 5 and meta["version"] == VERSION
     assert meta["pooling"]["coarse_levels"] == [4] and meta["pooling"]["fine_grid_size"] == [3, 2]
+    assert {"level.2.basis", "moments.2.joint.rows"} <= set(tensors) and "level.2.precision" not in tensors
+    tensors = dense_layout(tensors)
 
     def written_as(version: int) -> Path:
         path = tmp_path / f"v{version}.safetensors"
@@ -190,9 +212,14 @@ def test_an_older_format_loads_as_it_was_and_a_newer_one_asks_for_an_upgrade(tmp
         return path
 
     old = GaussianDetector.load(written_as(3))
-    assert old.model_.pooling == pooling
+    assert old.model_.pooling == pooling and old.model_.scorers[0].low_rank is None
     _, good, bad = demo_images()
-    np.testing.assert_allclose(old.score_samples(good + bad), detector.score_samples(good + bad), rtol=1e-12)
+    np.testing.assert_allclose(old.score_samples(good + bad), detector.score_samples(good + bad), rtol=1e-9)
+    np.testing.assert_allclose(
+        old.partial_fit(bad[:2]).score_samples(good),
+        detector.partial_fit(bad[:2]).score_samples(good),
+        rtol=1e-9,
+    )
 
     newer = written_as(VERSION + 1)
     with pytest.raises(UserError) as info:

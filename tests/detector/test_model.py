@@ -161,9 +161,12 @@ def rewrite(path: Path, out: Path, edit_tensors=None, edit_meta=None, checksum: 
 # fmt: off
 # ruff: noqa: E501
 HOSTILE = {
-    "precision (32, 33)": ("level.2.precision is F64 (32, 33)", lambda t: t.update({"level.2.precision": torch.zeros(32, 33, dtype=torch.float64)}), None),
-    "int64 precision": ("I64", lambda t: t.update({"level.2.precision": t["level.2.precision"].long()}), None),
-    "float16 precision": ("F16", lambda t: t.update({"level.2.precision": t["level.2.precision"].half()}), None),
+    "basis (32, 33)": ("level.2.basis is F64 (32, 33)", lambda t: t.update({"level.2.basis": torch.zeros(32, 33, dtype=torch.float64)}), None),
+    "basis of 2 columns": ("level.2.basis_precision is F64", lambda t: t.update({"level.2.basis": t["level.2.basis"][:, :2].contiguous()}), None),
+    "int64 basis": ("I64", lambda t: t.update({"level.2.basis": t["level.2.basis"].long()}), None),
+    "float16 basis": ("F16", lambda t: t.update({"level.2.basis": t["level.2.basis"].half()}), None),
+    "dense precision beside the basis": ("unexpected tensor level.2.precision", lambda t: t.update({"level.2.precision": torch.zeros(32, 32, dtype=torch.float64)}), None),
+    "precision without the basis": ("unexpected tensor level.2.basis_precision", lambda t: t.update({"level.2.precision": torch.zeros(32, 32, dtype=torch.float64)}) or t.pop("level.2.basis"), None),
     "0-d mean": ("level.2.mean is F64 ()", lambda t: t.update({"level.2.mean": torch.zeros((), dtype=torch.float64)}), None),
     "1-D projection": ("projection has shape", lambda t: t.update({"level.2.projection": torch.zeros(32, dtype=torch.float64)}), None),
     "30000-dim mean": ("level.2.mean is F64 (30000,)", lambda t: t.update({"level.2.mean": torch.zeros(30000, dtype=torch.float64)}), None),

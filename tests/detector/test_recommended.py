@@ -175,17 +175,21 @@ def test_the_fit_leaves_the_streamed_moments_as_they_were():
         assert torch.equal(getattr(accumulator, name), value), name
 
 
-def test_a_model_for_fitting_holds_its_moments_and_no_placeholder_precisions():
-    """Before its fit a level holds its streamed moments, not also an identity of their size."""
+def test_a_model_for_fitting_holds_no_matrix_before_its_fit_and_none_of_D_x_D_below_D_rows():
+    """Before its fit a level holds no placeholder matrix at all; with fewer rows than dimensions
+    it keeps the rows and fits the precision's low-rank form, ``2 n D`` floats instead of ``2 D^2``;
+    with more, the ``D x D`` moments and precision (80 dimensions, 120 rows)."""
     pooling = GridMaps(7, coarse_levels=[2])
     model = GaussianDetectorModel.for_fitting(None, [1, 2], [24, 80], pooling)
-    moments = sum(b.numel() for accumulator in model.moments for b in accumulator.buffers())
-    scorers = sum(b.numel() for scorer in model.scorers for b in scorer.buffers())
-    assert moments > (49 * 24) ** 2 and scorers < moments / 10
-    rows = [torch.randn(60, 49 * 24), torch.randn(60, 80)]
-    model.update(rows)
+    held = sum(b.numel() for part in (*model.moments, *model.scorers) for b in part.buffers())
+    assert held < 8 * 49 * 24
+    model.update([torch.randn(120, 49 * 24), torch.randn(120, 80)])
     model.finalise()
-    assert [tuple(s.precision.shape) for s in model.scorers] == [(49 * 24, 49 * 24), (80, 80)]
+    joint, coarse = model.scorers
+    assert joint.precision.numel() == 0 and tuple(joint.basis.shape) == (49 * 24, 119)
+    assert tuple(model.moments[0].rows.shape) == (120, 49 * 24) and model.moments[0].outer.numel() == 0
+    assert tuple(coarse.precision.shape) == (80, 80) and coarse.basis.numel() == 0
+    assert tuple(model.moments[1].outer.shape) == (80, 80) and model.moments[1].rows.numel() == 0
 
 
 def test_unfitted_scorers_of_the_recommended_detector_hold_no_per_cell_matrices():

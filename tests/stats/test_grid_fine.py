@@ -14,7 +14,7 @@ from anomaly.pooling.grid_maps import resize_maps
 from anomaly.stats import grid_fine
 from anomaly.stats.cells import cell_moments
 from anomaly.stats.grid_fine import GridFineMoments
-from anomaly.stats.moments import all_gather_moments, moment_tensors, moments_like
+from anomaly.stats.moments import all_gather_moments, kept_buffers, moment_tensors, moments_like
 from tests.stats.test_grid_cells import fitted
 
 K, FINE, CHANNELS = 2, 4, 3
@@ -110,7 +110,7 @@ def test_fine_moments_streamed_merged_and_gathered_equal_one_pass(case):
         assert torch.equal(a, b)
     assert all_gather_moments(value) == [value]  # without DDP: as it is
     # the saved buffers are the moment shapes the file layout expects
-    buffers = {name: tuple(b.shape) for name, b in whole.named_buffers()}
+    buffers = {name: tuple(b.shape) for name, b in kept_buffers(whole).items()}
     assert buffers == level.moment_shapes(rows.shape[1])
 
 
