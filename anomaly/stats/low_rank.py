@@ -91,14 +91,19 @@ def fit_rows(rows: Rows) -> GaussianFit:
     frob = (variances * variances).sum()
     quartic = (squared_norms * squared_norms).sum()
     shrinkage = float(shrinkages_from_sums(trace[None], frob[None], quartic[None], n, dim)[0])
-    keep = variances > variances.max() * dim * torch.finfo(torch.float64).eps
     residual = shrinkage * trace / dim  # rho mu: Sigma's eigenvalue outside the rows' span
-    if residual <= 0 and int(keep.sum()) < dim:
+    eigenvalues = (1.0 - shrinkage) * variances + residual  # Sigma's inside it
+    # as scipy's pinvh (and sklearn's precision_): eigenvalues of Sigma below this count as 0
+    eps = dim * torch.finfo(torch.float64).eps
+    cutoff = max(float(eigenvalues.max()), float(residual)) * eps
+    # a direction of rounding-size variance (the centred rows' null one) is outside the span
+    keep = (eigenvalues > cutoff) & (variances > variances.max() * eps)
+    if residual <= cutoff and int(keep.sum()) < dim:
         warn_singular()
     precision = LowRankPrecision(
         basis=right[keep].T.contiguous(),
-        basis_precision=1.0 / ((1.0 - shrinkage) * variances[keep] + residual),
-        residual_precision=1.0 / residual if residual > 0 else torch.zeros((), dtype=torch.float64),
+        basis_precision=1.0 / eigenvalues[keep],
+        residual_precision=1.0 / residual if residual > cutoff else torch.zeros((), dtype=torch.float64),
     )
     return GaussianFit(mean=mean, precision=precision, shrinkage=shrinkage, std=std, n=n, moments=rows)
 
