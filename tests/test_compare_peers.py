@@ -114,9 +114,11 @@ def test_our_configs_end_to_end_with_costs(tmp_path: Path):
         assert entry["fit_seconds"][0] > 0 and entry["images_per_second"] > 0
     assert methods["ours: paper"]["pixel_auroc"] is None
     assert 0 <= methods["ours: spatial_fine"]["pixel_auroc"][0] <= 1
-    # 196 cells' Gaussians of levels 3-6 (34 MB) against one Gaussian per level (14 MB, level 9's 1280 dims)
+    # 196 cells' Gaussians of levels 3-6 (34 MB) against one Gaussian per level, whose 8 training
+    # images (fewer than each level's dimensions) it keeps with the low-rank precision (under 1 MB;
+    # 14 MB as D x D matrices, level 9's 1280 dimensions)
     sizes = [methods[name]["model_bytes"] for name in ("ours: spatial_fine", "ours: paper")]
-    assert sizes[0] > 2 * sizes[1] > 10_000_000
+    assert sizes[0] > 10_000_000 > 10 * sizes[1]
 
 
 def test_the_recommended_levels_come_from_the_feature_cache():

@@ -108,6 +108,12 @@ class GaussianScorer(nn.Module):
             return None
         return LowRankPrecision(self.basis, self.basis_precision, self.residual_precision)
 
+    def precision_matrix(self) -> Tensor:
+        """The precision as a ``D x D`` matrix, built from its low-rank form where it has one (for checks
+        and comparisons; scoring never builds it)."""
+        low_rank = self.low_rank
+        return self.precision if low_rank is None else low_rank.dense()
+
     def whiten(self, diff: Tensor) -> Tensor:
         """``diff @ P`` for rows ``diff`` (n, D) of differences to the mean."""
         low_rank = self.low_rank

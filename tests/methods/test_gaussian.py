@@ -60,7 +60,7 @@ def test_streamed_fit_over_batches_equals_sklearn_on_real_features(tiny_mvtec: P
         assert float(scorer.shrinkage) == pytest.approx(reference.shrinkage_, rel=1e-6)
         scale = np.abs(reference.precision_).max()
         np.testing.assert_allclose(
-            scorer.precision.numpy(), reference.precision_, rtol=1e-6, atol=1e-7 * scale
+            scorer.precision_matrix().numpy(), reference.precision_, rtol=1e-6, atol=1e-7 * scale
         )
 
 
@@ -117,7 +117,7 @@ def test_augmented_fits_are_reproducible(tiny_mvtec: Path, tmp_path: Path):
             image_size=SMALL,
         )
         fit_and_test(model, dm, tmp_path, epochs=2)
-        return [m.moments() for m in model.moments] + [s.precision for s in model.scorers]
+        return [m.moments() for m in model.moments] + [s.precision_matrix() for s in model.scorers]
 
     first, again, other = fitted(0), fitted(0), fitted(1)
     for a, b in zip(first[:2], again[:2], strict=True):
