@@ -295,7 +295,7 @@ def all_gather_moments(moments):
     Works for moments of any shape (e.g. batched over grid cells) and for dataclasses of
     :class:`Moments` (a level modelled by several Gaussians).
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed():
         return [moments]
     fields = moment_tensors(moments)
     flat = torch.cat([f.reshape(-1) for f in fields])
@@ -311,16 +311,48 @@ def all_gather_moments(moments):
     return out
 
 
-def synchronise(accumulators: Sequence[RunningMoments]) -> None:
+def distributed() -> bool:
+    """Whether this process is one of several (DDP)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather_rows(accumulator: RunningMoments) -> list[Rows] | None:
+    """Every process's :class:`Rows`, in rank order, where every process keeps its rows and all of them
+    together still fit the accumulator (at most D); else ``None`` (the moments are exchanged instead)."""
+    world, device = dist.get_world_size(), accumulator.count.device
+    state = torch.tensor(
+        [accumulator.count.item(), accumulator.keeps_rows], dtype=torch.float64, device=device
+    )
+    states = [torch.empty_like(state) for _ in range(world)]
+    dist.all_gather(states, state)
+    counts = [int(count) for count, _ in states]
+    if not all(bool(keeps) for _, keeps in states) or sum(counts) > accumulator.dim:
+        return None
+    mine = torch.zeros(1 + max(counts), accumulator.dim, dtype=torch.float64, device=device)
+    mine[0], mine[1 : 1 + accumulator.n] = accumulator.shift, accumulator.rows  # row 0: the shift
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    return [
+        Rows(torch.tensor(float(count), dtype=torch.float64, device=device), part[0], part[1 : 1 + count])
+        for count, part in zip(counts, gathered, strict=True)
+    ]
+
+
+def synchronise(accumulators: Sequence[nn.Module]) -> None:
     """Replace each accumulator's moments by their merge over all processes, in rank order.
 
-    A no-op without DDP. Works for any accumulator with ``reset`` and ``merge_``
-    (per-cell ones included); a process that saw no image adds nothing.
+    A no-op without DDP. Works for any accumulator made of :class:`RunningMoments` (per-cell ones
+    included, each part exchanged on its own); a process that saw no image adds nothing. Rows are
+    exchanged as rows while all of them fit (:func:`all_gather_rows`), so that the fit is the one a
+    single process makes of them.
     """
-    for accumulator in accumulators:
-        parts = all_gather_moments(accumulator.moments())
-        if len(parts) == 1:
-            continue
+    if not distributed():
+        return
+    parts_of = [part for accumulator in accumulators for part in accumulator.modules()]
+    for accumulator in [part for part in parts_of if isinstance(part, RunningMoments)]:
+        parts = (accumulator.KEEPS_ROWS and all_gather_rows(accumulator)) or all_gather_moments(
+            accumulator.moments()
+        )
         accumulator.reset()
         for part in parts:
             accumulator.merge_(part)
