@@ -48,6 +48,24 @@ def test_onnx_matches_pytorch_on_real_images(detector, images, tmp_path: Path):
         session.run(None, {"images": np.zeros((1, 3, 200, 200), np.uint8)})
 
 
+def test_a_dense_precision_exports_and_scores_as_its_low_rank_form(detector, images, tmp_path: Path):
+    """The demo detector's levels saw fewer images than dimensions (the low-rank form); the same
+    precisions as D x D matrices (a level that saw more) export and score alike."""
+    assert all(scorer.low_rank is not None for scorer in detector.model_.scorers)
+    dense = copy.deepcopy(detector)
+    for scorer in dense.model_.scorers:
+        scorer.set_precision(scorer.precision_matrix())
+    assert all(scorer.low_rank is None for scorer in dense.model_.scorers)
+    expected_score, expected_levels = reference(detector, images)
+    np.testing.assert_allclose(reference(dense, images)[0], expected_score, rtol=1e-9)
+    session = ort.InferenceSession(
+        str(export_onnx(dense, tmp_path / "dense.onnx")), providers=["CPUExecutionProvider"]
+    )
+    score, level_scores = session.run(None, {"images": images.numpy()})
+    np.testing.assert_allclose(score, expected_score, rtol=1e-4)
+    np.testing.assert_allclose(level_scores, expected_levels, rtol=1e-4)
+
+
 def test_onnx_float_input(detector, images, tmp_path: Path):
     path = export_onnx(detector, tmp_path / "float.onnx", input_dtype="float")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
