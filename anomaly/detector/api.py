@@ -269,7 +269,8 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             X = self._as_feature_list(single_path_as_list(X))
             self.levels_ = list(range(1, len(X) + 1))
             channels = [f.shape[1] for f in X]
-        pooling.check_budget(channels, self.memory_budget_gb, self.levels_)
+        samples = len(X) * self.tiles_.count if self.backbone is not None else int(X[0].shape[0])
+        pooling.check_budget(channels, self.memory_budget_gb, self.levels_, samples=samples)
         self._check_score_column()
         model = GaussianDetectorModel.for_fitting(
             extractor,

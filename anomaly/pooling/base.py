@@ -81,26 +81,38 @@ class Pooling(ABC):
         """The width of the vectors a level of ``channels`` channels gives."""
 
     @abstractmethod
-    def state_bytes(self, channels: Sequence[int]) -> int:
-        """Float64 bytes of the streamed second moments and the precisions of levels of these widths."""
+    def state_bytes(self, channels: Sequence[int], samples: int | None = None) -> int:
+        """Float64 bytes of the streamed second moments and the precisions of levels of these widths;
+        with ``samples``, the rows a fit of that many keeps instead where they take less (a level of
+        ``D`` dimensions that sees ``n <= D`` rows keeps them and an ``n``-column basis: ``2 n D``)."""
 
-    def levels_state_bytes(self, channels: Sequence[int], levels: Sequence[int] | None = None) -> int:
+    def levels_state_bytes(
+        self, channels: Sequence[int], levels: Sequence[int] | None = None, samples: int | None = None
+    ) -> int:
         """:meth:`state_bytes` of levels of these widths, each pooled as :meth:`for_level` says."""
         if levels is None:
-            return self.state_bytes(channels)
-        return sum(self.for_level(lv).state_bytes([c]) for lv, c in zip(levels, channels, strict=True))
+            return self.state_bytes(channels, samples)
+        return sum(
+            self.for_level(lv).state_bytes([c], samples) for lv, c in zip(levels, channels, strict=True)
+        )
 
     def check_budget(
-        self, channels: Sequence[int], budget_gb: float, levels: Sequence[int] | None = None
+        self,
+        channels: Sequence[int],
+        budget_gb: float,
+        levels: Sequence[int] | None = None,
+        samples: int | None = None,
     ) -> None:
-        """:class:`UserError` naming the need and the fix when the fit would exceed ``budget_gb``."""
+        """:class:`UserError` naming the need and the fix when the fit would exceed ``budget_gb`` (of
+        ``samples`` rows, or of any number of them)."""
         budget_gb = check_memory_budget(budget_gb)
-        need = self.levels_state_bytes(channels, levels) / GIB
+        need = self.levels_state_bytes(channels, levels, samples) / GIB
         if need > budget_gb:
+            rows = f" and {samples:,} training samples" if samples is not None else ""
             raise UserError(
                 f"pooling {self.name}{self.describe_size()} needs {need:.3g} GiB of statistics for "
-                f"levels of widths {list(channels)}, over memory_budget_gb {budget_gb:g}: lower grid_size, "
-                "choose fewer or narrower levels, or raise memory_budget_gb"
+                f"levels of widths {list(channels)}{rows}, over memory_budget_gb {budget_gb:g}: lower "
+                "grid_size, choose fewer or narrower levels, or raise memory_budget_gb"
             )
 
     def describe_size(self) -> str:

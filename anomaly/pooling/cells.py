@@ -36,7 +36,8 @@ class Cells(KGrid, Pooling):
     def modelled_dim(self, channels: int) -> int:
         return channels
 
-    def state_bytes(self, channels: Sequence[int]) -> int:
+    def state_bytes(self, channels: Sequence[int], samples: int | None = None) -> int:
+        """Per-cell moments and precisions, whatever the samples (the cells keep no rows)."""
         return sum(cells_memory_bytes(self.cells, c) for c in channels)
 
     def accumulator(self, dim: int) -> RunningMoments:

@@ -17,8 +17,9 @@ from anomaly.stats.scorer import GaussianScorer, precision_shapes
 class VectorPooling(Pooling):
     """One Gaussian per level over one vector per image (global and grid pooling share this)."""
 
-    def state_bytes(self, channels: Sequence[int]) -> int:
-        return sum(2 * self.modelled_dim(c) ** 2 * FLOAT64_BYTES for c in channels)
+    def state_bytes(self, channels: Sequence[int], samples: int | None = None) -> int:
+        dims = [self.modelled_dim(c) for c in channels]
+        return sum(2 * d * (d if samples is None else min(d, samples)) * FLOAT64_BYTES for d in dims)
 
     def accumulator(self, dim: int) -> RunningMoments:
         return RunningMoments(dim)

@@ -208,9 +208,9 @@ class GridMaps(Grid):
     def scorer(self, dim: int) -> GridCellScorer:
         return GridCellScorer(self.grid_size**2, dim)
 
-    def state_bytes(self, channels: Sequence[int]) -> int:
+    def state_bytes(self, channels: Sequence[int], samples: int | None = None) -> int:
         """The grid's state plus the cells' conditional covariances (``k^2 C^2`` float64 a level)."""
-        return super().state_bytes(channels) + sum(
+        return super().state_bytes(channels, samples) + sum(
             FLOAT64_BYTES * self.grid_size**2 * c * c for c in channels
         )
 
@@ -291,8 +291,8 @@ class GridFineCells(Pooling):
     def channels(self, dim: int) -> int:
         return max(dim // (self.joint_cells + self.fine_cells), 1)
 
-    def state_bytes(self, channels: Sequence[int]) -> int:
-        return self.joint.state_bytes(channels) + sum(
+    def state_bytes(self, channels: Sequence[int], samples: int | None = None) -> int:
+        return self.joint.state_bytes(channels, samples) + sum(
             cells_memory_bytes(self.fine_cells, c) for c in channels
         )
 

@@ -351,6 +351,13 @@ def test_spatial_pooling_options_are_checked_in_fit(features):
         GaussianDetector(backbone=None, tiles="1x2").fit(features[0])
     with pytest.raises(UserError, match="over memory_budget_gb"):
         GaussianDetector(levels=[9], pooling=Cells(grid_size=32), memory_budget_gb=0.01).fit(demo_images()[0])
+    # a 4 x 4 grid of level 9: 20480 dimensions, 6.2 GiB as D x D matrices; fitted on few images, it
+    # keeps their rows and a basis instead (2 n D floats), which the budget counts
+    train = demo_images()[0]
+    with pytest.raises(UserError, match=f"and {len(train)} training samples, over memory_budget_gb 0.001"):
+        GaussianDetector(levels=[9], pooling=Grid(4), memory_budget_gb=0.001).fit(train)
+    fitted = GaussianDetector(levels=[9], pooling=Grid(4)).fit(train)
+    assert fitted.model_.scorers[0].low_rank is not None
 
 
 @pytest.mark.slow

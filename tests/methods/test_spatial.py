@@ -19,6 +19,7 @@ from anomaly.evaluation.pixel import pixel_auroc, pixel_pro, upsample_maps
 from anomaly.evaluation.pro import pro_score
 from anomaly.methods.gaussian import GaussianAD
 from anomaly.methods.spatial import SpatialGaussianAD
+from anomaly.pooling import build_pooling
 from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT, fit_and_test, make_mvtec_category, run_results
 
 pytestmark = [FEW_HELD_OUT, DEFAULT_SWITCHES]
@@ -81,9 +82,24 @@ def test_memory_budget_error_names_the_need_and_the_fix():
         112,
         112,
     )
-    # grid: one Gaussian of 64 x 1280 = 81920 dims (100 GiB), far beyond the default budget
-    with pytest.raises(UserError, match="memory_budget_gb 4"):
-        SpatialGaussianAD("efficientnet-lite0", levels=[9], pretrained=False, pooling="grid", grid_size=8)
+    # grid: one Gaussian of 64 x 1280 = 81920 dims, 100 GiB as D x D matrices, far beyond the default
+    # budget for many samples; a fit of few keeps their rows and a basis (2 n D floats: 15 MiB for 12)
+    grid = build_pooling("grid", grid_size=8)
+    grid.check_budget([1280], 4.0, [9], samples=12)
+    with pytest.raises(UserError, match="and 10,000 training samples, over memory_budget_gb 4: lower"):
+        grid.check_budget([1280], 4.0, [9], samples=10_000)
+    with pytest.raises(UserError, match=rf"{2 * 81920**2 * 8 / 1024**3:.3g} GiB .*memory_budget_gb 4"):
+        grid.check_budget([1280], 4.0, [9])  # any number of samples
+
+
+def test_the_budget_is_checked_with_the_fits_samples_before_any_image_is_read(
+    tiny_mvtec: Path, tmp_path: Path
+):
+    """At construction only what any fit needs is checked; at the fit, its samples (images x epochs)."""
+    model = spatial(pooling="grid", grid_size=8, memory_budget_gb=0.001)  # 2 samples: 0.4 MiB
+    with pytest.raises(UserError, match=r"and 9 training samples, over memory_budget_gb 0.001"):
+        fit_and_test_on(model, tiny_mvtec, tmp_path)
+    fit_and_test_on(spatial(pooling="grid", grid_size=8, memory_budget_gb=0.01), tiny_mvtec, tmp_path / "ok")
 
 
 def test_global_default_reproduces_the_paper_method(tiny_mvtec: Path, tmp_path: Path):

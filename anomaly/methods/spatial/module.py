@@ -117,7 +117,10 @@ class SpatialGaussianAD(GaussianAD):
             raise UserError(
                 f"pooling {pooling} supports no PCA/NPCA reduction: use reduction none, or pooling grid"
             )
-        strategy.check_budget([spec.level_dims[lv - 1] for lv in resolved], memory_budget_gb, resolved)
+        # now what any fit needs (its n-independent part: two samples); with the samples, at the fit
+        widths = [spec.level_dims[lv - 1] for lv in resolved]
+        strategy.check_budget(widths, memory_budget_gb, resolved, samples=2)
+        self._budget = (widths, memory_budget_gb, resolved)
         self._strategy, self._weighting = strategy, level_weighting
         super().__init__(
             backbone, levels, weights, pretrained, reduction, variance_threshold,
@@ -158,6 +161,19 @@ class SpatialGaussianAD(GaussianAD):
         return replace(super().data_needs(), masks=self.pooling.makes_maps)
 
     # -------------------------------------------------------------------- fit
+    def check_fit_options(self, epochs: int | None) -> None:
+        """Besides the base's checks, the statistics of this fit's samples (images x epochs x tiles)
+        within ``memory_budget_gb``: a level that sees fewer samples than its dimensions keeps them
+        instead of its D x D moments."""
+        super().check_fit_options(epochs)
+        images = getattr(self.datamodule, "fit_samples", None)
+        if images is not None:
+            samples = (
+                len(images) * (epochs if epochs is not None and epochs > 0 else 1) * self.detector.tiles.count
+            )
+            widths, budget_gb, levels = self._budget
+            self.pooling.check_budget(widths, budget_gb, levels, samples=samples)
+
     def calibrate(self, score_holdout: Callable[[], dict[str, Tensor] | None]) -> None:
         """Standardise the levels on the held-out normal fifth (if asked), then set thresholds."""
         if self.level_weighting == "holdout":
