@@ -30,15 +30,22 @@ def stream(x: np.ndarray, batch: int) -> RunningMoments:
     return acc
 
 
+def streamed_and_sklearn(
+    n: int, dim: int, offset: float, batch: int
+) -> tuple[RunningMoments, np.ndarray, LedoitWolf]:
+    """The features streamed in batches, as the stream receives them (float32), and sklearn's fit."""
+    x = correlated_features(n, dim, offset, seed=n + dim)
+    x32 = x.astype(np.float32).astype(np.float64)
+    return stream(x, batch), x32, LedoitWolf().fit(x32)
+
+
 @pytest.mark.parametrize(
     ("n", "dim", "offset", "batch"),
     [(50, 120, 0.0, 7), (40, 300, 1000.0, 16), (400, 24, 0.0, 64), (300, 48, 500.0, 33), (3, 10, 10.0, 1)],
 )
 def test_streaming_ledoit_wolf_equals_sklearn(n, dim, offset, batch):
-    x = correlated_features(n, dim, offset, seed=n + dim)
-    x32 = x.astype(np.float32).astype(np.float64)  # what the stream receives
-    fit = fit_gaussian(stream(x, batch).moments())
-    reference = LedoitWolf().fit(x32)
+    accumulator, x32, reference = streamed_and_sklearn(n, dim, offset, batch)
+    fit = fit_gaussian(accumulator.moments())
     np.testing.assert_allclose(fit.mean.numpy(), reference.location_, rtol=1e-6, atol=1e-9 * (1 + offset))
     np.testing.assert_allclose(fit.covariance.numpy(), reference.covariance_, rtol=1e-6, atol=1e-9)
     assert fit.shrinkage == pytest.approx(reference.shrinkage_, rel=1e-6)

@@ -12,7 +12,7 @@ from anomaly.stats.grid_cells import GridCellScorer
 from anomaly.stats.low_rank import LowRankPrecision, fit_rows, fit_streamed
 from anomaly.stats.moments import Moments, Rows, RunningMoments, batch_moments
 from anomaly.stats.scorer import GaussianScorer
-from tests.stats.test_gaussian import correlated_features, stream
+from tests.stats.test_gaussian import correlated_features, stream, streamed_and_sklearn
 
 
 @pytest.mark.parametrize(
@@ -21,12 +21,10 @@ from tests.stats.test_gaussian import correlated_features, stream
 )
 def test_the_low_rank_fit_equals_sklearn(n, dim, offset, batch):
     """Mean, shrinkage, std, precision and Mahalanobis distances as sklearn's ``LedoitWolf``."""
-    x = correlated_features(n, dim, offset, seed=n + dim)
-    x32 = x.astype(np.float32).astype(np.float64)  # what the stream receives
-    value = stream(x, batch).value()
+    accumulator, x32, reference = streamed_and_sklearn(n, dim, offset, batch)
+    value = accumulator.value()
     assert isinstance(value, Rows) and value.n == n
     fit = fit_rows(value)
-    reference = LedoitWolf().fit(x32)
     assert isinstance(fit.precision, LowRankPrecision) and fit.precision.basis.shape[1] < n
     np.testing.assert_allclose(fit.mean.numpy(), reference.location_, rtol=1e-9, atol=1e-9 * (1 + offset))
     assert fit.shrinkage == pytest.approx(reference.shrinkage_, rel=1e-9)
