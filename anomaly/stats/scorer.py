@@ -93,8 +93,10 @@ class GaussianScorer(nn.Module):
     def set_tensors(self, tensors: dict[str, Tensor]) -> None:
         """Become the fitted scorer of a file's tensors (shapes checked by :func:`precision_shapes`)."""
         self.mean, self.std, self.shrinkage = tensors["mean"], tensors["std"], tensors["shrinkage"]
-        form = LowRankPrecision(*(tensors[name] for name in LOW_RANK_BUFFERS)) if "basis" in tensors else None
-        self.set_precision(form or tensors["precision"])
+        if "basis" in tensors:
+            self.set_precision(LowRankPrecision(*(tensors[name] for name in LOW_RANK_BUFFERS)))
+        else:
+            self.set_precision(tensors["precision"])
         self.fitted = torch.ones((), dtype=torch.bool)
 
     def unused_buffers(self) -> tuple[str, ...]:

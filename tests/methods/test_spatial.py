@@ -102,6 +102,18 @@ def test_the_budget_is_checked_with_the_fits_samples_before_any_image_is_read(
     fit_and_test_on(spatial(pooling="grid", grid_size=8, memory_budget_gb=0.01), tiny_mvtec, tmp_path / "ok")
 
 
+def test_the_budget_counts_every_tile_and_epoch_of_the_fit():
+    from types import SimpleNamespace
+
+    from anomaly.data.transforms import geometry
+
+    model = spatial(pooling="grid", grid_size=8, memory_budget_gb=0.001)
+    data = SimpleNamespace(fit_samples=[None] * 3, geometry=geometry("area", "stretch", "1x2"), augment=True)
+    model._trainer = SimpleNamespace(datamodule=data)
+    with pytest.raises(UserError, match="and 12 training samples"):  # 3 images x 2 tiles x 2 epochs
+        model.check_fit_options(2)
+
+
 def test_global_default_reproduces_the_paper_method(tiny_mvtec: Path, tmp_path: Path):
     ours = spatial()
     torch.manual_seed(0)

@@ -168,9 +168,9 @@ class SpatialGaussianAD(GaussianAD):
         super().check_fit_options(epochs)
         images = getattr(self.datamodule, "fit_samples", None)
         if images is not None:
-            samples = (
-                len(images) * (epochs if epochs is not None and epochs > 0 else 1) * self.detector.tiles.count
-            )
+            geometry = getattr(self.datamodule, "geometry", None)
+            tiles = geometry.tiles.count if geometry is not None else 1
+            samples = len(images) * (epochs if epochs is not None and epochs > 0 else 1) * tiles
             widths, budget_gb, levels = self._budget
             self.pooling.check_budget(widths, budget_gb, levels, samples=samples)
 
