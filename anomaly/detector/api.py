@@ -325,6 +325,14 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             )
         if not fresh:
             return self
+        # a level that kept its rows switches to D x D moments once it sees more rows than dimensions
+        channels = (
+            model.in_dims
+            if model.extractor is None
+            else [model.extractor.level_dims[level - 1] for level in model.levels]
+        )
+        samples = model.samples + len(fresh) * model.tiles.count
+        model.pooling.check_budget(channels, self.memory_budget_gb, model.levels, samples=samples)
         model.moments.cpu()  # the float64 statistics are accumulated on the CPU
         self._absorb(model, self._subset(X, fresh), [digests[i] for i in fresh], keep=False)
         model.refit()

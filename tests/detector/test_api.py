@@ -356,8 +356,13 @@ def test_spatial_pooling_options_are_checked_in_fit(features):
     train = demo_images()[0]
     with pytest.raises(UserError, match=f"and {len(train)} training samples, over memory_budget_gb 0.001"):
         GaussianDetector(levels=[9], pooling=Grid(4), memory_budget_gb=0.001).fit(train)
-    fitted = GaussianDetector(levels=[9], pooling=Grid(4)).fit(train)
+    fitted = GaussianDetector(levels=[9], pooling=Grid(4), memory_budget_gb=0.05).fit(train[:8])
     assert fitted.model_.scorers[0].low_rank is not None
+    # learning more is checked too: 12 images take 3.75 MiB (0.0037 GiB) over a budget of 0.003 GiB
+    fitted.memory_budget_gb = 0.003
+    with pytest.raises(UserError, match=r"and 12 training samples, over memory_budget_gb 0\.003"):
+        fitted.partial_fit(train[8:12])
+    assert fitted.model_.samples == 8
 
 
 @pytest.mark.slow
