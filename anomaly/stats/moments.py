@@ -160,8 +160,9 @@ class RunningMoments(nn.Module):
 
     Buffers follow the module to the batch's device, are saved in checkpoints
     and can be all-reduced across processes. While ``n <= D`` (and
-    :attr:`KEEPS_ROWS`) it holds the rows themselves in ``rows``, and ``outer``
-    is empty; after that, ``outer``, and ``rows`` is empty (module docstring).
+    :attr:`KEEPS_ROWS`) it holds the rows themselves in ``rows`` and ``outer``
+    is empty; after that it holds ``outer`` and ``rows`` is empty (see the
+    module docstring).
     """
 
     FIELDS = ("count", "shift", "sum", "outer", "sqnorm_vec", "quartic")
