@@ -84,7 +84,7 @@ class GridCellScorer(GaussianScorer):
             return squares.reshape(n, -1, cells).sum(dim=1)
 
         return {
-            "mahalanobis": scored(self.squared_mahalanobis(diff), conditional),
+            "mahalanobis": scored((whitened * diff).sum(dim=1), conditional),
             "l2": scored((diff * diff).sum(dim=1), own(diff * diff)),
             "sed": scored((standardised * standardised).sum(dim=1), own(standardised * standardised)),
         }

@@ -81,8 +81,10 @@ def fit_rows(rows: Rows) -> GaussianFit:
         raise UserError(f"a Gaussian needs at least 2 training images, got {n}: add normal images to fit on")
     offset = rows.rows.mean(dim=0)
     centred = rows.rows - offset
-    squared_norms = (centred * centred).sum(dim=1)
-    std = torch.sqrt((centred * centred).sum(dim=0) / (n - 1))
+    squares = centred * centred
+    squared_norms = squares.sum(dim=1)
+    std = torch.sqrt(squares.sum(dim=0) / (n - 1))
+    del squares
     _, sigma, right = torch.linalg.svd(centred, full_matrices=False)
     variances = sigma * sigma / n  # the nonzero eigenvalues of S
     trace = squared_norms.sum() / n
