@@ -35,10 +35,10 @@ OVERLAY_ALPHA = 0.45
 MIN_WIDTH = 400
 #: The caption strip's height and font size in pixels (8 pt at 100 dpi), and the outline's width.
 CAPTION_HEIGHT, CAPTION_FONT_SIZE, OUTLINE_WIDTH = 24, 11, 2
-#: zlib level of the overlays' PNGs: photographs at level 6 take four times as long for 5% less.
+#: zlib level of the overlays' PNGs: level 6 takes about 30 ms more an overlay for files 10% smaller.
 OVERLAY_COMPRESS_LEVEL = 3
-#: matplotlib's ``jet`` as a 256-entry lookup table (uint8 RGB).
-JET = np.round(matplotlib.colormaps["jet"](np.arange(256))[:, :3] * 255).astype(np.uint8)
+#: matplotlib's ``jet`` as a 256-entry lookup table (uint8 RGB, as ``imshow`` draws it).
+JET = matplotlib.colormaps["jet"](np.arange(256), bytes=True)[:, :3]
 WHITE = (255, 255, 255)
 
 
