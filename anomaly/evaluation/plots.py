@@ -1,8 +1,11 @@
 """PNG figures of one run: ROC curves, per-level AUROC bars, score distributions.
 
 Figures are built with matplotlib's object API on the Agg canvas (no display, no
-pyplot state), so they work in headless and multi-process runs. The same figure
-builders feed TensorBoard (:mod:`anomaly.evaluation.tensorboard`).
+pyplot state), so they work in headless and multi-process runs. Each is drawn once
+(:func:`render_figure`): the same pixels are written as the PNG and logged to
+TensorBoard (:mod:`anomaly.evaluation.tensorboard`). Margins are fixed in inches
+(:func:`set_margins`) rather than measured by ``tight_layout``, which would lay out
+every label twice; histograms are one filled outline each, not one patch per bar.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,6 +21,8 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from sklearn.metrics import roc_curve
 
 from anomaly.atomic import write_bytes_atomic
@@ -29,24 +34,66 @@ from anomaly.evaluation.results import (
     DISTRIBUTION_FILE,
     RESULTS_FILE,
     ROC_FILE,
+    RUN_FIGURES,
     SCORES_FILE,
     read_results,
 )
 
 THRESHOLD_KINDS = ("chi2", "empirical")
+DPI = 100
+#: zlib level of the PNGs (matplotlib's default): flat figures compress well at any level.
+PNG_COMPRESS_LEVEL = 6
+#: Room for the title above the axes and for the tick labels and axis label below them (inches).
+TOP_MARGIN, BOTTOM_MARGIN, RIGHT_MARGIN = 0.36, 0.6, 0.28
+#: Left margin for y tick labels of ``n`` characters and the axis label: 0.48 in + 0.065 in a character.
+LABEL_MARGIN, CHARACTER_WIDTH = 0.48, 0.065
+#: The text chunk matplotlib writes into its PNGs.
+MATPLOTLIB_TEXT = {"Software": f"Matplotlib version{matplotlib.__version__}, https://matplotlib.org/"}
 
 
 def new_figure(width: float = 6.0, height: float = 4.5) -> Figure:
-    figure = Figure(figsize=(width, height), dpi=100)
+    figure = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(figure)
     return figure
 
 
-def save_figure(figure: Figure, path: Path) -> Path:
-    """Write ``figure`` as a PNG to ``path``, whole (:mod:`anomaly.atomic`)."""
+def set_margins(figure: Figure, left: float, right: float = RIGHT_MARGIN, gap: float = 0.0) -> None:
+    """Place the subplots with fixed margins in inches (``gap`` between side-by-side panels)."""
+    width, height = figure.get_size_inches()
+    panels = len(figure.axes)
+    panel_width = (width - left - right - gap * (panels - 1)) / panels
+    figure.subplots_adjust(
+        left=left / width,
+        right=1 - right / width,
+        bottom=BOTTOM_MARGIN / height,
+        top=1 - TOP_MARGIN / height,
+        wspace=gap / panel_width,
+    )
+
+
+def set_title(axes, title: str) -> None:
+    """The title where matplotlib would put it on these axes (no ticks or offset text above them),
+    placed directly instead of measured against the axes' labels at every draw."""
+    axes.set_title(title, y=1.0)
+
+
+def render_figure(figure: Figure) -> np.ndarray:
+    """``figure`` drawn once: (H, W, 3) uint8 pixels at its dpi (opaque: the figure is white)."""
+    canvas = figure.canvas
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def png_bytes(pixels: np.ndarray, text: Mapping[str, str], compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """PNG bytes of (H, W, 3) uint8 ``pixels`` at :data:`DPI`, with ``text`` as its text chunks."""
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return write_bytes_atomic(path, buffer.getvalue())
+    Image.fromarray(pixels).save(
+        buffer, format="png", pnginfo=info, dpi=(DPI, DPI), compress_level=compress_level
+    )
+    return buffer.getvalue()
 
 
 def level_name(column: str) -> str:
@@ -86,14 +133,13 @@ def roc_figure(labels: np.ndarray, columns: Mapping[str, np.ndarray], title: str
             colour = cmap(i / max(1, len(levels) - 1))
             axes.plot(fpr, tpr, color=colour, linewidth=1.0, label=f"level {name} ({100 * auroc:.1f})")
     axes.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=0.8)
-    axes.set(
-        xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", title=title
-    )
+    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate")
+    set_title(axes, title)
     if single_class:
         axes.text(0.5, 0.5, "ROC undefined: the test set holds one class", ha="center", va="center")
     else:
         axes.legend(loc="lower right", fontsize=7)
-    figure.tight_layout()
+    set_margins(figure, left=LABEL_MARGIN + 3 * CHARACTER_WIDTH)  # "0.0" .. "1.0"
     return figure
 
 
@@ -112,10 +158,11 @@ def auroc_bar_figure(results: Mapping, title: str) -> Figure:
         heights = [math.nan if v is None else 100 * v for v in values]
         axes.bar(x + (i - (len(types) - 1) / 2) * width, heights, width, label=score_type)
     axes.set_xticks(x, levels)
-    axes.set(ylim=(0, 100), xlabel="level", ylabel="image AUROC (%)", title=title)
+    axes.set(ylim=(0, 100), xlabel="level", ylabel="image AUROC (%)")
+    set_title(axes, title)
     axes.axhline(50, color="grey", linestyle=":", linewidth=0.8)
     axes.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
+    set_margins(figure, left=LABEL_MARGIN + 3 * CHARACTER_WIDTH, right=0.15)  # "0" .. "100"
     return figure
 
 
@@ -197,6 +244,7 @@ def score_distribution_figure(labels: np.ndarray, rows: Mapping[str, np.ndarray]
     panels = threshold_panels(primary, thresholds, rows)
     figure = new_figure(5.0 * len(panels), 4.0)
     labels = np.asarray(labels).astype(int)
+    highest = 1
     for i, column in enumerate(panels):
         axes = figure.add_subplot(1, len(panels), i + 1)
         scores = np.asarray(rows[column], dtype=np.float64)
@@ -204,11 +252,16 @@ def score_distribution_figure(labels: np.ndarray, rows: Mapping[str, np.ndarray]
         for label, name, colour in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red")):
             chosen = scores[labels == label]
             if chosen.size:
-                axes.hist(chosen, bins=bins, alpha=0.55, color=colour, label=f"{name} ({chosen.size})")
+                counts, _ = np.histogram(chosen, bins=bins)
+                highest = max(highest, int(counts.max()))
+                label_text = f"{name} ({chosen.size})"
+                axes.stairs(counts, bins, fill=True, alpha=0.55, color=colour, label=label_text)
         mark_thresholds(axes, thresholds.get(column, []))
-        axes.set(xlabel=f"{column} score", ylabel="test images", title=column)
+        axes.set(xlabel=f"{column} score", ylabel="test images")
+        set_title(axes, column)
         axes.legend(fontsize=7)
-    figure.tight_layout()
+    left = LABEL_MARGIN + len(str(math.ceil(1.05 * highest))) * CHARACTER_WIDTH  # counts' tick labels
+    set_margins(figure, left=left, gap=left + 0.1)
     return figure
 
 
@@ -217,22 +270,34 @@ def run_title(results: Mapping) -> str:
     return " | ".join(map(str, parts)) + f" | fold {results.get('fold')}"
 
 
+def render_run_figures(
+    labels: np.ndarray, rows: Mapping[str, np.ndarray], results: Mapping, names: Sequence[str] = RUN_FIGURES
+) -> dict[str, np.ndarray]:
+    """The run's figures (``names`` of :data:`RUN_FIGURES`), each drawn once: ``{file name: pixels}``."""
+    title = run_title(results)
+    builders = {
+        ROC_FILE: lambda: roc_figure(labels, columns_of_type(rows, primary_type(results)), f"ROC: {title}"),
+        AUROC_BARS_FILE: lambda: auroc_bar_figure(results, f"image AUROC: {title}"),
+        DISTRIBUTION_FILE: lambda: score_distribution_figure(labels, rows, results),
+    }
+    return {name: render_figure(builders[name]()) for name in names}
+
+
+def write_pngs(run_dir: Path, images: Mapping[str, np.ndarray]) -> list[Path]:
+    """Write each ``{file name: pixels}`` into ``run_dir`` as a PNG, whole."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        write_bytes_atomic(run_dir / name, png_bytes(pixels, MATPLOTLIB_TEXT))
+        for name, pixels in images.items()
+    ]
+
+
 def write_run_plots(
     run_dir: Path, labels: np.ndarray, rows: Mapping[str, np.ndarray], results: Mapping
 ) -> list[Path]:
     """Write ``roc.png``, ``auroc_per_level.png`` and ``score_distribution.png`` into ``run_dir``."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    title = run_title(results)
-    figures = {
-        ROC_FILE: roc_figure(labels, columns_of_type(rows, primary_type(results)), f"ROC: {title}"),
-        AUROC_BARS_FILE: auroc_bar_figure(results, f"image AUROC: {title}"),
-        DISTRIBUTION_FILE: score_distribution_figure(labels, rows, results),
-    }
-    paths = []
-    for name, figure in figures.items():
-        paths.append(save_figure(figure, run_dir / name))
-    return paths
+    return write_pngs(run_dir, render_run_figures(labels, rows, results))
 
 
 def read_scores_csv(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:

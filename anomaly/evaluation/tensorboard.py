@@ -5,7 +5,8 @@ Beside the AUROC scalars (``test/auroc/<type>/<level>``, logged by
 a run logs the ROC curve and the per-level AUROC bars as figures, histograms of
 the normal and anomalous test scores, its hyperparameters with the image AUROC
 as the hparams metric, and the test images with the highest and lowest scores;
-it also writes the PNGs of :mod:`anomaly.evaluation.plots`.
+it also writes the PNGs of :mod:`anomaly.evaluation.plots`. Each figure is drawn
+once: the PNG and TensorBoard get the same pixels.
 """
 
 from __future__ import annotations
@@ -22,14 +23,8 @@ from torch import Tensor
 from anomaly.data.images import load_rgb
 from anomaly.data.transforms import resize_square
 from anomaly.evaluation.aggregate import SUM
-from anomaly.evaluation.plots import (
-    auroc_bar_figure,
-    columns_of_type,
-    primary_type,
-    roc_figure,
-    run_title,
-    write_run_plots,
-)
+from anomaly.evaluation.plots import render_run_figures, write_pngs
+from anomaly.evaluation.results import AUROC_BARS_FILE, ROC_FILE
 
 HPARAMS_METRIC = "hp/image_auroc"
 N_EXTREME_IMAGES = 4
@@ -91,14 +86,21 @@ def log_to_tensorboard(
     paths: Sequence[str] | None = None,
     step: int = 0,
     figures: bool = True,
+    images: Mapping[str, np.ndarray] | None = None,
 ) -> None:
-    """Score histograms, hparams with the AUROC; with ``figures``, the figures and the extreme test images."""
+    """Score histograms, hparams with the AUROC; with ``figures``, the figures and the extreme test images.
+
+    ``images``: the run's figures already drawn (:func:`~anomaly.evaluation.plots.render_run_figures`);
+    those missing are drawn here.
+    """
     writer = logger.experiment
-    title = run_title(results)
     if figures:
-        roc = roc_figure(labels, columns_of_type(rows, primary_type(results)), title)
-        writer.add_figure("test/roc", roc, step)
-        writer.add_figure("test/auroc_per_level", auroc_bar_figure(results, title), step)
+        logged = {ROC_FILE: "test/roc", AUROC_BARS_FILE: "test/auroc_per_level"}
+        images = dict(images or {})
+        missing = [name for name in logged if name not in images]
+        images.update(render_run_figures(labels, rows, results, missing))
+        for name, tag in logged.items():
+            writer.add_image(tag, images[name], step, dataformats="HWC")
     for column, scores in rows.items():
         if column.endswith(f"/{SUM}") or column == results.get("primary_score"):
             for label, name in ((0, "normal"), (1, "anomalous")):
@@ -143,7 +145,8 @@ def report_run(
     """
     labels_np = labels.detach().cpu().numpy().astype(int)
     rows_np = {k: v.detach().to(torch.float64).cpu().numpy() for k, v in rows.items()}
-    written = write_run_plots(run_dir, labels_np, rows_np, results) if figures else []
+    images = render_run_figures(labels_np, rows_np, results) if figures else {}
+    written = write_pngs(run_dir, images)
     logger = tensorboard_logger(module)
     if logger is not None:
         paths = None
@@ -151,6 +154,14 @@ def report_run(
         if samples is not None and indices is not None:
             paths = [str(samples[i].path) for i in indices.tolist()]
         log_to_tensorboard(
-            logger, labels_np, rows_np, results, flat_hparams(module), paths, module.global_step, figures
+            logger,
+            labels_np,
+            rows_np,
+            results,
+            flat_hparams(module),
+            paths,
+            module.global_step,
+            figures,
+            images,
         )
     return written

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.patches import StepPatch
 from PIL import Image
+from pytorch_lightning.loggers import TensorBoardLogger
 from sklearn.metrics import roc_auc_score
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from anomaly.evaluation.plots import (
     AUROC_BARS_FILE,
     DISTRIBUTION_FILE,
     ROC_FILE,
+    auroc_bar_figure,
     plot_run_dir,
+    render_figure,
     roc_figure,
     score_distribution_figure,
     working_point_thresholds,
     write_run_plots,
 )
 from anomaly.evaluation.results import write_results, write_scores_csv
+from anomaly.evaluation.tensorboard import report_run
 from tests.evaluation.fake_runs import fake_results, working_point_section
 
 
@@ -83,3 +95,59 @@ def test_plots_redrawn_from_a_run_directory(tmp_path):
     write_scores_csv(tmp_path, columns)
     write_results(tmp_path, fake_results("bottle", 0, 0.9))
     assert [p.name for p in plot_run_dir(tmp_path)] == [ROC_FILE, AUROC_BARS_FILE, DISTRIBUTION_FILE]
+
+
+def test_histograms_are_one_filled_outline_per_class_with_numpys_counts():
+    labels, rows = scored_run()
+    figure = score_distribution_figure(labels, rows, {"primary_score": "mahalanobis/sum"})
+    (axes,) = figure.axes
+    patches = [p for p in axes.patches if isinstance(p, StepPatch)]
+    assert [p.get_label() for p in patches] == ["normal (20)", "anomalous (30)"]
+    bins = np.histogram_bin_edges(rows["mahalanobis/sum"], bins=30)
+    for patch, label in zip(patches, (0, 1), strict=True):
+        expected, _ = np.histogram(rows["mahalanobis/sum"][labels == label], bins=bins)
+        np.testing.assert_array_equal(patch.get_data().values, expected)
+        np.testing.assert_allclose(patch.get_data().edges, bins)
+    assert axes.get_ylim()[0] == 0
+
+
+@pytest.mark.parametrize("scale, copies", [(1.0, 1), (1e5, 200)])
+def test_no_label_is_cut_off_or_runs_into_the_next_panel(scale: float, copies: int):
+    """Fixed margins leave room for the labels: large scores, and counts of four digits."""
+    labels, rows = scored_run()
+    labels = np.tile(labels, copies)
+    rows = {name: np.tile(values * scale, copies) for name, values in rows.items()}
+    results = fake_results("bottle", 0, 0.9, working_point=working_point_section(0.2 * scale, 0.8 * scale))
+    for figure in (
+        roc_figure(labels, {"7": rows["mahalanobis/7"], "sum": rows["mahalanobis/sum"]}, "a title"),
+        auroc_bar_figure(results, "a title"),
+        score_distribution_figure(labels, rows, results),
+    ):
+        render_figure(figure)
+        renderer = figure.canvas.get_renderer()
+        page = figure.bbox
+        boxes = [axes.get_tightbbox(renderer) for axes in figure.axes]  # what is drawn: labels, ticks, title
+        for box in boxes:
+            assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+        for previous, axes in zip(boxes[:-1], figure.axes[1:], strict=True):  # clear of the next y labels
+            assert previous.x1 < axes.yaxis.get_tightbbox(renderer).x0
+
+
+def test_tensorboard_logs_the_pixels_of_the_png_drawn_once(tmp_path: Path, monkeypatch):
+    labels, rows = scored_run()
+    results = fake_results("bottle", 0, 0.9)
+    draws = []
+    draw = FigureCanvasAgg.draw
+    monkeypatch.setattr(FigureCanvasAgg, "draw", lambda canvas: draws.append(canvas) or draw(canvas))
+    logger = TensorBoardLogger(str(tmp_path), name="", version="")
+    module = SimpleNamespace(loggers=[logger], datamodule=None, global_step=0, hparams={})
+    rows_t = {name: torch.as_tensor(values) for name, values in rows.items()}
+    written = report_run(module, results, tmp_path, torch.as_tensor(labels), rows_t)
+    assert [p.name for p in written] == [ROC_FILE, AUROC_BARS_FILE, DISTRIBUTION_FILE]
+    assert len(draws) == 3  # one draw a figure, for its PNG and TensorBoard
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    for tag, name in (("test/roc", ROC_FILE), ("test/auroc_per_level", AUROC_BARS_FILE)):
+        (event,) = events.Images(tag)
+        logged = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+        np.testing.assert_array_equal(logged, np.asarray(Image.open(tmp_path / name).convert("RGB")))
