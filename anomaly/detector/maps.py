@@ -21,6 +21,8 @@ from anomaly.data.images import load_rgb
 from anomaly.data.transforms import Geometry
 
 OVERLAY_ALPHA = 0.45
+#: matplotlib's ``jet`` as a 256-entry lookup table (uint8 RGB, as ``imshow`` draws it).
+JET = colormaps["jet"](np.arange(256), bytes=True)[:, :3]
 
 
 def map_at_size(coarse: Tensor, height: int, width: int, geometry: Geometry | None = None) -> np.ndarray:
@@ -80,8 +82,7 @@ def overlay_size(height: int, width: int, longest: int = OVERLAY_SIDE) -> tuple[
 def overlay_png(rgb: np.ndarray, heat: np.ndarray, vmax: float, title: str) -> bytes:
     """PNG bytes of ``heat`` (jet from 0 to ``vmax``, translucent; NaN: none) over ``rgb``, both of
     the same size; ``title`` is stored as the PNG's title."""
-    scaled = np.clip(np.nan_to_num(heat, nan=0.0) / max(vmax, np.finfo(np.float32).tiny), 0.0, 1.0)
-    colours = colormaps["jet"](scaled)[..., :3] * 255.0
+    colours = heat_colours(np.nan_to_num(heat, nan=0.0), 0.0, vmax).astype(np.float64)
     alpha = np.where(np.isnan(heat), 0.0, OVERLAY_ALPHA)[..., None]
     blended = (1.0 - alpha) * rgb + alpha * colours
     info = PngInfo()
@@ -90,6 +91,12 @@ def overlay_png(rgb: np.ndarray, heat: np.ndarray, vmax: float, title: str) -> b
     buffer = io.BytesIO()
     Image.fromarray(np.round(blended).astype(np.uint8)).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def heat_colours(heat: np.ndarray, low: float, high: float) -> np.ndarray:
+    """(H, W, 3) uint8 ``jet`` colours of ``heat`` scaled from ``low`` to ``high`` (as ``imshow``)."""
+    scaled = (np.asarray(heat, dtype=np.float32) - low) / max(high - low, np.finfo(np.float32).tiny)
+    return JET[np.clip(scaled * 256, 0, 255).astype(np.uint8)]
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
-import matplotlib
 import numpy as np
 from matplotlib import font_manager
 from PIL import Image, ImageDraw, ImageFont
@@ -28,17 +27,15 @@ from anomaly.data.datasets import Sample
 from anomaly.data.images import load_mask, load_rgb
 from anomaly.data.transforms import Geometry
 from anomaly.data.transforms import geometry as make_geometry
+from anomaly.detector.maps import OVERLAY_ALPHA, heat_colours
 from anomaly.evaluation.plots import png_bytes
 
-OVERLAY_ALPHA = 0.45
 #: The narrowest overlay in pixels (the width of the 4-inch figures it replaces, at 100 dpi).
 MIN_WIDTH = 400
 #: The caption strip's height and font size in pixels (8 pt at 100 dpi), and the outline's width.
 CAPTION_HEIGHT, CAPTION_FONT_SIZE, OUTLINE_WIDTH = 24, 11, 2
 #: zlib level of the overlays' PNGs: level 6 takes about 30 ms more an overlay for files 10% smaller.
 OVERLAY_COMPRESS_LEVEL = 3
-#: matplotlib's ``jet`` as a 256-entry lookup table (uint8 RGB, as ``imshow`` draws it).
-JET = matplotlib.colormaps["jet"](np.arange(256), bytes=True)[:, :3]
 WHITE = (255, 255, 255)
 
 
@@ -46,12 +43,6 @@ def display_size(height: int, width: int) -> tuple[int, int]:
     """(height, width) at which a canvas of ``(height, width)`` is shown: at least :data:`MIN_WIDTH` wide."""
     scale = max(1.0, MIN_WIDTH / width)
     return round(height * scale), round(width * scale)
-
-
-def heat_colours(heat: np.ndarray, low: float, high: float) -> np.ndarray:
-    """(H, W, 3) uint8 ``jet`` colours of ``heat`` scaled from ``low`` to ``high`` (as ``imshow``)."""
-    scaled = (np.asarray(heat, dtype=np.float32) - low) / max(high - low, np.finfo(np.float32).tiny)
-    return JET[np.clip(scaled * 256, 0, 255).astype(np.uint8)]
 
 
 def draw_outline(rgb: np.ndarray, mask: np.ndarray) -> None:

@@ -12,14 +12,8 @@ from PIL import Image
 
 from anomaly.data.datasets import Sample
 from anomaly.data.transforms import geometry
-from anomaly.evaluation.overlays import (
-    CAPTION_HEIGHT,
-    MIN_WIDTH,
-    OVERLAY_ALPHA,
-    display_size,
-    heat_colours,
-    write_overlays,
-)
+from anomaly.detector.maps import OVERLAY_ALPHA, heat_colours
+from anomaly.evaluation.overlays import CAPTION_HEIGHT, MIN_WIDTH, display_size, write_overlays
 
 GREY = 128
 
