@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from anomaly.stats.cells import CellMoments, cell_distances
+from anomaly.stats.cells import CellFits, CellMoments, cell_distances
 from anomaly.stats.gaussian import GaussianFit
 from anomaly.stats.grid_cells import GridCellScorer
 from anomaly.stats.moments import Moments, Rows, RunningMoments
@@ -104,15 +104,14 @@ class FineCellsScorer:
     def in_dim(self) -> int:
         return int(self.projection.shape[0] + self.fine_mean.numel())
 
-    def set_fit(self, fit: tuple[GaussianFit, list[GaussianFit]], projection: Tensor | None = None) -> None:
-        """Store the joint fit and the fine cells' fits (:func:`~anomaly.stats.cells.fit_cells`)."""
+    def set_fit(self, fit: tuple[GaussianFit, CellFits], projection: Tensor | None = None) -> None:
+        """Store the joint fit and the fine cells' fits (:func:`~anomaly.stats.cells.fit_cells`; their
+        tensors, not copies, on the same device)."""
         joint, fine = fit
         super().set_fit(joint, projection)
         device = self.mean.device
-        self.fine_mean = torch.stack([f.mean for f in fine]).to(device)
-        self.fine_precision = torch.stack([f.precision for f in fine]).to(device)
-        self.fine_std = torch.stack([f.std for f in fine]).to(device)
-        self.fine_shrinkage = torch.tensor([f.shrinkage for f in fine], dtype=torch.float64, device=device)
+        self.fine_mean, self.fine_precision = fine.mean.to(device), fine.precision.to(device)
+        self.fine_std, self.fine_shrinkage = fine.std.to(device), fine.shrinkage.to(device)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         joint, fine = split_rows(x, int(self.projection.shape[0]), self.fine_cells)

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from anomaly.errors import UserError
 from anomaly.stats.gaussian import (
     GaussianFit,
+    check_samples,
     fit_gaussian,
     shrinkages_from_sums,
     warn_if_no_variance,
@@ -77,8 +77,7 @@ class LowRankPrecision:
 def fit_rows(rows: Rows) -> GaussianFit:
     """Mean, Ledoit-Wolf shrinkage and the low-rank precision from the rows themselves (``n <= D``)."""
     n, dim = rows.n, rows.rows.shape[1]
-    if n < 2:
-        raise UserError(f"a Gaussian needs at least 2 training images, got {n}: add normal images to fit on")
+    check_samples(n)
     offset = rows.rows.mean(dim=0)
     centred = rows.rows - offset
     squares = centred * centred
