@@ -131,7 +131,7 @@ def invert_in_place_(matrices: Tensor) -> Tensor:
 
 
 #: Bytes of the matrices that :func:`batched_inverse_` copies at a time (to check their inverses).
-INVERSE_CHUNK_BYTES = 8 * 2**20
+INVERSE_CHUNK_BYTES = 2**20
 
 
 def batched_inverse_(
