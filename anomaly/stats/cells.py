@@ -229,11 +229,13 @@ def cell_distances(x: Tensor, mean: Tensor, precision: Tensor, std: Tensor) -> d
     :func:`~anomaly.stats.distances.standardised_euclidean`.
     """
     diff = x.to(torch.float64) - mean
-    whitened = torch.einsum("nkc,kcd->nkd", diff, precision)
+    # two (n, K, D) tensors at a time: the products and the standardised features are made in place
+    squared = torch.einsum("nkc,kcd->nkd", diff, precision).mul_(diff).sum(dim=2)
+    l2 = torch.linalg.vector_norm(diff, dim=2)
     alive = std > 0
-    standardised = torch.where(alive, diff / torch.where(alive, std, torch.ones_like(std)), 0.0)
+    standardised = diff.div_(torch.where(alive, std, torch.ones_like(std))).masked_fill_(~alive, 0.0)
     return {
-        "mahalanobis": torch.sqrt(torch.clamp((whitened * diff).sum(dim=2), min=0.0)),
-        "l2": torch.linalg.vector_norm(diff, dim=2),
+        "mahalanobis": torch.sqrt(torch.clamp(squared, min=0.0)),
+        "l2": l2,
         "sed": torch.linalg.vector_norm(standardised, dim=2),
     }

@@ -28,6 +28,9 @@ from anomaly.stats.scorer import GaussianScorer
 
 #: Rows whose fine cells are streamed at once (the per-cell moments' temporaries scale with it).
 CHUNK_ROWS = 32
+#: Bytes of the float64 ``(rows, f^2, C)`` features that scoring the fine cells makes at a time (at
+#: least one row): its temporaries are two of them.
+SCORE_CHUNK_BYTES = 2 * 2**20
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,8 @@ class FineCellsScorer:
         coarse = {kind: value.reshape(x.shape[0], -1) for kind, value in super().forward(joint).items()}
         # a few rows at a time: the per-cell float64 temporaries stay small whatever the batch
         # (a traced export scores its batch in one piece, so that the batch size can change)
-        chunks = [fine] if torch.jit.is_tracing() else fine.split(CHUNK_ROWS)
+        rows = max(1, SCORE_CHUNK_BYTES // (self.fine_mean.numel() * self.fine_mean.element_size()))
+        chunks = [fine] if torch.jit.is_tracing() else fine.split(rows)
         parts = [cell_distances(rows, self.fine_mean, self.fine_precision, self.fine_std) for rows in chunks]
         cells = {kind: torch.cat([part[kind] for part in parts]) for kind in coarse}
         return {kind: torch.cat([coarse[kind], cells[kind]], dim=1) for kind in coarse}
