@@ -14,16 +14,20 @@ Memory is ``K * C^2`` float64 per level.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from anomaly.stats.gaussian import (
+    INVERSE_CHUNK_BYTES,
     GaussianFit,
-    batched_inverse,
+    batched_inverse_,
+    check_samples,
     fit_gaussian,
-    has_no_variance,
     ledoit_wolf_shrinkages,
+    total_is_rounding,
 )
 from anomaly.stats.moments import Moments, RunningMoments, merge_moments
 
@@ -101,36 +105,58 @@ class CellMoments(RunningMoments):
         self.load_moments(other if self.n == 0 else merge_cell_moments(self.moments(), other))
 
 
-def fit_cells(moments: Moments) -> list[GaussianFit]:
-    """One Ledoit-Wolf :class:`GaussianFit` per cell: :func:`fit_gaussian` on each cell's moments,
-    computed for all cells at once (batched Cholesky); a cell whose covariance does not invert
-    accurately is fitted alone (:func:`fit_gaussian`'s pseudo-inverse and warning)."""
+@dataclass(frozen=True)
+class CellFits(Sequence[GaussianFit]):
+    """The Ledoit-Wolf fits of ``K`` cells, batched (each field with a leading K axis); ``fits[k]`` is
+    cell k's :class:`GaussianFit` (views, no copies)."""
+
+    mean: Tensor  # (K, D)
+    precision: Tensor  # (K, D, D)
+    shrinkage: Tensor  # (K,)
+    std: Tensor  # (K, D)
+    n: int
+    moments: Moments  # what the fits were made from, per cell
+
+    def __len__(self) -> int:
+        return int(self.mean.shape[0])
+
+    def __getitem__(self, cell: int) -> GaussianFit:
+        if not -len(self) <= cell < len(self):
+            raise IndexError(f"cell {cell} out of {len(self)}")
+        mean, precision, std = self.mean[cell], self.precision[cell], self.std[cell]
+        moments = cell_moments(self.moments, cell)
+        return GaussianFit(mean, precision, float(self.shrinkage[cell]), std, self.n, moments)
+
+
+def fit_cells(moments: Moments, chunk_bytes: int = INVERSE_CHUNK_BYTES) -> CellFits:
+    """One Ledoit-Wolf fit per cell: :func:`fit_gaussian` on each cell's moments, computed for all cells
+    at once (batched Cholesky); a cell whose covariance does not invert accurately is fitted alone
+    (:func:`fit_gaussian`'s pseudo-inverse and warning).
+
+    One ``(K, D, D)`` tensor becomes the scatter, the empirical and the shrunk covariances and the
+    precisions in turn; beyond it, the inversion copies at most ``chunk_bytes`` of covariances at a
+    time (:func:`batched_inverse_`)."""
     cells, n = moments.count.shape[0], int(moments.count[0].item())
-    if n < 2:
-        return [fit_gaussian(cell_moments(moments, k)) for k in range(cells)]  # its one-line error
+    check_samples(n)
     mean_y = moments.sum / moments.count[:, None]
-    # one (K, D, D) tensor becomes the scatter, the empirical and the shrunk covariances in turn
     scaled = mean_y[:, None, :] * -moments.count[:, None, None]
-    covariance = torch.baddbmm(moments.outer, mean_y[:, :, None], scaled)
-    std = torch.sqrt(torch.clamp(torch.diagonal(covariance, dim1=-2, dim2=-1) / (n - 1), min=0.0))
-    covariance.div_(n)
-    shrinkage = ledoit_wolf_shrinkages(covariance, _cell_centred_quartic(*_fields(moments)), n)
-    target = torch.diagonal(covariance, dim1=-2, dim2=-1).mean(dim=-1)
-    covariance.mul_((1.0 - shrinkage)[:, None, None])
-    covariance.diagonal(dim1=-2, dim2=-1).add_((shrinkage * target)[:, None])
-    precision, accurate = batched_inverse(covariance)
-    fits, quiet = [], 0
-    for k in range(cells):
-        mean = moments.shift[k] + mean_y[k]
-        quiet += has_no_variance(covariance[k], mean)  # the shrinkage keeps the trace
-        if not accurate[k]:
-            with warnings.catch_warnings():  # one warning below for all cells
-                warnings.simplefilter("ignore", RuntimeWarning)
-                fits.append(fit_gaussian(cell_moments(moments, k)))
-            continue
-        fits.append(GaussianFit(mean, precision[k], float(shrinkage[k]), std[k], n, cell_moments(moments, k)))
+    matrices = torch.baddbmm(moments.outer, mean_y[:, :, None], scaled)
+    std = torch.sqrt(torch.clamp(torch.diagonal(matrices, dim1=-2, dim2=-1) / (n - 1), min=0.0))
+    matrices.div_(n)
+    shrinkage = ledoit_wolf_shrinkages(matrices, _cell_centred_quartic(*_fields(moments)), n)
+    target = torch.diagonal(matrices, dim1=-2, dim2=-1).mean(dim=-1)
+    matrices.mul_((1.0 - shrinkage)[:, None, None])
+    matrices.diagonal(dim1=-2, dim2=-1).add_((shrinkage * target)[:, None])
+    mean, totals = moments.shift + mean_y, torch.diagonal(matrices, dim1=-2, dim2=-1).sum(dim=-1)
+    quiet = sum(total_is_rounding(float(totals[k]), mean[k]) for k in range(cells))  # shrinking keeps it
+    accurate = batched_inverse_(matrices, chunk_bytes=chunk_bytes)  # the precisions from here on
+    for k in torch.nonzero(~accurate).flatten().tolist():
+        with warnings.catch_warnings():  # one warning below for all cells
+            warnings.simplefilter("ignore", RuntimeWarning)
+            alone = fit_gaussian(cell_moments(moments, k))
+        mean[k], matrices[k], shrinkage[k], std[k] = alone.mean, alone.precision, alone.shrinkage, alone.std
     warn_degenerate_cells(quiet, int((~accurate).sum()), cells)
-    return fits
+    return CellFits(mean, matrices, shrinkage, std, n, moments)
 
 
 def warn_degenerate_cells(quiet: int, singular: int, cells: int) -> None:
@@ -182,13 +208,11 @@ class CellGaussianScorer(nn.Module):
         """The width of each cell's feature (no reduction: the modelled width)."""
         return self.dim
 
-    def set_fit(self, fits: list[GaussianFit]) -> None:
-        """Store the per-cell fits of :func:`fit_cells`."""
+    def set_fit(self, fits: CellFits) -> None:
+        """Store the per-cell fits of :func:`fit_cells` (their tensors, not copies, on the same device)."""
         device = self.mean.device
-        self.mean = torch.stack([f.mean for f in fits]).to(device)
-        self.precision = torch.stack([f.precision for f in fits]).to(device)
-        self.std = torch.stack([f.std for f in fits]).to(device)
-        self.shrinkage = torch.tensor([f.shrinkage for f in fits], dtype=torch.float64, device=device)
+        self.mean, self.precision = fits.mean.to(device), fits.precision.to(device)
+        self.std, self.shrinkage = fits.std.to(device), fits.shrinkage.to(device)
         self.fitted = torch.ones((), dtype=torch.bool, device=device)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -205,11 +229,13 @@ def cell_distances(x: Tensor, mean: Tensor, precision: Tensor, std: Tensor) -> d
     :func:`~anomaly.stats.distances.standardised_euclidean`.
     """
     diff = x.to(torch.float64) - mean
-    whitened = torch.einsum("nkc,kcd->nkd", diff, precision)
+    # two (n, K, D) tensors at a time: the products and the standardised features are made in place
+    squared = torch.einsum("nkc,kcd->nkd", diff, precision).mul_(diff).sum(dim=2)
+    l2 = torch.linalg.vector_norm(diff, dim=2)
     alive = std > 0
-    standardised = torch.where(alive, diff / torch.where(alive, std, torch.ones_like(std)), 0.0)
+    standardised = diff.div_(torch.where(alive, std, torch.ones_like(std))).masked_fill_(~alive, 0.0)
     return {
-        "mahalanobis": torch.sqrt(torch.clamp((whitened * diff).sum(dim=2), min=0.0)),
-        "l2": torch.linalg.vector_norm(diff, dim=2),
+        "mahalanobis": torch.sqrt(torch.clamp(squared, min=0.0)),
+        "l2": l2,
         "sed": torch.linalg.vector_norm(standardised, dim=2),
     }

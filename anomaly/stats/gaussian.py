@@ -130,17 +130,35 @@ def invert_in_place_(matrices: Tensor) -> Tensor:
     return failed
 
 
-def batched_inverse(matrices: Tensor) -> tuple[Tensor, Tensor]:
-    """Inverses of ``(K, D, D)`` symmetric positive definite matrices (:func:`invert_in_place_` on a
-    copy), and whether each is accurate (:func:`inverse_is_accurate`; not where the matrix is not
-    positive definite)."""
-    inverse = matrices.clone()
-    failed = invert_in_place_(inverse)
-    accurate = [
-        not bool(failed[k]) and inverse_is_accurate(matrices[k].__matmul__, inverse[k])
-        for k in range(matrices.shape[0])
-    ]
-    return inverse, torch.tensor(accurate, dtype=torch.bool)
+#: Bytes of the matrices that :func:`batched_inverse_` copies at a time (to check their inverses).
+INVERSE_CHUNK_BYTES = 2**20
+
+
+def batched_inverse_(
+    matrices: Tensor,
+    fallback: Callable[[Tensor], Tensor] | None = None,
+    chunk_bytes: int = INVERSE_CHUNK_BYTES,
+) -> Tensor:
+    """Inverts ``(K, D, D)`` symmetric positive definite matrices in their own memory
+    (:func:`invert_in_place_`); returns whether each inverse is accurate (:func:`inverse_is_accurate`;
+    not where the matrix is not positive definite).
+
+    A chunk of at most ``chunk_bytes`` (at least one matrix) is copied at a time, to check its
+    inverses against: the memory beyond the matrices stays bounded whatever ``K``. An inaccurate
+    inverse is replaced by ``fallback(matrix)`` where given (else left as it is).
+    """
+    cells, dim = matrices.shape[0], matrices.shape[-1]
+    step = max(1, chunk_bytes // max(1, dim * dim * matrices.element_size()))
+    accurate = torch.zeros(cells, dtype=torch.bool)
+    for start in range(0, cells, step):
+        chunk = matrices[start : start + step]
+        original = chunk.clone()
+        failed = invert_in_place_(chunk)
+        for k, (matrix, inverse) in enumerate(zip(original, chunk, strict=True)):
+            accurate[start + k] = not bool(failed[k]) and inverse_is_accurate(matrix.__matmul__, inverse)
+            if fallback is not None and not accurate[start + k]:
+                inverse.copy_(fallback(matrix))
+    return accurate
 
 
 def pseudo_inverse(matrix: Tensor) -> Tensor:
@@ -226,6 +244,12 @@ def covariance_times(moments: Moments, shrinkage: float, vectors: Tensor) -> Ten
     return (1.0 - shrinkage) * empirical + (shrinkage * trace / mean_y.shape[0]) * vectors
 
 
+def check_samples(n: int) -> None:
+    """A Gaussian needs at least two samples: the :class:`UserError` that says so."""
+    if n < 2:
+        raise UserError(f"a Gaussian needs at least 2 training images, got {n}: add normal images to fit on")
+
+
 def fit_gaussian(moments: Moments) -> GaussianFit:
     """Mean, Ledoit-Wolf shrinkage and precision from streamed moments.
 
@@ -234,8 +258,7 @@ def fit_gaussian(moments: Moments) -> GaussianFit:
     stay as they are (they can be updated and merged further).
     """
     n = moments.n
-    if n < 2:
-        raise UserError(f"a Gaussian needs at least 2 training images, got {n}: add normal images to fit on")
+    check_samples(n)
     emp_cov = scatter_matrix(moments)
     std = torch.sqrt(torch.clamp(torch.diagonal(emp_cov) / (n - 1), min=0.0))
     emp_cov.div_(n)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from anomaly.stats.gaussian import GaussianFit, batched_inverse, invert_spd
+from anomaly.stats.gaussian import GaussianFit, batched_inverse_, invert_spd
 from anomaly.stats.low_rank import LowRankPrecision
 from anomaly.stats.scorer import GaussianScorer
 
@@ -38,10 +38,8 @@ def cell_blocks(precision: Tensor | LowRankPrecision, cells: int) -> Tensor:
 def cell_conditional_covariances(precision: Tensor | LowRankPrecision, cells: int) -> Tensor:
     """``(k^2, C, C)``: each cell's covariance given all other cells, ``(P_jj)^-1``."""
     blocks = cell_blocks(precision, cells)
-    inverses, accurate = batched_inverse(blocks)
-    for j in torch.nonzero(~accurate).flatten().tolist():
-        inverses[j] = invert_spd(blocks[j])  # its pseudo-inverse, and a warning
-    return inverses
+    batched_inverse_(blocks, fallback=invert_spd)  # an inaccurate one: its pseudo-inverse, and a warning
+    return blocks
 
 
 class GridCellScorer(GaussianScorer):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from anomaly.stats.cells import CellMoments, cell_distances
+from anomaly.stats.cells import CellFits, CellMoments, cell_distances
 from anomaly.stats.gaussian import GaussianFit
 from anomaly.stats.grid_cells import GridCellScorer
 from anomaly.stats.moments import Moments, Rows, RunningMoments
@@ -28,6 +28,9 @@ from anomaly.stats.scorer import GaussianScorer
 
 #: Rows whose fine cells are streamed at once (the per-cell moments' temporaries scale with it).
 CHUNK_ROWS = 32
+#: Bytes of the float64 ``(rows, f^2, C)`` features that scoring the fine cells makes at a time (at
+#: least one row): its temporaries are two of them.
+SCORE_CHUNK_BYTES = 2 * 2**20
 
 
 @dataclass(frozen=True)
@@ -104,22 +107,22 @@ class FineCellsScorer:
     def in_dim(self) -> int:
         return int(self.projection.shape[0] + self.fine_mean.numel())
 
-    def set_fit(self, fit: tuple[GaussianFit, list[GaussianFit]], projection: Tensor | None = None) -> None:
-        """Store the joint fit and the fine cells' fits (:func:`~anomaly.stats.cells.fit_cells`)."""
+    def set_fit(self, fit: tuple[GaussianFit, CellFits], projection: Tensor | None = None) -> None:
+        """Store the joint fit and the fine cells' fits (:func:`~anomaly.stats.cells.fit_cells`; their
+        tensors, not copies, on the same device)."""
         joint, fine = fit
         super().set_fit(joint, projection)
         device = self.mean.device
-        self.fine_mean = torch.stack([f.mean for f in fine]).to(device)
-        self.fine_precision = torch.stack([f.precision for f in fine]).to(device)
-        self.fine_std = torch.stack([f.std for f in fine]).to(device)
-        self.fine_shrinkage = torch.tensor([f.shrinkage for f in fine], dtype=torch.float64, device=device)
+        self.fine_mean, self.fine_precision = fine.mean.to(device), fine.precision.to(device)
+        self.fine_std, self.fine_shrinkage = fine.std.to(device), fine.shrinkage.to(device)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         joint, fine = split_rows(x, int(self.projection.shape[0]), self.fine_cells)
         coarse = {kind: value.reshape(x.shape[0], -1) for kind, value in super().forward(joint).items()}
         # a few rows at a time: the per-cell float64 temporaries stay small whatever the batch
         # (a traced export scores its batch in one piece, so that the batch size can change)
-        chunks = [fine] if torch.jit.is_tracing() else fine.split(CHUNK_ROWS)
+        rows = max(1, SCORE_CHUNK_BYTES // (self.fine_mean.numel() * self.fine_mean.element_size()))
+        chunks = [fine] if torch.jit.is_tracing() else fine.split(rows)
         parts = [cell_distances(rows, self.fine_mean, self.fine_precision, self.fine_std) for rows in chunks]
         cells = {kind: torch.cat([part[kind] for part in parts]) for kind in coarse}
         return {kind: torch.cat([coarse[kind], cells[kind]], dim=1) for kind in coarse}

@@ -26,15 +26,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from anomaly.errors import UserError
 from anomaly.stats.gaussian import (
     GaussianFit,
+    check_samples,
     fit_gaussian,
     shrinkages_from_sums,
     warn_if_no_variance,
     warn_singular,
 )
 from anomaly.stats.moments import Moments, Rows
+
+#: Bytes of the weighted basis that :meth:`LowRankPrecision.cell_blocks` makes at a time.
+CHUNK_BYTES = 2**20
 
 
 @dataclass(frozen=True)
@@ -58,13 +61,18 @@ class LowRankPrecision:
         residual = diff - inside @ self.basis.T
         return (inside * self.basis_precision) @ self.basis.T + self.residual_precision * residual
 
-    def cell_blocks(self, cells: int) -> Tensor:
+    def cell_blocks(self, cells: int, chunk_bytes: int = CHUNK_BYTES) -> Tensor:
         """``(K, C, C)``: the diagonal blocks ``P_jj`` of K cells of C channels, channel-major
         (entry ``c K + j`` is channel c of cell j)."""
-        channels = self.basis.shape[0] // cells
-        per_cell = self.basis.reshape(channels, cells, -1).transpose(0, 1)  # (K, C, r)
+        channels, rank = self.basis.shape[0] // cells, self.basis.shape[1]
+        per_cell = self.basis.reshape(channels, cells, rank).transpose(0, 1)  # (K, C, r)
         weights = self.basis_precision - self.residual_precision
-        blocks = torch.einsum("kcr,r,kdr->kcd", per_cell, weights, per_cell)
+        blocks = self.basis.new_empty(cells, channels, channels)
+        # a few cells at a time: the weighted basis (K, C, r), as large as the basis, is made in chunks
+        step = max(1, chunk_bytes // max(1, channels * rank * self.basis.element_size()))
+        for start in range(0, cells, step):
+            part = per_cell[start : start + step]
+            blocks[start : start + step] = torch.einsum("kcr,r,kdr->kcd", part, weights, part)
         blocks.diagonal(dim1=-2, dim2=-1).add_(self.residual_precision)
         return blocks
 
@@ -77,15 +85,14 @@ class LowRankPrecision:
 def fit_rows(rows: Rows) -> GaussianFit:
     """Mean, Ledoit-Wolf shrinkage and the low-rank precision from the rows themselves (``n <= D``)."""
     n, dim = rows.n, rows.rows.shape[1]
-    if n < 2:
-        raise UserError(f"a Gaussian needs at least 2 training images, got {n}: add normal images to fit on")
+    check_samples(n)
     offset = rows.rows.mean(dim=0)
     centred = rows.rows - offset
-    squares = centred * centred
+    _, sigma, right = torch.linalg.svd(centred, full_matrices=False)
+    squares = centred.mul_(centred)  # the centred rows are not needed any more: their squares in place
     squared_norms = squares.sum(dim=1)
     std = torch.sqrt(squares.sum(dim=0) / (n - 1))
-    del squares
-    _, sigma, right = torch.linalg.svd(centred, full_matrices=False)
+    del centred, squares
     variances = sigma * sigma / n  # the nonzero eigenvalues of S
     trace = squared_norms.sum() / n
     mean = rows.shift + offset
@@ -102,8 +109,10 @@ def fit_rows(rows: Rows) -> GaussianFit:
     keep = (eigenvalues > cutoff) & (variances > variances.max() * eps)
     if residual <= cutoff and int(keep.sum()) < dim:
         warn_singular()
+    basis = right.T[:, keep].contiguous()  # the kept right singular vectors as columns, in one copy
+    del right
     precision = LowRankPrecision(
-        basis=right[keep].T.contiguous(),
+        basis=basis,
         basis_precision=1.0 / eigenvalues[keep],
         residual_precision=1.0 / residual if residual > cutoff else torch.zeros((), dtype=torch.float64),
     )

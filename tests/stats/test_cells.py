@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from sklearn.covariance import LedoitWolf
 
 from anomaly.stats.cells import CellGaussianScorer, CellMoments, cells_memory_bytes, fit_cells
 from anomaly.stats.distances import standardised_euclidean
+from tests.stats.test_gaussian import peak_rss_bytes
 
 
 def cell_data(n: int = 45, cells: int = 4, dim: int = 6, seed: int = 0) -> torch.Tensor:
@@ -117,3 +119,45 @@ def test_batched_cell_fits_equal_one_fit_per_cell_and_fall_back_alone():
         assert fit.shrinkage == pytest.approx(alone.shrinkage, rel=1e-12, abs=1e-15)
         for name in ("mean", "covariance", "precision", "std"):
             torch.testing.assert_close(getattr(fit, name), getattr(alone, name), rtol=1e-9, atol=1e-9)
+
+
+def test_cell_fits_in_chunks_equal_one_batch_and_the_scorer_keeps_their_tensors():
+    x = cell_data(30, 7, 5)
+    x[:, 4] = 5.0  # constant: fitted alone (pseudo-inverse), in whichever chunk it falls
+    accumulator = CellMoments(7, 5)
+    accumulator.update(x)
+    with pytest.warns(RuntimeWarning):
+        whole = fit_cells(accumulator.moments())
+    with pytest.warns(RuntimeWarning):
+        chunked = fit_cells(accumulator.moments(), chunk_bytes=2 * 5 * 5 * 8)  # two cells at a time
+    for name in ("mean", "precision", "shrinkage", "std"):
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+    assert len(whole) == 7 and [fit.shrinkage for fit in whole] == whole.shrinkage.tolist()
+    assert torch.equal(whole[-1].precision, whole.precision[6])
+    scorer = CellGaussianScorer(7, 5)
+    scorer.set_fit(whole)
+    assert scorer.precision.data_ptr() == whole.precision.data_ptr()  # not a stacked copy
+
+
+def test_the_cell_fits_need_one_matrix_per_cell_besides_the_moments():
+    """The covariances become the precisions in their own memory; the inversion's check copies a bounded
+    chunk of them (before: a copy of all of them, and another when the scorer stacked the fits)."""
+    clear_refs = Path("/proc/self/clear_refs")
+    if not clear_refs.exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident memory")
+    cells, dim = 36, 352  # (K, D, D) above glibc's largest mmap threshold (32 MiB): freed, it leaves
+    matrices_bytes = cells * dim * dim * 8
+    generator = torch.Generator().manual_seed(0)
+    for warm_up in (True, False):  # the first fit of this size pages in LAPACK's code (a few MB)
+        accumulator = CellMoments(2 if warm_up else cells, dim)
+        accumulator.update(torch.randn(40, accumulator.cells, dim, generator=generator))
+        if warm_up:
+            fit_cells(accumulator.moments())
+    moments = accumulator.moments()
+    clear_refs.write_text("5")  # the peak resident memory restarts from the current one
+    before = peak_rss_bytes()
+    fits = fit_cells(moments)
+    CellGaussianScorer(cells, dim).set_fit(fits)
+    growth = peak_rss_bytes() - before
+    assert growth < 1.5 * matrices_bytes, f"the fit took {growth / matrices_bytes:.1f} (K, D, D) tensors"
+    assert fits.precision.shape == (cells, dim, dim)

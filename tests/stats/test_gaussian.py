@@ -11,7 +11,7 @@ from scipy.spatial.distance import seuclidean
 from sklearn.covariance import LedoitWolf
 
 from anomaly.stats.distances import l2_distance, mahalanobis, standardised_euclidean
-from anomaly.stats.gaussian import fit_gaussian, invert_spd
+from anomaly.stats.gaussian import batched_inverse_, fit_gaussian, invert_spd
 from anomaly.stats.moments import RunningMoments, batch_moments, merge_moments, shift_moments
 
 
@@ -124,6 +124,28 @@ def test_invert_spd_falls_back_to_pseudo_inverse():
     with pytest.warns(RuntimeWarning, match="pseudo-inverse"):
         inverse = invert_spd(singular)
     np.testing.assert_allclose(inverse.numpy(), np.linalg.pinv(singular.numpy(), hermitian=True), atol=1e-8)
+
+
+def test_batched_inverse_inverts_in_place_chunk_by_chunk_and_replaces_the_inaccurate_ones():
+    generator = torch.Generator().manual_seed(0)
+    factors = torch.randn(7, 6, 9, generator=generator, dtype=torch.float64)
+    matrices = factors @ factors.mT + 0.1 * torch.eye(6, dtype=torch.float64)
+    matrices[3] = torch.outer(factors[3, :, 0], factors[3, :, 0])  # singular: rank one
+    whole, chunked = matrices.clone(), matrices.clone()
+    storage = chunked.data_ptr()
+    with pytest.warns(RuntimeWarning, match="pseudo-inverse"):
+        accurate = batched_inverse_(whole, fallback=invert_spd)
+    with pytest.warns(RuntimeWarning, match="pseudo-inverse"):
+        # chunks of one matrix (a byte budget below one) give the very same inverses, bit for bit
+        assert torch.equal(batched_inverse_(chunked, fallback=invert_spd, chunk_bytes=1), accurate)
+    assert chunked.data_ptr() == storage and torch.equal(chunked, whole)
+    assert accurate.tolist() == [k != 3 for k in range(7)]
+    for k in range(7):
+        expected = np.linalg.pinv(matrices[k].numpy(), hermitian=True)
+        np.testing.assert_allclose(chunked[k].numpy(), expected, rtol=1e-7, atol=1e-9)
+    left = matrices.clone()
+    batched_inverse_(left, chunk_bytes=3 * 6 * 6 * 8)  # without a fallback the inaccurate one is left
+    assert torch.equal(left[:3], whole[:3]) and torch.equal(left[4:], whole[4:])
 
 
 @pytest.mark.parametrize("seed", range(40))

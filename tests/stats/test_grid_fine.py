@@ -52,6 +52,7 @@ def test_fine_cells_are_sklearn_ledoit_wolf_per_cell_and_the_joint_part_the_leve
     distances = scorer(test)
     assert distances["mahalanobis"].shape == (6, 1 + map_columns + FINE * FINE)
     monkeypatch.setattr(grid_fine, "CHUNK_ROWS", 4)  # streamed and scored a few rows at a time: the same
+    monkeypatch.setattr(grid_fine, "SCORE_CHUNK_BYTES", 4 * FINE * FINE * CHANNELS * 8)
     for kind, values in fitted(level, train)(test).items():
         torch.testing.assert_close(values, distances[kind], rtol=1e-10, atol=1e-10)
 

@@ -24,8 +24,11 @@ def test_the_low_rank_fit_equals_sklearn(n, dim, offset, batch):
     accumulator, x32, reference = streamed_and_sklearn(n, dim, offset, batch)
     value = accumulator.value()
     assert isinstance(value, Rows) and value.n == n
+    kept = value.rows.clone()
     fit = fit_rows(value)
+    assert torch.equal(value.rows, kept)  # the accumulator's rows are left as they were
     assert isinstance(fit.precision, LowRankPrecision) and fit.precision.basis.shape[1] < n
+    assert fit.precision.basis.is_contiguous()
     np.testing.assert_allclose(fit.mean.numpy(), reference.location_, rtol=1e-9, atol=1e-9 * (1 + offset))
     assert fit.shrinkage == pytest.approx(reference.shrinkage_, rel=1e-9)
     np.testing.assert_allclose(fit.std.numpy(), x32.std(axis=0, ddof=1), rtol=1e-9, atol=1e-12)
@@ -57,6 +60,17 @@ def test_the_low_rank_and_the_dense_form_score_alike():
     torch.testing.assert_close(
         low_rank.whiten(queries - low_rank.mean), dense.whiten(queries - dense.mean), rtol=1e-8, atol=1e-10
     )
+
+
+def test_the_cell_blocks_in_chunks_equal_one_batch_and_the_dense_precisions_blocks():
+    x = correlated_features(30, 9 * 12, 3.0, seed=13)
+    precision = fit_rows(stream(x, 8).value()).precision
+    whole = precision.cell_blocks(9)
+    for chunk_bytes in (1, 2 * 12 * precision.basis.shape[1] * 8):  # one cell, two cells at a time
+        assert torch.equal(precision.cell_blocks(9, chunk_bytes=chunk_bytes), whole)
+    dense = precision.dense().reshape(12, 9, 12, 9)
+    expected = torch.stack([dense[:, j, :, j] for j in range(9)])
+    torch.testing.assert_close(whole, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("seed", range(20))
