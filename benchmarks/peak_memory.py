@@ -186,7 +186,7 @@ def measure(argv: list[str] | None) -> int:
     parser.add_argument("--configs", nargs="*", default=CONFIGS, help="our configs; default: %(default)s")
     parser.add_argument(
         "--peers", nargs="+", default=[], choices=PEERS, metavar="PEER",
-        help="anomalib's peers, by compare_peers.py's names: " + ", ".join(PEERS),
+        help="anomalib's peers, by compare_peers.py's names: " + ", ".join(PEERS).replace("%", "%%"),
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="runs of every method, alternating")
     parser.add_argument("--max-rss-gb", type=float, default=8.0, help="kill a run above this RSS (GB)")

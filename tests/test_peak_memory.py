@@ -70,6 +70,14 @@ def test_bad_arguments_are_one_line_errors(argv: list[str], message: str, tmp_pa
     assert message in err and err.count("\n") == 1
 
 
+def test_help_lists_the_peers(capsys):
+    """argparse formats help strings with %: a peer named "PatchCore 10%" must not break ``--help``."""
+    with pytest.raises(SystemExit) as exit_:
+        peak_memory.main(["--help"])
+    assert exit_.value.code == 0
+    assert "anomalib PatchCore 10%" in " ".join(capsys.readouterr().out.split())
+
+
 def test_an_unknown_peer_is_refused_with_the_known_names(tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as exit_:
         peak_memory.main([str(tmp_path), "--peers", "anomalib DFN"])
