@@ -721,7 +721,8 @@ def watch(
     argv: list[str], max_rss_gb: float | None, time_limit: float | None, log: Path | None = None, **popen
 ) -> dict:
     """Run ``argv`` in its own process group, killed above ``max_rss_gb`` (RSS summed over the group,
-    polled every second) or after ``time_limit`` s; its peak RSS (``ru_maxrss``) and wall time.
+    polled every second) or after ``time_limit`` s; its peak RSS (``ru_maxrss``), wall time and CPU
+    time (user + system: unlike the wall time, not stretched by other load on the machine).
     ``log``: a file for its stdout and stderr (default: this process's), which appears whole when the
     process has ended (written beside it meanwhile); ``popen``: for ``Popen``."""
     with contextlib.ExitStack() as stack:
@@ -748,6 +749,7 @@ def watch(
         "returncode": child.returncode,
         "stopped": stopped,
         "wall_seconds": time.perf_counter() - started,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "peak_rss_bytes": usage.ru_maxrss * 1024,
         "group_peak_rss_bytes": group_peak,
     }

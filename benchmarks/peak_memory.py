@@ -108,7 +108,7 @@ def fold_folders(root: Path, folder: Path) -> dict[str, int]:
 
 
 def run(argv: list[str], out: Path, args: argparse.Namespace) -> dict:
-    """Peak RSS (MiB), wall time (s) and outcome of one fresh process writing under ``out``."""
+    """Peak RSS (MiB), wall and CPU time (s) and outcome of one fresh process writing under ``out``."""
     # from the scratch folder: ``python -m`` puts the working directory first on the path
     env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or str(CLONE)}
     out.mkdir(parents=True)
@@ -120,6 +120,7 @@ def run(argv: list[str], out: Path, args: argparse.Namespace) -> dict:
         "stopped": report["stopped"],
         "peak_rss_mib": report["peak_rss_bytes"] / MIB,
         "seconds": report["wall_seconds"],
+        "cpu_seconds": report["cpu_seconds"],
         "load_1min": load,
         # the scratch folder goes at the end: what a failed run said is kept with its result
         "output_tail": (out / "output.log").read_text().splitlines()[-LOG_LINES:] if failed else [],
@@ -171,7 +172,8 @@ def row(r: dict) -> str:
     saved = "-" if r["saved_mib"] is None else f"{r['saved_mib']:.0f}"
     outcome = r["stopped"] or str(r["exit_code"])
     return (
-        f"| {r['method']} | {r['peak_rss_mib']:.0f} | {r['seconds']:.0f} | {auroc} | {pixel} | {saved} "
+        f"| {r['method']} | {r['peak_rss_mib']:.0f} | {r['seconds']:.0f} | {r['cpu_seconds']:.0f} | {auroc} "
+        f"| {pixel} | {saved} "
         f"| {r['load_1min']:.2f} | {outcome} |"
     )
 
@@ -226,10 +228,10 @@ def measure(argv: list[str] | None) -> int:
         return 2
     print(f"{len(images_in(args.root))} images in {args.root}", file=sys.stderr)
     print(
-        "| method | peak RSS (MiB) | fit + test (s) | image AUROC | pixel AUROC | saved (MiB) "
+        "| method | peak RSS (MiB) | fit + test (s) | CPU (s) | image AUROC | pixel AUROC | saved (MiB) "
         "| load (1 min) | exit |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         if args.peers:

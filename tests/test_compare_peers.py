@@ -23,6 +23,15 @@ def test_watch_reports_the_peak_rss_of_its_child():
     assert report["peak_rss_bytes"] >= 300_000_000
 
 
+def test_watch_reports_the_cpu_time_of_its_child_not_its_waits():
+    busy = (
+        "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass\ntime.sleep(1)"
+    )
+    report = peers.watch([sys.executable, "-c", busy], None, 60)
+    assert report["returncode"] == 0
+    assert 0.5 <= report["cpu_seconds"] < report["wall_seconds"] - 0.9
+
+
 def test_watch_writes_its_childs_output_to_the_log(tmp_path: Path):
     code = "import os, sys; print(os.getcwd()); print('to stderr', file=sys.stderr)"
     report = peers.watch([sys.executable, "-c", code], None, 60, log=tmp_path / "child.log", cwd=tmp_path)

@@ -140,7 +140,8 @@ def measured(config: str, root: Path, out: Path, args: argparse.Namespace) -> di
     """A stand-in for one measured run (the real one runs ``anomaly fit``)."""
     return {
         "method": f"ours: {config}", "exit_code": 0, "stopped": None, "peak_rss_mib": 900.0, "seconds": 3.0,
-        "load_1min": 0.5, "output_tail": [], "image_auroc": 0.9, "pixel_auroc": None, "saved_mib": 1.0,
+        "cpu_seconds": 2.5, "load_1min": 0.5, "output_tail": [], "image_auroc": 0.9, "pixel_auroc": None,
+        "saved_mib": 1.0,
     }  # fmt: skip
 
 
