@@ -7,7 +7,7 @@ per requested level. Subclasses only say how to walk the network level by level.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -162,25 +162,36 @@ class FeatureExtractor(nn.Module):
         """
         if grid is not None and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
             raise UserError(f"grid must be a positive whole number of cells per side, got {grid!r}")
-        maps = self.feature_maps(images, levels)
-        if grid is None:
-            return [fmap.mean(dim=(2, 3), dtype=torch.float32) for fmap in maps]
-        return [grid_means(fmap.float(), grid) for fmap in maps]
 
-    def feature_maps(self, images: Tensor, levels: Sequence[int] | None = None) -> list[Tensor]:
-        """Unpooled feature maps ``(B, C_l, H_l, W_l)`` of the requested levels (ascending; None = all).
+        def pooled(maps: list[Tensor]) -> list[Tensor]:
+            if grid is None:
+                return [fmap.mean(dim=(2, 3), dtype=torch.float32) for fmap in maps]
+            return [grid_means(fmap.float(), grid) for fmap in maps]
+
+        return self.feature_maps(images, levels, pooled)
+
+    def feature_maps(
+        self,
+        images: Tensor,
+        levels: Sequence[int] | None = None,
+        reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    ) -> list[Tensor]:
+        """Unpooled feature maps ``(B, C_l, H_l, W_l)`` of the requested levels (ascending; None = all),
+        or with ``reduce`` what it makes of them (one tensor a level, by image: e.g. pooled rows).
 
         A batch of more than :data:`PIXELS_PER_PASS` input pixels (on an accelerator
         :data:`ACCELERATOR_PIXELS_PER_PASS`) goes through the network in slices
         (the same maps: the backbone is in eval mode), so that the memory of the activations is
-        bounded by one slice, not the batch. While tracing for export, the batch goes through whole.
+        bounded by one slice, not the batch; ``reduce`` takes each slice's maps, so that the batch's
+        maps are never held at once. While tracing for export, the batch goes through whole.
         """
         wanted = self.check_levels(levels)
+        reduce = reduce or (lambda maps: maps)
         per_pass = images_per_pass(images)
         if images.shape[0] <= per_pass or torch.jit.is_tracing():
-            return self._feature_maps(images, wanted)
-        slices = [self._feature_maps(part, wanted) for part in images.split(per_pass)]
-        return [torch.cat(level_maps) for level_maps in zip(*slices, strict=True)]
+            return reduce(self._feature_maps(images, wanted))
+        slices = [reduce(self._feature_maps(part, wanted)) for part in images.split(per_pass)]
+        return [torch.cat(level) for level in zip(*slices, strict=True)]
 
     def _feature_maps(self, images: Tensor, wanted: list[int]) -> list[Tensor]:
         x = self.normalise(images)

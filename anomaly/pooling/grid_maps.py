@@ -199,11 +199,14 @@ class GridMaps(Grid):
 
     def pool(self, extractor: FeatureExtractor, images: Tensor, levels: Sequence[int]) -> list[Tensor]:
         """One backbone pass; each level pooled to its own grid(s)."""
-        maps = extractor.feature_maps(images, levels)
-        return [
-            self.for_level(level).rows_from(lambda k, fmap=fmap: grid_means(fmap.float(), k))
-            for level, fmap in zip(levels, maps, strict=True)
-        ]
+
+        def rows(maps: list[Tensor]) -> list[Tensor]:
+            return [
+                self.for_level(level).rows_from(lambda k, fmap=fmap: grid_means(fmap.float(), k))
+                for level, fmap in zip(levels, maps, strict=True)
+            ]
+
+        return extractor.feature_maps(images, levels, rows)
 
     def scorer(self, dim: int) -> GridCellScorer:
         return GridCellScorer(self.grid_size**2, dim)
@@ -278,8 +281,10 @@ class GridFineCells(Pooling):
         return self.joint_cells if self.joint.makes_maps else 0
 
     def pool(self, extractor: FeatureExtractor, images: Tensor, levels: Sequence[int]) -> list[Tensor]:
-        maps = extractor.feature_maps(images, levels)
-        return [self.rows_from(lambda k, fmap=fmap: grid_means(fmap.float(), k)) for fmap in maps]
+        def rows(maps: list[Tensor]) -> list[Tensor]:
+            return [self.rows_from(lambda k, fmap=fmap: grid_means(fmap.float(), k)) for fmap in maps]
+
+        return extractor.feature_maps(images, levels, rows)
 
     def rows_from(self, grid_of: Callable[[int], Tensor]) -> Tensor:
         fine = grid_of(self.fine_grid_size).flatten(2).transpose(1, 2).flatten(1)  # cell-major, as Cells

@@ -207,6 +207,26 @@ def test_a_large_batch_goes_through_the_network_in_slices_with_the_same_features
     assert [m.shape[0] for m in extractor.feature_maps(images, [1])] == [7]
 
 
+def test_reduce_takes_each_slice_so_the_batchs_maps_are_never_held_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pooling slice by slice gives the rows of pooling the whole batch's maps."""
+    extractor = build_backbone("efficientnet-lite0", pretrained=False)
+    images = random_images(64, batch=7)
+    whole = [fmap.mean(dim=(2, 3)) for fmap in extractor.feature_maps(images, [3, 5])]
+    monkeypatch.setattr(extractor_module, "PIXELS_PER_PASS", 3 * 64 * 64)
+    reduced: list[int] = []
+
+    def means(maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        reduced.append(len(maps[0]))
+        return [fmap.mean(dim=(2, 3)) for fmap in maps]
+
+    sliced = extractor.feature_maps(images, [3, 5], means)
+    assert reduced == [3, 3, 1]
+    for a, b in zip(sliced, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # --- frozen ------------------------------------------------------------------------------------------
 
 
