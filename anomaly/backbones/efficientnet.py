@@ -98,7 +98,7 @@ class EfficientNetExtractor(FeatureExtractor):
         (see :func:`conv_bn`): the features of ``EfficientNet.extract_features`` in eval mode.
 
         On the CPU the network runs channels-last, where its depthwise convolutions are faster
-        (Lite0 to level 9: about 0.8 of the time, docs/benchmarks.md)."""
+        (Lite0 to level 9: 0.83 of the time, docs/benchmarks.md)."""
         net = self.net
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
