@@ -325,14 +325,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
             )
         if not fresh:
             return self
-        # a level that kept its rows switches to D x D moments once it sees more rows than dimensions
-        channels = (
-            model.in_dims
-            if model.extractor is None
-            else [model.extractor.level_dims[level - 1] for level in model.levels]
-        )
-        samples = model.samples + len(fresh) * model.tiles.count
-        model.pooling.check_budget(channels, self.memory_budget_gb, model.levels, samples=samples)
+        check_model_budget(model, self.memory_budget_gb, model.samples + len(fresh) * model.tiles.count)
         model.moments.cpu()  # the float64 statistics are accumulated on the CPU
         self._absorb(model, self._subset(X, fresh), [digests[i] for i in fresh], keep=False)
         model.refit()
@@ -592,17 +585,30 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         )
 
 
+def check_model_budget(model: GaussianDetectorModel, budget_gb: float, samples: int) -> None:
+    """Refuse to grow ``model`` to ``samples`` rows beyond ``budget_gb``: a level that kept its rows
+    switches to D x D moments once it has seen more rows than dimensions."""
+    channels = (
+        model.in_dims
+        if model.extractor is None
+        else [model.extractor.level_dims[level - 1] for level in model.levels]
+    )
+    model.pooling.check_budget(channels, budget_gb, model.levels, samples=samples)
+
+
 def merge(detectors: Sequence[GaussianDetector], names: Sequence[str] | None = None) -> GaussianDetector:
     """The detector of the union of the images ``detectors`` were fitted on (disjoint sets, same recipe).
 
     Equal to ``fit`` on the union (moments exactly, scores to rounding). The result keeps the first
     detector's threshold (eq. (8)'s when that applies): recalibrate it with
     :meth:`GaussianDetector.calibrate`.
-    :class:`UserError` names the first field in which two detectors differ (and ``names`` the detectors).
+    :class:`UserError` names the first field in which two detectors differ (and ``names`` the detectors),
+    or says that the union's statistics would pass the first detector's ``memory_budget_gb``.
     """
     detectors = list(detectors)
     models = [d._fitted_model() for d in detectors]
     first = detectors[0]
+    check_model_budget(models[0], first.memory_budget_gb, sum(m.samples for m in models))
     model = merged_model(models, names)
     merged = GaussianDetector.from_model(
         model,

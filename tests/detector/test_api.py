@@ -13,7 +13,7 @@ from sklearn.covariance import LedoitWolf
 
 from anomaly.data.images import load_rgb
 from anomaly.data.transforms import TileGrid
-from anomaly.detector import GaussianDetector
+from anomaly.detector import GaussianDetector, merge
 from anomaly.detector.inputs import image_batch
 from anomaly.detector.model import DetectorModel
 from anomaly.errors import UserError
@@ -363,6 +363,12 @@ def test_spatial_pooling_options_are_checked_in_fit(features):
     with pytest.raises(UserError, match=r"and 12 training samples, over memory_budget_gb 0\.003"):
         fitted.partial_fit(train[8:12])
     assert fitted.model_.samples == 8
+    # and so is merging: the union of 8 and 4 images is refused before anything is merged
+    other = GaussianDetector(levels=[9], pooling=Grid(4), memory_budget_gb=0.05).fit(train[8:12])
+    with pytest.raises(UserError, match=r"and 12 training samples, over memory_budget_gb 0\.003"):
+        merge([fitted, other])
+    fitted.memory_budget_gb = 0.05
+    assert merge([fitted, other]).model_.samples == 12
 
 
 @pytest.mark.slow
