@@ -95,13 +95,8 @@ class EfficientNetExtractor(FeatureExtractor):
 
     def _level_maps(self, x: Tensor) -> Iterator[Tensor]:
         """The levels' maps of the frozen network, each convolution with its batch norm folded in
-        (see :func:`conv_bn`): the features of ``EfficientNet.extract_features`` in eval mode.
-
-        On the CPU the network runs channels-last, where its depthwise convolutions are faster
-        (Lite0 to level 9: 0.83 of the time, docs/benchmarks.md)."""
+        (see :func:`conv_bn`): the features of ``EfficientNet.extract_features`` in eval mode."""
         net = self.net
-        if x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
         x = activate_(net._swish, conv_bn(x, net._conv_stem, net._bn0))
         yield x
         ends = set(self._stage_ends)

@@ -198,8 +198,8 @@ class FeatureExtractor(nn.Module):
         maps: list[Tensor] = []
         with torch.no_grad():
             for level, fmap in enumerate(self._level_maps(x), start=1):
-                if level in wanted:  # in the usual layout, whatever the network ran in
-                    maps.append(fmap.contiguous())
+                if level in wanted:
+                    maps.append(fmap)
                 if level == wanted[-1]:
                     break
         return maps
