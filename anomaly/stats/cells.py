@@ -148,15 +148,40 @@ def fit_cells(moments: Moments, chunk_bytes: int = INVERSE_CHUNK_BYTES) -> CellF
     matrices.mul_((1.0 - shrinkage)[:, None, None])
     matrices.diagonal(dim1=-2, dim2=-1).add_((shrinkage * target)[:, None])
     mean, totals = moments.shift + mean_y, torch.diagonal(matrices, dim1=-2, dim2=-1).sum(dim=-1)
-    quiet = sum(total_is_rounding(float(totals[k]), mean[k]) for k in range(cells))  # shrinking keeps it
+    rounding = torch.tensor([total_is_rounding(float(totals[k]), mean[k]) for k in range(cells)])
+    quiet = floor_quiet_cells_(matrices, std, rounding, totals)
     accurate = batched_inverse_(matrices, chunk_bytes=chunk_bytes)  # the precisions from here on
     for k in torch.nonzero(~accurate).flatten().tolist():
         with warnings.catch_warnings():  # one warning below for all cells
             warnings.simplefilter("ignore", RuntimeWarning)
             alone = fit_gaussian(cell_moments(moments, k))
         mean[k], matrices[k], shrinkage[k], std[k] = alone.mean, alone.precision, alone.shrinkage, alone.std
-    warn_degenerate_cells(quiet, int((~accurate).sum()), cells)
+    warn_degenerate_cells(int(quiet.sum()), int((~accurate).sum()), cells)
     return CellFits(mean, matrices, shrinkage, std, n, moments)
+
+
+#: The least variance a cell's features are given, as a fraction of the median cell's mean variance
+#: (cf. PaDiM's 0.01 I).
+QUIET_CELL_FLOOR = 0.01
+
+
+def floor_quiet_cells_(covariances: Tensor, std: Tensor, rounding: Tensor, totals: Tensor) -> Tensor:
+    """Add ``floor I`` to the covariances of the cells whose features vary less than ``floor`` (their
+    mean variance), ``floor`` being :data:`QUIET_CELL_FLOOR` times the median cell's mean variance, and
+    ``floor`` to their variances (``std``); returns which cells were quiet. Such cells are a constant
+    background: the inverse of their covariance, float rounding or little more, would turn rounding in
+    a new image's features (another batch size, another device) into large distances, while a change
+    the size of the other cells' variation would go unseen. ``rounding`` marks the cells whose variance
+    is rounding only; nothing is done when no cell varies (the level's own warning says so)."""
+    if bool(rounding.all()):
+        return rounding
+    dim = covariances.shape[-1]
+    variances = totals / dim
+    floor = QUIET_CELL_FLOOR * float(variances[~rounding].median())
+    quiet = rounding | (variances < floor)
+    covariances[quiet] += floor * torch.eye(dim, dtype=covariances.dtype, device=covariances.device)
+    std[quiet] = (std[quiet].square() + floor).sqrt()
+    return quiet
 
 
 def warn_degenerate_cells(quiet: int, singular: int, cells: int) -> None:
@@ -164,7 +189,10 @@ def warn_degenerate_cells(quiet: int, singular: int, cells: int) -> None:
     is common: one cell is not the whole image, as :func:`warn_if_no_variance` says of a level)."""
     parts = []
     if quiet:
-        parts.append(f"{quiet} of {cells} cells had (almost) no variance on the training images")
+        parts.append(
+            f"{quiet} of {cells} cells had (almost) no variance on the training images (less than "
+            f"{QUIET_CELL_FLOOR:g} of the median cell's, which is added to theirs)"
+        )
     if singular:
         parts.append(f"{singular} of {cells} cells a singular covariance (the pseudo-inverse is used)")
     if parts:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +9,16 @@ import pytest
 import torch
 from sklearn.covariance import LedoitWolf
 
-from anomaly.stats.cells import CellGaussianScorer, CellMoments, cells_memory_bytes, fit_cells
+from anomaly.stats.cells import (
+    QUIET_CELL_FLOOR,
+    CellGaussianScorer,
+    CellMoments,
+    cell_moments,
+    cells_memory_bytes,
+    fit_cells,
+)
 from anomaly.stats.distances import standardised_euclidean
+from anomaly.stats.gaussian import fit_gaussian
 from tests.stats.test_gaussian import peak_rss_bytes
 
 
@@ -84,41 +91,63 @@ def test_memory_estimate_is_k2_c2_float64_twice():
     assert cells_memory_bytes(16, 100) == 2 * 16 * 100 * 100 * 8
 
 
-def test_constant_cells_give_one_warning_that_counts_them():
-    """A constant background leaves some cells without variance: one warning for all of them, not
-    one per cell that says the whole detector flags nothing."""
+def test_quiet_cells_get_a_floor_variance_and_one_warning_that_counts_them():
+    """A constant background leaves some cells without variance: one warning for all of them, not one
+    per cell that says the whole detector flags nothing. Their covariance is a floor, 0.01 of the median
+    cell's variance: float rounding in a new image stays near 0, a change of the others' size is seen."""
     x = cell_data(30, 6, 4)
-    x[:, 1] = 3.0  # constant: singular, fitted alone by the pseudo-inverse
-    x[:, 3] = 2.0 + 1e-9 * x[:, 3]  # (almost) no variance
+    x[:, 1] = 3.0  # constant
+    x[:, 3] = 2.0 + 1e-9 * x[:, 3]  # (almost) no variance: rounding
+    x[:, 5] = 2.0 + 1e-3 * x[:, 5]  # little variance: a millionth of its own, below the floor
     accumulator = CellMoments(6, 4)
     accumulator.update(x)
     with pytest.warns(RuntimeWarning) as record:
-        fit_cells(accumulator.moments())
+        fits = fit_cells(accumulator.moments())
     assert len(record) == 1
     message = str(record[0].message)
-    assert "2 of 6 cells had (almost) no variance" in message
-    assert "1 of 6 cells a singular covariance (the pseudo-inverse is used)" in message
-    assert "nothing will be flagged" not in message
+    assert "3 of 6 cells had (almost) no variance" in message and "nothing will be flagged" not in message
+    varying = [fits[k].covariance.diagonal().mean() for k in (0, 2, 4)]
+    floor = QUIET_CELL_FLOOR * float(torch.stack([*varying, torch.tensor(0.0)]).median())  # cell 5's is ~0
+    alone = fit_gaussian(cell_moments(accumulator.moments(), 5))  # its own Ledoit-Wolf fit, floored
+    floored = alone.covariance + floor * torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(fits[5].precision, torch.linalg.inv(floored))
+    for k in (1, 3):
+        torch.testing.assert_close(fits[k].precision, torch.eye(4, dtype=torch.float64) / floor)
+        torch.testing.assert_close(fits[k].std, torch.full((4,), floor**0.5, dtype=torch.float64))
+    scorer = CellGaussianScorer(6, 4)
+    scorer.set_fit(fits)
+    rounded = x[:1] * (1 + 1e-7)  # another batch size or device: rounding only
+    shifted = x[:1].clone()
+    shifted[:, 1] += (floor / QUIET_CELL_FLOOR) ** 0.5  # one std of the median cell
+    assert scorer(rounded)["mahalanobis"][0, 1] < 1e-3 and scorer(rounded)["mahalanobis"][0, 3] < 1e-3
+    assert scorer(shifted)["mahalanobis"][0, 1] == pytest.approx((4 / QUIET_CELL_FLOOR) ** 0.5, rel=1e-6)
 
 
-def test_batched_cell_fits_equal_one_fit_per_cell_and_fall_back_alone():
-    from anomaly.stats.cells import cell_moments
+def test_batched_cell_fits_equal_one_fit_per_cell_and_fall_back_alone(monkeypatch):
+    from anomaly.stats import cells
     from anomaly.stats.gaussian import fit_gaussian
 
     x = cell_data(30, 5, 6)
     x[:, 2, :3] = 7.0  # cell 2 has constant features: zero shrinkage would leave it singular
-    x[:, 4] = 5.0  # cell 4 is constant: its covariance is 0, inverted alone (pseudo-inverse)
     accumulator = CellMoments(5, 6)
     accumulator.update(x)
-    with pytest.warns(RuntimeWarning) as record:
-        fits = fit_cells(accumulator.moments())
-    assert any("pseudo-inverse" in str(w.message) for w in record)
-    for k, fit in enumerate(fits):
-        with pytest.warns(RuntimeWarning) if k == 4 else contextlib.nullcontext():
-            alone = fit_gaussian(cell_moments(accumulator.moments(), k))
-        assert fit.shrinkage == pytest.approx(alone.shrinkage, rel=1e-12, abs=1e-15)
-        for name in ("mean", "covariance", "precision", "std"):
-            torch.testing.assert_close(getattr(fit, name), getattr(alone, name), rtol=1e-9, atol=1e-9)
+    fits = fit_cells(accumulator.moments())
+    inverse = cells.batched_inverse_
+
+    def cell_4_inaccurate(matrices, **options):
+        accurate = inverse(matrices, **options)
+        accurate[4] = False
+        return accurate
+
+    monkeypatch.setattr(cells, "batched_inverse_", cell_4_inaccurate)
+    with pytest.warns(RuntimeWarning, match="1 of 5 cells a singular covariance"):
+        fallen = fit_cells(accumulator.moments())  # cell 4 fitted alone
+    for k in range(5):
+        alone = fit_gaussian(cells.cell_moments(accumulator.moments(), k))
+        for fit in (fits[k], fallen[k]):
+            assert fit.shrinkage == pytest.approx(alone.shrinkage, rel=1e-12, abs=1e-15)
+            for name in ("mean", "covariance", "precision", "std"):
+                torch.testing.assert_close(getattr(fit, name), getattr(alone, name), rtol=1e-9, atol=1e-9)
 
 
 def test_cell_fits_in_chunks_equal_one_batch_and_the_scorer_keeps_their_tensors():
