@@ -156,7 +156,7 @@ def fit_cells(moments: Moments, chunk_bytes: int = INVERSE_CHUNK_BYTES) -> CellF
             warnings.simplefilter("ignore", RuntimeWarning)
             alone = fit_gaussian(cell_moments(moments, k))
         mean[k], matrices[k], shrinkage[k], std[k] = alone.mean, alone.precision, alone.shrinkage, alone.std
-    warn_degenerate_cells(int(quiet.sum()), int((~accurate).sum()), cells)
+    warn_degenerate_cells(int(quiet.sum()), int((~accurate).sum()), cells, floored=not bool(rounding.all()))
     return CellFits(mean, matrices, shrinkage, std, n, moments)
 
 
@@ -172,7 +172,7 @@ def floor_quiet_cells_(covariances: Tensor, std: Tensor, rounding: Tensor, total
     background: the inverse of their covariance, float rounding or little more, would turn rounding in
     a new image's features (another batch size, another device) into large distances, while a change
     the size of the other cells' variation would go unseen. ``rounding`` marks the cells whose variance
-    is rounding only; nothing is done when no cell varies (the level's own warning says so)."""
+    is rounding only; nothing is done when no cell varies (there is no median cell to go by)."""
     if bool(rounding.all()):
         return rounding
     dim = covariances.shape[-1]
@@ -184,15 +184,14 @@ def floor_quiet_cells_(covariances: Tensor, std: Tensor, rounding: Tensor, total
     return quiet
 
 
-def warn_degenerate_cells(quiet: int, singular: int, cells: int) -> None:
+def warn_degenerate_cells(quiet: int, singular: int, cells: int, floored: bool = True) -> None:
     """One warning for the cells without variance or with a singular covariance (a constant background
     is common: one cell is not the whole image, as :func:`warn_if_no_variance` says of a level)."""
     parts = []
     if quiet:
-        parts.append(
-            f"{quiet} of {cells} cells had (almost) no variance on the training images (less than "
-            f"{QUIET_CELL_FLOOR:g} of the median cell's, which is added to theirs)"
-        )
+        floor = f" (less than {QUIET_CELL_FLOOR:g} of the median cell's, which is added to theirs)"
+        parts.append(f"{quiet} of {cells} cells had (almost) no variance on the training images")
+        parts[-1] += floor if floored else ""
     if singular:
         parts.append(f"{singular} of {cells} cells a singular covariance (the pseudo-inverse is used)")
     if parts:

@@ -199,11 +199,6 @@ def invert_spd(matrix: Tensor) -> Tensor:
 NO_VARIANCE = 1e-12
 
 
-def has_no_variance(emp_cov: Tensor, mean: Tensor) -> bool:
-    """Whether the training samples are (almost) all the same: total variance of rounding size."""
-    return total_is_rounding(float(torch.diagonal(emp_cov).sum()), mean)
-
-
 def total_is_rounding(total: float, mean: Tensor) -> bool:
     """Whether a total variance ``tr(S)`` is of rounding size next to the mean's squared norm."""
     return total <= NO_VARIANCE * float(mean.square().sum()) or total == 0.0

@@ -123,6 +123,17 @@ def test_quiet_cells_get_a_floor_variance_and_one_warning_that_counts_them():
     assert scorer(shifted)["mahalanobis"][0, 1] == pytest.approx((4 / QUIET_CELL_FLOOR) ** 0.5, rel=1e-6)
 
 
+def test_when_no_cell_varies_none_is_floored_and_the_warning_says_no_floor():
+    x = torch.full((10, 3, 4), 2.0, dtype=torch.float64)  # blank images: no median cell to go by
+    accumulator = CellMoments(3, 4)
+    accumulator.update(x)
+    with pytest.warns(RuntimeWarning) as record:
+        fits = fit_cells(accumulator.moments())
+    message = " ".join(str(w.message) for w in record)
+    assert "3 of 3 cells had (almost) no variance" in message and "added" not in message
+    assert all(float(fit.std.abs().max()) == 0.0 for fit in fits)
+
+
 def test_batched_cell_fits_equal_one_fit_per_cell_and_fall_back_alone(monkeypatch):
     from anomaly.stats import cells
     from anomaly.stats.gaussian import fit_gaussian
