@@ -17,4 +17,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    commands.exit_without_teardown(main())

@@ -1,7 +1,5 @@
 """``python -m anomaly`` is the ``anomaly`` command."""
 
-import sys
+from anomaly.commands import run
 
-from anomaly.commands import main
-
-sys.exit(main())
+run()

@@ -51,6 +51,43 @@ def test_a_closed_pipe_ends_the_output_quietly(tmp_path: Path):
     assert run.returncode == BROKEN_PIPE_EXIT
 
 
+def python_exit(tmp_path: Path, code: str, **streams) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter that imports this checkout; its output buffered, as for a pipe."""
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    env.pop("PYTHONUNBUFFERED", None)
+    return subprocess.run([sys.executable, "-c", code], text=True, cwd=tmp_path, env=env, **streams)
+
+
+def test_the_command_ends_after_pythons_exit_work_without_the_teardown(tmp_path: Path):
+    """Threads joined, then ``atexit`` handlers, then the buffered output, and main's exit code; the
+    interpreter is not torn down (its modules' objects are not finalised)."""
+    code = """
+import atexit, os, threading, time
+from anomaly.commands import exit_without_teardown
+class Finalised:
+    def __del__(self):
+        os.write(1, b" finalised")
+kept = Finalised()
+atexit.register(print, "atexit handler")
+threading.Thread(target=lambda: (time.sleep(0.3), print("thread done"))).start()
+print("unflushed output ", end="")
+exit_without_teardown(3)
+"""
+    run = python_exit(tmp_path, code, capture_output=True)
+    assert run.returncode == 3
+    assert run.stdout == "unflushed output thread done\natexit handler\n"
+    assert run.stderr == ""
+
+
+def test_output_left_for_a_closed_pipe_ends_quietly_too(tmp_path: Path):
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    code = "from anomaly.commands import exit_without_teardown\nprint('a line'); exit_without_teardown(0)"
+    run = python_exit(tmp_path, code, stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    assert (run.returncode, run.stderr) == (BROKEN_PIPE_EXIT, "")
+
+
 @pytest.mark.parametrize("name", [n for n in SUBCOMMANDS if n not in ("fit", "configs")])
 def test_every_subcommand_has_its_own_help(name: str, capsys):
     with pytest.raises(SystemExit) as done:
