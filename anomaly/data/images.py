@@ -376,9 +376,16 @@ def _plain_png(path: str | Path) -> tuple[bytes, tuple[int, int]] | None:
     return (data, size) if data.endswith(PNG_END) and _png_chunks_intact(data) else None
 
 
+#: OpenCV's flag for decoding straight to RGB (OpenCV 4.11 on); before it, BGR is converted after.
+IMREAD_RGB: int | None = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
 def _decode_plain_png(data: bytes) -> np.ndarray | None:
     """OpenCV's decoding of a plain PNG as RGB, EXIF orientation applied (as for Pillow's)."""
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    buffer = np.frombuffer(data, np.uint8)
+    if IMREAD_RGB is not None:
+        return cv2.imdecode(buffer, IMREAD_RGB)
+    bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

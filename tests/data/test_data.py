@@ -67,7 +67,14 @@ def pillow_rgb(path: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])
-def test_plain_pngs_are_decoded_by_opencv_with_pillows_pixels(tmp_path: Path, mode: str, monkeypatch):
+@pytest.mark.parametrize("straight_to_rgb", [True, False], ids=["opencv-rgb", "opencv-bgr-converted"])
+def test_plain_pngs_are_decoded_by_opencv_with_pillows_pixels(
+    tmp_path: Path, mode: str, straight_to_rgb: bool, monkeypatch
+):
+    if not straight_to_rgb:  # OpenCV before 4.11
+        monkeypatch.setattr(images_module, "IMREAD_RGB", None)
+    elif images_module.IMREAD_RGB is None:
+        pytest.skip("this OpenCV has no IMREAD_COLOR_RGB")
     rgb = np.random.default_rng(1).integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
     path = tmp_path / "x.png"
     Image.fromarray(rgb).convert(mode).save(path)
