@@ -16,7 +16,6 @@ file only with --overwrite, and never one of the detectors.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from anomaly.commands.update import (
     add_output_options,
@@ -58,4 +57,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from anomaly.commands import exit_without_teardown
+
+    exit_without_teardown(main())

@@ -8,7 +8,6 @@ an interrupted or failed export leaves an earlier one as it was.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from anomaly.console import run_command
 from anomaly.detector.api import GaussianDetector
@@ -56,4 +55,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from anomaly.commands import exit_without_teardown
+
+    exit_without_teardown(main())

@@ -14,7 +14,6 @@ masks, pass the fraction by hand with ``--model.min_anomaly_size``. An existing
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from anomaly.console import run_command
@@ -82,4 +81,6 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from anomaly.commands import exit_without_teardown
+
+    exit_without_teardown(main())
