@@ -6,7 +6,11 @@
 data module over three folders (of links) that peak_memory.py writes: the fitting images of our
 fold, the normal and the defective test images. There is no validation split
 (``val_split_mode="none"``, ``limit_val_batches=0``), so every test image is tested and none is
-scored twice.
+scored twice. With ``--holdout HOLDOUT`` (the fold's held-out normal images, a fourth folder) the
+peer does what ``anomaly fit`` does besides fitting and testing: anomalib's validation split takes
+as many of the normal images of FIT and HOLDOUT together as HOLDOUT holds (``val_split_mode
+"from_train"``, seeded), and its post-processor sets the threshold there (all normal: at their
+largest score, as ``anomaly fit`` does on 48 held-out images at 1% false positives).
 
 The peers' settings are those of ``benchmarks/compare_peers.py`` (their defaults, the timm layers
 mapped onto our efficientnet-lite0 levels by stride, PaDiM's 100 random channels, PatchCore's
@@ -17,12 +21,13 @@ image of every test result. anomalib's evaluator is off too: without a validatio
 post-processor leaves the scores unnormalised, and torchmetrics' AUROC takes scores outside
 [0, 1] for logits (all near 1 after its sigmoid: 0.5 whatever the ranking). The image AUROC is
 instead computed from the raw test scores, as compare_peers.py computes it for every method.
-The results (image AUROC, the fit and test seconds, the checkpoint's size, the images fitted and
-tested) are written whole as JSON to ``OUT/results.json``. ``OUT`` must be a new or empty folder, or
-one this script wrote before (it records what it wrote, as ``anomaly predict --maps`` does); it is
-checked before anything is fitted.
+The results (image AUROC, the fit and test seconds, the checkpoint's size, the images fitted,
+validated and tested) are written whole as JSON to ``OUT/results.json``. ``OUT`` must be a new or
+empty folder, or one this script wrote before (it records what it wrote, as ``anomaly predict
+--maps`` does); it is checked before anything is fitted.
 
-    python benchmarks/anomalib_fit.py "anomalib DFM" --fit FIT --good GOOD --defect DEFECT --out OUT
+    python benchmarks/anomalib_fit.py "anomalib DFM" --fit FIT --good GOOD --defect DEFECT --out OUT \
+        [--holdout HOLDOUT]
 """
 
 from __future__ import annotations
@@ -103,6 +108,18 @@ def build_peer(name: str):
     return model
 
 
+def validation_split(fit: Path, holdout: Path | None) -> dict:
+    """Folder's normal images and validation split: none without ``holdout``; with it, the fitting
+    and held-out images together, of which anomalib's validation takes as many as were held out (at
+    random, seeded): its post-processor sets the threshold there, at the largest normal score when
+    the validation images are all normal, as ``anomaly fit`` does on its held-out fifth."""
+    if holdout is None:
+        return {"normal_dir": fit, "val_split_mode": "none"}
+    fitted, held_out = (len(list(folder.iterdir())) for folder in (fit, holdout))
+    ratio = held_out / (fitted + held_out)
+    return {"normal_dir": [fit, holdout], "val_split_mode": "from_train", "val_split_ratio": ratio, "seed": 0}
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_command(lambda: fit_and_test(argv))
 
@@ -113,10 +130,16 @@ def fit_and_test(argv: list[str] | None) -> int:
     parser.add_argument("--fit", type=Path, required=True, help="folder of the fitting images")
     parser.add_argument("--good", type=Path, required=True, help="folder of the normal test images")
     parser.add_argument("--defect", type=Path, required=True, help="folder of the defective test images")
+    parser.add_argument(
+        "--holdout", type=Path, default=None,
+        help="folder of the held-out normal images: the peer then sets its threshold as anomaly fit does, "
+        "on a validation split of as many normal images (of --fit and --holdout together)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="anomalib's run folder; results.json")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
-    inputs = [p for folder in (args.fit, args.good, args.defect) for p in sorted(folder.glob("*"))]
+    folders = (args.fit, args.good, args.defect, *([args.holdout] if args.holdout else []))
+    inputs = [p for folder in folders for p in sorted(folder.glob("*"))]
     (results_file,) = OutputFolder(args.out, option="--out", command=COMMAND).claim(["results.json"], inputs)
     warnings.filterwarnings("ignore")
 
@@ -125,14 +148,14 @@ def fit_and_test(argv: list[str] | None) -> int:
 
     model = build_peer(args.peer)
     data = Folder(
-        name="category", root=None, normal_dir=args.fit, normal_test_dir=args.good,
-        abnormal_dir=args.defect, train_batch_size=args.batch_size, eval_batch_size=args.batch_size,
-        num_workers=0, test_split_mode="from_dir", val_split_mode="none",
+        name="category", root=None, normal_test_dir=args.good, abnormal_dir=args.defect,
+        train_batch_size=args.batch_size, eval_batch_size=args.batch_size, num_workers=0,
+        test_split_mode="from_dir", **validation_split(args.fit, args.holdout),
     )  # fmt: skip
     tested_scores = TestScores()
     engine = Engine(
         accelerator="cpu", devices=1, logger=False, default_root_dir=args.out, enable_progress_bar=False,
-        limit_val_batches=0, callbacks=[tested_scores],
+        limit_val_batches=1.0 if args.holdout else 0, callbacks=[tested_scores],
     )  # fmt: skip
     started = time.perf_counter()
     engine.fit(model=model, datamodule=data)
@@ -144,6 +167,7 @@ def fit_and_test(argv: list[str] | None) -> int:
     result = {
         "peer": args.peer,
         "n_fit": len(data.train_data),
+        "n_validation": len(data.val_data) if args.holdout else 0,
         "n_test": len(tested_scores.paths),
         "n_test_defective": int(labels.sum()),
         "image_auroc": image_auroc(scores, labels),

@@ -7,6 +7,9 @@ anomalib's DFM, PaDiM and PatchCore (``benchmarks/anomalib_fit.py``), each in a 
 end to end from the same image files: anomalib's Lightning model and ``Engine``, fitted on exactly
 the images ``anomaly fit`` fits (its fold of ``ROOT/normal``, read from our data module) and
 tested on all the test images, with the same efficientnet-lite0 weights at the same 224 px input.
+``--peers-threshold`` has the peers also set a threshold, as ``anomaly fit`` does on the fold's
+held-out normal images: anomalib's validation on as many normal images (``anomalib_fit.py
+--holdout``; the method is then labelled ``PEER, threshold``).
 ``--rounds`` repeats everything, the methods alternating so that they share the machine's load;
 each run is killed above ``--max-rss-gb`` or after ``--time-limit`` s, and a run that fails
 leaves its last lines of output on stderr and in ``--out``'s JSON. ``--out`` is written whole at
@@ -86,17 +89,19 @@ def make_category(root: Path, source: Path, size: int, normal: int, good: int, d
 
 
 def fold_folders(root: Path, folder: Path) -> dict[str, int]:
-    """Links to the images that ``anomaly fit --config folder --data.root ROOT`` fits and tests.
+    """Links to the images that ``anomaly fit --config folder --data.root ROOT`` fits, holds out and tests.
 
     The data module is the one ``configs/folder.yaml`` builds (its fold and split), so ``FOLDER/fit``
-    holds exactly the fold's fitting images, ``FOLDER/good`` and ``FOLDER/defect`` every test image
-    by label. Returns the number of images in each.
+    holds exactly the fold's fitting images, ``FOLDER/holdout`` its held-out normal images (where
+    ``anomaly fit`` sets the threshold), ``FOLDER/good`` and ``FOLDER/defect`` every test image by
+    label. Returns the number of images in each.
     """
     init_args = yaml.safe_load(Path(resolve_config("folder")).read_text())["data"]["init_args"]
     data = FolderDataModule(**{**init_args, "root": str(root.resolve()), "num_workers": 0})
     test = data.test_samples
     groups = {
         "fit": data.fit_samples,
+        "holdout": data.holdout_samples,
         "good": [s for s in test if s.label == 0],
         "defect": [s for s in test if s.label == 1],
     }
@@ -148,14 +153,18 @@ def measure_config(config: str, root: Path, out: Path, args: argparse.Namespace)
 def measure_peer(peer: str, folders: Path, out: Path, args: argparse.Namespace) -> dict:
     """One anomalib peer's fit + test (``benchmarks/anomalib_fit.py``) on the fold's links."""
     command = [sys.executable, str(Path(__file__).resolve().parent / "anomalib_fit.py"), peer]
-    command += [arg for name in ("fit", "good", "defect") for arg in (f"--{name}", str(folders / name))]
-    result = {"method": peer, **run([*command, "--out", str(out / "run")], out, args)}
+    names = ("fit", "good", "defect", *(["holdout"] if args.peers_threshold else []))
+    command += [arg for name in names for arg in (f"--{name}", str(folders / name))]
+    method = f"{peer}, threshold" if args.peers_threshold else peer
+    result = {"method": method, **run([*command, "--out", str(out / "run")], out, args)}
     path = out / "run" / "results.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     result["image_auroc"], result["pixel_auroc"] = metrics.get("image_auroc"), None
     checkpoint = metrics.get("checkpoint_bytes")
     result["saved_mib"] = None if checkpoint is None else checkpoint / MIB
     result["images"] = metrics.get("n_fit"), metrics.get("n_test")
+    if args.peers_threshold:
+        result["validation_images"] = metrics.get("n_validation")
     return result
 
 
@@ -189,6 +198,11 @@ def measure(argv: list[str] | None) -> int:
     parser.add_argument(
         "--peers", nargs="+", default=[], choices=PEERS, metavar="PEER",
         help="anomalib's peers, by compare_peers.py's names: " + ", ".join(PEERS).replace("%", "%%"),
+    )  # fmt: skip
+    parser.add_argument(
+        "--peers-threshold", action="store_true",
+        help="the peers set a threshold too, as anomaly fit does: anomalib's validation on as many held-out "
+        "normal images (anomalib_fit.py --holdout)",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="runs of every method, alternating")
     parser.add_argument("--max-rss-gb", type=float, default=8.0, help="kill a run above this RSS (GB)")
@@ -236,8 +250,8 @@ def measure(argv: list[str] | None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         if args.peers:
             counts = fold_folders(args.root, Path(scratch) / "fold")
-            print(f"fold: {counts['fit']} fitting images, {counts['good']} + {counts['defect']} tested",
-                  file=sys.stderr)  # fmt: skip
+            print(f"fold: {counts['fit']} fitting images, {counts['holdout']} held out, "
+                  f"{counts['good']} + {counts['defect']} tested", file=sys.stderr)  # fmt: skip
         for round_ in range(args.rounds):
             for config in args.configs:
                 out = Path(scratch) / f"{round_}_{Path(config).stem}"

@@ -16,20 +16,30 @@ from tests.conftest import load_benchmark
 
 
 class Folder:
-    """anomalib's data module, as far as the script uses it: the fitting images."""
+    """anomalib's data module, as far as the script uses it: the fitting images, and the validation
+    split of the normal images ``from_train`` (the last ones here; anomalib draws them at random)."""
 
-    def __init__(self, normal_dir: Path, normal_test_dir: Path, abnormal_dir: Path, **kwargs) -> None:
-        self.train_data = sorted(normal_dir.iterdir())
+    def __init__(
+        self, normal_dir: Path | list[Path], normal_test_dir: Path, abnormal_dir: Path, val_split_mode: str,
+        val_split_ratio: float = 0.5, **kwargs
+    ) -> None:  # fmt: skip
+        normal = sorted(p for folder in (normal_dir if isinstance(normal_dir, list) else [normal_dir])
+                        for p in folder.iterdir())  # fmt: skip
+        validated = round(len(normal) * val_split_ratio) if val_split_mode == "from_train" else 0
+        self.train_data, self.val_data = normal[: len(normal) - validated], normal[len(normal) - validated :]
         self.tested = sorted(normal_test_dir.iterdir()), sorted(abnormal_dir.iterdir())
+        self.options = {"val_split_mode": val_split_mode, "val_split_ratio": val_split_ratio, **kwargs}
 
 
 class Engine:
     """anomalib's engine: writes a checkpoint and reports each tested image's score to the callbacks."""
 
-    def __init__(self, default_root_dir: Path, callbacks: list, **kwargs) -> None:
+    def __init__(self, default_root_dir: Path, callbacks: list, limit_val_batches: float, **kwargs) -> None:
         self.root, self.callbacks = Path(default_root_dir), callbacks
+        self.validates = limit_val_batches > 0
 
     def fit(self, model, datamodule: Folder) -> None:
+        assert self.validates == bool(datamodule.val_data), "validation batches without a validation split"
         checkpoint = self.root / "Stub" / "latest" / "weights" / "model.ckpt"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         checkpoint.write_bytes(b"x" * 100)
@@ -97,3 +107,23 @@ def test_a_folder_of_other_files_is_refused_before_anything_is_fitted(
     )
     assert [p.name for p in mine.iterdir()] == ["results.json"]
     assert (mine / "results.json").read_text() == "my results\n"
+
+
+def test_with_held_out_images_the_peer_validates_on_as_many_normal_images(
+    anomalib_fit, folders, tmp_path: Path
+):
+    (tmp_path / "holdout").mkdir()
+    for i in range(2):
+        (tmp_path / "holdout" / f"h{i}.png").write_bytes(b"png")
+    out = tmp_path / "run"
+    argv = ["anomalib DFM", *folders, "--holdout", str(tmp_path / "holdout"), "--out", str(out)]
+    assert anomalib_fit.main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert (result["n_fit"], result["n_validation"], result["n_test"]) == (4, 2, 4)
+    split = anomalib_fit.validation_split(tmp_path / "fit", tmp_path / "holdout")
+    assert split == {
+        "normal_dir": [tmp_path / "fit", tmp_path / "holdout"], "val_split_mode": "from_train",
+        "val_split_ratio": 2 / 6, "seed": 0,
+    }  # fmt: skip
+    assert anomalib_fit.main(["anomalib DFM", *folders, "--out", str(tmp_path / "without")]) == 0
+    assert json.loads((tmp_path / "without" / "results.json").read_text())["n_validation"] == 0

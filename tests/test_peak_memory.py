@@ -34,13 +34,14 @@ def targets(folder: Path) -> list[str]:
 
 def test_the_peers_fold_is_the_one_anomaly_fit_fits_and_tests(category: Path, tmp_path: Path):
     counts = peak_memory.fold_folders(category, tmp_path / "fold")
-    assert counts == {"fit": 8, "good": 2, "defect": 3}  # fold 0 of 5 holds out 2 of the 10 normals
+    assert counts == {"fit": 8, "holdout": 2, "good": 2, "defect": 3}  # fold 0 of 5 holds out 2 of 10
     # what `anomaly fit --config folder --data.root ROOT` builds (configs/folder.yaml)
     data = FolderDataModule(root=str(category), normal_dir="normal", test_dirs=["test/*"], fold=0)
     fitted = sorted(str(Path(s.path).resolve()) for s in data.fit_samples)
     assert targets(tmp_path / "fold" / "fit") == fitted
-    held_out = {str(Path(s.path).resolve()) for s in data.holdout_samples}
-    assert len(held_out) == 2 and not held_out & set(fitted)
+    held_out = sorted(str(Path(s.path).resolve()) for s in data.holdout_samples)
+    assert targets(tmp_path / "fold" / "holdout") == held_out
+    assert len(held_out) == 2 and not set(held_out) & set(fitted)
     for label, folder in (("good", "test/good"), ("defect", "test/defect")):
         assert targets(tmp_path / "fold" / label) == sorted(
             str(p.resolve()) for p in (category / folder).iterdir()
@@ -134,6 +135,23 @@ def test_a_config_file_runs_from_the_scratch_folder_under_its_name(tmp_path: Pat
     argv = commands[0]
     configs = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--config"]
     assert configs == ["folder", str(config.resolve())]
+
+
+@pytest.mark.parametrize("threshold", [False, True])
+def test_the_peers_set_a_threshold_on_the_held_out_images_only_when_asked(
+    tmp_path: Path, monkeypatch, threshold: bool
+):
+    commands = []
+    monkeypatch.setattr(peak_memory, "run", lambda argv, out, args: commands.append(argv) or {"exit_code": 0})
+    args = argparse.Namespace(peers_threshold=threshold)
+    result = peak_memory.measure_peer("anomalib DFM", tmp_path / "fold", tmp_path / "out", args)
+    given = {arg: commands[0][i + 1] for i, arg in enumerate(commands[0]) if arg.startswith("--")}
+    folders = ["fit", "good", "defect", *(["holdout"] if threshold else [])]
+    assert given == {
+        **{f"--{name}": str(tmp_path / "fold" / name) for name in folders},
+        "--out": given["--out"],
+    }
+    assert result["method"] == ("anomalib DFM, threshold" if threshold else "anomalib DFM")
 
 
 def measured(config: str, root: Path, out: Path, args: argparse.Namespace) -> dict:
