@@ -28,7 +28,6 @@ class Folder:
         validated = round(len(normal) * val_split_ratio) if val_split_mode == "from_train" else 0
         self.train_data, self.val_data = normal[: len(normal) - validated], normal[len(normal) - validated :]
         self.tested = sorted(normal_test_dir.iterdir()), sorted(abnormal_dir.iterdir())
-        self.options = {"val_split_mode": val_split_mode, "val_split_ratio": val_split_ratio, **kwargs}
 
 
 class Engine:

@@ -121,8 +121,8 @@ class FineCellsScorer:
         coarse = {kind: value.reshape(x.shape[0], -1) for kind, value in super().forward(joint).items()}
         # a few rows at a time: the per-cell float64 temporaries stay small whatever the batch
         # (a traced export scores its batch in one piece, so that the batch size can change)
-        rows = max(1, SCORE_CHUNK_BYTES // (self.fine_mean.numel() * self.fine_mean.element_size()))
-        chunks = [fine] if torch.jit.is_tracing() else fine.split(rows)
+        per_chunk = max(1, SCORE_CHUNK_BYTES // (self.fine_mean.numel() * self.fine_mean.element_size()))
+        chunks = [fine] if torch.jit.is_tracing() else fine.split(per_chunk)
         parts = [cell_distances(rows, self.fine_mean, self.fine_precision, self.fine_std) for rows in chunks]
         cells = {kind: torch.cat([part[kind] for part in parts]) for kind in coarse}
         return {kind: torch.cat([coarse[kind], cells[kind]], dim=1) for kind in coarse}
