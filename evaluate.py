@@ -16,4 +16,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    commands.exit_without_teardown(main())
+    commands.run(main)

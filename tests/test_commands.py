@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from anomaly.commands import BROKEN_PIPE_EXIT, SUBCOMMANDS, main, one_flag_style
+from anomaly.commands import (
+    ALLOCATOR_SETTINGS,
+    BROKEN_PIPE_EXIT,
+    SUBCOMMANDS,
+    main,
+    one_flag_style,
+    reuse_freed_memory,
+)
 from anomaly.configs import CONFIG_DIR, resolve_config, resolve_config_args
 from anomaly.errors import ArgumentsError
 from tests.conftest import DEFAULT_SWITCHES, FEW_HELD_OUT
@@ -86,6 +93,46 @@ def test_output_left_for_a_closed_pipe_ends_quietly_too(tmp_path: Path):
     run = python_exit(tmp_path, code, stdout=write_end, stderr=subprocess.PIPE)
     os.close(write_end)
     assert (run.returncode, run.stderr) == (BROKEN_PIPE_EXIT, "")
+
+
+#: Page faults of allocating and freeing four 8 MiB blocks ten times over, printed by a command that
+#: runs through ``run`` (``"run"``) or as a plain script; one round first, so that only reuse counts.
+REUSE_FAULTS = """
+import resource, sys
+from anomaly.commands import run
+def one_round():
+    blocks = [bytearray(8 << 20) for _ in range(4)]  # zero-filled: every page is touched
+    del blocks
+def faults() -> int:
+    one_round()
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        one_round()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+    return 0
+run(faults) if "{how}" == "run" else sys.exit(faults())
+"""
+GLIBC = sys.platform == "linux" and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator settings")
+def test_a_command_reuses_freed_memory_where_glibc_would_fault_in_new_pages(tmp_path: Path, monkeypatch):
+    """glibc's default returns 32 MiB of freed heap top to the kernel each round (8192 pages faulted in
+    again); a command keeps it for reuse, unless the environment sets the allocator itself."""
+    for name in ALLOCATOR_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    pages = 4 * (8 << 20) // os.sysconf("SC_PAGE_SIZE")
+
+    def faults(how: str) -> int:
+        done = python_exit(tmp_path, REUSE_FAULTS.format(how=how), capture_output=True)
+        assert (done.returncode, done.stderr) == (0, "")
+        return int(done.stdout)
+
+    assert faults("plain") > 5 * pages
+    assert faults("run") < pages / 10
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the user's own setting stands
+    assert faults("run") > 5 * pages
+    assert not reuse_freed_memory()
 
 
 @pytest.mark.parametrize("name", [n for n in SUBCOMMANDS if n not in ("fit", "configs")])

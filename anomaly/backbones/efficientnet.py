@@ -93,21 +93,42 @@ class EfficientNetExtractor(FeatureExtractor):
         dims = [net._bn0.num_features, *(net._blocks[i]._bn2.num_features for i in self._stage_ends)]
         self._check_dims([*dims, net._bn1.num_features])
 
-    def _level_maps(self, x: Tensor) -> Iterator[Tensor]:
+    def _prepare_pass(self) -> FoldedKernels:
+        return FoldedKernels()
+
+    def _level_maps(self, x: Tensor, prepared: FoldedKernels) -> Iterator[Tensor]:
         """The levels' maps of the frozen network, each convolution with its batch norm folded in
         (see :func:`conv_bn`): the features of ``EfficientNet.extract_features`` in eval mode."""
-        net = self.net
-        x = activate_(net._swish, conv_bn(x, net._conv_stem, net._bn0))
+        net, kernels = self.net, prepared
+        x = activate_(net._swish, conv_bn(x, net._conv_stem, net._bn0, kernels))
         yield x
         ends = set(self._stage_ends)
         for idx, block in enumerate(net._blocks):
-            x = block_forward(block, x)
+            x = block_forward(block, x, kernels)
             if idx in ends:
                 yield x
-        yield activate_(net._swish, conv_bn(x, net._conv_head, net._bn1))
+        yield activate_(net._swish, conv_bn(x, net._conv_head, net._bn1, kernels))
 
 
-def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
+class FoldedKernels:
+    """Each convolution's kernel and bias with its frozen batch norm folded in, computed on first use
+    and kept for one batch (:meth:`EfficientNetExtractor._prepare_pass`), which goes through the
+    network in slices: folding again for every slice of two images cost Lite0 about 2.5 ms an image
+    on one CPU thread (docs/benchmarks.md)."""
+
+    def __init__(self) -> None:
+        self._folded: dict[nn.Conv2d, tuple[Tensor, Tensor]] = {}
+
+    def of(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+        """``(weight, bias)`` of ``bn(conv(x))`` as one convolution."""
+        if conv not in self._folded:
+            self._folded[conv] = fuse_conv_bn_weights(
+                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+            )
+        return self._folded[conv]
+
+
+def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, kernels: FoldedKernels) -> Tensor:
     """``bn(conv(x))`` of a frozen network in one convolution, with TensorFlow's "SAME" padding as
     ``Conv2dDynamicSamePadding``: the batch norm's scale and shift fold into the kernel and bias,
     and symmetric padding is the convolution's own (no padded copy of ``x``). Under autocast the
@@ -115,9 +136,7 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
     """
     if autocasting(x.device.type):
         return bn(conv(x))
-    weight, shift = fuse_conv_bn_weights(
-        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
-    )
+    weight, shift = kernels.of(conv, bn)
     pads = []
     for size, kernel, stride, dilation in zip(
         x.shape[-2:], conv.weight.shape[-2:], conv.stride, conv.dilation, strict=True
@@ -145,16 +164,16 @@ def activate_(activation: nn.Module, x: Tensor) -> Tensor:
     return x.clamp_(0.0, 6.0) if isinstance(activation, nn.ReLU6) else activation(x)
 
 
-def block_forward(block: nn.Module, inputs: Tensor) -> Tensor:
+def block_forward(block: nn.Module, inputs: Tensor, kernels: FoldedKernels) -> Tensor:
     """``MBConvBlock.forward`` in eval mode (no drop connect), with :func:`conv_bn`."""
     x = inputs
     if block._block_args.expand_ratio != 1:
-        x = activate_(block._swish, conv_bn(x, block._expand_conv, block._bn0))
-    x = activate_(block._swish, conv_bn(x, block._depthwise_conv, block._bn1))
+        x = activate_(block._swish, conv_bn(x, block._expand_conv, block._bn0, kernels))
+    x = activate_(block._swish, conv_bn(x, block._depthwise_conv, block._bn1, kernels))
     if block.has_se:
         squeezed = block._se_expand(block._swish(block._se_reduce(F.adaptive_avg_pool2d(x, 1))))
         x = torch.sigmoid(squeezed) * x
-    x = conv_bn(x, block._project_conv, block._bn2)
+    x = conv_bn(x, block._project_conv, block._bn2, kernels)
     args = block._block_args
     if block.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
         x = x + inputs

@@ -127,9 +127,15 @@ class FeatureExtractor(nn.Module):
         """Stay in eval mode whatever is asked: batch-norm statistics must never change."""
         return super().train(False)
 
-    def _level_maps(self, x: Tensor) -> Iterator[Tensor]:
-        """Yield the feature map of level 1, 2, ... in order; the caller stops when done."""
+    def _level_maps(self, x: Tensor, prepared: object) -> Iterator[Tensor]:
+        """Yield the feature map of level 1, 2, ... in order; the caller stops when done.
+        ``prepared`` is what :meth:`_prepare_pass` returned for this batch."""
         raise NotImplementedError
+
+    def _prepare_pass(self) -> object:
+        """What :meth:`_level_maps` derives from the frozen weights alone, computed once a batch and
+        shared by its slices (nothing here)."""
+        return None
 
     def _check_dims(self, dims: Sequence[int]) -> None:
         """Fail loudly if the built network disagrees with the spec's channel counts."""
@@ -188,16 +194,18 @@ class FeatureExtractor(nn.Module):
         wanted = self.check_levels(levels)
         reduce = reduce or (lambda maps: maps)
         per_pass = images_per_pass(images)
+        with torch.no_grad():
+            prepared = self._prepare_pass()
         if images.shape[0] <= per_pass or torch.jit.is_tracing():
-            return reduce(self._feature_maps(images, wanted))
-        slices = [reduce(self._feature_maps(part, wanted)) for part in images.split(per_pass)]
+            return reduce(self._feature_maps(images, wanted, prepared))
+        slices = [reduce(self._feature_maps(part, wanted, prepared)) for part in images.split(per_pass)]
         return [torch.cat(level) for level in zip(*slices, strict=True)]
 
-    def _feature_maps(self, images: Tensor, wanted: list[int]) -> list[Tensor]:
+    def _feature_maps(self, images: Tensor, wanted: list[int], prepared: object) -> list[Tensor]:
         x = self.normalise(images)
         maps: list[Tensor] = []
         with torch.no_grad():
-            for level, fmap in enumerate(self._level_maps(x), start=1):
+            for level, fmap in enumerate(self._level_maps(x, prepared), start=1):
                 if level in wanted:
                     maps.append(fmap)
                 if level == wanted[-1]:

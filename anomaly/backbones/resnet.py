@@ -39,7 +39,7 @@ class ResNetExtractor(FeatureExtractor):
         stages = (net.layer1, net.layer2, net.layer3, net.layer4)
         self._check_dims([net.bn1.num_features, *(_out_channels(stage) for stage in stages)])
 
-    def _level_maps(self, x: Tensor) -> Iterator[Tensor]:
+    def _level_maps(self, x: Tensor, prepared: object) -> Iterator[Tensor]:
         net = self.net
         x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
         yield x

@@ -81,6 +81,6 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from anomaly.commands import exit_without_teardown
+    from anomaly.commands import run
 
-    exit_without_teardown(main())
+    run(main)

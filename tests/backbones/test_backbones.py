@@ -14,6 +14,7 @@ from efficientnet_pytorch import EfficientNet
 from torch import Tensor, nn
 
 from anomaly.backbones import BACKBONES, FeatureExtractor, backbone_spec, build_backbone
+from anomaly.backbones import efficientnet as efficientnet_module
 from anomaly.backbones import extractor as extractor_module
 from anomaly.backbones.efficientnet import stage_ends
 from anomaly.errors import UserError
@@ -198,13 +199,36 @@ def test_a_large_batch_goes_through_the_network_in_slices_with_the_same_features
     passes: list[int] = []
     one_pass = extractor._feature_maps
     monkeypatch.setattr(
-        extractor, "_feature_maps", lambda part, wanted: passes.append(len(part)) or one_pass(part, wanted)
+        extractor,
+        "_feature_maps",
+        lambda part, wanted, prepared: passes.append(len(part)) or one_pass(part, wanted, prepared),
     )
     sliced = extractor(images, levels=[2, 5], grid=2)
     assert passes == [3, 3, 1]
     for a, b in zip(sliced, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert [m.shape[0] for m in extractor.feature_maps(images, [1])] == [7]
+
+
+def test_the_kernels_are_folded_once_a_batch_not_once_a_slice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every slice of a batch shares one folding of the batch norms into the convolutions."""
+    extractor = build_backbone("efficientnet-lite0", pretrained=False)
+    images = random_images(64, batch=7)
+    folded: list[Tensor] = []
+    fold = efficientnet_module.fuse_conv_bn_weights
+    monkeypatch.setattr(
+        efficientnet_module,
+        "fuse_conv_bn_weights",
+        lambda weight, *rest: folded.append(weight) or fold(weight, *rest),
+    )
+    whole = extractor(images)
+    convolutions = len(folded)
+    assert convolutions == sum(isinstance(module, nn.Conv2d) for module in extractor.net.modules())
+    monkeypatch.setattr(extractor_module, "PIXELS_PER_PASS", 3 * 64 * 64)  # three slices
+    sliced = extractor(images)
+    assert len(folded) == 2 * convolutions
+    for a, b in zip(sliced, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_reduce_takes_each_slice_so_the_batchs_maps_are_never_held_at_once(
