@@ -10,7 +10,8 @@ tested on all the test images, with the same efficientnet-lite0 weights at the s
 ``--peers-threshold`` has the peers also set a threshold, as ``anomaly fit`` does on the fold's
 held-out normal images: anomalib's validation on as many normal images (``anomalib_fit.py
 --holdout``; the method is then labelled ``PEER, threshold``).
-``--rounds`` repeats everything, the methods alternating so that they share the machine's load;
+``--rounds`` repeats everything, the methods alternating so that they share the machine's load
+(every other round in the reverse order);
 each run is killed above ``--max-rss-gb`` or after ``--time-limit`` s, and a run that fails
 leaves its last lines of output on stderr and in ``--out``'s JSON. ``--out`` is written whole at
 the end (``{"written_by": "benchmarks/peak_memory.py", "results": [...]}``); an existing file
@@ -130,6 +131,14 @@ def run(argv: list[str], out: Path, args: argparse.Namespace) -> dict:
         # the scratch folder goes at the end: what a failed run said is kept with its result
         "output_tail": (out / "output.log").read_text().splitlines()[-LOG_LINES:] if failed else [],
     }
+
+
+def round_order(configs: list[str], peers: list[str], round_: int) -> list[tuple[str, str]]:
+    """``("config" | "peer", name)`` in the order round ``round_`` (from 0) runs them: our configs,
+    then the peers, and every other round the other way round, so that no method always goes first
+    (the machine's speed drifts within a round)."""
+    order = [("config", name) for name in configs] + [("peer", name) for name in peers]
+    return order[::-1] if round_ % 2 else order
 
 
 def measure_config(config: str, root: Path, out: Path, args: argparse.Namespace) -> dict:
@@ -253,13 +262,13 @@ def measure(argv: list[str] | None) -> int:
             print(f"fold: {counts['fit']} fitting images, {counts['holdout']} held out, "
                   f"{counts['good']} + {counts['defect']} tested", file=sys.stderr)  # fmt: skip
         for round_ in range(args.rounds):
-            for config in args.configs:
-                out = Path(scratch) / f"{round_}_{Path(config).stem}"
-                results.append(measure_config(config, args.root, out, args))
-                report(results[-1])
-            for peer in args.peers:
-                out = Path(scratch) / f"{round_}_{peer.replace(' ', '_').replace('%', 'pc')}"
-                results.append(measure_peer(peer, Path(scratch) / "fold", out, args))
+            for kind, name in round_order(args.configs, args.peers, round_):
+                if kind == "config":
+                    out = Path(scratch) / f"{round_}_{Path(name).stem}"
+                    results.append(measure_config(name, args.root, out, args))
+                else:
+                    out = Path(scratch) / f"{round_}_{name.replace(' ', '_').replace('%', 'pc')}"
+                    results.append(measure_peer(name, Path(scratch) / "fold", out, args))
                 report(results[-1])
     if args.out is not None:
         write_json(args.out, {"results": results}, command=COMMAND)

@@ -229,3 +229,28 @@ def test_make_writes_the_whole_category_or_nothing(tmp_path: Path, capsys):
     peak_memory.make_category(root, source, 40, 4, 1, 1)
     assert sorted(os.listdir(tmp_path)) == ["large", "mvtec"]
     assert len(peak_memory.images_in(root)) == 6
+
+
+def test_every_other_round_runs_the_methods_the_other_way_round(tmp_path: Path, monkeypatch, capsys):
+    """No method always goes first: the machine's speed drifts within a round."""
+    monkeypatch.setattr(peak_memory, "measure_config", measured)
+    (tmp_path / "category" / "normal").mkdir(parents=True)
+    out = tmp_path / "peak.json"
+    argv = [
+        str(tmp_path / "category"),
+        "--configs",
+        "paper",
+        "recommended",
+        "--rounds",
+        "3",
+        "--out",
+        str(out),
+    ]
+    assert peak_memory.main(argv) == 0
+    methods = [r["method"] for r in json.loads(out.read_text())["results"]]
+    forward, backward = ["ours: paper", "ours: recommended"], ["ours: recommended", "ours: paper"]
+    assert methods == forward + backward + forward
+    assert peak_memory.round_order(["paper"], ["anomalib DFM"], 1) == [
+        ("peer", "anomalib DFM"),
+        ("config", "paper"),
+    ]

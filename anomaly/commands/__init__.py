@@ -147,9 +147,9 @@ def reuse_freed_memory() -> bool:
     from the kernel and returns the heap's free top above twice that bound. A network's activations,
     megabytes each, allocated and freed at every layer of every image, then come back as new pages
     that are faulted in one by one: about a million page faults and 2 s of system time in a fit and
-    test of 300 images, 1.5-3.5 s of its wall time. These are the settings of glibc's
-    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``; a process of its own, so a library
-    never changes them (docs/deployment.md).
+    test of 300 images (docs/benchmarks.md). These are the settings of glibc's
+    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``. They belong to the whole process, so
+    the commands set them and the library never does (docs/cli.md).
     """
     if sys.platform != "linux" or any(name in os.environ for name in ALLOCATOR_SETTINGS):
         return False
