@@ -17,6 +17,7 @@ from anomaly.backbones import BACKBONES, FeatureExtractor, backbone_spec, build_
 from anomaly.backbones import efficientnet as efficientnet_module
 from anomaly.backbones import extractor as extractor_module
 from anomaly.backbones.efficientnet import stage_ends
+from anomaly.backbones.extractor import normalise_images
 from anomaly.errors import UserError
 
 EXPECTED_DIMS = {
@@ -208,6 +209,23 @@ def test_a_large_batch_goes_through_the_network_in_slices_with_the_same_features
     for a, b in zip(sliced, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert [m.shape[0] for m in extractor.feature_maps(images, [1])] == [7]
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "resnet18"])
+def test_the_cpu_pass_runs_channels_last_with_the_features_of_a_channels_first_one(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extractor = build_backbone(name, pretrained=False)
+    images = random_images(64, batch=3)
+    assert extractor.normalise(images).is_contiguous(memory_format=torch.channels_last)
+    channels_last = extractor(images, levels=[2, 3, 5])
+    monkeypatch.setattr(
+        extractor, "normalise", lambda batch: normalise_images(batch, extractor.mean, extractor.std)
+    )
+    assert extractor.normalise(images).is_contiguous()
+    channels_first = extractor(images, levels=[2, 3, 5])
+    for a, b in zip(channels_last, channels_first, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_the_kernels_are_folded_once_a_batch_not_once_a_slice(monkeypatch: pytest.MonkeyPatch) -> None:

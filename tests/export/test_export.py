@@ -79,8 +79,9 @@ def test_torchscript_matches_pytorch(detector, images, tmp_path: Path):
     module = torch.jit.load(str(path), _extra_files=extra)
     score, level_scores = module(images)
     expected_score, expected_levels = reference(detector, images)
-    np.testing.assert_allclose(score.numpy(), expected_score, rtol=1e-6)
-    np.testing.assert_allclose(level_scores.numpy(), expected_levels, rtol=1e-6)
+    # float32 rounding apart: the traced graph convolves channels-first, the CPU's eager pass channels-last
+    np.testing.assert_allclose(score.numpy(), expected_score, rtol=1e-5)
+    np.testing.assert_allclose(level_scores.numpy(), expected_levels, rtol=1e-5)
     assert json.loads(extra["detector.json"])["decision_score"] == "mahalanobis/sum"
 
 
