@@ -189,7 +189,9 @@ class FeatureExtractor(nn.Module):
         reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
     ) -> list[Tensor]:
         """Unpooled feature maps ``(B, C_l, H_l, W_l)`` of the requested levels (ascending; None = all),
-        or with ``reduce`` what it makes of them (one tensor a level, by image: e.g. pooled rows).
+        contiguous as usual, or with ``reduce`` what it makes of them (one tensor a level, by image:
+        e.g. pooled rows), which on the CPU are given the maps as the network made them, channels-last
+        (:meth:`normalise`).
 
         A batch of more than :data:`PIXELS_PER_PASS` input pixels (on an accelerator
         :data:`ACCELERATOR_PIXELS_PER_PASS`) goes through the network in slices
@@ -198,7 +200,7 @@ class FeatureExtractor(nn.Module):
         maps are never held at once. While tracing for export, the batch goes through whole.
         """
         wanted = self.check_levels(levels)
-        reduce = reduce or (lambda maps: maps)
+        reduce = reduce or (lambda maps: [fmap.contiguous() for fmap in maps])
         per_pass = images_per_pass(images)
         with torch.no_grad():
             prepared = self._prepare_pass()
