@@ -178,7 +178,7 @@ class FeatureExtractor(nn.Module):
         def pooled(maps: list[Tensor]) -> list[Tensor]:
             if grid is None:
                 return [fmap.mean(dim=(2, 3), dtype=torch.float32) for fmap in maps]
-            return [grid_means(fmap.float(), grid) for fmap in maps]
+            return [grid_means(fmap.float(), grid).contiguous() for fmap in maps]
 
         return self.feature_maps(images, levels, pooled)
 
