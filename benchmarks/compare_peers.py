@@ -704,6 +704,10 @@ def markdown(results: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------- one process a method
+#: Seconds between two readings of a watched process group's memory, and between two looks for its end.
+RSS_POLL, EXIT_POLL = 1.0, 0.05
+
+
 def group_rss(pgid: int) -> int:
     """Resident bytes summed over the processes of a process group (shared pages counted in each)."""
     total = 0
@@ -721,8 +725,9 @@ def watch(
     argv: list[str], max_rss_gb: float | None, time_limit: float | None, log: Path | None = None, **popen
 ) -> dict:
     """Run ``argv`` in its own process group, killed above ``max_rss_gb`` (RSS summed over the group,
-    polled every second) or after ``time_limit`` s; its peak RSS (``ru_maxrss``), wall time and CPU
-    time (user + system: unlike the wall time, not stretched by other load on the machine).
+    polled every second) or after ``time_limit`` s; its peak RSS (``ru_maxrss``), wall time (its end
+    seen within :data:`EXIT_POLL` s) and CPU time (user + system: unlike the wall time, not
+    stretched by other load on the machine).
     ``log``: a file for its stdout and stderr (default: this process's), which appears whole when the
     process has ended (written beside it meanwhile); ``popen``: for ``Popen``."""
     with contextlib.ExitStack() as stack:
@@ -730,20 +735,24 @@ def watch(
         errors = None if log is None else subprocess.STDOUT
         started = time.perf_counter()
         child = subprocess.Popen(argv, start_new_session=True, stdout=output, stderr=errors, **popen)
-        stopped, group_peak = None, 0
+        stopped, group_peak, next_poll = None, 0, 0.0
         while True:
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 break
-            rss, elapsed = group_rss(child.pid), time.perf_counter() - started
-            group_peak = max(group_peak, rss)
-            if stopped is None and max_rss_gb is not None and rss > max_rss_gb * GB:
-                stopped = f"killed at {rss / GB:.1f} GB RSS (limit {max_rss_gb:g} GB) after {elapsed:.0f} s"
-            elif stopped is None and time_limit is not None and elapsed > time_limit:
-                stopped = f"killed at the time limit ({time_limit:.0f} s), {rss / GB:.1f} GB RSS"
-            if stopped is not None:
-                os.killpg(child.pid, signal.SIGKILL)
-            time.sleep(1)  # polling another process's memory: there is nothing to wait on
+            elapsed = time.perf_counter() - started
+            if elapsed >= next_poll:  # polling another process's memory: there is nothing to wait on
+                rss, next_poll = group_rss(child.pid), elapsed + RSS_POLL
+                group_peak = max(group_peak, rss)
+                if stopped is None and max_rss_gb is not None and rss > max_rss_gb * GB:
+                    stopped = (
+                        f"killed at {rss / GB:.1f} GB RSS (limit {max_rss_gb:g} GB) after {elapsed:.0f} s"
+                    )
+                elif stopped is None and time_limit is not None and elapsed > time_limit:
+                    stopped = f"killed at the time limit ({time_limit:.0f} s), {rss / GB:.1f} GB RSS"
+                if stopped is not None:
+                    os.killpg(child.pid, signal.SIGKILL)
+            time.sleep(EXIT_POLL)
     child.returncode = os.waitstatus_to_exitcode(status)
     return {
         "returncode": child.returncode,

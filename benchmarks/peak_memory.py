@@ -2,7 +2,11 @@
 
 Each config runs ``anomaly fit`` (fit and test) in a fresh Python process on one folder category;
 the peak resident memory (RSS) is that of the process (``ru_maxrss``; ``--data.num_workers 0``, so
-that one process holds everything), the wall time that of the whole command. ``--peers`` adds
+that one process holds everything), the wall time that of the whole command. ``--num-workers N``
+has every side load its images in N worker processes instead (ours with ``--data.num_workers N``,
+the peers with anomalib's ``num_workers``); the peak RSS is then the largest process's, and the
+group RSS column sums all of a run's processes (polled every second, shared pages counted in
+each). ``--peers`` adds
 anomalib's DFM, PaDiM and PatchCore (``benchmarks/anomalib_fit.py``), each in a fresh process too,
 end to end from the same image files: anomalib's Lightning model and ``Engine``, fitted on exactly
 the images ``anomaly fit`` fits (its fold of ``ROOT/normal``, read from our data module) and
@@ -125,6 +129,7 @@ def run(argv: list[str], out: Path, args: argparse.Namespace) -> dict:
         "exit_code": report["returncode"],
         "stopped": report["stopped"],
         "peak_rss_mib": report["peak_rss_bytes"] / MIB,
+        "group_peak_rss_mib": report["group_peak_rss_bytes"] / MIB,
         "seconds": report["wall_seconds"],
         "cpu_seconds": report["cpu_seconds"],
         "load_1min": load,
@@ -148,8 +153,9 @@ def measure_config(config: str, root: Path, out: Path, args: argparse.Namespace)
         config = str(Path(config).resolve())  # the command runs in the scratch folder
     command = [
         sys.executable, "-m", "anomaly", "fit", "--config", "folder", "--config", config,
-        "--data.root", str(root.resolve()), "--data.num_workers", "0", "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out / "run"),
+        "--data.root", str(root.resolve()), "--data.num_workers", str(args.num_workers),
+        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(out / "run"),
     ]  # fmt: skip
     result = {"method": method, **run(command, out, args)}
     results = sorted(out.rglob("results.json"))
@@ -164,6 +170,7 @@ def measure_peer(peer: str, folders: Path, out: Path, args: argparse.Namespace) 
     command = [sys.executable, str(Path(__file__).resolve().parent / "anomalib_fit.py"), peer]
     names = ("fit", "good", "defect", *(["holdout"] if args.peers_threshold else []))
     command += [arg for name in names for arg in (f"--{name}", str(folders / name))]
+    command += ["--num-workers", str(args.num_workers)]
     method = f"{peer}, threshold" if args.peers_threshold else peer
     result = {"method": method, **run([*command, "--out", str(out / "run")], out, args)}
     path = out / "run" / "results.json"
@@ -192,7 +199,7 @@ def row(r: dict) -> str:
     return (
         f"| {r['method']} | {r['peak_rss_mib']:.0f} | {r['seconds']:.0f} | {r['cpu_seconds']:.0f} | {auroc} "
         f"| {pixel} | {saved} "
-        f"| {r['load_1min']:.2f} | {outcome} |"
+        f"| {r['load_1min']:.2f} | {r['group_peak_rss_mib']:.0f} | {outcome} |"
     )
 
 
@@ -214,6 +221,10 @@ def measure(argv: list[str] | None) -> int:
         "normal images (anomalib_fit.py --holdout)",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="runs of every method, alternating")
+    parser.add_argument(
+        "--num-workers", type=int, default=0,
+        help="data loader worker processes on every side (default 0: one process holds everything)",
+    )  # fmt: skip
     parser.add_argument("--max-rss-gb", type=float, default=8.0, help="kill a run above this RSS (GB)")
     parser.add_argument("--time-limit", type=float, default=1800.0, help="kill a run after these seconds")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -238,6 +249,9 @@ def measure(argv: list[str] | None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.num_workers < 0:
+        print(f"error: --num-workers must be 0 or more, got {args.num_workers}", file=sys.stderr)
+        return 2
     if args.rounds < 1:
         print(f"error: --rounds must be at least 1, got {args.rounds}", file=sys.stderr)
         return 2
@@ -252,9 +266,9 @@ def measure(argv: list[str] | None) -> int:
     print(f"{len(images_in(args.root))} images in {args.root}", file=sys.stderr)
     print(
         "| method | peak RSS (MiB) | fit + test (s) | CPU (s) | image AUROC | pixel AUROC | saved (MiB) "
-        "| load (1 min) | exit |"
+        "| load (1 min) | group RSS (MiB) | exit |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         if args.peers:

@@ -17,17 +17,23 @@ from tests.conftest import load_benchmark
 
 class Folder:
     """anomalib's data module, as far as the script uses it: the fitting images, and the validation
-    split of the normal images ``from_train`` (the last ones here; anomalib draws them at random)."""
+    split of the normal images ``from_train`` (the last ones here; anomalib draws them at random).
+    Each one made is kept in :data:`MADE`."""
 
     def __init__(
         self, normal_dir: Path | list[Path], normal_test_dir: Path, abnormal_dir: Path, val_split_mode: str,
-        val_split_ratio: float = 0.5, **kwargs
+        num_workers: int, val_split_ratio: float = 0.5, **kwargs
     ) -> None:  # fmt: skip
+        MADE.append(self)
+        self.num_workers = num_workers
         normal = sorted(p for folder in (normal_dir if isinstance(normal_dir, list) else [normal_dir])
                         for p in folder.iterdir())  # fmt: skip
         validated = round(len(normal) * val_split_ratio) if val_split_mode == "from_train" else 0
         self.train_data, self.val_data = normal[: len(normal) - validated], normal[len(normal) - validated :]
         self.tested = sorted(normal_test_dir.iterdir()), sorted(abnormal_dir.iterdir())
+
+
+MADE: list[Folder] = []
 
 
 class Engine:
@@ -126,3 +132,13 @@ def test_with_held_out_images_the_peer_validates_on_as_many_normal_images(
     }  # fmt: skip
     assert anomalib_fit.main(["anomalib DFM", *folders, "--out", str(tmp_path / "without")]) == 0
     assert json.loads((tmp_path / "without" / "results.json").read_text())["n_validation"] == 0
+
+
+def test_the_peer_loads_with_as_many_workers_as_asked(anomalib_fit, folders, tmp_path: Path):
+    assert anomalib_fit.main(["anomalib DFM", *folders, "--out", str(tmp_path / "one")]) == 0
+    assert MADE[-1].num_workers == 0  # by default one process holds everything, as ours
+    assert (
+        anomalib_fit.main(["anomalib DFM", *folders, "--out", str(tmp_path / "two"), "--num-workers", "2"])
+        == 0
+    )
+    assert MADE[-1].num_workers == 2

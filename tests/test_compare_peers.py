@@ -32,6 +32,12 @@ def test_watch_reports_the_cpu_time_of_its_child_not_its_waits():
     assert 0.5 <= report["cpu_seconds"] < report["wall_seconds"] - 0.9
 
 
+def test_watch_sees_its_child_end_within_a_fraction_of_its_memory_polls():
+    """The wall time is the child's, not rounded up to the next second's reading of its memory."""
+    report = peers.watch([sys.executable, "-c", "import time; time.sleep(1.3)"], None, 60)
+    assert 1.3 <= report["wall_seconds"] < 1.3 + 0.5  # the interpreter's start, and one look for the end
+
+
 def test_watch_writes_its_childs_output_to_the_log(tmp_path: Path):
     code = "import os, sys; print(os.getcwd()); print('to stderr', file=sys.stderr)"
     report = peers.watch([sys.executable, "-c", code], None, 60, log=tmp_path / "child.log", cwd=tmp_path)

@@ -130,11 +130,13 @@ def test_a_config_file_runs_from_the_scratch_folder_under_its_name(tmp_path: Pat
     commands = []
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(peak_memory, "run", lambda argv, out, args: commands.append(argv) or {"exit_code": 0})
-    result = peak_memory.measure_config("configs/candidate.yaml", tmp_path, tmp_path / "out", None)
+    args = argparse.Namespace(num_workers=2)
+    result = peak_memory.measure_config("configs/candidate.yaml", tmp_path, tmp_path / "out", args)
     assert result["method"] == "ours: candidate"
     argv = commands[0]
     configs = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--config"]
     assert configs == ["folder", str(config.resolve())]
+    assert argv[argv.index("--data.num_workers") + 1] == "2"  # loading as the peers are told to
 
 
 @pytest.mark.parametrize("threshold", [False, True])
@@ -143,12 +145,13 @@ def test_the_peers_set_a_threshold_on_the_held_out_images_only_when_asked(
 ):
     commands = []
     monkeypatch.setattr(peak_memory, "run", lambda argv, out, args: commands.append(argv) or {"exit_code": 0})
-    args = argparse.Namespace(peers_threshold=threshold)
+    args = argparse.Namespace(peers_threshold=threshold, num_workers=2)
     result = peak_memory.measure_peer("anomalib DFM", tmp_path / "fold", tmp_path / "out", args)
     given = {arg: commands[0][i + 1] for i, arg in enumerate(commands[0]) if arg.startswith("--")}
     folders = ["fit", "good", "defect", *(["holdout"] if threshold else [])]
     assert given == {
         **{f"--{name}": str(tmp_path / "fold" / name) for name in folders},
+        "--num-workers": "2",
         "--out": given["--out"],
     }
     assert result["method"] == ("anomalib DFM, threshold" if threshold else "anomalib DFM")
@@ -157,7 +160,8 @@ def test_the_peers_set_a_threshold_on_the_held_out_images_only_when_asked(
 def measured(config: str, root: Path, out: Path, args: argparse.Namespace) -> dict:
     """A stand-in for one measured run (the real one runs ``anomaly fit``)."""
     return {
-        "method": f"ours: {config}", "exit_code": 0, "stopped": None, "peak_rss_mib": 900.0, "seconds": 3.0,
+        "method": f"ours: {config}", "exit_code": 0, "stopped": None, "peak_rss_mib": 900.0,
+        "group_peak_rss_mib": 880.0, "seconds": 3.0,
         "cpu_seconds": 2.5, "load_1min": 0.5, "output_tail": [], "image_auroc": 0.9, "pixel_auroc": None,
         "saved_mib": 1.0,
     }  # fmt: skip
