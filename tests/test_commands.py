@@ -86,6 +86,20 @@ exit_without_teardown(3)
     assert run.stderr == ""
 
 
+def test_without_cpythons_exit_call_the_command_ends_as_python_ends(tmp_path: Path):
+    """``atexit._run_exitfuncs`` is CPython's, undocumented: where it is missing, Python's own exit
+    (teardown included) ends the command, with its handlers and its exit code."""
+    code = """
+import atexit
+from anomaly.commands import exit_without_teardown
+del atexit._run_exitfuncs
+atexit.register(print, "atexit handler")
+exit_without_teardown(3)
+"""
+    done = python_exit(tmp_path, code, capture_output=True)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "atexit handler\n", "")
+
+
 def test_output_left_for_a_closed_pipe_ends_quietly_too(tmp_path: Path):
     read_end, write_end = os.pipe()
     os.close(read_end)

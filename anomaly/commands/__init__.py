@@ -175,10 +175,13 @@ def exit_without_teardown(code: int) -> NoReturn:
     ``import torch`` and over a second after Lightning. Every file a command writes is complete
     and in place before the command returns.
     """
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's own call at exit
+    if run_exit_handlers is None:  # a Python without it: end as Python ends, teardown included
+        sys.exit(code)
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
-    atexit._run_exitfuncs()  # CPython's own call at exit, before it finalises the interpreter
+    run_exit_handlers()  # before the interpreter is finalised, as at Python's exit
     for stream in (sys.stdout, sys.stderr):
         if stream is None:  # no console (pythonw)
             continue
