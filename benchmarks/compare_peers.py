@@ -708,17 +708,23 @@ def markdown(results: list[dict]) -> str:
 RSS_POLL, EXIT_POLL = 1.0, 0.05
 
 
-def group_rss(pgid: int) -> int:
-    """Resident bytes summed over the processes of a process group (shared pages counted in each)."""
-    total = 0
+def group_memory(pgid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes summed over the processes of a process group. RSS counts a page shared by
+    several processes (a loader worker's copy-on-write pages) in each; PSS divides it among them,
+    so the group's PSS is the memory the group holds (0 where ``smaps_rollup`` cannot be read)."""
+    rss = pss = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rpartition(")")[2].split()
         except OSError:  # the process ended meanwhile
             continue
-        if int(fields[2]) == pgid:
-            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    return total
+        if int(fields[2]) != pgid:
+            continue
+        rss += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        with contextlib.suppress(OSError):
+            rollup = (stat.parent / "smaps_rollup").read_text().splitlines()
+            pss += sum(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
+    return rss, pss
 
 
 def watch(
@@ -735,15 +741,15 @@ def watch(
         errors = None if log is None else subprocess.STDOUT
         started = time.perf_counter()
         child = subprocess.Popen(argv, start_new_session=True, stdout=output, stderr=errors, **popen)
-        stopped, group_peak, next_poll = None, 0, 0.0
+        stopped, group_peak, group_pss_peak, next_poll = None, 0, 0, 0.0
         while True:
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 break
             elapsed = time.perf_counter() - started
             if elapsed >= next_poll:  # polling another process's memory: there is nothing to wait on
-                rss, next_poll = group_rss(child.pid), elapsed + RSS_POLL
-                group_peak = max(group_peak, rss)
+                (rss, pss), next_poll = group_memory(child.pid), elapsed + RSS_POLL
+                group_peak, group_pss_peak = max(group_peak, rss), max(group_pss_peak, pss)
                 if stopped is None and max_rss_gb is not None and rss > max_rss_gb * GB:
                     stopped = (
                         f"killed at {rss / GB:.1f} GB RSS (limit {max_rss_gb:g} GB) after {elapsed:.0f} s"
@@ -761,6 +767,7 @@ def watch(
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "peak_rss_bytes": usage.ru_maxrss * 1024,
         "group_peak_rss_bytes": group_peak,
+        "group_peak_pss_bytes": group_pss_peak,
     }
 
 

@@ -6,7 +6,8 @@ that one process holds everything), the wall time that of the whole command. ``-
 has every side load its images in N worker processes instead (ours with ``--data.num_workers N``,
 the peers with anomalib's ``num_workers``); the peak RSS is then the largest process's, and the
 group RSS column sums all of a run's processes (polled every second, shared pages counted in
-each). ``--peers`` adds
+each), and the group PSS column shares each page among the processes that hold it: what the
+group as a whole holds. ``--peers`` adds
 anomalib's DFM, PaDiM and PatchCore (``benchmarks/anomalib_fit.py``), each in a fresh process too,
 end to end from the same image files: anomalib's Lightning model and ``Engine``, fitted on exactly
 the images ``anomaly fit`` fits (its fold of ``ROOT/normal``, read from our data module) and
@@ -130,6 +131,7 @@ def run(argv: list[str], out: Path, args: argparse.Namespace) -> dict:
         "stopped": report["stopped"],
         "peak_rss_mib": report["peak_rss_bytes"] / MIB,
         "group_peak_rss_mib": report["group_peak_rss_bytes"] / MIB,
+        "group_peak_pss_mib": report["group_peak_pss_bytes"] / MIB,
         "seconds": report["wall_seconds"],
         "cpu_seconds": report["cpu_seconds"],
         "load_1min": load,
@@ -198,8 +200,8 @@ def row(r: dict) -> str:
     outcome = r["stopped"] or str(r["exit_code"])
     return (
         f"| {r['method']} | {r['peak_rss_mib']:.0f} | {r['seconds']:.0f} | {r['cpu_seconds']:.0f} | {auroc} "
-        f"| {pixel} | {saved} "
-        f"| {r['load_1min']:.2f} | {r['group_peak_rss_mib']:.0f} | {outcome} |"
+        f"| {pixel} | {saved} | {r['load_1min']:.2f} "
+        f"| {r['group_peak_rss_mib']:.0f} | {r['group_peak_pss_mib']:.0f} | {outcome} |"
     )
 
 
@@ -266,9 +268,9 @@ def measure(argv: list[str] | None) -> int:
     print(f"{len(images_in(args.root))} images in {args.root}", file=sys.stderr)
     print(
         "| method | peak RSS (MiB) | fit + test (s) | CPU (s) | image AUROC | pixel AUROC | saved (MiB) "
-        "| load (1 min) | group RSS (MiB) | exit |"
+        "| load (1 min) | group RSS (MiB) | group PSS (MiB) | exit |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         if args.peers:

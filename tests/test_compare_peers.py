@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +62,25 @@ def test_watch_kills_a_child_above_the_memory_limit():
     assert report["returncode"] == -9
     assert report["stopped"].startswith("killed at") and "limit 0.1 GB" in report["stopped"]
     assert report["group_peak_rss_bytes"] > 0.1 * peers.GB
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").is_file(), reason="needs Linux's smaps_rollup")
+def test_group_memory_shares_a_forked_workers_pages_in_pss():
+    """A parent and its forked child share 200 MB: the group's RSS counts it twice, its PSS once."""
+    code = (
+        "import os, sys\n"
+        "block = bytearray(200_000_000)\n"  # zero-filled: every page is touched
+        "os.fork()\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+    with subprocess.Popen([sys.executable, "-c", code], start_new_session=True, **pipes) as child:
+        assert child.stdout.readline() == child.stdout.readline() == b"ready\n"  # both processes are up
+        rss, pss = peers.group_memory(child.pid)
+        child.stdin.close()  # both read to its end and exit
+    assert rss > 0.38 * peers.GB  # the block in each process
+    assert 0.19 * peers.GB < pss < 0.3 * peers.GB  # the block once, with two interpreters
 
 
 def synthetic_features(n: int) -> object:

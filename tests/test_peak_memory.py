@@ -161,7 +161,7 @@ def measured(config: str, root: Path, out: Path, args: argparse.Namespace) -> di
     """A stand-in for one measured run (the real one runs ``anomaly fit``)."""
     return {
         "method": f"ours: {config}", "exit_code": 0, "stopped": None, "peak_rss_mib": 900.0,
-        "group_peak_rss_mib": 880.0, "seconds": 3.0,
+        "group_peak_rss_mib": 880.0, "group_peak_pss_mib": 870.0, "seconds": 3.0,
         "cpu_seconds": 2.5, "load_1min": 0.5, "output_tail": [], "image_auroc": 0.9, "pixel_auroc": None,
         "saved_mib": 1.0,
     }  # fmt: skip
