@@ -91,6 +91,27 @@ def test_tiles_layout_labels_masks_split_and_folds(tmp_path: Path):
     assert batch["mask"].shape == (4, 1, 32, 32)
 
 
+@pytest.mark.parametrize("normal_dir", ["MT_Free/Imgs", "MT_Crack/Imgs"])
+def test_images_beside_their_masks_are_refused_without_masks_beside(tmp_path: Path, normal_dir: str):
+    """X.jpg beside X.png with no ``masks`` set: one line naming a pair and the fix, not the masks
+    fitted or tested as images."""
+    root = make_tiles(tmp_path / "tiles")
+    data = tiles_module(root, masks=None, normal_dir=normal_dir, test_dirs=["MT_*/Imgs"])
+    with pytest.raises(UserError) as error:
+        data.samples()
+    folder = root / normal_dir
+    pairs = len(list(folder.glob("*.png"))) - (normal_dir == "MT_Free/Imgs")  # extra.png has no twin
+    stem = sorted(path.stem for path in folder.glob("*.png") if path.stem != "extra")[0]
+    assert str(error.value).startswith(f"'{folder}' holds {pairs} sets of images that differ only in their")
+    assert f"(e.g. {stem}." in str(error.value) and "set masks: beside" in str(error.value)
+    # a folder without such pairs is taken as it is
+    (tmp_path / "plain").mkdir()
+    for path in folder.glob("*.png"):
+        (tmp_path / "plain" / path.name).write_bytes(path.read_bytes())
+    plain = FolderDataModule(normal_dir=str(tmp_path / "plain"), num_workers=0)
+    assert len(plain.samples()[0]) == len(list((tmp_path / "plain").iterdir()))
+
+
 def test_labels_from_mapping_names_and_mask_folder(tmp_path: Path):
     root = tmp_path / "parts"
     rng = np.random.default_rng(0)
