@@ -53,6 +53,7 @@ from compare_peers import (
     PEERS,
     TIMM_NAME,
     TimmLevels,
+    worker_count,
 )
 
 from anomaly.backbones import build_backbone
@@ -137,7 +138,10 @@ def fit_and_test(argv: list[str] | None) -> int:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="anomalib's run folder; results.json")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    parser.add_argument(
+        "--num-workers", type=worker_count, default=0, metavar="N|default",
+        help="data loader worker processes (default 0); 'default': anomalib Folder's own default",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     folders = (args.fit, args.good, args.defect, *([args.holdout] if args.holdout else []))
     inputs = [p for folder in folders for p in sorted(folder.glob("*"))]
@@ -150,8 +154,9 @@ def fit_and_test(argv: list[str] | None) -> int:
     model = build_peer(args.peer)
     data = Folder(
         name="category", root=None, normal_test_dir=args.good, abnormal_dir=args.defect,
-        train_batch_size=args.batch_size, eval_batch_size=args.batch_size, num_workers=args.num_workers,
-        test_split_mode="from_dir", **validation_split(args.fit, args.holdout),
+        train_batch_size=args.batch_size, eval_batch_size=args.batch_size, test_split_mode="from_dir",
+        **({} if args.num_workers is None else {"num_workers": args.num_workers}),
+        **validation_split(args.fit, args.holdout),
     )  # fmt: skip
     tested_scores = TestScores()
     engine = Engine(

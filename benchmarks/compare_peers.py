@@ -704,6 +704,19 @@ def markdown(results: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------- one process a method
+#: ``--num-workers default``: each side loads with its own default number of worker processes.
+DEFAULT_WORKERS = "default"
+
+
+def worker_count(text: str) -> int | None:
+    """``--num-workers``: loader worker processes (0 or more), or None for ``default``."""
+    if text == DEFAULT_WORKERS:
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"give 0 or more, or {DEFAULT_WORKERS}, not {text!r}")
+    return int(text)
+
+
 #: Seconds between two readings of a watched process group's memory, and between two looks for its end.
 RSS_POLL, EXIT_POLL = 1.0, 0.05
 

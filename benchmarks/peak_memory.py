@@ -4,7 +4,9 @@ Each config runs ``anomaly fit`` (fit and test) in a fresh Python process on one
 the peak resident memory (RSS) is that of the process (``ru_maxrss``; ``--data.num_workers 0``, so
 that one process holds everything), the wall time that of the whole command. ``--num-workers N``
 has every side load its images in N worker processes instead (ours with ``--data.num_workers N``,
-the peers with anomalib's ``num_workers``); the peak RSS is then the largest process's, and the
+the peers with anomalib's ``num_workers``), and ``--num-workers default`` with each side's own
+default (``anomaly fit``'s, a worker per core but one, up to 4; anomalib ``Folder``'s, 8); the
+peak RSS is then the largest process's, and the
 group RSS column sums all of a run's processes (polled every second, shared pages counted in
 each), and the group PSS column shares each page among the processes that hold it: what the
 group as a whole holds. ``--peers`` adds
@@ -50,7 +52,7 @@ import cv2
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_peers import PEERS, watch
+from compare_peers import DEFAULT_WORKERS, PEERS, watch, worker_count
 
 from anomaly.atomic import built_whole
 from anomaly.configs import resolve_config
@@ -155,7 +157,8 @@ def measure_config(config: str, root: Path, out: Path, args: argparse.Namespace)
         config = str(Path(config).resolve())  # the command runs in the scratch folder
     command = [
         sys.executable, "-m", "anomaly", "fit", "--config", "folder", "--config", config,
-        "--data.root", str(root.resolve()), "--data.num_workers", str(args.num_workers),
+        "--data.root", str(root.resolve()),
+        *([] if args.num_workers is None else ["--data.num_workers", str(args.num_workers)]),
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--trainer.default_root_dir", str(out / "run"),
     ]  # fmt: skip
@@ -172,7 +175,7 @@ def measure_peer(peer: str, folders: Path, out: Path, args: argparse.Namespace) 
     command = [sys.executable, str(Path(__file__).resolve().parent / "anomalib_fit.py"), peer]
     names = ("fit", "good", "defect", *(["holdout"] if args.peers_threshold else []))
     command += [arg for name in names for arg in (f"--{name}", str(folders / name))]
-    command += ["--num-workers", str(args.num_workers)]
+    command += ["--num-workers", DEFAULT_WORKERS if args.num_workers is None else str(args.num_workers)]
     method = f"{peer}, threshold" if args.peers_threshold else peer
     result = {"method": method, **run([*command, "--out", str(out / "run")], out, args)}
     path = out / "run" / "results.json"
@@ -224,8 +227,9 @@ def measure(argv: list[str] | None) -> int:
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="runs of every method, alternating")
     parser.add_argument(
-        "--num-workers", type=int, default=0,
-        help="data loader worker processes on every side (default 0: one process holds everything)",
+        "--num-workers", type=worker_count, default=0, metavar="N|default",
+        help="data loader worker processes on every side (default 0: one process holds everything); "
+        "'default': each side's own default (anomaly fit's, anomalib Folder's)",
     )  # fmt: skip
     parser.add_argument("--max-rss-gb", type=float, default=8.0, help="kill a run above this RSS (GB)")
     parser.add_argument("--time-limit", type=float, default=1800.0, help="kill a run after these seconds")
@@ -250,9 +254,6 @@ def measure(argv: list[str] | None) -> int:
             "into an environment and run this script with its python",
             file=sys.stderr,
         )
-        return 2
-    if args.num_workers < 0:
-        print(f"error: --num-workers must be 0 or more, got {args.num_workers}", file=sys.stderr)
         return 2
     if args.rounds < 1:
         print(f"error: --rounds must be at least 1, got {args.rounds}", file=sys.stderr)

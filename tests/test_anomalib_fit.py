@@ -22,7 +22,7 @@ class Folder:
 
     def __init__(
         self, normal_dir: Path | list[Path], normal_test_dir: Path, abnormal_dir: Path, val_split_mode: str,
-        num_workers: int, val_split_ratio: float = 0.5, **kwargs
+        num_workers: int = 8, val_split_ratio: float = 0.5, **kwargs
     ) -> None:  # fmt: skip
         MADE.append(self)
         self.num_workers = num_workers
@@ -142,3 +142,6 @@ def test_the_peer_loads_with_as_many_workers_as_asked(anomalib_fit, folders, tmp
         == 0
     )
     assert MADE[-1].num_workers == 2
+    argv = ["anomalib DFM", *folders, "--out", str(tmp_path / "own"), "--num-workers", "default"]
+    assert anomalib_fit.main(argv) == 0
+    assert MADE[-1].num_workers == 8  # anomalib's own default: the script passes none

@@ -137,6 +137,9 @@ def test_a_config_file_runs_from_the_scratch_folder_under_its_name(tmp_path: Pat
     configs = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--config"]
     assert configs == ["folder", str(config.resolve())]
     assert argv[argv.index("--data.num_workers") + 1] == "2"  # loading as the peers are told to
+    own = argparse.Namespace(num_workers=None)  # --num-workers default
+    peak_memory.measure_config("recommended", tmp_path, tmp_path / "own", own)
+    assert "--data.num_workers" not in commands[1]  # anomaly fit's own default
 
 
 @pytest.mark.parametrize("threshold", [False, True])
@@ -155,6 +158,17 @@ def test_the_peers_set_a_threshold_on_the_held_out_images_only_when_asked(
         "--out": given["--out"],
     }
     assert result["method"] == ("anomalib DFM, threshold" if threshold else "anomalib DFM")
+    args.num_workers = None  # --num-workers default: anomalib_fit.py passes anomalib none
+    peak_memory.measure_peer("anomalib DFM", tmp_path / "fold", tmp_path / "own", args)
+    assert commands[1][commands[1].index("--num-workers") + 1] == "default"
+
+
+@pytest.mark.parametrize("given", ["-1", "two"])
+def test_num_workers_is_a_count_or_default(tmp_path: Path, capsys, given: str):
+    with pytest.raises(SystemExit) as stopped:
+        peak_memory.main([str(tmp_path), "--configs", "paper", "--num-workers", given])
+    assert stopped.value.code == 2
+    assert f"give 0 or more, or default, not '{given}'" in capsys.readouterr().err
 
 
 def measured(config: str, root: Path, out: Path, args: argparse.Namespace) -> dict:
