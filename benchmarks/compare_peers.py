@@ -712,7 +712,7 @@ def worker_count(text: str) -> int | None:
     """``--num-workers``: loader worker processes (0 or more), or None for ``default``."""
     if text == DEFAULT_WORKERS:
         return None
-    if not text.isdigit():
+    if not text.isdecimal():
         raise argparse.ArgumentTypeError(f"give 0 or more, or {DEFAULT_WORKERS}, not {text!r}")
     return int(text)
 

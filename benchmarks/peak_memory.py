@@ -5,11 +5,10 @@ the peak resident memory (RSS) is that of the process (``ru_maxrss``; ``--data.n
 that one process holds everything), the wall time that of the whole command. ``--num-workers N``
 has every side load its images in N worker processes instead (ours with ``--data.num_workers N``,
 the peers with anomalib's ``num_workers``), and ``--num-workers default`` with each side's own
-default (``anomaly fit``'s, a worker per core but one, up to 4; anomalib ``Folder``'s, 8); the
-peak RSS is then the largest process's, and the
-group RSS column sums all of a run's processes (polled every second, shared pages counted in
-each), and the group PSS column shares each page among the processes that hold it: what the
-group as a whole holds. ``--peers`` adds
+default (``anomaly fit``'s, a worker per core but one, up to 4; anomalib ``Folder``'s, 8). The
+peak RSS is then the largest process's; the group RSS column sums all of a run's processes
+(polled every second, shared pages counted in each), and the group PSS column shares each page
+among the processes that hold it: what the group as a whole holds. ``--peers`` adds
 anomalib's DFM, PaDiM and PatchCore (``benchmarks/anomalib_fit.py``), each in a fresh process too,
 end to end from the same image files: anomalib's Lightning model and ``Engine``, fitted on exactly
 the images ``anomaly fit`` fits (its fold of ``ROOT/normal``, read from our data module) and
