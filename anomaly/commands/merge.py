@@ -20,6 +20,7 @@ import argparse
 from anomaly.commands.update import (
     add_output_options,
     add_working_point_options,
+    calibration_images,
     new_output,
     save_new,
     set_working_point,
@@ -43,11 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     check_device(args.device, hint="--device cpu")
     out = new_output(args, args.detectors, "anomaly merge")
+    calibration = calibration_images(args)
     detectors = [GaussianDetector.load(path, device=args.device) for path in args.detectors]
     for detector, path in zip(detectors, args.detectors, strict=True):
         detector.source_ = {**detector.source_, "file": path}
     merged = merge(detectors, names=args.detectors)
-    set_working_point(merged, args, set(merged.model_.absorbed))
+    set_working_point(merged, args, set(merged.model_.absorbed), calibration)
     save_new(merged, out)
     return 0
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from anomaly.console import run_command
-from anomaly.data.images import collect_images, sha256_file
+from anomaly.data.images import collect_images, refuse_name_pairs, sha256_file
 from anomaly.detector.api import GaussianDetector
 from anomaly.detector.file import claim_detector_output, detector_files
 from anomaly.detector.io import check_device
@@ -50,9 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_output_options(parser, "the new detector file")
     parser.add_argument(
-        "--exclude", action="append", default=[], metavar="PATTERN", help="leave out matching file names"
-    )
-    parser.add_argument(
         "--reject-flagged",
         action="store_true",
         help="leave out the new images the current detector flags as anomalous",
@@ -65,6 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def add_working_point_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--exclude", action="append", default=[], metavar="PATTERN",
+        help="leave out files whose name matches, in every image folder given, e.g. '*.png' for masks "
+        "beside JPEG images (repeatable)",
+    )  # fmt: skip
     parser.add_argument(
         "--calibrate",
         metavar="DIR",
@@ -91,6 +93,21 @@ def add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def good_images(spec: str, args: argparse.Namespace, option: str) -> list[Path]:
+    """The good images ``option`` names (as ``anomaly predict`` collects them, less ``--exclude``);
+    refused where masks seem to lie beside them, which would be learnt or calibrated on as images."""
+    paths = collect_images(spec, args.exclude, option=option)
+    if not paths:
+        raise UserError(f"{option} {spec}: no images found")
+    refuse_name_pairs(
+        spec,
+        paths,
+        "if one of each is the other's mask, leave the masks out with --exclude, e.g. "
+        "--exclude '*.png'; otherwise rename them",
+    )
+    return paths
+
+
 def named(paths: list[Path], extra: list[str] | None = None) -> str:
     shown = [f"{p.name}{'' if extra is None else f' ({extra[i]})'}" for i, p in enumerate(paths[:SHOWN])]
     return ", ".join(shown) + (", ..." if len(paths) > SHOWN else "")
@@ -100,17 +117,25 @@ def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
-def set_working_point(detector: GaussianDetector, args: argparse.Namespace, absorbed: set[str]) -> None:
-    """The threshold (and holdout level weights): set, recalibrated on held-out images, or kept."""
+def calibration_images(args: argparse.Namespace) -> list[Path] | None:
+    """``--calibrate``'s images (``None`` without it), collected and checked before any work."""
+    if args.threshold is not None and args.calibrate:
+        raise UserError("give --threshold or --calibrate, not both")
+    return good_images(args.calibrate, args, "--calibrate") if args.calibrate else None
+
+
+def set_working_point(
+    detector: GaussianDetector, args: argparse.Namespace, absorbed: set[str], calibration: list[Path] | None
+) -> None:
+    """The threshold (and holdout level weights): set, recalibrated on the held-out ``calibration``
+    images (:func:`calibration_images`), or kept."""
     if args.threshold is not None:
-        if args.calibrate:
-            raise UserError("give --threshold or --calibrate, not both")
         detector.threshold_ = float(args.threshold)
         detector.model_.set_threshold(detector.threshold_)
         note(f"threshold set to {detector.threshold_:.6g} on {detector.decision_score_} (--threshold)")
         return
     model = detector.model_
-    if not args.calibrate:
+    if calibration is None:
         kept = "none" if detector.threshold_ is None else f"{detector.threshold_:.6g}"
         weighting = " and the holdout level weights" if model.level_weighting != "none" else ""
         note(
@@ -122,9 +147,7 @@ def set_working_point(detector: GaussianDetector, args: argparse.Namespace, abso
     if fpr is None:
         raise UserError("--calibrate needs a false-positive rate: pass --fpr, e.g. 0.01")
     check_fpr(fpr)
-    paths = collect_images(args.calibrate, option="--calibrate")
-    if not paths:
-        raise UserError(f"--calibrate {args.calibrate}: no images found")
+    paths = calibration
     fitted = [p for p in paths if sha256_file(p) in absorbed]
     if fitted:
         raise UserError(
@@ -178,15 +201,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give new good images with --input (or only --calibrate DIR / --threshold)")
     check_device(args.device, hint="--device cpu")
     out = new_output(args, [args.detector], "anomaly update")
+    calibration = calibration_images(args)
     detector = GaussianDetector.load(args.detector, weights=args.weights, device=args.device)
     detector.batch_size = args.batch_size
     model = detector.model_
     if args.input:
         if not model.learns:
             raise UserError(f"{args.detector} cannot be updated: {CANNOT_LEARN}")
-        paths = collect_images(args.input, args.exclude, option="--input")
-        if not paths:
-            raise UserError(f"--input {args.input}: no images found")
+        paths = good_images(args.input, args, "--input")
         digests = [sha256_file(p) for p in paths]
         fresh, repeated = fresh_indices(digests, model.absorbed)
         if not fresh:
@@ -204,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         before = len(model.absorbed)
         detector.partial_fit(paths)
         note(f"absorbed {len(model.absorbed) - before} new images ({len(model.absorbed)} in all)")
-    set_working_point(detector, args, set(model.absorbed))
+    set_working_point(detector, args, set(model.absorbed), calibration)
     detector.source_ = {**detector.source_, "updated_from": str(Path(args.detector))}
     save_new(detector, out)
     return 0

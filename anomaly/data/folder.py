@@ -36,29 +36,12 @@ import numpy as np
 from anomaly.data.augment import AugmentOptions
 from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import Sample
-from anomaly.data.images import collect_images, require_folder
+from anomaly.data.images import collect_images, refuse_name_pairs, require_folder
 from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE
 from anomaly.errors import UserError
 
 NORMAL_NAMES = ("good", "normal", "ok")
 BESIDE = "beside"
-
-
-def refuse_name_pairs(folder: Path, files: Sequence[Path]) -> None:
-    """:class:`UserError` where two of ``files`` differ only in their extension (``X.jpg`` beside
-    ``X.png``): most likely an image and its mask, which would otherwise be fitted or tested as an
-    image of its own."""
-    by_stem: dict[Path, list[Path]] = {}
-    for path in files:
-        by_stem.setdefault(path.with_suffix(""), []).append(path)
-    pairs = [sorted(paths) for paths in by_stem.values() if len(paths) > 1]
-    if pairs:
-        example = ", ".join(p.name for p in pairs[0])
-        raise UserError(
-            f"'{folder}' holds {len(pairs)} sets of images that differ only in their extension (e.g. "
-            f"{example}): if one of each is the other's mask, set masks: beside and mask_extension to "
-            "the masks' extension; otherwise rename them"
-        )
 
 
 def class_names(folders: Sequence[Path]) -> list[str]:
@@ -207,7 +190,12 @@ class FolderDataModule(AnomalyDataModule):
         masks = [] if self.masks in (None, BESIDE) else [self._resolve(self.masks)]
         files = collect_images(folder, leave_out=[*others, *masks], option="image folder")
         if self.masks is None:
-            refuse_name_pairs(folder, files)
+            refuse_name_pairs(
+                folder,
+                files,
+                "if one of each is the other's mask, set masks: beside and mask_extension "
+                "to the masks' extension; otherwise rename them",
+            )
         if self.masks != BESIDE:
             return files
         masks = {self._mask_for(f, "") for f in files} - {None}

@@ -223,6 +223,22 @@ def walk_images(folder: Path, leave_out: Iterable[str | Path] = ()) -> tuple[lis
     return sorted(images), skipped
 
 
+def refuse_name_pairs(spec: str | Path, files: Sequence[Path], fix: str) -> None:
+    """:class:`UserError` where two of ``files`` differ only in their extension (``X.jpg`` beside
+    ``X.png``): most likely an image and its mask, which would otherwise be fitted on, tested or
+    calibrated on as an image of its own. ``fix``: what to do, ending the message."""
+    by_stem: dict[Path, list[Path]] = {}
+    for path in files:
+        by_stem.setdefault(path.with_suffix(""), []).append(path)
+    pairs = [sorted(paths) for paths in by_stem.values() if len(paths) > 1]
+    if pairs:
+        example = ", ".join(p.name for p in pairs[0])
+        raise UserError(
+            f"'{spec}' holds {len(pairs)} sets of images that differ only in their extension "
+            f"(e.g. {example}): {fix}"
+        )
+
+
 def collect_images(
     spec: str | Path,
     exclude: Sequence[str] = (),

@@ -222,6 +222,36 @@ def test_update_recalibrates_on_held_out_images_only(saved: Path, images, tmp_pa
     assert "were fitted on" in capsys.readouterr().err and not bad.exists()
 
 
+def jpegs(folder: Path, count: int, seed: int, masks: bool = False) -> Path:
+    """``count`` JPEG images in ``folder``; with ``masks``, a black PNG mask beside each (X.png)."""
+    for path in write_images(folder, count, seed):
+        Image.open(path).save(path.with_suffix(".jpg"))
+        if masks:
+            Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(path)
+        else:
+            path.unlink()
+    return folder
+
+
+@pytest.mark.parametrize("option", ["--input", "--calibrate"])
+def test_update_refuses_masks_beside_the_images_until_excluded(
+    option: str, saved: Path, tmp_path: Path, capsys
+):
+    """Good images with their masks beside them (X.jpg, X.png): one line, nothing written, until
+    ``--exclude '*.png'`` leaves the masks out."""
+    given = {"--input": jpegs(tmp_path / "new", 4, 9), "--calibrate": jpegs(tmp_path / "held_out", 3, 10)}
+    folder = given[option] = jpegs(tmp_path / "with_masks", 3, 11, masks=True)
+    out = tmp_path / "new.safetensors"
+    argv = ["update", "--detector", saved, "--out", out, *[arg for pair in given.items() for arg in pair]]
+    assert run(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: '{folder}' holds 3 sets of images that differ only in their extension")
+    assert "(e.g. 11_000.jpg, 11_000.png)" in err and "--exclude '*.png'" in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()
+    assert run(*argv, "--exclude", "*.png") == 0 and out.exists()
+
+
 def test_update_refuses_existing_or_input_outputs(saved: Path, images, tmp_path: Path, capsys):
     folder = images["b"][0].parent
     for out in (saved, saved.with_suffix(".json"), saved.parent):
