@@ -201,6 +201,26 @@ class FolderDataModule(AnomalyDataModule):
         masks = {self._mask_for(f, "") for f in files} - {None}
         return [f for f in files if f not in masks]
 
+    def _refuse_labelled_layout(self, test_folders: Sequence[Path]) -> None:
+        """:class:`UserError` where the normal folder holds a folder named as normal (``good``) beside
+        other image folders (``scratch``): a labelled layout, all of whose images would be fitted on
+        as normal ones. Test folders and the masks folder inside it do not count."""
+        taken = {folder.resolve() for folder in test_folders}
+        if self.masks not in (None, BESIDE):
+            taken.add(self._resolve(self.masks).resolve())
+        inside = sorted(p for p in self.normal_dir.iterdir() if p.is_dir() and p.resolve() not in taken)
+        normal = [p.name for p in inside if p.name.lower() in self.normal_names]
+        if not normal:
+            return
+        others = [p.name for p in inside if p.name.lower() not in self.normal_names]
+        others = [name for name in others if collect_images(self.normal_dir / name, warn=False)]
+        if others:
+            raise UserError(
+                f"'{self.normal_dir}' holds the normal images' folder '{normal[0]}' beside other image "
+                f"folders ({', '.join(others)}), which would be fitted on as normal images too: set "
+                f"normal_dir to '{normal[0]}' and test_dirs to [{', '.join(others)}]"
+            )
+
     def _label(self, class_name: str) -> int:
         if class_name in self.labels:
             return int(self.labels[class_name])
@@ -215,6 +235,7 @@ class FolderDataModule(AnomalyDataModule):
             raise UserError(
                 f"labels name {unknown}, which are not test folders (class names: {sorted(set(names))})"
             )
+        self._refuse_labelled_layout(folders)
         normals = self._images(self.normal_dir, folders)
         if not normals:
             raise UserError(f"no images in '{self.normal_dir}': normal_dir must hold the normal images")

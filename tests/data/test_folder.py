@@ -112,6 +112,32 @@ def test_images_beside_their_masks_are_refused_without_masks_beside(tmp_path: Pa
     assert len(plain.samples()[0]) == len(list((tmp_path / "plain").iterdir()))
 
 
+def test_a_labelled_layout_given_as_the_normal_folder_is_refused(tmp_path: Path):
+    """root/good beside root/scratch as the normal folder: one line naming the fix, which works;
+    sub-folders of good images, and a masks folder beside the good one, are taken as they are."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "parts"
+    for folder, count in (("good", 6), ("scratch", 2), ("dent", 1), ("masks", 2)):
+        for i in range(count):
+            save(rng.integers(0, 255, size=(30, 30, 3), dtype=np.uint8), root / folder / f"{i}.png")
+    with pytest.raises(UserError) as error:
+        FolderDataModule(root=str(root)).samples()
+    assert str(error.value) == (
+        f"'{root}' holds the normal images' folder 'good' beside other image folders (dent, masks, scratch), "
+        "which would be fitted on as normal images too: set normal_dir to 'good' and test_dirs to "
+        "[dent, masks, scratch]"
+    )
+    train, test = FolderDataModule(root=str(root), normal_dir="good", test_dirs=["dent", "scratch"]).samples()
+    assert len(train) == 6 and Counter(s.defect for s in test) == {"dent": 1, "scratch": 2}
+    with_masks = FolderDataModule(root=str(root), test_dirs=["dent", "scratch"], masks="masks")
+    assert len(with_masks.samples()[0]) == 6
+    for name in ("scratch", "dent"):
+        (root / name).rename(tmp_path / name)
+    (root / "good").rename(root / "day1")  # good images by day: no folder is named as normal
+    (root / "masks").rename(root / "day2")
+    assert len(FolderDataModule(root=str(root)).samples()[0]) == 8
+
+
 def test_labels_from_mapping_names_and_mask_folder(tmp_path: Path):
     root = tmp_path / "parts"
     rng = np.random.default_rng(0)
