@@ -472,13 +472,19 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         The threshold becomes the smallest score that at most a fraction ``fpr``
         (default: the detector's own) of them exceed, as the training runs do with
         their fold's held-out fifth. Unlike the in-sample threshold of :meth:`fit`,
-        it is not optimistic when there are few images per feature dimension.
+        it is not optimistic when there are few images per feature dimension. A detector
+        with anomaly maps also sets its map threshold (``model_.map_threshold``, the top of
+        ``anomaly predict``'s overlay colours) the same way, on each map's largest value.
         """
         fpr = self.fpr if fpr is None else fpr
         if fpr is None:
             raise UserError("calibrate needs a target false-positive rate: pass fpr=...")
         check_fpr(fpr)
-        scores = torch.from_numpy(np.asarray(self.decision_function(X), dtype=np.float64))
+        model = self._fitted_model()
+        columns, maps = self._score(X, maps=model.makes_maps)
+        scores = torch.from_numpy(np.asarray(columns[self.decision_score_], dtype=np.float64))
+        if maps is not None:
+            model.calibrate_maps(torch.from_numpy(maps.reshape(len(maps), -1).max(axis=1)), fpr)
         self.fpr_, self.threshold_ = fpr, empirical_threshold(scores, fpr)
         self.source_ = {**self.source_, "calibrated_on": int(scores.numel())}
         return self

@@ -2,7 +2,7 @@
 
 ``detector.safetensors`` holds every tensor of a :class:`~anomaly.detector.model.GaussianDetectorModel`
 and, in its header, the JSON metadata (backbone, weights reference, preprocessing,
-levels, pooling, level weighting, decision score, threshold, training precision,
+levels, pooling, level weighting, decision score, threshold, map threshold, training precision,
 and the SHA-256 of the tensors). ``detector.json`` beside it is a readable copy;
 the ``.safetensors`` file alone is complete.
 
@@ -303,7 +303,7 @@ def check_metadata(path: Path, meta: dict) -> None:
             "decision_score",
             f"must be <{'|'.join(SCORE_TYPES)}>/<sum or a level>, not {meta['decision_score']!r}",
         ) from None
-    for key in ("threshold", "fpr"):
+    for key in ("threshold", "fpr", "map_threshold"):
         if meta.get(key) is not None and not (is_number(meta[key]) and math.isfinite(meta[key])):
             raise bad(key, f"must be a finite number or null, not {meta[key]!r}")
     if meta.get("fpr") is not None and not 0 < meta["fpr"] < 1:

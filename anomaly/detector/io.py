@@ -123,6 +123,7 @@ def model_metadata(
         "decision_score": str(model.decision_score),
         "threshold": model.threshold,
         "decision": "anomalous (1) when the decision_score column > threshold, else normal (0)",
+        "map_threshold": model.map_threshold,
         "precision": model.precision,
         "reduction": {"name": model.reduction, "variance_threshold": model.variance_threshold},
         "learning": learning_metadata(model) if moments else None,
@@ -177,6 +178,7 @@ def load_model(
         fit=(meta["preprocessing"] or {}).get("fit", DEFAULT_FIT),  # files before fit rules: stretch
         tiles=(meta["preprocessing"] or {}).get("tiles", "1x1"),
     )
+    model.map_threshold = meta.get("map_threshold")  # files before it: None
     reduction = meta.get("reduction") or {}
     model.set_reduction(reduction.get("name", "none"), reduction.get("variance_threshold"))
     if meta.get("learning") is not None:

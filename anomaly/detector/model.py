@@ -48,6 +48,7 @@ from anomaly.pooling import Global, Pooling
 from anomaly.stats.distances import SCORE_TYPES, level_columns
 from anomaly.stats.moments import Moments, RunningMoments
 from anomaly.stats.pca import check_reduction, reduction_projection
+from anomaly.stats.threshold import empirical_threshold
 
 LEVEL_WEIGHTINGS = ("none", "holdout")
 #: Training precisions (Lightning's names) that prediction reproduces; mixed ones run the backbone
@@ -109,6 +110,9 @@ class GaussianDetectorModel(nn.Module):
         self.absorbed: list[str] = []  # the SHA-256 of every absorbed image
         self.epochs = 1  # passes over every image (each with its own augmentation draws)
         self.augmentation: dict | None = None  # how the passes were augmented (a training run's data)
+        #: The map value that the maps of at most ``fpr`` of the held-out normal images exceed anywhere
+        #: (see :func:`map_threshold`): what a map's colours reach at their top. None: not calibrated.
+        self.map_threshold: float | None = None
         self.pooling = pooling or Global()
         if self.pooling.makes_maps and not any(self.pooling.level_makes_maps(lv) for lv in self.levels):
             raise UserError(
@@ -210,6 +214,13 @@ class GaussianDetectorModel(nn.Module):
         if value is not None and not math.isfinite(value):
             raise UserError(f"the decision threshold must be a finite number, got {value!r}")
         self.decision_threshold.fill_(math.nan if value is None else float(value))
+
+    def calibrate_maps(self, peaks: Tensor | None, fpr: float) -> None:
+        """Set :attr:`map_threshold` from the held-out normal images' map ``peaks`` (each map's
+        largest value): the smallest value at most ``fpr`` of them exceed, as the decision threshold
+        is set on their scores. ``None`` or no peaks: no map threshold."""
+        has_peaks = peaks is not None and peaks.numel() > 0
+        self.map_threshold = empirical_threshold(peaks, fpr) if has_peaks else None
 
     # ----------------------------------------------------------- features
     @torch.no_grad()

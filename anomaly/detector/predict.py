@@ -57,6 +57,15 @@ class PredictionSummary:
 MAP_FILE_COLUMNS = ["map_file", "overlay_file"]
 
 
+def overlay_top(map_threshold: float | None, threshold: float | None, image_map: np.ndarray) -> float:
+    """The map value an overlay's colours reach at their top: the detector's map threshold (the held-out
+    normal maps' peak, see :meth:`~anomaly.detector.model.GaussianDetectorModel.calibrate_maps`), else
+    its decision threshold (files before map thresholds), else the map's own largest value."""
+    if map_threshold is not None:
+        return map_threshold
+    return threshold if threshold is not None else float(np.nanmax(image_map))
+
+
 def output_columns(model: GaussianDetectorModel, with_map_files: bool = False) -> tuple[list[str], list[str]]:
     """(CSV header, the score columns written after ``score``): the primary kind on every level."""
     kind = model.decision_score.kind
@@ -151,7 +160,7 @@ def predict_files(
                         location = list(argmax_xy(image_map))
                         if map_files:
                             title = f"{paths[index].name}  score {value:.4g}"
-                            vmax = threshold if threshold is not None else float(np.nanmax(image_map))
+                            vmax = overlay_top(model.map_threshold, threshold, image_map)
                             overlay_map = map_at_size(coarse, *overlay_size(*size), model.geometry)
                             write_map(*map_files[index], paths[index], image_map, overlay_map, title, vmax)
                             location += [str(f) for f in map_files[index]]

@@ -16,9 +16,12 @@ from safetensors.torch import save_file
 
 from anomaly.cli import main as fit_main
 from anomaly.columns import SUM, ScoreColumn
+from anomaly.data.mvtec import MVTecDataModule
 from anomaly.detector import GaussianDetector, read_detector
+from anomaly.detector import predict as predict_module
 from anomaly.detector.file import VERSION, tensors_sha256
 from anomaly.detector.maps import map_file_names
+from anomaly.detector.predict import overlay_top
 from anomaly.errors import UserError
 from anomaly.methods.spatial import SpatialGaussianAD
 from anomaly.pooling import Cells, Grid, build_pooling
@@ -134,6 +137,40 @@ def test_cells_run_detector_reproduces_the_run_and_predict_writes_maps(cells_run
     np.testing.assert_allclose(
         columns["mahalanobis/sum"], [float(r["mahalanobis_sum"]) for r in rows[:3]], rtol=1e-6
     )
+
+
+def test_the_map_threshold_is_the_held_out_maps_peak_and_tops_the_overlays(tmp_path: Path, monkeypatch):
+    """A run sets its map threshold on its held-out normal images' maps (their largest value at a 1%
+    target), the API's calibrate by the same rule, and predict's overlays reach their top colour
+    there, not at the image score's threshold (in other units for grid_maps)."""
+    data = make_mvtec_category(tmp_path / "mvtec")
+    run_dir = fit_run(tmp_path / "runs", data, "--figures", "false", "--model.pooling", "grid_maps")
+    meta = json.loads((run_dir / "detector.json").read_text())
+    held_out = [s.path for s in MVTecDataModule(str(data), "widget", fold=0, num_workers=0).holdout_samples]
+    detector = GaussianDetector.load(run_dir)
+    peaks = detector.anomaly_maps(held_out).reshape(len(held_out), -1).max(axis=1)
+    assert len(held_out) >= 2 and meta["map_threshold"] == pytest.approx(float(peaks.max()), rel=1e-6)
+    assert detector.model_.map_threshold == meta["map_threshold"] != meta["threshold"]
+
+    tops = []
+    monkeypatch.setattr(predict_module, "write_map", lambda *args: tops.append(args[-1]))
+    args = ["--detector", str(run_dir), "--input", held_out[0], "--out", str(tmp_path / "one.csv")]
+    assert predict_main([*args, "--maps", str(tmp_path / "maps"), "--no-progress"]) == 0
+    assert tops == [meta["map_threshold"]]
+
+    detector.model_.map_threshold = None
+    detector.calibrate(held_out, fpr=0.5)  # the peak that at most half of them exceed
+    median = float(np.sort(peaks)[math.ceil(len(peaks) / 2) - 1])
+    assert detector.model_.map_threshold == pytest.approx(median, rel=1e-6)
+    saved = GaussianDetector.load(detector.save(tmp_path / "calibrated.safetensors"))
+    assert saved.model_.map_threshold == detector.model_.map_threshold
+
+
+def test_overlays_top_at_the_map_threshold_else_the_threshold_else_the_map():
+    heat = np.array([[1.0, 5.0], [np.nan, 2.0]])
+    assert overlay_top(3.0, 9.0, heat) == 3.0
+    assert overlay_top(None, 9.0, heat) == 9.0  # a file from before map thresholds
+    assert overlay_top(None, None, heat) == 5.0
 
 
 def test_cells_export_outputs_the_map(cells_run, tmp_path: Path):

@@ -38,6 +38,9 @@ from anomaly.pooling import POOLINGS, Pooling, build_pooling
 from anomaly.pooling.grid_maps import check_coarse_levels, fine_levels_among
 from anomaly.stats.distances import SCORE_TYPES
 
+#: The key of the held-out predictions' map peaks (each map's largest value), beside the score columns.
+MAP_PEAKS = "map_peaks"
+
 
 def state_bytes(
     pooling: str, grid_size: int, dims: Sequence[int], levels: Sequence[int] | None = None, **options
@@ -175,16 +178,32 @@ class SpatialGaussianAD(GaussianAD):
             self.pooling.check_budget(widths, budget_gb, levels, samples=samples)
 
     def calibrate(self, score_holdout: Callable[[], dict[str, Tensor] | None]) -> None:
-        """Standardise the levels on the held-out normal fifth (if asked), then set thresholds."""
+        """Standardise the levels on the held-out normal fifth (if asked), then set thresholds: the
+        decision threshold on their scores, the map threshold on their maps' peaks."""
+
+        def holdout_columns() -> dict[str, Tensor] | None:
+            """The held-out score columns; their maps' peaks (:meth:`predict_step`) set the map
+            threshold, so that the last scoring, with the final level weights, sets it."""
+            columns = score_holdout()
+            peaks = None if columns is None else columns.pop(MAP_PEAKS, None)
+            self.detector.calibrate_maps(peaks, self.target_fpr)
+            return columns
+
         if self.level_weighting == "holdout":
             self.detector.reset_level_weights()
-            holdout = score_holdout()
+            holdout = holdout_columns()
             if holdout is None:
                 raise UserError(
                     "level_weighting holdout needs the fold's held-out normal images: set data.fold to 0..4"
                 )
             self.detector.set_level_weights(holdout)
-        super().calibrate(score_holdout)
+        super().calibrate(holdout_columns)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        """The batch's score columns and, for a map-capable pooling, each map's largest value
+        (:data:`MAP_PEAKS`, for the map threshold; not a score column)."""
+        columns, maps = self.detector.score(self.batch_features(batch))
+        return columns if maps is None else {**columns, MAP_PEAKS: maps.flatten(1).amax(dim=1)}
 
     def set_level_weights(self, holdout_columns: dict[str, Tensor]) -> None:
         self.detector.set_level_weights(holdout_columns)
