@@ -214,8 +214,11 @@ def test_update_recalibrates_on_held_out_images_only(saved: Path, images, tmp_pa
     held_out = images["test"][0].parent
     args = ["update", "--detector", saved, "--input", images["b"][0].parent, "--out", out]
     assert run(*args, "--calibrate", held_out, "--fpr", "0.5") == 0
-    scores = GaussianDetector.load(out).decision_function(sorted(held_out.iterdir()))
-    assert GaussianDetector.load(out).threshold_ == pytest.approx(float(np.sort(scores)[1]), rel=1e-9)
+    updated = GaussianDetector.load(out)
+    scores = updated.decision_function(sorted(held_out.iterdir()))
+    assert updated.threshold_ == pytest.approx(float(np.sort(scores)[1]), rel=1e-9)
+    peaks = updated.anomaly_maps(sorted(held_out.iterdir())).reshape(3, -1).max(axis=1)
+    assert updated.model_.map_threshold == pytest.approx(float(np.sort(peaks)[1]), rel=1e-9)
     assert "recalibrated on 3 held-out images" in capsys.readouterr().err
     bad = tmp_path / "bad.safetensors"
     assert run("update", "--detector", saved, "--input", held_out, "--out", bad, "--calibrate", held_out) == 2
@@ -293,6 +296,11 @@ def test_merge_command_equals_a_fit_of_the_union_and_refuses_mismatches(
     out = tmp_path / "merged.safetensors"
     assert run("merge", "--detectors", saved, b, "--out", out) == 0
     assert_same_detector(GaussianDetector.load(out), fitted("recommended", "a", "b"), images["test"])
+    calibrated = fitted("recommended", "a").calibrate(images["test"][:3])  # a map threshold too
+    first = calibrated.save(tmp_path / "a.safetensors")
+    assert run("merge", "--detectors", first, b, "--out", tmp_path / "kept.safetensors") == 0
+    kept = GaussianDetector.load(tmp_path / "kept.safetensors").model_.map_threshold
+    assert kept == calibrated.model_.map_threshold is not None  # the first detector's, as its threshold
     capsys.readouterr()
     other = (
         detector(pooling=build_pooling("grid", grid_size=2))
