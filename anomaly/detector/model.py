@@ -111,7 +111,7 @@ class GaussianDetectorModel(nn.Module):
         self.epochs = 1  # passes over every image (each with its own augmentation draws)
         self.augmentation: dict | None = None  # how the passes were augmented (a training run's data)
         #: The map value that the maps of at most ``fpr`` of the held-out normal images exceed anywhere
-        #: (see :func:`map_threshold`): what a map's colours reach at their top. None: not calibrated.
+        #: (:meth:`calibrate_maps`): where a map's colours reach their top. None: not calibrated.
         self.map_threshold: float | None = None
         self.pooling = pooling or Global()
         if self.pooling.makes_maps and not any(self.pooling.level_makes_maps(lv) for lv in self.levels):
