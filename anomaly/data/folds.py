@@ -35,7 +35,10 @@ def kfold_split(n_items: int, fold: int | None) -> tuple[np.ndarray, np.ndarray]
     if fold is None:
         return indices, indices[:0]
     if n_items < N_FOLDS:
-        raise UserError(f"{N_FOLDS}-fold splits need at least {N_FOLDS} training images, found {n_items}")
+        raise UserError(
+            f"{N_FOLDS}-fold splits need at least {N_FOLDS} training images, found {n_items}: add normal "
+            "images, or set data.fold to null to fit on all of them (with no held-out images for a threshold)"
+        )
     splitter = KFold(N_FOLDS, shuffle=True, random_state=FOLD_SEED)
     fit_idx, holdout_idx = list(splitter.split(indices))[fold]
     return fit_idx, holdout_idx

@@ -41,6 +41,16 @@ def test_bad_folds_are_rejected(fold):
         kfold_split(10, fold)
 
 
+def test_too_few_images_for_the_folds_say_what_to_do():
+    with pytest.raises(UserError) as error:
+        kfold_split(3, 0)
+    assert str(error.value) == (
+        "5-fold splits need at least 5 training images, found 3: add normal images, or set data.fold to "
+        "null to fit on all of them (with no held-out images for a threshold)"
+    )
+    assert len(kfold_split(3, None)[0]) == 3
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16", "RGB"])
 def test_images_of_any_mode_load_as_rgb(tmp_path: Path, mode: str):
     rgb = np.random.default_rng(0).integers(0, 255, size=(9, 7, 3), dtype=np.uint8)
