@@ -109,16 +109,25 @@ def image_batch(items, image_size: int, resize: str | Geometry = DEFAULT_RESIZE)
 
 
 def image_items(X) -> Sequence:
-    """Images as a sequence that can be sliced: one path becomes a list of one; a generator, a list."""
+    """Images as a sequence that can be sliced: one path becomes a list of one; a generator, a list.
+    A folder among the paths is a :class:`UserError` that names how to list its images."""
     if isinstance(X, (str, Path)):
-        return [X]
-    if isinstance(X, np.ndarray) and X.ndim in (3, 4):
+        items = [X]
+    elif isinstance(X, np.ndarray) and X.ndim in (3, 4):
         return list(X)
-    if isinstance(X, (Tensor, np.ndarray, Sequence)):
+    elif isinstance(X, (Tensor, np.ndarray)):
         return X
-    if isinstance(X, Iterable):
-        return list(X)
-    raise UserError(f"images must be paths, arrays or a tensor, got {type(X).__name__}")
+    elif isinstance(X, (Sequence, Iterable)):
+        items = X if isinstance(X, Sequence) else list(X)
+    else:
+        raise UserError(f"images must be paths, arrays or a tensor, got {type(X).__name__}")
+    folder = next((item for item in items if isinstance(item, (str, Path)) and os.path.isdir(item)), None)
+    if folder is not None:
+        raise UserError(
+            f"{folder} is a folder, not an image: pass its images, e.g. "
+            f"anomaly.data.images.collect_images({str(folder)!r})"
+        )
+    return items
 
 
 # --------------------------------------------------------------- features

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from anomaly.data.images import collect_images
 from anomaly.detector import GaussianDetector
 from anomaly.detector.inputs import feature_list
+from anomaly.errors import UserError
 from tests.detector.helpers import LEVELS, demo_images, fit_demo_detector
 
 
@@ -33,6 +36,24 @@ def test_a_generator_of_paths_is_read_like_a_list():
     np.testing.assert_allclose(
         detector.score_samples(p for p in good), reference.score_samples(good), rtol=1e-6
     )
+
+
+def test_a_folder_given_as_an_image_is_refused_naming_how_to_list_it(tmp_path):
+    """A folder where image paths are expected: one line naming the way to list its images, before
+    anything is read (it was an IsADirectoryError from reading the folder as a file)."""
+    train = demo_images()[0]
+    folder = Path(train[0]).parent
+    detector = GaussianDetector(backbone="efficientnet-lite0", levels=LEVELS, pooling="global", batch_size=8)
+    for given in (folder, str(folder), [*train[:3], folder], (p for p in [train[0], str(folder)])):
+        with pytest.raises(UserError) as error:
+            detector.fit(given)
+        assert str(error.value) == (
+            f"{folder} is a folder, not an image: pass its images, e.g. "
+            f"anomaly.data.images.collect_images({str(folder)!r})"
+        )
+    fitted = detector.fit(collect_images(folder))
+    with pytest.raises(UserError, match="is a folder, not an image"):
+        fitted.score_samples(folder)
 
 
 def test_float_image_tensors_in_unit_range_are_accepted():
