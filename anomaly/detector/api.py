@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.exceptions import NotFittedError
 from torch import Tensor
 
 from anomaly.backbones import backbone_spec, build_backbone, resolve_levels
@@ -122,6 +123,11 @@ def pool_batch(pool, images: Tensor) -> list[Tensor]:
     if images.shape[0] != 1:
         return pool(images)
     return [rows[: rows.shape[0] // 2] for rows in pool(images.expand(2, *images.shape[1:]))]
+
+
+class NotFitted(UserError, NotFittedError):
+    """A detector used before ``fit``: scikit-learn's :class:`~sklearn.exceptions.NotFittedError`,
+    and a :class:`UserError` (one line at the command line)."""
 
 
 class GaussianDetector(OutlierMixin, BaseEstimator):
@@ -232,7 +238,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
     def _fitted_model(self) -> GaussianDetectorModel:
         model = getattr(self, "model_", None)
         if model is None:
-            raise UserError("this detector is not fitted yet: call fit(X) first")
+            raise NotFitted("this detector is not fitted yet: call fit(X) first")
         return model
 
     # -------------------------------------------------------------------- fit

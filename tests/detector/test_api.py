@@ -10,6 +10,8 @@ import torch
 from scipy.stats import chi2
 from sklearn.base import clone
 from sklearn.covariance import LedoitWolf
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
 
 from anomaly.data.images import load_rgb
 from anomaly.data.transforms import TileGrid
@@ -69,6 +71,11 @@ def test_detector_is_a_clonable_scikit_learn_estimator(features):
     assert copy.get_params() == detector.get_params() and not hasattr(copy, "model_")
     with pytest.raises(UserError, match="not fitted"):
         copy.decision_function(features[1])
+    # scikit-learn's own check and exception: an unfitted copy fails both, the fitted detector passes
+    for use in (lambda: check_is_fitted(copy), lambda: copy.predict(features[1]), lambda: copy.save("x")):
+        with pytest.raises(NotFittedError):
+            use()
+    check_is_fitted(detector)
     assert copy.set_params(fpr=0.05, score="l2") is copy
     assert copy.get_params()["fpr"] == 0.05 and copy.get_params()["score"] == "l2"
     assert "fpr=0.2" in repr(detector) and repr(GaussianDetector()) == "GaussianDetector()"
