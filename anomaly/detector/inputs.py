@@ -117,7 +117,7 @@ def image_items(X) -> Sequence:
         return list(X)
     elif isinstance(X, (Tensor, np.ndarray)):
         return X
-    elif isinstance(X, (Sequence, Iterable)):
+    elif isinstance(X, Iterable):
         items = X if isinstance(X, Sequence) else list(X)
     else:
         raise UserError(f"images must be paths, arrays or a tensor, got {type(X).__name__}")
