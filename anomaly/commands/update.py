@@ -147,8 +147,7 @@ def set_working_point(
     if fpr is None:
         raise UserError("--calibrate needs a false-positive rate: pass --fpr, e.g. 0.01")
     check_fpr(fpr)
-    paths = calibration
-    fitted = [p for p in paths if sha256_file(p) in absorbed]
+    fitted = [p for p in calibration if sha256_file(p) in absorbed]
     if fitted:
         raise UserError(
             f"--calibrate {args.calibrate}: {len(fitted)} image(s) were fitted on ({named(fitted)}); "
@@ -156,10 +155,13 @@ def set_working_point(
         )
     if model.level_weighting != "none":
         model.reset_level_weights()
-        columns = detector.score_columns(paths)
+        columns = detector.score_columns(calibration)
         model.set_level_weights({name: torch.as_tensor(values) for name, values in columns.items()})
-    detector.calibrate(paths, fpr)
-    note(f"threshold recalibrated on {len(paths)} held-out images: {detector.threshold_:.6g} at FPR {fpr:g}")
+    detector.calibrate(calibration, fpr)
+    note(
+        f"threshold recalibrated on {len(calibration)} held-out images: "
+        f"{detector.threshold_:.6g} at FPR {fpr:g}"
+    )
 
 
 def save_new(detector: GaussianDetector, out: Path) -> Path:
