@@ -86,6 +86,22 @@ exit_without_teardown(3)
     assert run.stderr == ""
 
 
+def test_a_thread_pool_left_open_is_shut_down_as_at_pythons_exit(tmp_path: Path):
+    """An open ``ThreadPoolExecutor``'s threads wait for work until threading's exit callback shuts
+    the pool down: joined before it, they would wait for ever. Its queued work still runs."""
+    code = """
+import time
+from concurrent.futures import ThreadPoolExecutor
+from anomaly.commands import exit_without_teardown
+pool = ThreadPoolExecutor(2)
+list(pool.map(abs, range(4)))  # both threads started, now idle
+pool.submit(lambda: (time.sleep(0.3), print("queued work done")))
+exit_without_teardown(3)
+"""
+    run = python_exit(tmp_path, code, capture_output=True, timeout=60)
+    assert (run.returncode, run.stdout, run.stderr) == (3, "queued work done\n", "")
+
+
 def test_without_cpythons_exit_call_the_command_ends_as_python_ends(tmp_path: Path):
     """``atexit._run_exitfuncs`` is CPython's, undocumented: where it is missing, Python's own exit
     (teardown included) ends the command, with its handlers and its exit code."""

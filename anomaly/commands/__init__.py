@@ -164,6 +164,19 @@ def reuse_freed_memory() -> bool:
     )
 
 
+def join_threads() -> None:
+    """What Python's exit does first: threading's own exit callbacks (``concurrent.futures`` shuts its
+    thread pools down there), then every other non-daemon thread is joined. Joining a pool's idle
+    thread before that callback would wait for ever."""
+    shutdown = getattr(threading, "_shutdown", None)  # CPython's own call at exit
+    if shutdown is not None:
+        shutdown()
+        return
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+
+
 def exit_without_teardown(code: int) -> NoReturn:
     """End the process with ``code`` after Python's own exit work, skipping the native libraries'.
 
@@ -178,9 +191,7 @@ def exit_without_teardown(code: int) -> NoReturn:
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's own call at exit
     if run_exit_handlers is None:  # a Python without it: end as Python ends, teardown included
         sys.exit(code)
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    join_threads()
     run_exit_handlers()  # before the interpreter is finalised, as at Python's exit
     for stream in (sys.stdout, sys.stderr):
         if stream is None:  # no console (pythonw)
