@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from anomaly.data.datasets import read_in_threads
 from anomaly.data.images import IMAGE_EXTENSIONS, load_rgb
 from anomaly.data.transforms import DEFAULT_RESIZE, RESIZE_RULES, Geometry, ImagePipeline
 from anomaly.errors import UserError
@@ -241,6 +242,10 @@ class PredictionDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch's items (the loader's call), read on threads (:func:`read_in_threads`)."""
+        return read_in_threads(self.__getitem__, indices)
 
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
