@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import anomaly.data.datasets as datasets_module
 import anomaly.data.images as images_module
 from anomaly.data import MVTecDataModule
 from anomaly.data.augment import CATEGORY_SWITCHES, build_augmentation
+from anomaly.data.datasets import MAX_READ_THREADS, ImageDataset, read_in_threads, read_threads
 from anomaly.data.folds import kfold_split
 from anomaly.data.images import load_mask, load_rgb
 from anomaly.data.needs import DataNeeds
@@ -187,6 +192,60 @@ def test_masks_are_optional(tmp_path: Path):
     dm.configure(DataNeeds(masks=True))
     dm.setup("test")
     assert "mask" not in next(iter(dm.test_dataloader()))
+
+
+def test_a_batchs_images_are_read_at_once_on_threads_in_order(monkeypatch):
+    monkeypatch.setattr(datasets_module, "read_threads", lambda: 2)
+    both_reading = threading.Barrier(2, timeout=10)  # broken unless the first two are read at once
+
+    def read(key: int) -> int:
+        if key < 2:
+            both_reading.wait()
+        return 10 * key
+
+    assert read_in_threads(read, [0, 1, 2, 3, 4]) == [0, 10, 20, 30, 40]
+
+
+def test_reading_on_threads_raises_the_first_failure_in_order(monkeypatch):
+    monkeypatch.setattr(datasets_module, "read_threads", lambda: 3)
+
+    def read(key: int) -> int:
+        if key in (1, 2):
+            raise UserError(f"cannot read image {key}")
+        return key
+
+    with pytest.raises(UserError, match="cannot read image 1"):
+        read_in_threads(read, [0, 1, 2, 3])
+
+
+def test_the_read_threads_share_the_cores_among_the_loaders_workers(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    for workers, threads in [(None, MAX_READ_THREADS), (2, 3), (4, 1), (8, 1)]:
+        info = None if workers is None else SimpleNamespace(num_workers=workers)
+        monkeypatch.setattr(datasets_module, "get_worker_info", lambda info=info: info)
+        assert read_threads() == threads
+
+
+def test_the_loaders_batches_are_the_images_read_one_by_one_on_threads(tiny_mvtec: Path, monkeypatch):
+    monkeypatch.setattr(datasets_module, "read_threads", lambda: 3)
+    readers = set()
+    read = ImageDataset.read
+
+    def recorded(self, path):
+        readers.add(threading.current_thread().name)
+        return read(self, path)
+
+    monkeypatch.setattr(ImageDataset, "read", recorded)
+    dm = MVTecDataModule(str(tiny_mvtec), "widget", batch_size=5, num_workers=0, image_size=32)
+    dm.configure(DataNeeds(masks=True))
+    dm.setup("test")
+    loader = dm.test_dataloader()
+    batches = list(loader)
+    assert readers and all(name.startswith("read-images") for name in readers)
+    items = [loader.dataset[i] for i in range(len(loader.dataset))]
+    for key in ("image", "mask"):
+        assert torch.equal(torch.cat([b[key] for b in batches]), torch.stack([item[key] for item in items]))
+    assert sum((b["path"] for b in batches), []) == [item["path"] for item in items]
 
 
 @DEFAULT_SWITCHES
