@@ -245,7 +245,7 @@ def test_the_loaders_batches_are_the_images_read_one_by_one_on_threads(tiny_mvte
     items = [loader.dataset[i] for i in range(len(loader.dataset))]
     for key in ("image", "mask"):
         assert torch.equal(torch.cat([b[key] for b in batches]), torch.stack([item[key] for item in items]))
-    assert sum((b["path"] for b in batches), []) == [item["path"] for item in items]
+    assert [path for b in batches for path in b["path"]] == [item["path"] for item in items]
 
 
 @DEFAULT_SWITCHES
