@@ -38,6 +38,9 @@ from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import Sample
 from anomaly.data.images import collect_images, refuse_name_pairs, require_folder
 from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE
+
+#: Folder names that the labelled-layout check proposes as the masks folder, not a test folder.
+MASK_FOLDER_NAMES = ("ground_truth", "groundtruth", "gt", "mask", "masks")
 from anomaly.errors import UserError
 
 NORMAL_NAMES = ("good", "normal", "ok")
@@ -204,7 +207,8 @@ class FolderDataModule(AnomalyDataModule):
     def _refuse_labelled_layout(self, test_folders: Sequence[Path]) -> None:
         """:class:`UserError` where the normal folder holds a folder named as normal (``good``) beside
         other image folders (``scratch``): a labelled layout, all of whose images would be fitted on
-        as normal ones. Test folders and the masks folder inside it do not count."""
+        as normal ones. Test folders and the masks folder inside it do not count. The line names the
+        fix: the other folders as test folders, one named as masks (``ground_truth``) as the masks."""
         taken = {folder.resolve() for folder in test_folders}
         if self.masks not in (None, BESIDE):
             taken.add(self._resolve(self.masks).resolve())
@@ -214,12 +218,19 @@ class FolderDataModule(AnomalyDataModule):
             return
         others = [p.name for p in inside if p.name.lower() not in self.normal_names]
         others = [name for name in others if collect_images(self.normal_dir / name, warn=False)]
-        if others:
-            raise UserError(
-                f"'{self.normal_dir}' holds the normal images' folder '{normal[0]}' beside other image "
-                f"folders ({', '.join(others)}), which would be fitted on as normal images too: set "
-                f"normal_dir to '{normal[0]}' and test_dirs to [{', '.join(others)}]"
-            )
+        if not others:
+            return
+        masks = [name for name in others if name.lower() in MASK_FOLDER_NAMES and self.masks is None]
+        tests = [name for name in others if name not in masks]
+        fix = f"set normal_dir to '{normal[0]}'"
+        if tests:
+            fix += f"{',' if masks else ' and'} test_dirs to [{', '.join(tests)}]"
+        if masks:
+            fix += f" and masks to '{masks[0]}' (with its files' mask_suffix, e.g. _mask)"
+        raise UserError(
+            f"'{self.normal_dir}' holds the normal images' folder '{normal[0]}' beside other image "
+            f"folders ({', '.join(others)}), which would be fitted on as normal images too: {fix}"
+        )
 
     def _label(self, class_name: str) -> int:
         if class_name in self.labels:

@@ -124,9 +124,12 @@ def test_a_labelled_layout_given_as_the_normal_folder_is_refused(tmp_path: Path)
         FolderDataModule(root=str(root)).samples()
     assert str(error.value) == (
         f"'{root}' holds the normal images' folder 'good' beside other image folders (dent, masks, scratch), "
-        "which would be fitted on as normal images too: set normal_dir to 'good' and test_dirs to "
-        "[dent, masks, scratch]"
+        "which would be fitted on as normal images too: set normal_dir to 'good', test_dirs to "
+        "[dent, scratch] and masks to 'masks' (with its files' mask_suffix, e.g. _mask)"
     )
+    with pytest.raises(UserError) as beside:  # with masks beside the images, a masks folder is a test folder
+        FolderDataModule(root=str(root), masks="beside").samples()
+    assert str(beside.value).endswith("set normal_dir to 'good' and test_dirs to [dent, masks, scratch]")
     train, test = FolderDataModule(root=str(root), normal_dir="good", test_dirs=["dent", "scratch"]).samples()
     assert len(train) == 6 and Counter(s.defect for s in test) == {"dent": 1, "scratch": 2}
     with_masks = FolderDataModule(root=str(root), test_dirs=["dent", "scratch"], masks="masks")
