@@ -38,12 +38,11 @@ from anomaly.data.datamodule import AnomalyDataModule
 from anomaly.data.datasets import Sample
 from anomaly.data.images import collect_images, refuse_name_pairs, require_folder
 from anomaly.data.transforms import DEFAULT_FIT, DEFAULT_RESIZE
-
-#: Folder names that the labelled-layout check proposes as the masks folder, not a test folder.
-MASK_FOLDER_NAMES = ("ground_truth", "groundtruth", "gt", "mask", "masks")
 from anomaly.errors import UserError
 
 NORMAL_NAMES = ("good", "normal", "ok")
+#: Folder names that the labelled-layout check proposes as the masks folder, not a test folder.
+MASK_FOLDER_NAMES = ("ground_truth", "groundtruth", "gt", "mask", "masks")
 BESIDE = "beside"
 
 
