@@ -48,7 +48,7 @@ from anomaly.detector.learning import (
     merged_model,
     row_digests,
 )
-from anomaly.detector.model import GaussianDetectorModel
+from anomaly.detector.model import GaussianDetectorModel, map_levels
 from anomaly.errors import UserError
 from anomaly.pooling import RECOMMENDED_LEVELS, Global, Pooling, build_pooling, recommended_pooling
 from anomaly.stats.distances import SCORE_TYPES
@@ -480,7 +480,8 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         their fold's held-out fifth. Unlike the in-sample threshold of :meth:`fit`,
         it is not optimistic when there are few images per feature dimension. A detector
         with anomaly maps also sets its map threshold (``model_.map_threshold``, the top of
-        ``anomaly predict``'s overlay colours) the same way, on each map's largest value.
+        ``anomaly predict``'s overlay colours) the same way, on each map's largest value, and its
+        map floor (``model_.map_floor``, where the colours start: the median map's median cell).
         """
         fpr = self.fpr if fpr is None else fpr
         if fpr is None:
@@ -490,7 +491,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         columns, maps = self._score(X, maps=model.makes_maps)
         scores = torch.from_numpy(np.asarray(columns[self.decision_score_], dtype=np.float64))
         if maps is not None:
-            model.calibrate_maps(torch.from_numpy(maps.reshape(len(maps), -1).max(axis=1)), fpr)
+            model.calibrate_maps(map_levels(torch.from_numpy(maps)), fpr)
         self.fpr_, self.threshold_ = fpr, empirical_threshold(scores, fpr)
         self.source_ = {**self.source_, "calibrated_on": int(scores.numel())}
         return self

@@ -303,7 +303,7 @@ def check_metadata(path: Path, meta: dict) -> None:
             "decision_score",
             f"must be <{'|'.join(SCORE_TYPES)}>/<sum or a level>, not {meta['decision_score']!r}",
         ) from None
-    for key in ("threshold", "fpr", "map_threshold"):
+    for key in ("threshold", "fpr", "map_threshold", "map_floor"):
         if meta.get(key) is not None and not (is_number(meta[key]) and math.isfinite(meta[key])):
             raise bad(key, f"must be a finite number or null, not {meta[key]!r}")
     if meta.get("fpr") is not None and not 0 < meta["fpr"] < 1:

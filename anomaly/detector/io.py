@@ -124,6 +124,7 @@ def model_metadata(
         "threshold": model.threshold,
         "decision": "anomalous (1) when the decision_score column > threshold, else normal (0)",
         "map_threshold": model.map_threshold,
+        "map_floor": model.map_floor,
         "precision": model.precision,
         "reduction": {"name": model.reduction, "variance_threshold": model.variance_threshold},
         "learning": learning_metadata(model) if moments else None,
@@ -179,6 +180,7 @@ def load_model(
         tiles=(meta["preprocessing"] or {}).get("tiles", "1x1"),
     )
     model.map_threshold = meta.get("map_threshold")  # files before it: None
+    model.map_floor = meta.get("map_floor")
     reduction = meta.get("reduction") or {}
     model.set_reduction(reduction.get("name", "none"), reduction.get("variance_threshold"))
     if meta.get("learning") is not None:

@@ -79,10 +79,11 @@ def overlay_size(height: int, width: int, longest: int = OVERLAY_SIDE) -> tuple[
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def overlay_png(rgb: np.ndarray, heat: np.ndarray, vmax: float, title: str) -> bytes:
-    """PNG bytes of ``heat`` (jet from 0 to ``vmax``, translucent; NaN: none) over ``rgb``, both of
-    the same size; ``title`` is stored as the PNG's title."""
-    colours = heat_colours(np.nan_to_num(heat, nan=0.0), 0.0, vmax).astype(np.float64)
+def overlay_png(rgb: np.ndarray, heat: np.ndarray, colour_range: tuple[float, float], title: str) -> bytes:
+    """PNG bytes of ``heat`` (jet from ``colour_range``'s low to its high, translucent; NaN: none)
+    over ``rgb``, both of the same size; ``title`` is stored as the PNG's title."""
+    low, high = colour_range
+    colours = heat_colours(np.nan_to_num(heat, nan=low), low, high).astype(np.float64)
     alpha = np.where(np.isnan(heat), 0.0, OVERLAY_ALPHA)[..., None]
     blended = (1.0 - alpha) * rgb + alpha * colours
     info = PngInfo()
@@ -112,15 +113,15 @@ def write_map(
     image_map: np.ndarray,
     overlay_map: np.ndarray,
     title: str,
-    vmax: float,
+    colour_range: tuple[float, float],
 ) -> None:
     """``map_path`` (the map at the image's size, float32 ``.npy``) and ``overlay_path`` (a PNG of
-    ``overlay_map`` over the image, at the overlay map's size, at most :data:`OVERLAY_SIDE` pixels
-    long), each written whole."""
+    ``overlay_map`` over the image, coloured over ``colour_range``, at the overlay map's size, at
+    most :data:`OVERLAY_SIDE` pixels long), each written whole."""
     write_bytes_atomic(map_path, npy_bytes(image_map.astype(np.float32)))
     height, width = overlay_map.shape
     rgb = cv2.resize(load_rgb(image_path), (width, height), interpolation=cv2.INTER_AREA)
-    write_bytes_atomic(overlay_path, overlay_png(rgb.astype(np.float32), overlay_map, vmax, title))
+    write_bytes_atomic(overlay_path, overlay_png(rgb.astype(np.float32), overlay_map, colour_range, title))
 
 
 __all__ = ["argmax_xy", "map_at_size", "map_file_names", "overlay_size", "write_map"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +62,20 @@ def check_weighting(weighting: object) -> str:
     if weighting not in LEVEL_WEIGHTINGS:
         raise UserError(f"level_weighting must be one of {', '.join(LEVEL_WEIGHTINGS)}, got {weighting!r}")
     return weighting
+
+
+class MapLevels(NamedTuple):
+    """Each anomaly map's largest value and its median cell's value: what the held-out normal
+    images' maps give :meth:`GaussianDetectorModel.calibrate_maps`."""
+
+    peaks: Tensor
+    medians: Tensor
+
+
+def map_levels(maps: Tensor) -> MapLevels:
+    """The :class:`MapLevels` of ``(B, ...)`` maps (the lower median of an even number of cells)."""
+    flat = maps.flatten(1)
+    return MapLevels(flat.amax(dim=1), flat.median(dim=1).values)
 
 
 class GaussianDetectorModel(nn.Module):
@@ -113,6 +128,9 @@ class GaussianDetectorModel(nn.Module):
         #: The map value that the maps of at most ``fpr`` of the held-out normal images exceed anywhere
         #: (:meth:`calibrate_maps`): where a map's colours reach their top. None: not calibrated.
         self.map_threshold: float | None = None
+        #: A held-out normal map's median cell value (the median over those images): where a map's
+        #: colours start, so that the usual normal surface shows cold. None: not calibrated.
+        self.map_floor: float | None = None
         self.pooling = pooling or Global()
         if self.pooling.makes_maps and not any(self.pooling.level_makes_maps(lv) for lv in self.levels):
             raise UserError(
@@ -215,12 +233,16 @@ class GaussianDetectorModel(nn.Module):
             raise UserError(f"the decision threshold must be a finite number, got {value!r}")
         self.decision_threshold.fill_(math.nan if value is None else float(value))
 
-    def calibrate_maps(self, peaks: Tensor | None, fpr: float) -> None:
-        """Set :attr:`map_threshold` from the held-out normal images' map ``peaks`` (each map's
-        largest value): the smallest value at most ``fpr`` of them exceed, as the decision threshold
-        is set on their scores. ``None`` or no peaks: no map threshold."""
-        has_peaks = peaks is not None and peaks.numel() > 0
-        self.map_threshold = empirical_threshold(peaks, fpr) if has_peaks else None
+    def calibrate_maps(self, levels: MapLevels | None, fpr: float) -> None:
+        """Set :attr:`map_threshold` and :attr:`map_floor` from the held-out normal images' map
+        ``levels`` (:func:`map_levels`). The threshold is the smallest peak that at most ``fpr`` of
+        them exceed, as the decision threshold is set on their scores; the floor is their median
+        cell value's median. ``None`` or no maps: neither."""
+        if levels is None or levels.peaks.numel() == 0:
+            self.map_threshold = self.map_floor = None
+            return
+        self.map_threshold = empirical_threshold(levels.peaks, fpr)
+        self.map_floor = float(levels.medians.double().median())
 
     # ----------------------------------------------------------- features
     @torch.no_grad()
@@ -441,5 +463,7 @@ __all__ = [
     "PRECISIONS",
     "DetectorModel",
     "GaussianDetectorModel",
+    "MapLevels",
     "check_weighting",
+    "map_levels",
 ]

@@ -57,13 +57,19 @@ class PredictionSummary:
 MAP_FILE_COLUMNS = ["map_file", "overlay_file"]
 
 
-def overlay_top(map_threshold: float | None, threshold: float | None, image_map: np.ndarray) -> float:
-    """The map value an overlay's colours reach at their top: the detector's map threshold (the held-out
-    normal maps' peak, see :meth:`~anomaly.detector.model.GaussianDetectorModel.calibrate_maps`), else
-    its decision threshold (files before map thresholds), else the map's own largest value."""
-    if map_threshold is not None:
-        return map_threshold
-    return threshold if threshold is not None else float(np.nanmax(image_map))
+def overlay_range(
+    model: GaussianDetectorModel, threshold: float | None, image_map: np.ndarray
+) -> tuple[float, float]:
+    """The map values where an overlay's colours start and reach their top. The top is the detector's
+    map threshold (the held-out normal maps' peak, see
+    :meth:`~anomaly.detector.model.GaussianDetectorModel.calibrate_maps`), else its decision
+    threshold (files before map thresholds), else the map's own largest value. The start is its map
+    floor (a held-out normal map's median cell) where it lies below the top, else 0."""
+    top = model.map_threshold
+    if top is None:
+        top = threshold if threshold is not None else float(np.nanmax(image_map))
+    floor = model.map_floor
+    return (floor if floor is not None and floor < top else 0.0), top
 
 
 def output_columns(model: GaussianDetectorModel, with_map_files: bool = False) -> tuple[list[str], list[str]]:
@@ -160,9 +166,11 @@ def predict_files(
                         location = list(argmax_xy(image_map))
                         if map_files:
                             title = f"{paths[index].name}  score {value:.4g}"
-                            vmax = overlay_top(model.map_threshold, threshold, image_map)
+                            colour_range = overlay_range(model, threshold, image_map)
                             overlay_map = map_at_size(coarse, *overlay_size(*size), model.geometry)
-                            write_map(*map_files[index], paths[index], image_map, overlay_map, title, vmax)
+                            write_map(
+                                *map_files[index], paths[index], image_map, overlay_map, title, colour_range
+                            )
                             location += [str(f) for f in map_files[index]]
                     decision = "" if threshold is None else int(value > threshold)
                     row += [f"{value:.10g}", *levels, *location, decision, ""]

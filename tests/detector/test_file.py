@@ -149,6 +149,8 @@ DAMAGES = {
     "score level not fitted": ("'decision_score'", setting("decision_score", "mahalanobis/7")),
     "threshold text": ("'threshold'", setting("threshold", "high")),
     "fpr out of range": ("'fpr'", setting("fpr", 2.0)),
+    "map threshold text": ("'map_threshold'", setting("map_threshold", "hot")),
+    "map floor infinite": ("'map_floor'", setting("map_floor", float("inf"))),
     "version text": ("'version'", setting("version", "1")),
 }
 

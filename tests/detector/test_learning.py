@@ -299,8 +299,9 @@ def test_merge_command_equals_a_fit_of_the_union_and_refuses_mismatches(
     calibrated = fitted("recommended", "a").calibrate(images["test"][:3])  # a map threshold too
     first = calibrated.save(tmp_path / "a.safetensors")
     assert run("merge", "--detectors", first, b, "--out", tmp_path / "kept.safetensors") == 0
-    kept = GaussianDetector.load(tmp_path / "kept.safetensors").model_.map_threshold
-    assert kept == calibrated.model_.map_threshold is not None  # the first detector's, as its threshold
+    kept = GaussianDetector.load(tmp_path / "kept.safetensors").model_
+    first_maps = calibrated.model_.map_threshold, calibrated.model_.map_floor
+    assert (kept.map_threshold, kept.map_floor) == first_maps and None not in first_maps  # as its threshold
     capsys.readouterr()
     other = (
         detector(pooling=build_pooling("grid", grid_size=2))

@@ -8,6 +8,7 @@ import math
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from anomaly.detector import GaussianDetector, read_detector
 from anomaly.detector import predict as predict_module
 from anomaly.detector.file import VERSION, tensors_sha256
 from anomaly.detector.maps import map_file_names
-from anomaly.detector.predict import overlay_top
+from anomaly.detector.predict import overlay_range
 from anomaly.errors import UserError
 from anomaly.methods.spatial import SpatialGaussianAD
 from anomaly.pooling import Cells, Grid, build_pooling
@@ -139,38 +140,56 @@ def test_cells_run_detector_reproduces_the_run_and_predict_writes_maps(cells_run
     )
 
 
+def lower_median(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """torch's median: the lower of the two middle values of an even count."""
+    return np.take(np.sort(values, axis=axis), (values.shape[axis] - 1) // 2, axis=axis)
+
+
 def test_the_map_threshold_is_the_held_out_maps_peak_and_tops_the_overlays(tmp_path: Path, monkeypatch):
     """A run sets its map threshold on its held-out normal images' maps (their largest value at a 1%
     target), the API's calibrate by the same rule, and predict's overlays reach their top colour
-    there, not at the image score's threshold (in other units for grid_maps)."""
+    there, not at the image score's threshold (in other units for grid_maps). Their colours start at
+    the map floor: the held-out maps' median cell value, the median over the images."""
     data = make_mvtec_category(tmp_path / "mvtec")
     run_dir = fit_run(tmp_path / "runs", data, "--figures", "false", "--model.pooling", "grid_maps")
     meta = json.loads((run_dir / "detector.json").read_text())
     held_out = [s.path for s in MVTecDataModule(str(data), "widget", fold=0, num_workers=0).holdout_samples]
     detector = GaussianDetector.load(run_dir)
-    peaks = detector.anomaly_maps(held_out).reshape(len(held_out), -1).max(axis=1)
+    cells = detector.anomaly_maps(held_out).reshape(len(held_out), -1)
+    peaks, floor = cells.max(axis=1), float(lower_median(lower_median(cells)))
     assert len(held_out) >= 2 and meta["map_threshold"] == pytest.approx(float(peaks.max()), rel=1e-6)
     assert detector.model_.map_threshold == meta["map_threshold"] != meta["threshold"]
+    assert detector.model_.map_floor == meta["map_floor"] == pytest.approx(floor, rel=1e-6)
+    assert 0 < meta["map_floor"] < meta["map_threshold"]
 
     tops = []
     monkeypatch.setattr(predict_module, "write_map", lambda *args: tops.append(args[-1]))
     args = ["--detector", str(run_dir), "--input", held_out[0], "--out", str(tmp_path / "one.csv")]
     assert predict_main([*args, "--maps", str(tmp_path / "maps"), "--no-progress"]) == 0
-    assert tops == [meta["map_threshold"]]
+    assert tops == [(meta["map_floor"], meta["map_threshold"])]
 
-    detector.model_.map_threshold = None
-    detector.calibrate(held_out, fpr=0.5)  # the peak that at most half of them exceed
-    median = float(np.sort(peaks)[math.ceil(len(peaks) / 2) - 1])
+    detector.model_.map_threshold = detector.model_.map_floor = None
+    detector.calibrate(held_out[1:], fpr=0.5)  # the peak that at most half of them exceed
+    median = float(np.sort(peaks[1:])[math.ceil((len(peaks) - 1) / 2) - 1])
     assert detector.model_.map_threshold == pytest.approx(median, rel=1e-6)
+    assert detector.model_.map_floor == pytest.approx(float(lower_median(lower_median(cells[1:]))), rel=1e-6)
     saved = GaussianDetector.load(detector.save(tmp_path / "calibrated.safetensors"))
-    assert saved.model_.map_threshold == detector.model_.map_threshold
+    kept = (saved.model_.map_threshold, saved.model_.map_floor)
+    assert kept == (detector.model_.map_threshold, detector.model_.map_floor)
 
 
-def test_overlays_top_at_the_map_threshold_else_the_threshold_else_the_map():
+def test_overlays_span_the_map_floor_to_the_map_threshold_else_zero_to_the_threshold_or_the_map():
     heat = np.array([[1.0, 5.0], [np.nan, 2.0]])
-    assert overlay_top(3.0, 9.0, heat) == 3.0
-    assert overlay_top(None, 9.0, heat) == 9.0  # a file from before map thresholds
-    assert overlay_top(None, None, heat) == 5.0
+
+    def colours(map_floor, map_threshold, threshold):
+        model = SimpleNamespace(map_floor=map_floor, map_threshold=map_threshold)
+        return overlay_range(model, threshold, heat)
+
+    assert colours(1.5, 3.0, 9.0) == (1.5, 3.0)
+    assert colours(None, 3.0, 9.0) == (0.0, 3.0)
+    assert colours(4.0, 3.0, 9.0) == (0.0, 3.0)  # a floor above the top is not used
+    assert colours(None, None, 9.0) == (0.0, 9.0)  # a file from before map thresholds
+    assert colours(None, None, None) == (0.0, 5.0)
 
 
 def test_cells_export_outputs_the_map(cells_run, tmp_path: Path):

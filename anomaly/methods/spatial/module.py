@@ -30,7 +30,7 @@ from torch import Tensor
 
 from anomaly.backbones import backbone_spec, resolve_levels
 from anomaly.data.needs import DataNeeds
-from anomaly.detector.model import LEVEL_WEIGHTINGS, check_weighting
+from anomaly.detector.model import LEVEL_WEIGHTINGS, MapLevels, check_weighting, map_levels
 from anomaly.errors import UserError
 from anomaly.methods.gaussian.module import DEFAULT_DECISION_SCORE, DEFAULT_TARGET_FPR, GaussianAD
 from anomaly.methods.gaussian.working_point import working_point_report
@@ -38,8 +38,9 @@ from anomaly.pooling import POOLINGS, Pooling, build_pooling
 from anomaly.pooling.grid_maps import check_coarse_levels, fine_levels_among
 from anomaly.stats.distances import SCORE_TYPES
 
-#: The key of the held-out predictions' map peaks (each map's largest value), beside the score columns.
-MAP_PEAKS = "map_peaks"
+#: The keys of the held-out predictions' map levels (each map's largest and median cell value, see
+#: :func:`~anomaly.detector.model.map_levels`), beside the score columns.
+MAP_PEAKS, MAP_MEDIANS = "map_peaks", "map_medians"
 
 
 def state_bytes(
@@ -182,11 +183,13 @@ class SpatialGaussianAD(GaussianAD):
         decision threshold on their scores, the map threshold on their maps' peaks."""
 
         def holdout_columns() -> dict[str, Tensor] | None:
-            """The held-out score columns; their maps' peaks (:meth:`predict_step`) set the map
-            threshold, so that the last scoring, with the final level weights, sets it."""
+            """The held-out score columns; their maps' levels (:meth:`predict_step`) set the map
+            threshold and floor, so that the last scoring, with the final level weights, sets them."""
             columns = score_holdout()
-            peaks = None if columns is None else columns.pop(MAP_PEAKS, None)
-            self.detector.calibrate_maps(peaks, self.target_fpr)
+            levels = None
+            if columns is not None and MAP_PEAKS in columns:
+                levels = MapLevels(columns.pop(MAP_PEAKS), columns.pop(MAP_MEDIANS))
+            self.detector.calibrate_maps(levels, self.target_fpr)
             return columns
 
         if self.level_weighting == "holdout":
@@ -200,10 +203,14 @@ class SpatialGaussianAD(GaussianAD):
         super().calibrate(holdout_columns)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        """The batch's score columns and, for a map-capable pooling, each map's largest value
-        (:data:`MAP_PEAKS`, for the map threshold; not a score column)."""
+        """The batch's score columns and, for a map-capable pooling, each map's largest and median
+        cell value (:data:`MAP_PEAKS`, :data:`MAP_MEDIANS`, for the map threshold and floor; not
+        score columns)."""
         columns, maps = self.detector.score(self.batch_features(batch))
-        return columns if maps is None else {**columns, MAP_PEAKS: maps.flatten(1).amax(dim=1)}
+        if maps is None:
+            return columns
+        peaks, medians = map_levels(maps)
+        return {**columns, MAP_PEAKS: peaks, MAP_MEDIANS: medians}
 
     def set_level_weights(self, holdout_columns: dict[str, Tensor]) -> None:
         self.detector.set_level_weights(holdout_columns)
