@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from anomaly.console import run_command
-from anomaly.data.images import collect_images, refuse_name_pairs, sha256_file
+from anomaly.data.images import collect_images, file_digests, refuse_name_pairs
 from anomaly.detector.api import GaussianDetector
 from anomaly.detector.file import claim_detector_output, detector_files
 from anomaly.detector.io import check_device
@@ -147,7 +147,8 @@ def set_working_point(
     if fpr is None:
         raise UserError("--calibrate needs a false-positive rate: pass --fpr, e.g. 0.01")
     check_fpr(fpr)
-    fitted = [p for p in calibration if sha256_file(p) in absorbed]
+    digests = file_digests(calibration)
+    fitted = [p for p, digest in zip(calibration, digests, strict=True) if digest in absorbed]
     if fitted:
         raise UserError(
             f"--calibrate {args.calibrate}: {len(fitted)} image(s) were fitted on ({named(fitted)}); "
@@ -211,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         if not model.learns:
             raise UserError(f"{args.detector} cannot be updated: {CANNOT_LEARN}")
         paths = good_images(args.input, args, "--input")
-        digests = [sha256_file(p) for p in paths]
+        digests = file_digests(paths)
         fresh, repeated = fresh_indices(digests, model.absorbed)
         if not fresh:
             raise UserError(

@@ -2,49 +2,16 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from anomaly.data.augment import augmentation_seed
 from anomaly.data.image_cache import ResizedImageCache
-from anomaly.data.images import load_mask, load_rgb, sha256_file
+from anomaly.data.images import load_mask, load_rgb, read_in_threads, sha256_file
 from anomaly.data.transforms import ImagePipeline
-
-#: The most threads that read one batch's images (:func:`read_in_threads`).
-MAX_READ_THREADS = 4
-
-Item = TypeVar("Item")
-
-
-def read_threads() -> int:
-    """Threads for one batch's images: this process's cores, shared among the loader's worker
-    processes (in a worker), at most :data:`MAX_READ_THREADS`."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    worker = get_worker_info()
-    return max(1, min(MAX_READ_THREADS, cores // (worker.num_workers if worker is not None else 1)))
-
-
-def read_in_threads(read: Callable[[int], Item], keys: Sequence[int]) -> list[Item]:
-    """``[read(key) for key in keys]``, the keys shared among :func:`read_threads` threads (in order;
-    the first failure in order is raised). Decoding and resizing run in OpenCV and Pillow, which let
-    other threads run meanwhile: a batch of large PNG files is read about twice as fast on two cores,
-    and the loader's first batch of each pass arrives that much sooner (docs/benchmarks.md). The
-    threads end with the batch, so none is left when a loader forks its workers."""
-    threads = min(len(keys), read_threads())
-    if threads < 2:
-        return [read(key) for key in keys]
-    with ThreadPoolExecutor(threads, thread_name_prefix="read-images") as pool:
-        return list(pool.map(read, keys))
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from anomaly.backbones import backbone_spec, build_backbone, resolve_levels
 from anomaly.columns import ScoreColumn
+from anomaly.data.images import read_in_threads
 from anomaly.data.transforms import (
     DEFAULT_FIT,
     DEFAULT_RESIZE,
@@ -347,7 +348,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         if self.backbone is None:
             return row_digests(X)
         items = image_items(X)
-        return [item_digest(items[i]) for i in range(len(items))]
+        return read_in_threads(item_digest, [items[i] for i in range(len(items))])
 
     def _subset(self, X, indices: list[int]):
         if self.backbone is None:

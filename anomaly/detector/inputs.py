@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from anomaly.data.datasets import read_in_threads
-from anomaly.data.images import IMAGE_EXTENSIONS, load_rgb
+from anomaly.data.images import IMAGE_EXTENSIONS, load_rgb, read_in_threads
 from anomaly.data.transforms import DEFAULT_RESIZE, RESIZE_RULES, Geometry, ImagePipeline
 from anomaly.errors import UserError
 

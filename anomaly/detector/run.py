@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from anomaly.data.images import sha256_file
+from anomaly.data.images import file_digests
 from anomaly.data.transforms import Geometry
 from anomaly.detector.api import GaussianDetector
 from anomaly.detector.file import DETECTOR_FILE, METADATA_FILE
@@ -41,7 +41,7 @@ def run_detector_paths(run_dir: str | Path) -> list[Path]:
 def record_fit_images(model, data) -> None:
     """Give the run's detector the digests of its fitting images, its epochs and its augmentation."""
     detector = model.detector
-    detector.absorbed = [sha256_file(sample.path) for sample in data.fit_samples]
+    detector.absorbed = file_digests([sample.path for sample in data.fit_samples])
     augmented = bool(getattr(data, "augment", False))
     detector.epochs = max(model.fit_epochs, 1)
     detector.augmentation = (

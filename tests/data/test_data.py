@@ -13,13 +13,20 @@ import pytest
 import torch
 from PIL import Image
 
-import anomaly.data.datasets as datasets_module
 import anomaly.data.images as images_module
 from anomaly.data import MVTecDataModule
 from anomaly.data.augment import CATEGORY_SWITCHES, build_augmentation
-from anomaly.data.datasets import MAX_READ_THREADS, ImageDataset, read_in_threads, read_threads
+from anomaly.data.datasets import ImageDataset
 from anomaly.data.folds import kfold_split
-from anomaly.data.images import load_mask, load_rgb
+from anomaly.data.images import (
+    MAX_READ_THREADS,
+    file_digests,
+    load_mask,
+    load_rgb,
+    read_in_threads,
+    read_threads,
+    sha256_file,
+)
 from anomaly.data.needs import DataNeeds
 from anomaly.errors import UserError
 from tests.conftest import BOTTLE, DEFAULT_SWITCHES, make_mvtec_category, require
@@ -195,7 +202,7 @@ def test_masks_are_optional(tmp_path: Path):
 
 
 def test_a_batchs_images_are_read_at_once_on_threads_in_order(monkeypatch):
-    monkeypatch.setattr(datasets_module, "read_threads", lambda: 2)
+    monkeypatch.setattr(images_module, "read_threads", lambda: 2)
     both_reading = threading.Barrier(2, timeout=10)  # broken unless the first two are read at once
 
     def read(key: int) -> int:
@@ -207,7 +214,7 @@ def test_a_batchs_images_are_read_at_once_on_threads_in_order(monkeypatch):
 
 
 def test_reading_on_threads_raises_the_first_failure_in_order(monkeypatch):
-    monkeypatch.setattr(datasets_module, "read_threads", lambda: 3)
+    monkeypatch.setattr(images_module, "read_threads", lambda: 3)
 
     def read(key: int) -> int:
         if key in (1, 2):
@@ -218,16 +225,26 @@ def test_reading_on_threads_raises_the_first_failure_in_order(monkeypatch):
         read_in_threads(read, [0, 1, 2, 3])
 
 
+def test_file_digests_are_each_files_sha256_in_order(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(images_module, "read_threads", lambda: 3)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.bin")
+        paths[-1].write_bytes(bytes([i]) * (3 << 20))  # 3 MiB: hashed in chunks
+    assert file_digests(paths) == [sha256_file(path) for path in paths]
+    assert len(set(file_digests(paths))) == 5
+
+
 def test_the_read_threads_share_the_cores_among_the_loaders_workers(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
     for workers, threads in [(None, MAX_READ_THREADS), (2, 3), (4, 1), (8, 1)]:
         info = None if workers is None else SimpleNamespace(num_workers=workers)
-        monkeypatch.setattr(datasets_module, "get_worker_info", lambda info=info: info)
+        monkeypatch.setattr(images_module, "get_worker_info", lambda info=info: info)
         assert read_threads() == threads
 
 
 def test_the_loaders_batches_are_the_images_read_one_by_one_on_threads(tiny_mvtec: Path, monkeypatch):
-    monkeypatch.setattr(datasets_module, "read_threads", lambda: 3)
+    monkeypatch.setattr(images_module, "read_threads", lambda: 3)
     readers = set()
     read = ImageDataset.read
 
