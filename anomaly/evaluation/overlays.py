@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from anomaly.atomic import write_bytes_atomic
 from anomaly.data.datasets import Sample
-from anomaly.data.images import load_mask, load_rgb
+from anomaly.data.images import load_mask, load_rgb, read_in_threads
 from anomaly.data.transforms import Geometry
 from anomaly.data.transforms import geometry as make_geometry
 from anomaly.detector.maps import OVERLAY_ALPHA, heat_colours
@@ -97,11 +97,19 @@ def write_overlays(
     height, width = display_size(*geometry.canvas(image_size))
     upsampled = F.interpolate(maps[:, None].float(), size=(height, width), mode="bilinear")[:, 0].numpy()
     low, high = float(maps.min()), float(maps.max())
-    written = []
-    for rank, (sample, heat, score) in enumerate(zip(samples, upsampled, scores, strict=True)):
+
+    def read(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
+        """The image as the detector saw it, and its mask on the same canvas (or None)."""
         mask = None if sample.mask is None else geometry.mask(load_mask(sample.mask), image_size)
+        return geometry(load_rgb(sample.path), image_size), mask
+
+    written = []
+    images = read_in_threads(read, list(samples))
+    for rank, (sample, (rgb, mask), heat, score) in enumerate(
+        zip(samples, images, upsampled, scores, strict=True)
+    ):
         caption = f"{Path(sample.path).name}  {sample.defect}  score {score:.2f}"
-        pixels = overlay_image(geometry(load_rgb(sample.path), image_size), heat, low, high, mask, caption)
+        pixels = overlay_image(rgb, heat, low, high, mask, caption)
         data = png_bytes(pixels, {"Title": caption}, OVERLAY_COMPRESS_LEVEL)
         written.append(write_bytes_atomic(folder / f"{rank:02d}_{Path(sample.path).stem}.png", data))
     return written
