@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -163,6 +164,47 @@ def test_a_command_reuses_freed_memory_where_glibc_would_fault_in_new_pages(tmp_
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the user's own setting stands
     assert faults("run") > 5 * pages
     assert not reuse_freed_memory()
+
+
+#: The heaps in use after three threads allocated at once, as ``malloc_stats`` lists them on stderr
+#: (one ``Arena N:`` line each), in a command that runs through ``run`` or in a plain script.
+ARENAS_USED = """
+import ctypes, sys, threading
+from anomaly.commands import run
+def allocate(start: threading.Barrier) -> None:
+    start.wait()
+    for _ in range(100):
+        blocks = [bytearray(1 << 16) for _ in range(8)]
+        del blocks
+def arenas() -> int:
+    start = threading.Barrier(3)
+    threads = [threading.Thread(target=allocate, args=(start,)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ctypes.CDLL(None).malloc_stats()
+    return 0
+run(arenas) if "{how}" == "run" else sys.exit(arenas())
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator settings")
+def test_a_commands_threads_share_one_heap(tmp_path: Path, monkeypatch):
+    """glibc gives each allocating thread a heap of its own, whose freed blocks it keeps; a command's
+    threads share one, unless the environment sets the allocator itself."""
+    for name in ALLOCATOR_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+    def arenas(how: str) -> int:
+        done = python_exit(tmp_path, ARENAS_USED.format(how=how), capture_output=True)
+        assert done.returncode == 0
+        return len(re.findall(r"^Arena \d+:", done.stderr, flags=re.MULTILINE))
+
+    assert arenas("plain") > 1
+    assert arenas("run") == 1
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the user's own setting stands
+    assert arenas("run") > 1
 
 
 @pytest.mark.parametrize("name", [n for n in SUBCOMMANDS if n not in ("fit", "configs")])

@@ -128,28 +128,37 @@ def run(command: Callable[[], int] = main) -> NoReturn:
 
 
 #: glibc's ``mallopt`` parameters (``malloc.h``).
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 #: Blocks up to this size come from the heap, where freed ones are reused (the largest value glibc
 #: documents for 64-bit systems); larger ones are mapped from the kernel and returned when freed.
 HEAP_BLOCK_LIMIT = 32 * 2**20
 #: Free memory at the top of the heap that is kept for reuse rather than returned to the kernel.
 HEAP_KEPT_FREE = 64 * 2**20
+#: Heaps ("arenas") that the process's threads share: one. By default each thread that allocates
+#: while another does gets a heap of its own, whose freed blocks it keeps: the threads that read a
+#: batch's images added 25-35 MiB to the peak of a fit and test of 300 images (docs/benchmarks.md).
+ARENAS = 1
 #: Environment variables through which glibc's allocator is already set: then it is left alone.
-ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+ALLOCATOR_SETTINGS = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_ARENA_MAX",
+    "GLIBC_TUNABLES",
+)
 
 
 def reuse_freed_memory() -> bool:
     """Have glibc's allocator reuse freed blocks of up to :data:`HEAP_BLOCK_LIMIT` instead of
-    mapping fresh pages for each; whether it was set (not off glibc, nor where the environment sets
-    the allocator: :data:`ALLOCATOR_SETTINGS`).
+    mapping fresh pages for each, in one heap for all threads (:data:`ARENAS`); whether it was set
+    (not off glibc, nor where the environment sets the allocator: :data:`ALLOCATOR_SETTINGS`).
 
     By default glibc maps blocks above 128 KiB (a bound that rises to the largest block freed so far)
     from the kernel and returns the heap's free top above twice that bound. A network's activations,
     megabytes each, allocated and freed at every layer of every image, then come back as new pages
     that are faulted in one by one: about a million page faults and 2 s of system time in a fit and
     test of 300 images (docs/benchmarks.md). These are the settings of glibc's
-    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``. They belong to the whole process, so
-    the commands set them and the library never does (docs/cli.md).
+    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_ARENA_MAX``. They belong to
+    the whole process, so the commands set them and the library never does (docs/cli.md).
     """
     if sys.platform != "linux" or any(name in os.environ for name in ALLOCATOR_SETTINGS):
         return False
@@ -159,9 +168,12 @@ def reuse_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError, ValueError):  # another C library
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)) and bool(
-        mallopt(M_TRIM_THRESHOLD, HEAP_KEPT_FREE)
+    settings = (
+        (M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT),
+        (M_TRIM_THRESHOLD, HEAP_KEPT_FREE),
+        (M_ARENA_MAX, ARENAS),
     )
+    return all([bool(mallopt(parameter, value)) for parameter, value in settings])
 
 
 def join_threads() -> None:
