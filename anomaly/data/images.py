@@ -67,7 +67,7 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-#: The most threads that read one batch's images (:func:`read_in_threads`).
+#: The most threads that read files at once (:func:`read_in_threads`).
 MAX_READ_THREADS = 4
 
 Key = TypeVar("Key")
@@ -75,8 +75,8 @@ Item = TypeVar("Item")
 
 
 def read_threads() -> int:
-    """Threads for one batch's images: this process's cores, shared among the loader's worker
-    processes (in a worker), at most :data:`MAX_READ_THREADS`."""
+    """Threads that read files at once (a batch's images, a list's digests): this process's cores,
+    shared among the loader's worker processes (in a worker), at most :data:`MAX_READ_THREADS`."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -87,10 +87,11 @@ def read_threads() -> int:
 
 def read_in_threads(read: Callable[[Key], Item], keys: Sequence[Key]) -> list[Item]:
     """``[read(key) for key in keys]``, the keys shared among :func:`read_threads` threads (in order;
-    the first failure in order is raised). Decoding and resizing run in OpenCV and Pillow, which let
-    other threads run meanwhile: a batch of large PNG files is read about twice as fast on two cores,
-    and the loader's first batch of each pass arrives that much sooner (docs/benchmarks.md). The
-    threads end with the batch, so none is left when a loader forks its workers."""
+    the first failure in order is raised). Decoding, resizing and hashing run in OpenCV, Pillow and
+    hashlib, which let other threads run meanwhile: a batch of large PNG files is read about twice
+    as fast on two cores, and the loader's first batch of each pass arrives that much sooner
+    (docs/benchmarks.md). The threads end with the call, so none is left when a loader forks its
+    workers."""
     threads = min(len(keys), read_threads())
     if threads < 2:
         return [read(key) for key in keys]
