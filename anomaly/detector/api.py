@@ -337,9 +337,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         self._absorb(model, self._subset(X, fresh), [digests[i] for i in fresh], keep=False)
         model.refit()
         self.model_ = model.to(self.device_)
-        index = self._chi2_level(model.pooling)
-        if index is not None and self.threshold_ is not None:
-            self.threshold_ = chi2_threshold(model.scorers[index].dim, self.fpr_)
+        self._follow_eq8()
         self.source_ = {**self.source_, "n_fit": model.samples}
         return self
 
@@ -374,6 +372,14 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
                     store.append(feats)
         model.absorbed = [*model.absorbed, *digests]
         return kept
+
+    def _follow_eq8(self) -> None:
+        """After a refit, a threshold set for a known ``fpr_`` on a score with eq. (8)'s χ² closed form
+        follows the refitted dimension. Any other is kept: one set on held-out images by a training
+        run (which records no ``fpr_``) or by hand."""
+        index = self._chi2_level(self.model_.pooling)
+        if index is not None and self.threshold_ is not None and self.fpr_ is not None:
+            self.threshold_ = chi2_threshold(self.model_.scorers[index].dim, self.fpr_)
 
     def _chi2_level(self, pooling: Pooling) -> int | None:
         """Index of the level whose Mahalanobis distance has eq. (8)'s χ² threshold, if the score is one."""
@@ -632,7 +638,6 @@ def merge(detectors: Sequence[GaussianDetector], names: Sequence[str] | None = N
         source={"merged_from": [d.source_ for d in detectors], "n_fit": model.samples},
         device=first.device_,
     )
-    index = merged._chi2_level(model.pooling)
-    if index is not None and merged.threshold_ is not None:
-        merged.threshold_ = chi2_threshold(model.scorers[index].dim, merged.fpr_)
+    merged.threshold_ = first.threshold_  # the first detector's as it stands, set by hand or loaded
+    merged._follow_eq8()
     return merged

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.stats import chi2
 
 from anomaly.commands import main
 from anomaly.detector import GaussianDetector, merge, read_detector
@@ -158,6 +159,21 @@ def test_features_update_exactly_and_a_mismatched_merge_names_the_field():
         )
     with pytest.raises(UserError, match="share 40 image"):
         merge([GaussianDetector(backbone=None).fit(a), GaussianDetector(backbone=None).fit(a)])
+
+
+def test_a_threshold_set_without_a_false_positive_rate_is_kept_by_updates_and_merges():
+    """A training run's detector holds a threshold set on held-out images and no ``fpr_``: on a score
+    with eq. (8)'s closed form, partial_fit and merge keep it, where one set for an fpr follows eq. (8)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 6)), rng.normal(size=(30, 6))
+    held_out = GaussianDetector(backbone=None, fpr=None).fit(a)
+    held_out.threshold_ = 7.5  # as a run's detector loads: fpr_ None
+    assert held_out.fpr_ is None and held_out._chi2_level(held_out.model_.pooling) is not None
+    assert merge([held_out, GaussianDetector(backbone=None).fit(b)]).threshold_ == 7.5
+    assert held_out.partial_fit(b).threshold_ == 7.5
+    eq8 = GaussianDetector(backbone=None, fpr=0.01).fit(a)
+    eq8.threshold_ = 7.5
+    assert eq8.partial_fit(b).threshold_ == pytest.approx(float(np.sqrt(chi2.ppf(0.99, 6))), rel=1e-9)
 
 
 # ------------------------------------------------------------------------------ the commands
