@@ -49,7 +49,7 @@ from anomaly.detector.learning import (
     merged_model,
     row_digests,
 )
-from anomaly.detector.model import GaussianDetectorModel, map_levels
+from anomaly.detector.model import GaussianDetectorModel, map_summary
 from anomaly.errors import UserError
 from anomaly.pooling import RECOMMENDED_LEVELS, Global, Pooling, build_pooling, recommended_pooling
 from anomaly.stats.distances import SCORE_TYPES
@@ -498,7 +498,7 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         columns, maps = self._score(X, maps=model.makes_maps)
         scores = torch.from_numpy(np.asarray(columns[self.decision_score_], dtype=np.float64))
         if maps is not None:
-            model.calibrate_maps(map_levels(torch.from_numpy(maps)), fpr)
+            model.calibrate_maps(map_summary(torch.from_numpy(maps)), fpr)
         self.fpr_, self.threshold_ = fpr, empirical_threshold(scores, fpr)
         self.source_ = {**self.source_, "calibrated_on": int(scores.numel())}
         return self

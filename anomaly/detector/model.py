@@ -64,7 +64,7 @@ def check_weighting(weighting: object) -> str:
     return weighting
 
 
-class MapLevels(NamedTuple):
+class MapSummary(NamedTuple):
     """Each anomaly map's largest value and its median cell's value: what the held-out normal
     images' maps give :meth:`GaussianDetectorModel.calibrate_maps`."""
 
@@ -72,10 +72,10 @@ class MapLevels(NamedTuple):
     medians: Tensor
 
 
-def map_levels(maps: Tensor) -> MapLevels:
-    """The :class:`MapLevels` of ``(B, ...)`` maps (the lower median of an even number of cells)."""
+def map_summary(maps: Tensor) -> MapSummary:
+    """The :class:`MapSummary` of ``(B, ...)`` maps (the lower median of an even number of cells)."""
     flat = maps.flatten(1)
-    return MapLevels(flat.amax(dim=1), flat.median(dim=1).values)
+    return MapSummary(flat.amax(dim=1), flat.median(dim=1).values)
 
 
 class GaussianDetectorModel(nn.Module):
@@ -233,16 +233,16 @@ class GaussianDetectorModel(nn.Module):
             raise UserError(f"the decision threshold must be a finite number, got {value!r}")
         self.decision_threshold.fill_(math.nan if value is None else float(value))
 
-    def calibrate_maps(self, levels: MapLevels | None, fpr: float) -> None:
+    def calibrate_maps(self, summary: MapSummary | None, fpr: float) -> None:
         """Set :attr:`map_threshold` and :attr:`map_floor` from the held-out normal images' map
-        ``levels`` (:func:`map_levels`). The threshold is the smallest peak that at most ``fpr`` of
+        ``summary`` (:func:`map_summary`). The threshold is the smallest peak that at most ``fpr`` of
         them exceed, as the decision threshold is set on their scores; the floor is their median
         cell value's median. ``None`` or no maps: neither."""
-        if levels is None or levels.peaks.numel() == 0:
+        if summary is None or summary.peaks.numel() == 0:
             self.map_threshold = self.map_floor = None
             return
-        self.map_threshold = empirical_threshold(levels.peaks, fpr)
-        self.map_floor = float(levels.medians.double().median())
+        self.map_threshold = empirical_threshold(summary.peaks, fpr)
+        self.map_floor = float(summary.medians.double().median())
 
     # ----------------------------------------------------------- features
     @torch.no_grad()
@@ -463,7 +463,7 @@ __all__ = [
     "PRECISIONS",
     "DetectorModel",
     "GaussianDetectorModel",
-    "MapLevels",
+    "MapSummary",
     "check_weighting",
-    "map_levels",
+    "map_summary",
 ]

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from anomaly.backbones import backbone_spec, resolve_levels
 from anomaly.data.needs import DataNeeds
-from anomaly.detector.model import LEVEL_WEIGHTINGS, MapLevels, check_weighting, map_levels
+from anomaly.detector.model import LEVEL_WEIGHTINGS, MapSummary, check_weighting, map_summary
 from anomaly.errors import UserError
 from anomaly.methods.gaussian.module import DEFAULT_DECISION_SCORE, DEFAULT_TARGET_FPR, GaussianAD
 from anomaly.methods.gaussian.working_point import working_point_report
@@ -38,8 +38,8 @@ from anomaly.pooling import POOLINGS, Pooling, build_pooling
 from anomaly.pooling.grid_maps import check_coarse_levels, fine_levels_among
 from anomaly.stats.distances import SCORE_TYPES
 
-#: The keys of the held-out predictions' map levels (each map's largest and median cell value, see
-#: :func:`~anomaly.detector.model.map_levels`), beside the score columns.
+#: The keys of the held-out predictions' map summary (each map's largest and median cell value, see
+#: :func:`~anomaly.detector.model.map_summary`), beside the score columns.
 MAP_PEAKS, MAP_MEDIANS = "map_peaks", "map_medians"
 
 
@@ -183,13 +183,13 @@ class SpatialGaussianAD(GaussianAD):
         decision threshold on their scores, the map threshold on their maps' peaks."""
 
         def holdout_columns() -> dict[str, Tensor] | None:
-            """The held-out score columns; their maps' levels (:meth:`predict_step`) set the map
+            """The held-out score columns; their maps' summary (:meth:`predict_step`) set the map
             threshold and floor, so that the last scoring, with the final level weights, sets them."""
             columns = score_holdout()
-            levels = None
+            summary = None
             if columns is not None and MAP_PEAKS in columns:
-                levels = MapLevels(columns.pop(MAP_PEAKS), columns.pop(MAP_MEDIANS))
-            self.detector.calibrate_maps(levels, self.target_fpr)
+                summary = MapSummary(columns.pop(MAP_PEAKS), columns.pop(MAP_MEDIANS))
+            self.detector.calibrate_maps(summary, self.target_fpr)
             return columns
 
         if self.level_weighting == "holdout":
@@ -209,7 +209,7 @@ class SpatialGaussianAD(GaussianAD):
         columns, maps = self.detector.score(self.batch_features(batch))
         if maps is None:
             return columns
-        peaks, medians = map_levels(maps)
+        peaks, medians = map_summary(maps)
         return {**columns, MAP_PEAKS: peaks, MAP_MEDIANS: medians}
 
     def set_level_weights(self, holdout_columns: dict[str, Tensor]) -> None:
