@@ -18,6 +18,7 @@ of all the images, as ``fit`` on their union would.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -333,11 +334,13 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         if not fresh:
             return self
         check_model_budget(model, self.memory_budget_gb, model.samples + len(fresh) * model.tiles.count)
+        follows_eq8 = self._threshold_is_eq8()  # before the refit changes a reduced dimension
         model.moments.cpu()  # the float64 statistics are accumulated on the CPU
         self._absorb(model, self._subset(X, fresh), [digests[i] for i in fresh], keep=False)
         model.refit()
         self.model_ = model.to(self.device_)
-        self._follow_eq8()
+        if follows_eq8:
+            self.threshold_ = self._eq8_threshold()
         self.source_ = {**self.source_, "n_fit": model.samples}
         return self
 
@@ -373,13 +376,23 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         model.absorbed = [*model.absorbed, *digests]
         return kept
 
-    def _follow_eq8(self) -> None:
-        """After a refit, a threshold set for a known ``fpr_`` on a score with eq. (8)'s χ² closed form
-        follows the refitted dimension. Any other is kept: one set on held-out images by a training
-        run (which records no ``fpr_``) or by hand."""
+    def _eq8_threshold(self) -> float | None:
+        """Eq. (8)'s χ² threshold at ``fpr_`` for the fitted dimension, where the score has one."""
         index = self._chi2_level(self.model_.pooling)
-        if index is not None and self.threshold_ is not None and self.fpr_ is not None:
-            self.threshold_ = chi2_threshold(self.model_.scorers[index].dim, self.fpr_)
+        if index is None or self.fpr_ is None:
+            return None
+        return chi2_threshold(self.model_.scorers[index].dim, self.fpr_)
+
+    def _threshold_is_eq8(self) -> bool:
+        """Whether ``threshold_`` is eq. (8)'s (:meth:`_eq8_threshold`): then it follows a refit's
+        dimension. Any other is kept: one set on held-out images (a training run's, ``calibrate``'s)
+        or by hand."""
+        eq8 = self._eq8_threshold()
+        return (
+            eq8 is not None
+            and self.threshold_ is not None
+            and math.isclose(self.threshold_, eq8, rel_tol=1e-12)
+        )
 
     def _chi2_level(self, pooling: Pooling) -> int | None:
         """Index of the level whose Mahalanobis distance has eq. (8)'s χ² threshold, if the score is one."""
@@ -590,16 +603,19 @@ class GaussianDetector(OutlierMixin, BaseEstimator):
         """The detector of a fitted :class:`~anomaly.methods.gaussian.GaussianAD` run (its very module).
 
         ``threshold_`` is the module's decision threshold on its ``decision_score``;
-        a dict ``model.thresholds`` is kept too.
+        a dict ``model.thresholds`` is kept too. ``fpr_`` is the run's target rate where the run set
+        the threshold for it (on its held-out images, or eq. (8)), not where it was given.
         """
         hparams = dict(model.hparams)
         detector_model = model.detector
         detector_model.image_size = image_size
         detector_model.resize = resize_rule(resize).name
         thresholds = getattr(model, "thresholds", None)
+        aimed = hparams.get("threshold") is None and detector_model.threshold is not None
         return cls.from_model(
             detector_model,
             weights=hparams.get("weights"),
+            fpr=model.target_fpr if aimed else None,
             thresholds=dict(thresholds) if isinstance(thresholds, dict) else None,
             source={"method": model.method_name, "settings": hparams},
         )
@@ -639,5 +655,6 @@ def merge(detectors: Sequence[GaussianDetector], names: Sequence[str] | None = N
         device=first.device_,
     )
     merged.threshold_ = first.threshold_  # the first detector's as it stands, set by hand or loaded
-    merged._follow_eq8()
+    if first._threshold_is_eq8():
+        merged.threshold_ = merged._eq8_threshold()
     return merged

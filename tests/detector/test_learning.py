@@ -161,19 +161,36 @@ def test_features_update_exactly_and_a_mismatched_merge_names_the_field():
         merge([GaussianDetector(backbone=None).fit(a), GaussianDetector(backbone=None).fit(a)])
 
 
-def test_a_threshold_set_without_a_false_positive_rate_is_kept_by_updates_and_merges():
-    """A training run's detector holds a threshold set on held-out images and no ``fpr_``: on a score
-    with eq. (8)'s closed form, partial_fit and merge keep it, where one set for an fpr follows eq. (8)."""
+def test_only_eq8s_threshold_follows_an_update_or_merge_other_thresholds_are_kept():
+    """After partial_fit or merge, a threshold that is eq. (8)'s (χ² at ``fpr_``) follows the refitted
+    dimension (a PCA's changes with the data); one set on held-out images (a training run's, with or
+    without its ``fpr_``) or by hand is kept."""
     rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(40, 6)), rng.normal(size=(30, 6))
-    held_out = GaussianDetector(backbone=None, fpr=None).fit(a)
-    held_out.threshold_ = 7.5  # as a run's detector loads: fpr_ None
-    assert held_out.fpr_ is None and held_out._chi2_level(held_out.model_.pooling) is not None
-    assert merge([held_out, GaussianDetector(backbone=None).fit(b)]).threshold_ == 7.5
-    assert held_out.partial_fit(b).threshold_ == 7.5
-    eq8 = GaussianDetector(backbone=None, fpr=0.01).fit(a)
-    eq8.threshold_ = 7.5
-    assert eq8.partial_fit(b).threshold_ == pytest.approx(float(np.sqrt(chi2.ppf(0.99, 6))), rel=1e-9)
+    a = rng.normal(size=(60, 6)) * [10, 5, 0.1, 0.1, 0.1, 0.1]  # two directions hold the variance
+    b = rng.normal(size=(60, 6)) * [0.1, 0.1, 10, 5, 3, 0.1]  # three others
+
+    def eq8(detector: GaussianDetector) -> float:
+        return float(np.sqrt(chi2.ppf(0.99, detector.model_.scorers[0].dim)))
+
+    def fitted(fpr, threshold=None) -> GaussianDetector:
+        detector = GaussianDetector(backbone=None, fpr=fpr, reduction="pca", variance_threshold=0.9).fit(a)
+        if threshold is not None:
+            detector.threshold_ = threshold
+        return detector
+
+    on_a = fitted(0.01)
+    assert on_a.threshold_ == pytest.approx(eq8(on_a), rel=1e-12)
+    dim_a = on_a.model_.scorers[0].dim
+    updated = fitted(0.01).partial_fit(b)
+    assert updated.model_.scorers[0].dim != dim_a
+    assert updated.threshold_ == pytest.approx(eq8(updated), rel=1e-12)
+    on_b = GaussianDetector(backbone=None, reduction="pca", variance_threshold=0.9).fit(b)
+    merged = merge([fitted(0.01), on_b])
+    assert merged.model_.scorers[0].dim != dim_a
+    assert merged.threshold_ == pytest.approx(eq8(merged), rel=1e-12)
+    for fpr in (None, 0.01):  # a run's held-out threshold (with or without its fpr), or one set by hand
+        assert fitted(fpr, threshold=7.5).partial_fit(b).threshold_ == 7.5
+        assert merge([fitted(fpr, threshold=7.5), on_b]).threshold_ == 7.5
 
 
 # ------------------------------------------------------------------------------ the commands

@@ -159,6 +159,7 @@ def test_the_map_threshold_is_the_held_out_maps_peak_and_tops_the_overlays(tmp_p
     peaks, floor = cells.max(axis=1), float(lower_median(lower_median(cells)))
     assert len(held_out) >= 2 and meta["map_threshold"] == pytest.approx(float(peaks.max()), rel=1e-6)
     assert detector.model_.map_threshold == meta["map_threshold"] != meta["threshold"]
+    assert meta["fpr"] == detector.fpr_ == 0.01  # the run's target, which its threshold was set for
     assert detector.model_.map_floor == meta["map_floor"] == pytest.approx(floor, rel=1e-6)
     assert 0 < meta["map_floor"] < meta["map_threshold"]
 
