@@ -92,27 +92,6 @@ def test_excluded_names_are_left_out(detector_file: Path, new_images: Path, tmp_
     assert names == [f"part_{i}.png" for i in range(4, 8)]
 
 
-def test_masks_beside_their_images_are_refused_unless_excluded(detector_file: Path, tmp_path: Path, capsys):
-    """Magnetic-Tile's layout (X.jpg with its mask X.png): the masks would be scored as images."""
-    _, good, _ = demo_images()
-    folder = tmp_path / "tiles"
-    folder.mkdir()
-    for name in ("a", "b"):
-        shutil.copy(good[0], folder / f"{name}.png")
-        (folder / f"{name}.jpg").write_bytes((folder / f"{name}.png").read_bytes())  # any bytes: not read
-    out = tmp_path / "scores.csv"
-    args = ["--detector", str(detector_file), "--input", str(folder), "--out", str(out), "--no-progress"]
-    assert main(args) == 2
-    assert capsys.readouterr().err.strip() == (
-        f"error: '{folder}' holds 2 sets of images that differ only in their extension (e.g. a.jpg, a.png): "
-        "if one of each is the other's mask, leave the masks out with --exclude, e.g. --exclude '*.png'; "
-        "otherwise rename them"
-    )
-    assert not out.exists()
-    assert main([*args, "--exclude", "*.png"]) == 0
-    assert sorted(Path(row["path"]).name for row in read_rows(out)) == ["a.jpg", "b.jpg"]
-
-
 def test_detector_without_threshold_leaves_decision_empty(tmp_path: Path, new_images: Path, capsys):
     detector = fit_demo_detector(fpr=None)
     path = detector.save(tmp_path / "no_threshold.safetensors")

@@ -35,7 +35,7 @@ from typing import TextIO
 
 from anomaly.atomic import naming, replaced_atomically
 from anomaly.console import Terminated, run_command
-from anomaly.data.images import collect_images, refuse_name_pairs
+from anomaly.data.images import collect_images
 from anomaly.detector.file import detector_files
 from anomaly.detector.io import check_device, load_model
 from anomaly.detector.predict import check_loader_options, maps_folder, predict_files
@@ -140,7 +140,6 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device, hint="--device cpu")
     leave_out = [] if args.maps is None else [maps_folder(args.maps).folder]  # checked before reading
     paths = collect_images(args.input, args.exclude, leave_out=leave_out)
-    refuse_name_pairs(args.input, paths)  # masks beside their images would be scored as images
     protected = [*detector_files(args.detector, args.weights), *paths]
     with output_file(args.out, protected, args.overwrite) as out:
         model, _ = load_model(args.detector, weights=args.weights, device=device)

@@ -99,7 +99,12 @@ def good_images(spec: str, args: argparse.Namespace, option: str) -> list[Path]:
     paths = collect_images(spec, args.exclude, option=option)
     if not paths:
         raise UserError(f"{option} {spec}: no images found")
-    refuse_name_pairs(spec, paths)
+    refuse_name_pairs(
+        spec,
+        paths,
+        "if one of each is the other's mask, leave the masks out with --exclude, e.g. "
+        "--exclude '*.png'; otherwise rename them",
+    )
     return paths
 
 

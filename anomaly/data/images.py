@@ -263,14 +263,7 @@ def walk_images(folder: Path, leave_out: Iterable[str | Path] = ()) -> tuple[lis
     return sorted(images), skipped
 
 
-#: :func:`refuse_name_pairs`' fix for the commands that take ``--exclude``.
-EXCLUDE_MASKS = (
-    "if one of each is the other's mask, leave the masks out with --exclude, e.g. --exclude '*.png'; "
-    "otherwise rename them"
-)
-
-
-def refuse_name_pairs(spec: str | Path, files: Sequence[Path], fix: str = EXCLUDE_MASKS) -> None:
+def refuse_name_pairs(spec: str | Path, files: Sequence[Path], fix: str) -> None:
     """:class:`UserError` where two of ``files`` differ only in their extension (``X.jpg`` beside
     ``X.png``): most likely an image and its mask, which would otherwise be fitted on, tested or
     calibrated on as an image of its own. ``fix``: what to do, ending the message."""
