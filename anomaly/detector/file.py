@@ -2,7 +2,7 @@
 
 ``detector.safetensors`` holds every tensor of a :class:`~anomaly.detector.model.GaussianDetectorModel`
 and, in its header, the JSON metadata (backbone, weights reference, preprocessing,
-levels, pooling, level weighting, decision score, threshold, map threshold, training precision,
+levels, pooling, level weighting, decision score, threshold, map threshold and floor, training precision,
 and the SHA-256 of the tensors). ``detector.json`` beside it is a readable copy;
 the ``.safetensors`` file alone is complete.
 

@@ -180,7 +180,7 @@ class SpatialGaussianAD(GaussianAD):
 
     def calibrate(self, score_holdout: Callable[[], dict[str, Tensor] | None]) -> None:
         """Standardise the levels on the held-out normal fifth (if asked), then set thresholds: the
-        decision threshold on their scores, the map threshold on their maps' peaks."""
+        decision threshold on their scores, the map threshold and floor on their maps' summary."""
 
         def holdout_columns() -> dict[str, Tensor] | None:
             """The held-out score columns; their maps' summary (:meth:`predict_step`) set the map
